@@ -1,0 +1,107 @@
+"""The Engine interface: the bus between nodes (DESIGN.md §1, §7).
+
+The engine is the only path between nodes. A node subscribes to a bus channel
+per locally connected user (``u:<user>``) and per locally subscribed comet
+channel (``c:<cname>``), plus the node-wide channel ``all``. Publishing is at
+most once: a lost publication shows up as a gap in a device's seqs, which the
+session fills from the store.
+
+The memory engine calls straight back into the node with the very same Event
+objects, so a single node runs exactly the code path of a cluster. The redis
+engine encodes events with :meth:`Event.encode` and decodes them on the
+receiving nodes.
+
+Concurrency: ``subscribe``, ``unsubscribe`` and ``publish`` never block (they
+queue). ``presence_*`` may block the calling greenlet (a Redis round trip);
+never call them from an io-watcher callback.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import orjson
+
+
+def user_channel(user: str) -> str:
+    return "u:" + user
+
+
+def comet_channel(cname: str) -> str:
+    return "c:" + cname
+
+
+ALL = "all"
+
+
+class Event:
+    """One bus publication: ``kind`` plus a JSON-able ``data`` dict.
+
+    Kinds used by the node (see imd/node.py for their handlers):
+    ``entry`` (an inbox entry for the channel's user), ``transient`` (a
+    non-stored payload for the user's sessions, optionally one device),
+    ``presence`` (a user's aggregate presence changed), ``read`` (read receipt),
+    ``kick`` (close the user's sessions), ``contacts`` (a contact was added or
+    removed), ``comet`` (a message on a comet channel), ``broadcast``.
+    """
+
+    __slots__ = ("kind", "data", "origin", "_wire")
+
+    def __init__(self, kind: str, data: dict, origin: str = "") -> None:
+        self.kind = kind
+        self.data = data
+        self.origin = origin        # node id that published it
+        self._wire = None
+
+    def encode(self) -> bytes:
+        """Wire form for a remote bus; computed once per event."""
+        if self._wire is None:
+            self._wire = orjson.dumps({"k": self.kind, "o": self.origin, "d": self.data})
+        return self._wire
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Event":
+        obj = orjson.loads(raw)
+        return cls(obj["k"], obj["d"], obj.get("o", ""))
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Event({self.kind!r}, {self.data!r}, origin={self.origin!r})"
+
+
+class Engine:
+    """Interface of a bus. ``handler(channel, event)`` is the node's callback; it
+    runs in the hub (from a greenlet or a callback) and must not block."""
+
+    name = "base"
+
+    def start(self, node_id: str, handler) -> None:
+        """Connect and start delivering events for subscribed channels to ``handler``."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def subscribe(self, channel: str) -> None:
+        raise NotImplementedError
+
+    def unsubscribe(self, channel: str) -> None:
+        raise NotImplementedError
+
+    def publish(self, channel: str, event: Event) -> None:
+        raise NotImplementedError
+
+    # -- cluster presence: one record per (user, node) -----------------------
+    def presence_set(self, user: str, state: Optional[dict]) -> None:
+        """Set (or, with None, remove) this node's presence record for ``user``.
+
+        ``state`` is ``{"status": "online"|"away", "platforms": [...]}``.
+        """
+        raise NotImplementedError
+
+    def presence_get(self, users: Iterable[str]) -> dict[str, list[dict]]:
+        """For each user, the live presence records of every node (possibly empty)."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """For status/metrics: at least ``{"backend": name, "connected": bool}``."""
+        raise NotImplementedError
