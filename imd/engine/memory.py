@@ -24,6 +24,7 @@ class MemoryEngine(Engine):
         self._queue: deque = deque()
         self._scheduled = False
         self._presence: dict[str, dict] = {}
+        self._counts: dict[str, int] = {}
         self.node_id = ""
         self.published = 0
 
@@ -67,6 +68,15 @@ class MemoryEngine(Engine):
     def presence_get(self, users: Iterable[str]) -> dict[str, list[dict]]:
         p = self._presence
         return {u: ([p[u]] if u in p else []) for u in users}
+
+    def channel_count_set(self, cname: str, count: int) -> None:
+        if count > 0:
+            self._counts[cname] = count
+        else:
+            self._counts.pop(cname, None)
+
+    def channel_counts(self, cnames: Iterable[str]) -> dict[str, int]:
+        return {c: self._counts.get(c, 0) for c in cnames}
 
     def state(self) -> dict:
         return {"backend": self.name, "connected": self._handler is not None,
