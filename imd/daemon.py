@@ -194,8 +194,27 @@ class Daemon:
 
 
 def run(cfg) -> int:
-    """Entry point used by imd.cli: start, serve until a stop signal, exit code."""
+    """Entry point used by imd.cli: start, serve until a stop signal, exit code.
+    With ``node.workers`` > 1 this process becomes the master (imd/master.py)."""
     handler = log_mod.setup(cfg.log.level, cfg.log.format, cfg.log.file)
+    if cfg.node.workers > 1:
+        if cfg.engine.backend != "redis":
+            log.error('cannot start: node.workers = %d needs engine.backend = "redis" '
+                      "(workers talk to each other only through the redis engine)", cfg.node.workers)
+            return 2
+        from .master import run_master
+        return run_master(cfg)
+    return serve(cfg, handler)
+
+
+def run_worker(cfg) -> int:
+    """Entry point of a worker forked by the master (logging is already set up)."""
+    handlers = logging.getLogger().handlers
+    return serve(cfg, handlers[0] if handlers else None)
+
+
+def serve(cfg, handler) -> int:
+    """Run one node in this process until a stop signal; the exit code."""
     d = Daemon(cfg)
     d.log_handler = handler
     try:

@@ -41,6 +41,7 @@ class Presence:
         self._announced: dict[str, tuple] = {}  # user → (status, platforms) last announced here
         self._offline_timers: dict[str, object] = {}
         self._queue: dict[str, None] = {}
+        self._lost: dict[str, None] = {}        # users whose node died (engine ``nodes_lost``)
         self._wake = GEvent()
         self._worker = None
 
@@ -57,6 +58,21 @@ class Presence:
     def changed(self, user: str) -> None:
         """The user's local sessions changed (opened, closed, status)."""
         self._queue[user] = None
+        self._wake.set()
+
+    def lost(self, users) -> None:
+        """Another node died with these users' sessions: announce the ones left
+        with no session anywhere as offline (no grace: they are gone already)."""
+        for u in users:
+            self._lost[u] = None
+        self._wake.set()
+
+    def restore(self, users) -> None:
+        """Our records had been removed by another node (which announced these
+        users offline): announce them again."""
+        for u in users:
+            self._announced.pop(u, None)
+            self._queue[u] = None
         self._wake.set()
 
     def local_state(self, user: str):
@@ -104,6 +120,13 @@ class Presence:
                     self._recompute(user)
                 except Exception:
                     log.exception("presence recompute failed user=%s", user)
+            while self._lost and not self._queue:
+                user = next(iter(self._lost))
+                del self._lost[user]
+                try:
+                    self._offline_elsewhere(user)
+                except Exception:
+                    log.exception("presence of a lost node's user failed user=%s", user)
 
     def _recompute(self, user: str) -> None:
         engine = self.node.engine
@@ -121,6 +144,18 @@ class Presence:
         if self._announced.get(user) != (status, platforms):
             self._announced[user] = (status, platforms)
             self._announce(user, status, platforms, None)
+
+    def _offline_elsewhere(self, user: str) -> None:
+        if user in self.node.sessions:
+            return
+        status, _ = aggregate(self.node.engine.presence_get([user]).get(user, []))
+        if status != "offline":
+            return
+        self._announced.pop(user, None)
+        now = int(time.time() * 1000)
+        self.node.store.touch_user(user, None, None, now)
+        self._announce(user, "offline", [], now)
+        self.node.contacts.drop(user)
 
     def _grace_over(self, user: str) -> None:
         self._offline_timers.pop(user, None)

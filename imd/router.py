@@ -198,6 +198,29 @@ class Router:
                 s.last_seq = target
             gap = s.end_sync()
 
+    def catch_up(self, s, top: int) -> None:
+        """Send a live session the entries after its ``last_seq`` up to ``top``
+        from the store (the bus may have lost them; blocks: call from a greenlet).
+        Live entries arriving meanwhile are held and released in order."""
+        if s.state is not LIVE:
+            return
+        s.state = SYNC
+        s.held = []
+        try:
+            while s.last_seq < top and s.state is not CLOSED:
+                page = self.store.inbox(s.user, s.last_seq, min(REPLAY_PAGE, top - s.last_seq))
+                if not page:
+                    break
+                for e in page:
+                    if e.seq > s.last_seq:
+                        s.last_seq = e.seq
+                        s.send(Out(e.envelope(), e.seq))
+        except StoreError as e:
+            log.warning("catch-up failed session=%s error=%s", s.id, e)
+            s.close(503, "store unavailable", reconnect=True)
+            return
+        self._release(s)
+
     def fill_gap(self, s) -> None:
         """Called by a live session that saw a seq gap (the bus lost something)."""
         self.metrics.inc("imd_gaps_total")

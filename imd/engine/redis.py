@@ -483,9 +483,14 @@ class RedisEngine(Engine):
         while self._running:
             try:
                 if not self._first_tick_done.is_set():
-                    # Records left by an earlier process with this node id are stale.
-                    self._remove_node_records(self.node_id)
+                    # Records left by an earlier process with this node id (a worker
+                    # restarted after a crash) are stale: remove them, and let presence
+                    # announce those users offline unless they are back.
+                    stale = self._remove_node_records(self.node_id)
                     self._cmd.delete(self._key("reaped:" + self.node_id))
+                    if stale:
+                        log.warning("removed stale records of an earlier %s users=%d", self.node_id, len(stale))
+                        self._emit(Event("nodes_lost", {"nodes": [self.node_id], "users": stale}, self.node_id))
                 self._tick()
                 self._first_tick_done.set()
             except redis.RedisError as e:
