@@ -58,7 +58,7 @@ def make_engine(cfg):
     if cfg.engine.backend == "memory":
         return MemoryEngine()
     from .engine.redis import RedisEngine
-    return RedisEngine(cfg.engine.url, presence_ttl=cfg.engine.presence_ttl)
+    return RedisEngine(cfg.engine.url, presence_ttl=cfg.engine.presence_ttl, prefix=cfg.engine.prefix)
 
 
 class Daemon:
