@@ -114,6 +114,11 @@ class Daemon:
                 counts[key] = counts.get(key, 0) + 1
             return counts
         self.metrics.gauge("imd_connections", "authenticated sessions by protocol and client source", connections)
+        engine = self.node.engine
+        self.metrics.gauge("imd_engine_connected", "1 while the bus engine is connected",
+                           lambda: {(("backend", engine.name),): int(bool(engine.state()["connected"]))})
+        self.metrics.gauge("imd_engine_channels", "bus channels this node subscribes to",
+                           lambda: {(): engine.state()["channels"]})
         self.metrics.gauge("imd_store_queue", "store operations waiting to be committed",
                            lambda: {(): self.store.stats().get("queue", 0)})
 
