@@ -334,11 +334,10 @@ def test_send_many_on_a_socketpair(fp):
 
 # --------------------------------------------------------------- random round trips
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-payloads = st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=12)
-cuts = st.lists(st.integers(min_value=0, max_value=40000), max_size=20)
+try:
+    from hypothesis import given, settings, strategies as st
+except ImportError:                                   # the test extra is not installed
+    st = None
 
 
 def _split(stream, points):
@@ -347,42 +346,84 @@ def _split(stream, points):
     return [stream[a:b] for a, b in zip(edges, edges[1:])]
 
 
-@settings(max_examples=150, deadline=None)
-@given(payloads, cuts)
-def test_random_frame_round_trips(fp, items, points):
-    stream = b"".join(fp.encode_frame(p) for p in items)
-    dec = fp.FrameDecoder(4096)
-    out = []
-    for chunk in _split(stream, points):
-        out += dec.feed(chunk)
-    assert out == items and dec.pending == 0
+if st is None:
+    def test_random_round_trips():
+        pytest.skip("hypothesis is not installed")
+else:
+    payloads = st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=12)
+    cuts = st.lists(st.integers(min_value=0, max_value=40000), max_size=20)
 
+    @settings(max_examples=150, deadline=None)
+    @given(payloads, cuts)
+    def test_random_frame_round_trips(fp, items, points):
+        stream = b"".join(fp.encode_frame(p) for p in items)
+        dec = fp.FrameDecoder(4096)
+        out = []
+        for chunk in _split(stream, points):
+            out += dec.feed(chunk)
+        assert out == items and dec.pending == 0
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([1, 2, 9]), st.text(max_size=125), st.binary(min_size=4, max_size=4)),
-                min_size=1, max_size=10), cuts)
-def test_random_ws_round_trips(fp, messages, points):
-    expected, stream = [], b""
-    for op, text, mask in messages:
-        data = text.encode()[:125] if op == 9 else text.encode() * 7
-        if op == 9:
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from([1, 2, 9]), st.text(max_size=125), st.binary(min_size=4, max_size=4)),
+                    min_size=1, max_size=10), cuts)
+    def test_random_ws_round_trips(fp, messages, points):
+        expected, stream = [], b""
+        for op, text, mask in messages:
+            data = text.encode()[:125] if op == 9 else text.encode() * 7
+            if op == 9:
+                data = data.decode("utf-8", "ignore").encode()
+            expected.append((op, data))
+            stream += client_frame(op, data, mask=mask)
+        dec = fp.WSDecoder(1 << 20)
+        out = []
+        for chunk in _split(stream, points):
+            out += dec.feed(chunk)
+        assert out == expected
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.binary(max_size=70000), st.sampled_from([1, 2]))
+    def test_ws_encode_then_mask_round_trip(fp, data, op):
+        if op == 1:
             data = data.decode("utf-8", "ignore").encode()
-        expected.append((op, data))
-        stream += client_frame(op, data, mask=mask)
-    dec = fp.WSDecoder(1 << 20)
-    out = []
-    for chunk in _split(stream, points):
-        out += dec.feed(chunk)
-    assert out == expected
+        server = fp.ws_encode(op, data)
+        head = 2 if len(data) < 126 else 4 if len(data) < 65536 else 10
+        assert server[head:] == data
+        dec = fp.WSDecoder(1 << 20)
+        assert dec.feed(client_frame(op, data, mask=os.urandom(4))) == [(op, data)]
 
+    def _outcome(decoder, chunks, error):
+        out = []
+        try:
+            for chunk in chunks:
+                out += decoder.feed(chunk)
+        except error as e:
+            return out, (e.code, e.reason), decoder.pending
+        return out, None, decoder.pending
 
-@settings(max_examples=100, deadline=None)
-@given(st.binary(max_size=70000), st.sampled_from([1, 2]))
-def test_ws_encode_then_mask_round_trip(fp, data, op):
-    if op == 1:
-        data = data.decode("utf-8", "ignore").encode()
-    server = fp.ws_encode(op, data)
-    head = 2 if len(data) < 126 else 4 if len(data) < 65536 else 10
-    assert server[head:] == data
-    dec = fp.WSDecoder(1 << 20)
-    assert dec.feed(client_frame(op, data, mask=os.urandom(4))) == [(op, data)]
+    def _both():
+        cy, why = _cython_module()
+        if cy is None:
+            pytest.skip(why)
+        return importlib.import_module("imd._fastpath_py"), cy
+
+    hostile_frames = st.lists(st.tuples(
+        st.integers(0, 15), st.binary(max_size=300), st.booleans(), st.sampled_from([0, 0, 0, 0x40]),
+        st.sampled_from([True, True, True, False])), max_size=8)
+
+    @settings(max_examples=300, deadline=None)
+    @given(hostile_frames, st.binary(max_size=40), cuts)
+    def test_twins_agree_on_hostile_ws_input(frames, garbage, points):
+        py, cy = _both()
+        stream = b"".join(client_frame(op, data, fin=fin, rsv=rsv, masked=masked)
+                          for op, data, fin, rsv, masked in frames) + garbage
+        chunks = _split(stream, points)
+        assert _outcome(py.WSDecoder(400), chunks, py.WSError) == _outcome(cy.WSDecoder(400), chunks, cy.WSError)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.binary(max_size=300), max_size=8), st.binary(max_size=12), cuts)
+    def test_twins_agree_on_hostile_frame_input(items, garbage, points):
+        py, cy = _both()
+        stream = b"".join(frame(p) for p in items) + garbage
+        chunks = _split(stream, points)
+        assert _outcome(py.FrameDecoder(200), chunks, py.FrameError) == \
+            _outcome(cy.FrameDecoder(200), chunks, cy.FrameError)
