@@ -64,7 +64,7 @@ SECTIONS = {
     "auth": "User tokens: JWT (HS256) issued by the web tier.",
     "listen": 'Listeners: "host:port" ("[::1]:port" for IPv6); "" disables one; port 0 picks a free port.',
     "store": "The durable store (inboxes, cursors, contacts).",
-    "engine": "The bus between nodes: memory (one node) or redis (cluster).",
+    "engine": "The bus between nodes.",
     "presence": "Per-user presence aggregated over sessions.",
     "comet": "The comet port, with iComet's own option names and meanings.",
     "xmpp": "The XMPP c2s listener.",
@@ -89,7 +89,7 @@ SETTINGS = [
     S("store", "queue_size", 100000, c.integer(1), "write operations queued before senders get error 503"),
     S("store", "batch_max", 1000, c.integer(1), "most write operations committed in one transaction"),
     S("store", "writers", 4, c.integer(1, 64), "writer connections (postgresql)"),
-    S("store", "synchronous", "full", c.choice("full", "normal"), "sqlite PRAGMA synchronous: full survives power loss, normal only a crash"),
+    S("store", "synchronous", "full", c.choice("full", "normal"), "SQLite PRAGMA synchronous: \"full\" survives power loss, \"normal\" only a crash"),
     S("store", "retention_days", 0, c.integer(0), "days inbox entries are kept; 0 keeps them forever", live=True),
     S("engine", "backend", "memory", c.choice("memory", "redis"), '"memory" (single node) or "redis" (cluster bus)'),
     S("engine", "url", "redis://127.0.0.1:6379/0", c.redis_url(), "Redis URL for the redis engine"),
@@ -109,7 +109,7 @@ SETTINGS = [
     S("admin", "allow", ["127.0.0.1"], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""), "client IP prefixes allowed (iComet semantics)", live=True),
     S("admin", "deny", [], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""), "client IP prefixes denied (iComet semantics)", live=True),
     S("admin", "secret", "", c.string(empty=True), "when set, requests need \"Authorization: Bearer <secret>\"", live=True),
-    S("admin", "dev_tokens", False, c.boolean(), "true: POST /api/v1/tokens mints user tokens (development only)", live=True),
+    S("admin", "dev_tokens", False, c.boolean(), "when true, POST /api/v1/tokens mints user tokens (development only)", live=True),
     S("limits", "max_frame", 65536, c.integer(16, 16777216), "largest raw-TCP frame or WebSocket message, bytes", live=True),
     S("limits", "max_body", 16384, c.integer(1, 16777216), "largest encoded message body, bytes", live=True),
     S("limits", "send_buffer", 1048576, c.integer(4096, 1 << 30), "unsent bytes a session may hold before it is cut off as a slow consumer", live=True),
@@ -120,7 +120,7 @@ SETTINGS = [
     S("log", "level", "info", c.choice("debug", "info", "warning", "error"), "least severe level logged", live=True),
     S("log", "format", "text", c.choice("text", "json"), "text lines or one JSON object per line", live=True),
     S("log", "file", "", c.path(empty=True), "log file (reopened on reload, for logrotate); \"\" logs to stdout", live=True),
-    S("policy", "contacts_only", False, c.boolean(), "true: users may message only their contacts", live=True),
+    S("policy", "contacts_only", False, c.boolean(), "when true, users may message only their contacts", live=True),
 ]
 del S, c
 BY_KEY = {s.key: s for s in SETTINGS}
