@@ -1,8 +1,9 @@
 """The fast path, run against BOTH implementations: imd._fastpath (Cython) and
 imd._fastpath_py (its pure-Python twin), on shared inputs.
 
-The Cython extension is built in place (``setup.py build_ext --inplace``) once
-per session; if that fails only the cython parameter is skipped, with the reason.
+tests/conftest.py builds the Cython extension in place (``setup.py build_ext
+--inplace``) at the start of the session; if that fails only the cython
+parameter is skipped, with the reason.
 """
 
 import errno
@@ -16,28 +17,23 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_built = {}
 
 
-def _cython_module():
-    """Import imd._fastpath, building it in place first; (module, None) or (None, why)."""
-    if "result" not in _built:
-        proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT,
-                              capture_output=True, text=True)
-        try:
-            _built["result"] = (importlib.import_module("imd._fastpath"), None)
-        except ImportError as e:
-            why = f"imd._fastpath could not be built: {e}; build output: {proc.stderr[-2000:]}"
-            print(why, file=sys.stderr)
-            _built["result"] = (None, why)
-    return _built["result"]
+def _cython_module(config=None):
+    """(imd._fastpath, None), or (None, why) when tests/conftest.py could not build it."""
+    try:
+        return importlib.import_module("imd._fastpath"), None
+    except ImportError as e:
+        why = f"imd._fastpath is not built ({e}); build output: {getattr(config, 'imd_fastpath_build', '?')}"
+        print(why, file=sys.stderr)
+        return None, why
 
 
 @pytest.fixture(params=["python", "cython"], scope="module")
 def fp(request):
     if request.param == "python":
         return importlib.import_module("imd._fastpath_py")
-    mod, why = _cython_module()
+    mod, why = _cython_module(request.config)
     if mod is None:
         pytest.skip(why)
     return mod
@@ -309,6 +305,27 @@ def test_ws_close_payload(fp):
     assert len(fp.ws_encode(8, long)) <= 127
 
 
+@pytest.mark.parametrize("payload,result", [
+    (b"", (1005, "")), (b"\x03\xe8", (1000, "")), (b"\x03\xe9going away \xe2\x9c\x93", (1001, "going away ✓")),
+    (b"\x0f\xa0", (4000, "")), (bytearray(b"\x03\xf1x"), (1009, "x")),
+])
+def test_ws_parse_close(fp, payload, result):
+    assert fp.ws_parse_close(payload) == result
+    if payload:
+        assert fp.ws_parse_close(fp.ws_close_payload(*result)) == result
+
+
+@pytest.mark.parametrize("payload,code", [
+    (b"\x03", 1002), (b"\x03\xe7", 1002), (b"\x03\xec", 1002), (b"\x03\xed", 1002), (b"\x03\xee", 1002),
+    (b"\x03\xf7", 1002), (b"\x07\xd0", 1002), (b"\x13\x88", 1002), (b"\x00\x00", 1002),
+    (b"\x03\xe8\xff", 1007),
+])
+def test_ws_parse_close_violations(fp, payload, code):
+    with pytest.raises(fp.WSError) as e:
+        fp.ws_parse_close(payload)
+    assert e.value.code == code
+
+
 # --------------------------------------------------------------- send_many
 
 def test_send_many_on_a_socketpair(fp):
@@ -400,8 +417,8 @@ else:
             return out, (e.code, e.reason), decoder.pending
         return out, None, decoder.pending
 
-    def _both():
-        cy, why = _cython_module()
+    def _both(config):
+        cy, why = _cython_module(config)
         if cy is None:
             pytest.skip(why)
         return importlib.import_module("imd._fastpath_py"), cy
@@ -412,8 +429,8 @@ else:
 
     @settings(max_examples=300, deadline=None)
     @given(hostile_frames, st.binary(max_size=40), cuts)
-    def test_twins_agree_on_hostile_ws_input(frames, garbage, points):
-        py, cy = _both()
+    def test_twins_agree_on_hostile_ws_input(pytestconfig, frames, garbage, points):
+        py, cy = _both(pytestconfig)
         stream = b"".join(client_frame(op, data, fin=fin, rsv=rsv, masked=masked)
                           for op, data, fin, rsv, masked in frames) + garbage
         chunks = _split(stream, points)
@@ -421,8 +438,8 @@ else:
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.binary(max_size=300), max_size=8), st.binary(max_size=12), cuts)
-    def test_twins_agree_on_hostile_frame_input(items, garbage, points):
-        py, cy = _both()
+    def test_twins_agree_on_hostile_frame_input(pytestconfig, items, garbage, points):
+        py, cy = _both(pytestconfig)
         stream = b"".join(frame(p) for p in items) + garbage
         chunks = _split(stream, points)
         assert _outcome(py.FrameDecoder(200), chunks, py.FrameError) == \
