@@ -208,6 +208,10 @@ class Config:
         ("" stays "": the setting is disabled)."""
         return os.path.abspath(value) if value else ""
 
+    def __reduce__(self):
+        """Picklable (e.g. for worker processes started by spawn)."""
+        return (Config, (self._values, self.source))
+
     def __repr__(self) -> str:
         return f"<Config from {self.source or 'defaults'}>"
 

@@ -140,6 +140,13 @@ def test_cross_field_rules():
     assert error_of({"xmpp": {"tls": "required"}}).startswith("config error: xmpp.tls: ")
 
 
+def test_config_pickles():
+    import pickle
+    cfg = load_dict({"node": {"id": "p1"}})
+    back = pickle.loads(pickle.dumps(cfg))
+    assert back.node.id == "p1" and back.as_dict() == cfg.as_dict()
+
+
 def test_changes_on_reload():
     old = defaults()
     new = load_dict({"log": {"level": "debug"}, "listen": {"tcp": "127.0.0.1:0"}})
