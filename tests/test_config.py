@@ -120,6 +120,8 @@ def test_unknown_sections_and_keys():
     assert error_of({"limit": {}}) == 'config error: limit: unknown section (did you mean "limits"?)'
     assert error_of({"limits": {"max_fram": 1}}) == \
         'config error: limits.max_fram: unknown setting (did you mean "max_frame"?)'
+    assert error_of({"node": {"max_frame": 1}}) == \
+        'config error: node.max_frame: unknown setting (did you mean "limits.max_frame"?)'
     assert error_of({"zzz": {}}) == "config error: zzz: unknown section"
     assert error_of({"node": {"qqqq": 1}}) == "config error: node.qqqq: unknown setting"
     assert error_of({"node": 5}) == "config error: node: must be a table ([node]) (got 5)"
