@@ -4,17 +4,81 @@ Cross-node chat, presence and kick over the raw-TCP protocol; a node killed
 with SIGKILL; Redis killed and restarted (a private redis-server).
 """
 
+import importlib.util
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
+import uuid
 
 import pytest
 import redis
 
 from imd.engine.base import Event
 
-from .cluster import Node, presence_of, wait_msg, wait_until
+from .cluster import ROOT, Database, Node, RedisServer, presence_of, wait_msg, wait_until
+
+if importlib.util.find_spec("imd.store.postgresql") is None:
+    pytest.skip("the PostgreSQL store (imd/store/postgresql.py) is not on this branch yet",
+                allow_module_level=True)
+
+SYSTEM_REDIS = "redis://127.0.0.1:6379/13"
 
 TTL = 3          # engine.presence_ttl of every node here
+
+
+@pytest.fixture
+def db():
+    d = Database()
+    yield d
+    d.drop()
+
+
+class Cluster:
+    """Nodes sharing one database and one Redis; everything stopped at the end."""
+
+    def __init__(self, tmp_path, db, redis_url) -> None:
+        self.tmp = str(tmp_path)
+        self.db = db
+        self.redis_url = redis_url
+        self.prefix = f"imdit:{uuid.uuid4().hex[:8]}:"
+        self.nodes = {}
+
+    def node(self, node_id: str, **kw) -> Node:
+        n = Node(self.tmp, node_id, self.db.dsn, self.redis_url, self.prefix, **kw)
+        self.nodes[node_id] = n
+        return n.start()
+
+    def start(self, *ids, **kw):
+        return [self.node(i, **kw) for i in ids]
+
+    def stop(self) -> None:
+        for n in self.nodes.values():
+            n.stop()
+        try:
+            r = redis.Redis.from_url(self.redis_url)
+            keys = list(r.scan_iter(match=self.prefix + "*", count=1000))
+            if keys:
+                r.delete(*keys)
+            r.close()
+        except redis.ConnectionError:
+            pass
+
+
+@pytest.fixture
+def cluster(tmp_path, db):
+    c = Cluster(tmp_path, db, SYSTEM_REDIS)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    r = RedisServer(str(tmp_path))
+    yield r
+    r.stop()
 
 
 def test_cross_node_chat(cluster):
@@ -118,7 +182,6 @@ def test_kill9_node(cluster):
 
 
 def test_redis_restart(tmp_path, db, private_redis):
-    from .conftest import Cluster
     c = Cluster(tmp_path, db, private_redis.url)
     try:
         n1, n2, n3 = c.start("n1", "n2", "n3", presence_ttl=TTL)
@@ -161,7 +224,6 @@ def test_redis_restart(tmp_path, db, private_redis):
 def test_workers_share_a_port(tmp_path, db):
     """node.workers = 3: one port, three worker nodes (n1.w0..w2) talking through Redis;
     a worker killed with SIGKILL is started again by the master."""
-    from .conftest import Cluster, SYSTEM_REDIS
     c = Cluster(tmp_path, db, SYSTEM_REDIS)
     n = Node(c.tmp, "wk", db.dsn, SYSTEM_REDIS, c.prefix, extra="workers = 3")
     c.nodes["wk"] = n
@@ -174,8 +236,7 @@ def test_workers_share_a_port(tmp_path, db):
             clients[i].msg(f"user{(i + 1) % 12}", f"from {i}")
         for i in range(12):
             assert wait_msg(clients[(i + 1) % 12])["body"] == f"from {i}"
-        pids = [int(x) for x in __import__("re").findall(r"worker started index=0 node=wk.w0 pid=(\d+)", n.log())]
-        import os
+        pids = [int(x) for x in re.findall(r"worker started index=0 node=wk.w0 pid=(\d+)", n.log())]
         os.kill(pids[0], signal.SIGKILL)
         wait_until(lambda: n.log().count("worker started index=0") == 2, 15, what="worker restart")
         wait_until(lambda: n.log().count("ready node=wk.w0") == 2, 15, what="restarted worker ready")
@@ -187,9 +248,6 @@ def test_workers_share_a_port(tmp_path, db):
 
 
 def test_workers_need_redis(tmp_path):
-    import subprocess
-    import sys
-    from .cluster import ROOT
     cfg = tmp_path / "w.toml"
     cfg.write_text('[node]\nworkers = 2\n[engine]\nbackend = "memory"\n')
     p = subprocess.run([sys.executable, "-m", "imd", "-c", str(cfg)], cwd=ROOT, capture_output=True,
