@@ -197,6 +197,11 @@ def test_redis_restart(tmp_path, db, private_redis):
         for i in range(3):
             alice.msg("bob", f"local {i}")
         assert [wait_msg(bob)["body"] for _ in range(3)] == [f"local {i}" for i in range(3)]
+        # logins work (presence answers from the node's own records)
+        erin = n1.client("erin")
+        erin.msg("bob", "hello from a login during the outage")
+        assert wait_msg(bob)["body"] == "hello from a login during the outage"
+        erin.close()
         # cross-node messages are stored and acked while Redis is down
         queued = [alice.msg("carol", f"during {i}")["mid"] for i in range(3)]
         # these publications are truly lost: their node dies before Redis is back
