@@ -470,3 +470,16 @@ def test_kill_9_keeps_every_acked_message_exactly_once(backend):
             assert received[int(recipient_seq)].mid == mid.decode()
     finally:
         store.close()
+
+
+def test_an_op_that_cannot_commit_fails_alone(store):
+    acks = Acks()
+    send_now(store, acks, "a", "b", "c1", mid="M1")
+    send(store, acks, "a", "b", "c2", mid="M1")          # mid taken: a hard error, not retried
+    send(store, acks, "a", "b", "c3", mid="M3")
+    assert store.flush(30)
+    outcome = {tag: (r, e) for tag, r, e in acks.items}
+    assert outcome["c2"][0] is None and outcome["c2"][1] is not None
+    assert outcome["c3"][1] is None and outcome["c3"][0].sender_seq == 2
+    assert [e.mid for e in store.inbox("b", 0, 10)] == ["M1", "M3"]
+    assert store.stats()["failed"] == 1 and store.stats()["queue"] == 0
