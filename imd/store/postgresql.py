@@ -51,6 +51,7 @@ PURGE_CHUNK = 5000
 MESSAGE_COLUMNS = ("mid", "kind", "sender", "recipient", "body", "ctx", "ts", "client_id",
                    "sender_seq", "recipient_seq", "notice_kind")
 INBOX_COLUMNS = ("user_id", "seq", "mid", "inbound")
+_NO_TOUCH = (None, None, None)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -278,12 +279,13 @@ class PostgresStore(WriterStore, Store):
 class _Batch:
     """The ops of one writer transaction (see the module docstring for the steps)."""
 
-    __slots__ = ("cur", "bulk", "seqs", "by_client", "messages", "inbox")
+    __slots__ = ("cur", "bulk", "seqs", "reserved", "by_client", "messages", "inbox")
 
     def __init__(self, cur, bulk: str) -> None:
         self.cur = cur
         self.bulk = bulk
-        self.seqs: dict = {}
+        self.seqs: dict = {}          # user -> last seq handed out so far in this batch
+        self.reserved: dict = {}      # user -> last seq reserved for this batch
         self.by_client: dict = {}
         self.messages: list = []
         self.inbox: list = []
@@ -291,37 +293,61 @@ class _Batch:
     def run(self, ops: list, pending: Optional[Pending]) -> list:
         cur = self.cur
         stored = self._stored_client_ids(ops)
-        recipients = {}
-        for op in ops:
-            if not isinstance(op, MessageOp) and op.users is None:
-                if op.role is None:
-                    cur.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
-                else:
-                    cur.execute("SELECT id FROM users WHERE role = %s AND last_seen IS NOT NULL "
-                                "ORDER BY id", (op.role,))
-                recipients[id(op)] = [r[0] for r in cur]
-        users = set()
-        for op in ops:
-            if isinstance(op, MessageOp):
-                if (op.sender, op.client_id) not in stored:
-                    users.update((op.sender, op.recipient))
-            else:
-                users.update(recipients.get(id(op), op.users))
-        if pending:
-            users.update(pending.touches, pending.passwords)
-        if users:
-            ordered = sorted(users)
-            cur.execute("INSERT INTO users (id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
-                        (ordered,))
-            cur.execute("SELECT id, last_seq FROM users WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                        (ordered,))
-            self.seqs = dict(cur.fetchall())
+        recipients = self._notice_recipients(ops)
+        need = self._seqs_needed(ops, stored, recipients)
+        touches = pending.touches if pending else {}
+        ids = sorted(set(need).union(touches, pending.passwords if pending else ()))
+        if ids:
+            # one upsert creates missing users, locks every row in id order, applies the
+            # touches and reserves the seqs: (last_seq - need, last_seq] is this batch's
+            cur.execute(
+                "INSERT INTO users AS u (id, last_seq, role, platform, last_seen) "
+                "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::bigint[]) "
+                "ON CONFLICT (id) DO UPDATE SET last_seq = u.last_seq + EXCLUDED.last_seq, "
+                "role = COALESCE(EXCLUDED.role, u.role), platform = COALESCE(EXCLUDED.platform, u.platform), "
+                "last_seen = GREATEST(u.last_seen, EXCLUDED.last_seen) RETURNING id, last_seq",
+                (ids, [need.get(u, 0) for u in ids], [touches.get(u, _NO_TOUCH)[0] for u in ids],
+                 [touches.get(u, _NO_TOUCH)[1] for u in ids], [touches.get(u, _NO_TOUCH)[2] for u in ids]))
+            self.reserved = dict(cur.fetchall())
+            self.seqs = {u: last - need.get(u, 0) for u, last in self.reserved.items()}
         if pending:
             _apply_pending(cur, pending)
         results = [self.message(op, stored) if isinstance(op, MessageOp)
                    else self.notice(op, recipients.get(id(op), op.users)) for op in ops]
         self.finish()
         return results
+
+    def _notice_recipients(self, ops: list) -> dict:
+        """id(op) → recipients, for the notices to a role or to all known users."""
+        recipients = {}
+        for op in ops:
+            if not isinstance(op, MessageOp) and op.users is None:
+                if op.role is None:
+                    self.cur.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
+                else:
+                    self.cur.execute("SELECT id FROM users WHERE role = %s AND last_seen IS NOT NULL "
+                                     "ORDER BY id", (op.role,))
+                recipients[id(op)] = [r[0] for r in self.cur]
+        return recipients
+
+    @staticmethod
+    def _seqs_needed(ops: list, stored: dict, recipients: dict) -> dict:
+        """user → how many seqs the batch takes from them (as message()/notice() will)."""
+        need: dict = {}
+        seen = set()
+        for op in ops:
+            if isinstance(op, MessageOp):
+                key = (op.sender, op.client_id)
+                if op.client_id is not None:
+                    if key in seen or key in stored:
+                        continue
+                    seen.add(key)
+                need[op.sender] = need.get(op.sender, 0) + 1
+                need[op.recipient] = need.get(op.recipient, 0) + 1
+            else:
+                for user in recipients.get(id(op), op.users):
+                    need[user] = need.get(user, 0) + 1
+        return need
 
     def _stored_client_ids(self, ops: list) -> dict:
         """(sender, client_id) → (mid, ts, sender_seq, recipient_seq) of those already stored."""
@@ -381,13 +407,10 @@ class _Batch:
         return entries
 
     def finish(self) -> None:
+        if self.seqs != self.reserved:
+            raise RuntimeError("seq reservation does not match the seqs handed out")
         _insert(self.cur, self.bulk, "messages", MESSAGE_COLUMNS, self.messages)
         _insert(self.cur, self.bulk, "inbox", INBOX_COLUMNS, self.inbox)
-        if self.messages:
-            changed = [(u, s) for u, s in self.seqs.items()]
-            self.cur.execute("UPDATE users SET last_seq = v.seq FROM unnest(%s::text[], %s::bigint[]) "
-                             "AS v(id, seq) WHERE users.id = v.id AND users.last_seq <> v.seq",
-                             ([c[0] for c in changed], [c[1] for c in changed]))
 
 
 def _insert(cur, bulk: str, table: str, columns: tuple, rows: list) -> None:
@@ -404,18 +427,8 @@ def _insert(cur, bulk: str, table: str, columns: tuple, rows: list) -> None:
 
 
 def _apply_pending(cur, p: Pending) -> None:
-    """Write the coalesced fire-and-forget changes (inside the batch transaction;
-    the users rows involved are already locked)."""
-    if p.touches:
-        ids = list(p.touches)
-        cur.execute(
-            "UPDATE users SET role = COALESCE(v.role, users.role), "
-            "platform = COALESCE(v.platform, users.platform), "
-            "last_seen = GREATEST(users.last_seen, v.last_seen) "
-            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]) "
-            "AS v(id, role, platform, last_seen) WHERE users.id = v.id",
-            (ids, [p.touches[u][0] for u in ids], [p.touches[u][1] for u in ids],
-             [p.touches[u][2] for u in ids]))
+    """Write the coalesced fire-and-forget changes but the touches (done by the
+    users upsert, which also locked every users row involved)."""
     if p.passwords:
         ids = list(p.passwords)
         cur.execute("UPDATE users SET credentials = v.credentials FROM unnest(%s::text[], %s::text[]) "
