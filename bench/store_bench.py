@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/store_bench.py --backend postgresql --writers 4 --batch 1000
     PYTHONPATH=. python bench/store_bench.py --backend sqlite --synchronous full
 
-Each message is stored for sender and recipient (two inbox entries). The load keeps
+Each message is stored for sender and recipient (two inbox entries); ``--senders``
+guests write to ``--recipients`` hosts. The load keeps
 the write queue busy: it submits until StoreFull, then yields. PostgreSQL runs in a
 fresh database ``imd_bench`` (dropped after); SQLite in a temporary directory.
 Prints one JSON line.
@@ -56,7 +57,8 @@ def main():
     ap.add_argument("--bulk", default="copy", choices=["copy", "executemany"])
     ap.add_argument("--synchronous", default="full", choices=["full", "normal"])
     ap.add_argument("--messages", type=int, default=50000)
-    ap.add_argument("--senders", type=int, default=1000)
+    ap.add_argument("--senders", type=int, default=2000)
+    ap.add_argument("--recipients", type=int, default=2000)
     ap.add_argument("--queue", type=int, default=20000)
     ap.add_argument("--rate", type=int, default=0, help="messages/s to offer (0: as fast as it takes)")
     args = ap.parse_args()
@@ -79,7 +81,7 @@ def main():
                 continue
             s = i % args.senders
             try:
-                store.send_message("g%d" % s, "h%d" % (s % 97), "c%d" % i, body, ctx, "m%d" % i,
+                store.send_message("g%d" % s, "h%d" % ((s * 7 + i) % args.recipients), "c%d" % i, body, ctx, "m%d" % i,
                                    1712345678000 + i, acked(time.perf_counter()))
                 i += 1
             except StoreFull:
@@ -96,7 +98,7 @@ def main():
             "batch_max": args.batch, "bulk": args.bulk, "synchronous": args.synchronous,
             "messages": args.messages, "rate": args.rate,
             "client_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 2), "seconds": round(elapsed, 3),
-            "msgs_per_s": round(args.messages / elapsed), "batches": stats["batches"],
+            "msgs_per_s": round(args.messages / elapsed), "batches": stats["batches"], "retries": stats["retries"],
             "avg_batch": round(stats["committed"] / max(stats["batches"], 1), 1),
             "avg_commit_ms": round(1000 * stats["commit_seconds_sum"] / max(stats["commit_count"], 1), 2),
             "ack_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),

@@ -5,19 +5,29 @@ psycopg 3 connection each (cooperative under gevent once gevent has
 monkey-patched the process). A message goes to the lane of its sender, so one
 sender's messages commit in order. Each batch is one transaction:
 
-1. dedupe: look up every (sender, client_id) of the batch in one query;
-2. lock: insert the missing ``users`` rows and ``SELECT … ORDER BY id FOR
-   UPDATE`` every user row the batch touches, in id order (so writers of this
-   and of other nodes sharing the database never deadlock on each other);
-3. allocate the seqs in memory from the locked ``last_seq`` values;
-4. bulk-insert messages and inbox rows (COPY), ``UPDATE users SET last_seq``;
-5. COMMIT; only then are the callbacks run (by the Writer).
+1. without any lock: look up every (sender, client_id) of the batch in one
+   query (dedupe), give each new entry its seq *relative* to its user (the k-th
+   seq the batch takes from that user) and COPY the rows into a per-connection
+   temporary staging table; write cursors and contacts;
+2. one statement (RESERVE_AND_INSERT): upsert the ``users`` rows in id order —
+   which creates missing users, locks the rows (so writers of this and of other
+   nodes sharing the database never deadlock on each other), applies last-seen
+   touches and reserves the seqs — then insert messages and inbox rows from the
+   staging table with absolute seqs;
+3. COMMIT at once (users rows stay locked for one statement and the commit);
+   the Writer runs the callbacks afterwards.
+
+Measured (docs/store.md): COPY into staging + INSERT … SELECT beats executemany
+by 3× under gevent; more writers than 2 only add lock waits on this 2-core box,
+since concurrent batches nearly always share some user.
 
 A connection error, deadlock, lock timeout or shutdown is transient: the Writer
 retries the batch with backoff and this module reconnects the lane's
 connection. If a connection drops during COMMIT the batch may have committed:
 the retry finds its messages by client id and, when the stored mid is the op's
-own, acks them as the original (not duplicate) store.
+own, acks them as the original (not duplicate) store. Notices and messages
+without a client id have no such key: after such an ambiguous commit they may
+be stored twice (under new seqs); nothing acked is ever lost.
 
 Reads use a separate small pool of autocommit connections and block only the
 calling greenlet; an unreachable database raises StoreUnavailable.
@@ -48,10 +58,6 @@ MIGRATION_LOCK = 0x696D64          # pg_advisory_xact_lock key ("imd")
 LOCK_TIMEOUT = "2s"                # a writer waiting longer on a row lock retries its batch
 PURGE_CHUNK = 5000
 
-MESSAGE_COLUMNS = ("mid", "kind", "sender", "recipient", "body", "ctx", "ts", "client_id",
-                   "sender_seq", "recipient_seq", "notice_kind")
-INBOX_COLUMNS = ("user_id", "seq", "mid", "inbound")
-_NO_TOUCH = (None, None, None)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -74,7 +80,7 @@ class PostgresStore(WriterStore, Store):
 
     name = "postgresql"
 
-    def __init__(self, dsn: str, writers: int = 4, readers: int = 4, queue_size: int = 100000,
+    def __init__(self, dsn: str, writers: int = 2, readers: int = 4, queue_size: int = 100000,
                  batch_max: int = 1000, retention_days: float = 0, purge_interval: float = 3600.0,
                  bulk: str = "copy", connect_timeout: int = 5) -> None:
         if bulk not in ("copy", "executemany"):
@@ -144,16 +150,19 @@ class PostgresStore(WriterStore, Store):
         if con is None or con.closed:
             con = self._connect()
             con.execute("SET lock_timeout = '%s'" % LOCK_TIMEOUT)
+            con.execute(STAGING)
             con.commit()
             self._wcons[lane] = con
         try:
             with con.cursor() as cur:
-                results = _Batch(cur, self.bulk).run(ops, pending)
+                batch = _Batch(cur, self.bulk)
+                batch.prepare(ops, pending)
+                batch.reserve()
             con.commit()
         except BaseException:
             self._reset(lane, con)
             raise
-        return results
+        return batch.results()
 
     def _reset(self, lane: int, con) -> None:
         """After a failed batch: roll back, or drop the connection if it is broken."""
@@ -276,78 +285,155 @@ class PostgresStore(WriterStore, Store):
                 log.warning("postgresql: purge failed: %r", exc)
 
 
-class _Batch:
-    """The ops of one writer transaction (see the module docstring for the steps)."""
+# Staging table (per writer connection): the batch's rows with seqs relative to each
+# user's base (k-th seq the batch takes from that user), copied before any lock is taken.
+STAGING = ("CREATE TEMP TABLE IF NOT EXISTS imd_staging (mid text, kind text, sender text, "
+           "recipient text, body text, ctx text, ts bigint, client_id text, sender_k bigint, "
+           "recipient_k bigint, notice_kind text) ON COMMIT DELETE ROWS")
+STAGING_COLUMNS = ("mid", "kind", "sender", "recipient", "body", "ctx", "ts", "client_id",
+                   "sender_k", "recipient_k", "notice_kind")
 
-    __slots__ = ("cur", "bulk", "seqs", "reserved", "by_client", "messages", "inbox")
+# One statement while the users rows are locked: the upsert creates missing users, locks
+# every row in id order, applies the touches and reserves the seqs (base, base + need];
+# messages and inbox rows are then inserted from the staging table with absolute seqs.
+RESERVE_AND_INSERT = """
+WITH v AS (
+    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::bigint[])
+        AS v(id, need, role, platform, last_seen)
+), up AS (
+    INSERT INTO users AS u (id, last_seq, role, platform, last_seen)
+    SELECT id, need, role, platform, last_seen FROM v ORDER BY id
+    ON CONFLICT (id) DO UPDATE SET last_seq = u.last_seq + EXCLUDED.last_seq,
+        role = COALESCE(EXCLUDED.role, u.role), platform = COALESCE(EXCLUDED.platform, u.platform),
+        last_seen = GREATEST(u.last_seen, EXCLUDED.last_seen)
+    RETURNING id, last_seq
+), base AS (
+    SELECT up.id, up.last_seq - v.need AS base FROM up JOIN v ON v.id = up.id
+), m AS (
+    INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, client_id, sender_seq,
+                          recipient_seq, notice_kind)
+    SELECT s.mid, s.kind, s.sender, s.recipient, s.body, s.ctx, s.ts, s.client_id,
+           sb.base + s.sender_k, rb.base + s.recipient_k, s.notice_kind
+    FROM imd_staging s JOIN base rb ON rb.id = s.recipient LEFT JOIN base sb ON sb.id = s.sender
+), i AS (
+    INSERT INTO inbox (user_id, seq, mid, inbound)
+    SELECT s.recipient, rb.base + s.recipient_k, s.mid, true
+        FROM imd_staging s JOIN base rb ON rb.id = s.recipient
+    UNION ALL
+    SELECT s.sender, sb.base + s.sender_k, s.mid, false
+        FROM imd_staging s JOIN base sb ON sb.id = s.sender
+)
+SELECT id, base FROM base
+"""
+
+
+class _Batch:
+    """The ops of one writer transaction.
+
+    ``prepare`` does everything that needs no lock (dedupe lookup, notice
+    recipients, relative seqs, COPY into the staging table, cursors and
+    contacts); ``reserve`` runs RESERVE_AND_INSERT, after which the caller
+    commits at once, so users rows stay locked only for one statement and the
+    commit; ``results`` builds the callbacks' results after the commit.
+    """
+
+    __slots__ = ("cur", "bulk", "ops", "pending", "plans", "taken", "base")
 
     def __init__(self, cur, bulk: str) -> None:
         self.cur = cur
         self.bulk = bulk
-        self.seqs: dict = {}          # user -> last seq handed out so far in this batch
-        self.reserved: dict = {}      # user -> last seq reserved for this batch
-        self.by_client: dict = {}
-        self.messages: list = []
-        self.inbox: list = []
+        self.plans: list = []         # per op, see prepare()
+        self.taken: dict = {}         # user -> seqs this batch takes from them
+        self.base: dict = {}          # user -> last seq before this batch
 
-    def run(self, ops: list, pending: Optional[Pending]) -> list:
-        cur = self.cur
+    def take(self, user: str) -> int:
+        k = self.taken.get(user, 0) + 1
+        self.taken[user] = k
+        return k
+
+    def prepare(self, ops: list, pending: Optional[Pending]) -> None:
+        self.ops, self.pending = ops, pending
         stored = self._stored_client_ids(ops)
-        recipients = self._notice_recipients(ops)
-        need = self._seqs_needed(ops, stored, recipients)
-        touches = pending.touches if pending else {}
-        ids = sorted(set(need).union(touches, pending.passwords if pending else ()))
-        if ids:
-            # one upsert creates missing users, locks every row in id order, applies the
-            # touches and reserves the seqs: (last_seq - need, last_seq] is this batch's
-            cur.execute(
-                "INSERT INTO users AS u (id, last_seq, role, platform, last_seen) "
-                "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::bigint[]) "
-                "ON CONFLICT (id) DO UPDATE SET last_seq = u.last_seq + EXCLUDED.last_seq, "
-                "role = COALESCE(EXCLUDED.role, u.role), platform = COALESCE(EXCLUDED.platform, u.platform), "
-                "last_seen = GREATEST(u.last_seen, EXCLUDED.last_seen) RETURNING id, last_seq",
-                (ids, [need.get(u, 0) for u in ids], [touches.get(u, _NO_TOUCH)[0] for u in ids],
-                 [touches.get(u, _NO_TOUCH)[1] for u in ids], [touches.get(u, _NO_TOUCH)[2] for u in ids]))
-            self.reserved = dict(cur.fetchall())
-            self.seqs = {u: last - need.get(u, 0) for u, last in self.reserved.items()}
-        if pending:
-            _apply_pending(cur, pending)
-        results = [self.message(op, stored) if isinstance(op, MessageOp)
-                   else self.notice(op, recipients.get(id(op), op.users)) for op in ops]
-        self.finish()
-        return results
-
-    def _notice_recipients(self, ops: list) -> dict:
-        """id(op) → recipients, for the notices to a role or to all known users."""
-        recipients = {}
-        for op in ops:
-            if not isinstance(op, MessageOp) and op.users is None:
-                if op.role is None:
-                    self.cur.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
-                else:
-                    self.cur.execute("SELECT id FROM users WHERE role = %s AND last_seen IS NOT NULL "
-                                     "ORDER BY id", (op.role,))
-                recipients[id(op)] = [r[0] for r in self.cur]
-        return recipients
-
-    @staticmethod
-    def _seqs_needed(ops: list, stored: dict, recipients: dict) -> dict:
-        """user → how many seqs the batch takes from them (as message()/notice() will)."""
-        need: dict = {}
-        seen = set()
-        for op in ops:
+        staging = []
+        first: dict = {}              # (sender, client_id) -> index of its first op in the batch
+        for n, op in enumerate(ops):
             if isinstance(op, MessageOp):
                 key = (op.sender, op.client_id)
                 if op.client_id is not None:
-                    if key in seen or key in stored:
+                    if key in first:                       # again in this batch
+                        self.plans.append(("again", first[key]))
                         continue
-                    seen.add(key)
-                need[op.sender] = need.get(op.sender, 0) + 1
-                need[op.recipient] = need.get(op.recipient, 0) + 1
+                    first[key] = n
+                    row = stored.get(key)
+                    if row is not None:
+                        # stored before; with our own mid it is this batch, committed
+                        # before the connection dropped: ack it as the original store
+                        self.plans.append(("replay" if row[0] == op.mid else "dup", row))
+                        continue
+                sender_k, recipient_k = self.take(op.sender), self.take(op.recipient)
+                staging.append((op.mid, "msg", op.sender, op.recipient, op.body_json, op.ctx_json,
+                                op.ts, op.client_id, sender_k, recipient_k, None))
+                self.plans.append(("new", sender_k, recipient_k))
             else:
-                for user in recipients.get(id(op), op.users):
-                    need[user] = need.get(user, 0) + 1
-        return need
+                users = op.users if op.users is not None else self._known_users(op.role)
+                notices = []
+                for user in users:
+                    k, mid = self.take(user), op.mids()
+                    staging.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
+                                    None, k, op.kind))
+                    notices.append((user, k, mid))
+                self.plans.append(("notice", notices))
+        _insert(self.cur, self.bulk, "imd_staging", STAGING_COLUMNS, staging)
+        if pending:
+            _apply_cursors_contacts(self.cur, pending)
+
+    def reserve(self) -> None:
+        touches = self.pending.touches if self.pending else {}
+        passwords = self.pending.passwords if self.pending else {}
+        ids = sorted(set(self.taken).union(touches, passwords))
+        if ids:
+            no = (None, None, None)
+            self.cur.execute(RESERVE_AND_INSERT, (
+                ids, [self.taken.get(u, 0) for u in ids], [touches.get(u, no)[0] for u in ids],
+                [touches.get(u, no)[1] for u in ids], [touches.get(u, no)[2] for u in ids]))
+            self.base = dict(self.cur.fetchall())
+        if passwords:
+            pw = list(passwords)
+            self.cur.execute("UPDATE users SET credentials = v.credentials "
+                             "FROM unnest(%s::text[], %s::text[]) AS v(id, credentials) "
+                             "WHERE users.id = v.id", (pw, [passwords[u] for u in pw]))
+
+    def results(self) -> list:
+        out = []
+        for op, plan in zip(self.ops, self.plans):
+            kind = plan[0]
+            if kind == "new":
+                sender_seq = self.base[op.sender] + plan[1]
+                recipient_seq = self.base[op.recipient] + plan[2]
+                out.append(MessageResult(op.mid, op.ts, sender_seq, recipient_seq,
+                                         entries=message_entries(op, sender_seq, recipient_seq)))
+            elif kind == "notice":
+                out.append([notice_entry(op, user, self.base[user] + k, mid)
+                            for user, k, mid in plan[1]])
+            elif kind == "again":
+                r = out[plan[1]]
+                out.append(MessageResult(r.mid, r.ts, r.sender_seq, r.recipient_seq, duplicate=True))
+            else:
+                mid, ts, sender_seq, recipient_seq = plan[1]
+                if kind == "dup":
+                    out.append(MessageResult(mid, ts, sender_seq, recipient_seq, duplicate=True))
+                else:
+                    out.append(MessageResult(mid, ts, sender_seq, recipient_seq,
+                                             entries=message_entries(op, sender_seq, recipient_seq)))
+        return out
+
+    def _known_users(self, role: Optional[str]) -> list:
+        if role is None:
+            self.cur.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
+        else:
+            self.cur.execute("SELECT id FROM users WHERE role = %s AND last_seen IS NOT NULL "
+                             "ORDER BY id", (role,))
+        return [r[0] for r in self.cur]
 
     def _stored_client_ids(self, ops: list) -> dict:
         """(sender, client_id) → (mid, ts, sender_seq, recipient_seq) of those already stored."""
@@ -360,57 +446,6 @@ class _Batch:
                          "ON m.sender = k.sender AND m.client_id = k.client_id",
                          ([k[0] for k in keys], [k[1] for k in keys]))
         return {(r[0], r[1]): r[2:] for r in self.cur}
-
-    def next_seq(self, user: str) -> int:
-        seq = self.seqs[user] + 1
-        self.seqs[user] = seq
-        return seq
-
-    def message(self, op: MessageOp, stored: dict) -> MessageResult:
-        key = (op.sender, op.client_id)
-        if op.client_id is not None:
-            first = self.by_client.get(key)
-            if first is not None:
-                return MessageResult(first.mid, first.ts, first.sender_seq, first.recipient_seq,
-                                     duplicate=True)
-            row = stored.get(key)
-            if row is not None:
-                mid, ts, sender_seq, recipient_seq = row
-                if mid != op.mid:
-                    return MessageResult(mid, ts, sender_seq, recipient_seq, duplicate=True)
-                # our own batch, committed before the connection dropped: ack it as stored
-                result = MessageResult(mid, ts, sender_seq, recipient_seq,
-                                       entries=message_entries(op, sender_seq, recipient_seq))
-                self.by_client[key] = result
-                return result
-        sender_seq = self.next_seq(op.sender)
-        recipient_seq = self.next_seq(op.recipient)
-        self.messages.append((op.mid, "msg", op.sender, op.recipient, op.body_json, op.ctx_json,
-                              op.ts, op.client_id, sender_seq, recipient_seq, None))
-        self.inbox.append((op.sender, sender_seq, op.mid, False))
-        self.inbox.append((op.recipient, recipient_seq, op.mid, True))
-        result = MessageResult(op.mid, op.ts, sender_seq, recipient_seq,
-                               entries=message_entries(op, sender_seq, recipient_seq))
-        if op.client_id is not None:
-            self.by_client[key] = result
-        return result
-
-    def notice(self, op, users: list) -> list:
-        entries = []
-        for user in users:
-            seq = self.next_seq(user)
-            mid = op.mids()
-            self.messages.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
-                                  None, seq, op.kind))
-            self.inbox.append((user, seq, mid, True))
-            entries.append(notice_entry(op, user, seq, mid))
-        return entries
-
-    def finish(self) -> None:
-        if self.seqs != self.reserved:
-            raise RuntimeError("seq reservation does not match the seqs handed out")
-        _insert(self.cur, self.bulk, "messages", MESSAGE_COLUMNS, self.messages)
-        _insert(self.cur, self.bulk, "inbox", INBOX_COLUMNS, self.inbox)
 
 
 def _insert(cur, bulk: str, table: str, columns: tuple, rows: list) -> None:
@@ -426,14 +461,9 @@ def _insert(cur, bulk: str, table: str, columns: tuple, rows: list) -> None:
                         % (table, names, ", ".join(["%s"] * len(columns))), rows)
 
 
-def _apply_pending(cur, p: Pending) -> None:
-    """Write the coalesced fire-and-forget changes but the touches (done by the
-    users upsert, which also locked every users row involved)."""
-    if p.passwords:
-        ids = list(p.passwords)
-        cur.execute("UPDATE users SET credentials = v.credentials FROM unnest(%s::text[], %s::text[]) "
-                    "AS v(id, credentials) WHERE users.id = v.id",
-                    (ids, [p.passwords[u] for u in ids]))
+def _apply_cursors_contacts(cur, p: Pending) -> None:
+    """Write the coalesced cursors and contact changes (touches and passwords go
+    with the users upsert)."""
     if p.cursors:
         keys = sorted(p.cursors)
         cur.execute("INSERT INTO cursors (user_id, device, seq) "

@@ -28,7 +28,7 @@ CREATE UNIQUE INDEX messages_client ON messages (sender, client_id);
 -- read receipts: last_sent_to(sender, recipient, upto)
 CREATE INDEX messages_pair ON messages (sender, recipient, recipient_seq);
 -- retention
-CREATE INDEX messages_ts ON messages (ts);
+CREATE INDEX messages_ts ON messages USING brin (ts);   -- ts grows with insertion order
 
 -- inbox reads (since/limit) and offline reads walk the primary key
 CREATE TABLE inbox (
