@@ -147,3 +147,23 @@ def test_open_fails_clearly_when_unreachable(pg):
     store = PostgresStore(pg.dsn_via(proxy.server), connect_timeout=2)
     with pytest.raises(StoreUnavailable):
         store.open()
+
+
+def test_close_during_outage_fails_the_queued_ops_without_hanging(pg):
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    store = PostgresStore(pg.dsn_via(proxy.server), writers=2, connect_timeout=2)
+    store.open()
+    acks = Acks()
+    try:
+        proxy.cut()
+        for i in range(5):
+            send(store, acks, "a%d" % i, "b", "c%d" % i)
+        assert wait_until(lambda: store.stats()["retries"] >= 1)
+        store.close(timeout=0.5)
+        assert len(acks.items) == 5
+        assert all(r is None and isinstance(e, StoreUnavailable) for _, r, e in acks.items)
+        with pytest.raises(StoreUnavailable):
+            send(store, acks, "a", "b", "late")
+    finally:
+        store.close()
+        proxy.stop()
