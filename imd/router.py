@@ -148,6 +148,7 @@ class Router:
             for env in backlog:
                 self.receive(s, env)
             self._send_contacts_presence(s)
+            s.last_seq = top          # what the replay below sends; held entries come after
             if since is None:
                 for e in store.offline(s.user, OFFLINE_MAX):
                     if e.seq <= top:
@@ -162,7 +163,6 @@ class Router:
                         s.send(Out(e.envelope(), e.seq))
                     cur = page[-1].seq
                     s.drain()
-            s.last_seq = top
         except StoreError as e:
             log.warning("attach failed session=%s user=%s error=%s", s.id, s.user, e)
             s.close(503, "store unavailable", reconnect=True)
