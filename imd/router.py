@@ -134,6 +134,8 @@ class Router:
         gevent.spawn(self._attach, s, since)
 
     def _attach(self, s, since: Optional[int]) -> None:
+        if s.state is CLOSED:         # gone before this greenlet ran
+            return
         try:
             self.node.add_session(s)
             store = self.store
