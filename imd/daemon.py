@@ -121,14 +121,16 @@ class Daemon:
                            lambda: {(): self.store.stats().get("queue", 0)})
 
     # -- signals -----------------------------------------------------------------
+    def install_signals(self) -> None:
+        for signum in SIGNALS:
+            gevent.signal_handler(signum, self._enqueue, signum)
+
     def _enqueue(self, signum: int) -> None:
         self._signals.append(signum)
         self._wake.set()
 
     def run(self) -> int:
         """The main loop: wait for signals and dispatch them until stopped."""
-        for signum in SIGNALS:
-            gevent.signal_handler(signum, self._enqueue, signum)
         while not self._stopping:
             self._wake.wait()
             self._wake.clear()
@@ -222,6 +224,7 @@ def serve(cfg, handler) -> int:
     """Run one node in this process until a stop signal; the exit code."""
     d = Daemon(cfg)
     d.log_handler = handler
+    d.install_signals()           # before start: a TERM during boot waits in the queue
     try:
         d.start()
     except OSError as e:
