@@ -75,6 +75,7 @@ class Daemon:
         self._wake = Event()
         self._stopping = False
         self.log_handler = None
+        self.overrides = None       # a worker's own settings (imd/master.py), kept across reloads
 
     # -- boot -------------------------------------------------------------------
     def start(self) -> None:
@@ -167,6 +168,9 @@ class Daemon:
         except config_mod.ConfigError as e:
             log.error("reload refused, keeping the running config: %s", e)
             raise
+        if self.overrides:
+            from .master import apply_overrides
+            new = apply_overrides(new, self.overrides)
         changes = config_mod.changes(self.cfg, new)
         for key, old, value, live in changes:
             if live:
@@ -214,16 +218,18 @@ def run(cfg) -> int:
     return serve(cfg, handler)
 
 
-def run_worker(cfg) -> int:
-    """Entry point of a worker forked by the master (logging is already set up)."""
+def run_worker(cfg, overrides: dict) -> int:
+    """Entry point of a worker forked by the master (logging is already set up);
+    ``overrides`` are the worker's own settings, applied again on every reload."""
     handlers = logging.getLogger().handlers
-    return serve(cfg, handlers[0] if handlers else None)
+    return serve(cfg, handlers[0] if handlers else None, overrides)
 
 
-def serve(cfg, handler) -> int:
+def serve(cfg, handler, overrides=None) -> int:
     """Run one node in this process until a stop signal; the exit code."""
     d = Daemon(cfg)
     d.log_handler = handler
+    d.overrides = overrides
     d.install_signals()           # before start: a TERM during boot waits in the queue
     try:
         d.start()

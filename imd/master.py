@@ -61,15 +61,20 @@ def reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
-def worker_config(cfg: Config, index: int, addrs: dict) -> Config:
-    """The configuration of worker ``index``: its node id, the resolved addresses,
-    its own control socket."""
+def worker_overrides(cfg: Config, index: int, addrs: dict) -> dict:
+    """The settings of worker ``index`` that differ from the file: its node id,
+    the resolved listening addresses, its own control socket."""
+    listen = {name: (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+              for name, (host, port) in addrs.items()}
+    if cfg.listen.control:
+        listen["control"] = f"{cfg.listen.control}.w{index}"
+    return {"node": {"id": f"{cfg.node.id}.w{index}"}, "listen": listen}
+
+
+def apply_overrides(cfg: Config, overrides: dict) -> Config:
     values = cfg.as_dict()
-    values["node"]["id"] = f"{cfg.node.id}.w{index}"
-    for name, (host, port) in addrs.items():
-        values["listen"][name] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if values["listen"].get("control"):
-        values["listen"]["control"] = f"{values['listen']['control']}.w{index}"
+    for section, settings in overrides.items():
+        values[section].update(settings)
     return Config(values, cfg.source)
 
 
@@ -121,7 +126,8 @@ class Master:
             self.spawn(w)
 
     def spawn(self, w: Worker) -> None:
-        wcfg = worker_config(self.cfg, w.index, self.addrs)
+        overrides = worker_overrides(self.cfg, w.index, self.addrs)
+        wcfg = apply_overrides(self.cfg, overrides)
         pid = os.fork()
         if pid == 0:                    # the worker
             code = 1
@@ -131,7 +137,7 @@ class Master:
                 for sock in self.reserved:
                     sock.close()
                 from .daemon import run_worker
-                code = run_worker(wcfg)
+                code = run_worker(wcfg, overrides)
             except BaseException:
                 log.exception("worker %d failed", w.index)
             finally:

@@ -245,11 +245,16 @@ def test_workers_share_a_port(tmp_path, db):
         os.kill(pids[0], signal.SIGKILL)
         wait_until(lambda: n.log().count("worker started index=0") == 2, 15, what="worker restart")
         wait_until(lambda: n.log().count("ready node=wk.w0") == 2, 15, what="restarted worker ready")
+        n.signal(signal.SIGHUP)                 # validated by the master, reloaded by each worker
+        wait_until(lambda: n.log().count("imd.daemon signal HUP") == 3, 15, what="HUP forwarded to the workers")
+        assert "needs a restart" not in n.log()        # a worker's own settings survive the reload
+        assert clients[0].ping()["type"] == "pong"
         for cl in clients:
             cl.close()
     finally:
         c.stop()
-    assert "master stopped" in n.log()
+    log = n.log()
+    assert "master stopped" in log and log.count("stopped node=wk.w") == 3
 
 
 def test_workers_need_redis(tmp_path):
