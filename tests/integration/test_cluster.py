@@ -248,7 +248,11 @@ def test_workers_share_a_port(tmp_path, db):
         n.signal(signal.SIGHUP)                 # validated by the master, reloaded by each worker
         wait_until(lambda: n.log().count("imd.daemon signal HUP") == 3, 15, what="HUP forwarded to the workers")
         assert "needs a restart" not in n.log()        # a worker's own settings survive the reload
-        assert clients[0].ping()["type"] == "pong"
+        survivor = next(cl for cl in clients if not cl.hello["session"].startswith("wk.w0."))
+        assert survivor.ping()["type"] == "pong"
+        late = n.client("late")                   # new connections are served after the restart
+        late.msg("user0", "still here")
+        late.close()
         for cl in clients:
             cl.close()
     finally:
