@@ -161,7 +161,8 @@ class RedisEngine(Engine):
     def stop(self) -> None:
         """Flush queued publications and records (bounded wait), drop this node's
         liveness key so that another node reaps its records at its next tick (and
-        presence announces its users offline), close the connections."""
+        presence announces its users offline), or, when it holds no records, remove
+        every trace of it; close the connections."""
         if not self._running:
             return
         deadline = time.monotonic() + 2.0
@@ -171,7 +172,10 @@ class RedisEngine(Engine):
         gevent.killall(self._greenlets, block=True, timeout=2)
         self._handler = None
         try:
-            self._cmd.delete(self._key("n:" + self.node_id))
+            if self._presence.values or self._counts.values:
+                self._cmd.delete(self._key("n:" + self.node_id))
+            else:                       # nothing for another node to announce: leave no trace
+                self._remove_node_records(self.node_id)
         except redis.RedisError as e:
             log.warning("could not drop this node's liveness key on stop: %s", e)
         self._pool.disconnect()
