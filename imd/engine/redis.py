@@ -51,7 +51,8 @@ all its records again; if it had been reaped the handler gets
 Concurrency: every method except ``presence_get`` and ``channel_counts``
 never blocks. Those two block the calling greenlet for one pipelined round
 trip; when Redis is unreachable they answer from this node's own records
-and log a warning. Must run under gevent with sockets monkey-patched.
+(for a second after each failure, without trying Redis) and log a warning.
+Needs Redis >= 6.2 (``SET ... GET``). Must run under gevent with sockets monkey-patched.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 PING_INTERVAL = 5.0         # keepalive on the pub/sub connection while idle
 READ_DEAD_AFTER = 3 * PING_INTERVAL + 5.0
 RESYNC_MARK = b"imd-resync"
+READ_PAUSE = 1.0            # after a failed read, answer from memory for this long
 
 
 class _Records:
@@ -138,6 +140,7 @@ class RedisEngine(Engine):
         self._write_wake = GEvent()
         self._first_tick_done = GEvent()
         self._known_nodes: list[str] = []
+        self._reads_paused_until = 0.0
         self._greenlets: list = []
         self._running = False
         # counters for state()
@@ -222,7 +225,9 @@ class RedisEngine(Engine):
             self._ps_conn = conn
             self._sent.clear()
             self._sub_dirty = set(self._subs)
-            self._resync_pending = ever
+            # After a reconnect, or a first connection made while sessions were already
+            # attached (Redis was down at start), publications may have been missed.
+            self._resync_pending = ever or bool(self._subs)
             self._last_rx = time.monotonic()
             self.connected = True
             sender = gevent.spawn(self._send_subscriptions, conn)
@@ -419,6 +424,8 @@ class RedisEngine(Engine):
         if not keys:
             return found
         known = [n for n in self._known_nodes if n != me]
+        if time.monotonic() < self._reads_paused_until:
+            return found
         try:
             pipe = self._cmd.pipeline(transaction=False)
             for k in keys:
@@ -427,7 +434,10 @@ class RedisEngine(Engine):
                 pipe.mget([self._key("n:" + n) for n in known])
             res = pipe.execute()
         except redis.RedisError as e:
-            log.warning("redis unavailable for a read (%s): answering from this node only", e)
+            # Don't make every caller wait for a connect timeout while Redis is away.
+            self._reads_paused_until = time.monotonic() + READ_PAUSE
+            log.warning("redis unavailable for a read (%s): answering from this node only for %.0fs",
+                        e, READ_PAUSE)
             return found
         dead = set()
         if known:

@@ -21,13 +21,18 @@ REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
 class Recorder:
-    """An engine handler that records (channel, event) pairs."""
+    """An engine handler that records (channel, event) pairs; ``resync`` events
+    (made by the engine itself whenever it connects with subscriptions) apart."""
 
     def __init__(self) -> None:
         self.got = []
+        self.resyncs = 0
 
     def __call__(self, channel, event) -> None:
-        self.got.append((channel, event))
+        if event.kind == "resync":
+            self.resyncs += 1
+        else:
+            self.got.append((channel, event))
 
     def kinds(self, kind):
         return [(c, e) for c, e in self.got if e.kind == kind]

@@ -174,8 +174,9 @@ def test_reconnect_resubscribes_and_resyncs(redis_factory):
     for ch in channels:
         e1.subscribe(ch)
     assert f.ready(e1) and f.ready(e2)
+    resyncs = r1.resyncs
     kill_pubsub(e1)
-    assert r1.wait(lambda got: any(ev.kind == "resync" for _, ev in got), timeout=10)
+    assert r1.wait(lambda got: r1.resyncs > resyncs, timeout=10)
     assert e1.state()["reconnects"] == 1 and e1.state()["subscribed"] == 2500
     e2.publish("u:user0", entry("user0", 1))
     e2.publish("u:user2499", entry("user2499", 1))
@@ -203,7 +204,8 @@ def test_records_rewritten_when_redis_loses_them(redis_factory):
 
 
 def test_publications_queued_while_redis_unreachable():
-    """A publisher that cannot reach Redis keeps its queue (bounded) and never blocks."""
+    """Without Redis: publishing never blocks, the queue is bounded, local delivery
+    and this node's presence go on."""
     from imd.engine.redis import RedisEngine
     e = RedisEngine("redis://127.0.0.1:1/0", presence_ttl=2, max_queue=10)
     got = []
@@ -215,5 +217,9 @@ def test_publications_queued_while_redis_unreachable():
     assert [ev.data["i"] for ev in got] == list(range(25))     # local delivery goes on
     st = e.state()
     assert st["connected"] is False and st["publish_queue"] == 10 and st["dropped"] == 15
+    # presence answers from this node's own records
+    e.presence_set("a", {"status": "online", "platforms": ["ios"]})
+    assert e.presence_get(["a", "b"]) == {"a": [{"status": "online", "platforms": ["ios"], "node": "lonely"}],
+                                          "b": []}
     e._running = False
     gevent.killall(e._greenlets)
