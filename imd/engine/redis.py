@@ -9,9 +9,13 @@ trip each. ``publish`` queues; the publisher greenlet pipelines everything
 queued on its own connection. The reader greenlet decodes each message with
 :meth:`Event.decode` and calls the handler.
 
+Wire format: the message of a publication is ``<node id> <Event.encode()>``
+(node ids have no spaces), so a node recognises its own publications without
+decoding them. Commands are packed by hiredis.
+
 Own publications: a publication is handed to the local handler at once (from
 a loop callback, exactly as the memory engine does) when the channel is
-subscribed here, and its echo from Redis (same ``origin``) is dropped. So a
+subscribed here, and its echo from Redis (tagged with this node's id) is dropped. So a
 node receives its own publications exactly once, and local traffic keeps
 flowing while Redis is down.
 
@@ -66,6 +70,7 @@ import gevent
 import orjson
 import redis
 from gevent.event import Event as GEvent
+from hiredis import pack_command
 
 from .base import ALL, Engine, Event
 
@@ -154,6 +159,7 @@ class RedisEngine(Engine):
     def start(self, node_id: str, handler) -> None:
         """Start the reader, subscriber, publisher, writer and tick greenlets (never blocks)."""
         self.node_id = node_id
+        self._tag = node_id.encode() + b" "
         self._handler = handler
         self._presence = _Records(self.prefix + "p:", self._key("nu:" + node_id))
         self._counts = _Records(self.prefix + "cc:", self._key("nc:" + node_id))
@@ -273,34 +279,39 @@ class RedisEngine(Engine):
                         remove.append(ch)
                 cmds = []
                 if add:
-                    cmds.append(("SUBSCRIBE",) + tuple(wire + ch.encode() for ch in add))
+                    cmds.append(pack_command((b"SUBSCRIBE",) + tuple(wire + ch.encode() for ch in add)))
                     sent.update(add)
                 if remove:
-                    cmds.append(("UNSUBSCRIBE",) + tuple(wire + ch.encode() for ch in remove))
+                    cmds.append(pack_command((b"UNSUBSCRIBE",) + tuple(wire + ch.encode() for ch in remove)))
                     sent.difference_update(remove)
                 if cmds:
-                    conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
+                    conn.send_packed_command(cmds, check_health=False)
                 gevent.sleep(0)
         except (redis.RedisError, OSError) as e:
             log.warning("redis subscribe failed: %s", e)
+            conn.disconnect()
+        except Exception:
+            log.exception("redis subscriber failed: dropping the connection")
             conn.disconnect()
 
     def _read(self, conn) -> None:
         """Read pub/sub messages until the connection fails (raises then)."""
         cut = len(self._prefix_b)
+        tag = self._tag
         while self._running:
             reply = conn.read_response(disconnect_on_error=False)
             self._last_rx = time.monotonic()
             kind = reply[0]
             if kind == b"message":
                 self.received += 1
-                try:
-                    event = Event.decode(reply[2])
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    log.warning("undecodable bus message on %r", reply[1])
+                raw = reply[2]
+                if raw.startswith(tag):
+                    self.echoes += 1            # our own publication: delivered locally already
                     continue
-                if event.origin == self.node_id:
-                    self.echoes += 1
+                try:
+                    event = Event.decode(raw[raw.index(b" ") + 1:])
+                except (ValueError, KeyError, TypeError):
+                    log.warning("undecodable bus message on %r", reply[1])
                     continue
                 channel = reply[1][cut:].decode()
                 handler = self._handler
@@ -368,14 +379,21 @@ class RedisEngine(Engine):
                     continue
             batch = [q.popleft() for _ in range(min(PUB_BATCH, len(q)))]
             try:
-                conn.send_packed_command(conn.pack_commands(
-                    [("PUBLISH", wire + ch.encode(), ev.encode()) for ch, ev in batch]), check_health=False)
+                tag = self._tag
+                conn.send_packed_command(
+                    [pack_command((b"PUBLISH", wire + ch.encode(), tag + ev.encode())) for ch, ev in batch],
+                    check_health=False)
                 for _ in batch:
                     conn.read_response()
-            except (redis.RedisError, OSError) as e:
+            except Exception as e:
                 # Not knowing what Redis got, publish the batch again: a duplicate
                 # carries the same seq and is dropped by the session.
-                log.warning("redis publish failed: %s; requeued=%d", e, len(batch))
+                if isinstance(e, (redis.RedisError, OSError)):
+                    log.warning("redis publish failed: %s; requeued=%d", e, len(batch))
+                else:
+                    log.exception("redis publisher failed; requeued=%d", len(batch))
+                    gevent.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
                 q.extendleft(reversed(batch))
                 while len(q) > self.max_queue:
                     q.popleft()

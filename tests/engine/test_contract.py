@@ -223,3 +223,21 @@ def test_publications_queued_while_redis_unreachable():
                                           "b": []}
     e._running = False
     gevent.killall(e._greenlets)
+
+
+def test_malformed_bus_messages_are_skipped(redis_factory):
+    """Whatever else publishes on our channels, the reader logs and goes on."""
+    f = redis_factory
+    e, rec = f.make("n1")
+    e.subscribe("u:a")
+    assert f.ready(e)
+    r = redis.Redis.from_url(REDIS_URL)
+    for raw in (b"", b"garbage-without-space", b"n9 {not json", b"n9 [1,2]", b'n9 {"k":"entry"}',
+                b"n9 " + b"x" * 100000, "n9 \u2603".encode()):
+        r.publish(f.prefix + "u:a", raw)
+    r.publish(f.prefix + "u:a", b"n9 " + Event("transient", {"ok": True}, "n9").encode())
+    r.close()
+    assert rec.wait(lambda got: len(got) == 1)
+    channel, ev = rec.got[0]
+    assert channel == "u:a" and ev.data == {"ok": True} and ev.origin == "n9"
+    assert e.state()["connected"] is True

@@ -135,7 +135,8 @@ def test_kick_across_nodes(cluster):
     other = n2.client("bystander")
     # the admin API's kick (router.kick → node.kick) is one publication on the user's channel
     r = redis.Redis.from_url(cluster.redis_url)
-    r.publish(cluster.prefix + "u:kicked", Event("kick", {"user": "kicked", "reason": "banned"}, "n2").encode())
+    r.publish(cluster.prefix + "u:kicked",
+              b"n2 " + Event("kick", {"user": "kicked", "reason": "banned"}, "n2").encode())
     r.close()
     for c in (a1, a3):
         env = c.wait_for(lambda e: e.get("type") == "close")
