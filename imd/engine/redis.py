@@ -15,9 +15,9 @@ decoding them. Commands are packed by hiredis.
 
 Own publications: a publication is handed to the local handler at once (from
 a loop callback, exactly as the memory engine does) when the channel is
-subscribed here, and its echo from Redis (tagged with this node's id) is dropped. So a
-node receives its own publications exactly once, and local traffic keeps
-flowing while Redis is down.
+subscribed here, and its echo from Redis (tagged with this node's id) is
+dropped. So a node receives its own publications exactly once, and local
+traffic keeps flowing while Redis is down.
 
 Reconnects: when the pub/sub connection is lost the reader reconnects with
 exponential backoff (0.1 s to 5 s) and re-subscribes every current channel in
@@ -35,14 +35,14 @@ Per-node records (presence, comet channel counts). Keys, all under
   ``nu:<node>``, ``nc:<node>``  sets: the users / channels a node has records for
   ``n:<node>``   the node's liveness key, expires after 3/4 of ``presence_ttl``
   ``nodes``      set of the node ids that have records
-  ``reaped:<node>``  marks a node whose records another node removed
+  ``reap:<node>``, ``reaped:<node>``  which node removes a dead node's records; that it was done
 
 A node's records carry no TTL of their own: one liveness key per node is
 refreshed every ``presence_ttl``/4, which costs one command per node instead
 of one per user (a million users would otherwise mean a million refreshes per
 period). Readers ignore the fields of nodes whose liveness key is gone, so a
 crashed node's users read as offline as soon as its key expires (at most
-``presence_ttl`` after its last refresh); the next tick of any live node then
+3/4 of ``presence_ttl`` after its last refresh); the next tick of any live node then
 "reaps" it: removes its fields and hands the affected users to the local
 handler as a ``nodes_lost`` event, so presence announces them offline to
 their contacts. Writes are queued and pipelined by the writer greenlet;
@@ -56,7 +56,8 @@ Concurrency: every method except ``presence_get`` and ``channel_counts``
 never blocks. Those two block the calling greenlet for one pipelined round
 trip; when Redis is unreachable they answer from this node's own records
 (for a second after each failure, without trying Redis) and log a warning.
-Needs Redis >= 6.2 (``SET ... GET``). Must run under gevent with sockets monkey-patched.
+Needs Redis >= 6.2 (``SET ... GET``). Must run under gevent with sockets
+monkey-patched.
 """
 
 from __future__ import annotations
