@@ -241,3 +241,26 @@ def test_malformed_bus_messages_are_skipped(redis_factory):
     channel, ev = rec.got[0]
     assert channel == "u:a" and ev.data == {"ok": True} and ev.origin == "n9"
     assert e.state()["connected"] is True
+
+
+def test_node_reaped_while_alive_restores_its_records(redis_factory):
+    """A node cut off from Redis longer than the TTL is reaped by the others;
+    when it is back it rewrites its records and asks presence to announce again."""
+    f = redis_factory
+    e1, r1 = f.make("n1", presence_ttl=2)
+    e2, r2 = f.make("n2", presence_ttl=2)
+    assert f.ready(e1) and f.ready(e2)
+    e1.presence_set("alice", {"status": "online", "platforms": ["ios"]})
+    gevent.sleep(0.3)
+    tick = e1._greenlets[3]
+    tick.kill()                                  # n1 stops refreshing its liveness
+    assert r2.wait(lambda got: any(ev.kind == "nodes_lost" for _, ev in got), timeout=4)
+    assert e2.presence_get(["alice"]) == {"alice": []}
+    e1._greenlets[3] = gevent.spawn(e1._tick_loop)
+    assert r1.wait(lambda got: any(ev.kind == "presence_restore" for _, ev in got), timeout=3)
+    _, restore = r1.kinds("presence_restore")[0]
+    assert restore.data["users"] == ["alice"]
+    with gevent.Timeout(3, False):
+        while not e2.presence_get(["alice"])["alice"]:
+            gevent.sleep(0.05)
+    assert [x["node"] for x in e2.presence_get(["alice"])["alice"]] == ["n1"]
