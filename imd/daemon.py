@@ -1,15 +1,22 @@
 """The daemon: boot order, listeners, signals and drain.
 
 Boot order: logging → store (migrations) → engine and node → router →
-listeners (one log line each with the address actually bound). Signal
-handlers only enqueue the signal; the main greenlet's loop dispatches
-``handle_<name>`` (gunicorn's arbiter style):
+listeners (one log line each with the address actually bound) → control
+socket → ``READY=1`` to systemd (imd.sdnotify; a no-op outside systemd).
+Signal handlers only enqueue the signal; the main greenlet's loop dispatches
+``handle_<name>`` (gunicorn's arbiter style); imd-admin's ``drain`` posts to
+the same queue:
 
   TERM  drain: stop accepting, tell every session to reconnect elsewhere
-        (``close`` with reconnect=true), flush the store queue, exit 0
+        (``close`` with reconnect=true), flush the store queue, exit 0;
+        gives up waiting after DRAIN_TIMEOUT seconds
   INT, QUIT  stop fast (the store queue is still flushed: acked means stored)
   HUP   reload the configuration (validated first; the old one stays on error)
-  USR1  reopen the log file
+  USR1  reopen the log file (after logrotate moved it)
+
+Under systemd with ``WatchdogSec=``, a greenlet sends ``WATCHDOG=1`` every half
+period, so a hub that stops turning gets the process restarted, and a
+``STATUS=`` line with the connection count.
 
 Must run with gevent's monkey patching already applied (imd.cli does it).
 """
@@ -19,12 +26,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections import deque
 
 import gevent
 from gevent.event import Event
 
-from . import __version__, config as config_mod, log as log_mod
+from . import __version__, config as config_mod, log as log_mod, sdnotify
+from .control import ControlServer
 from .engine.memory import MemoryEngine
 from .fastpath import IMPL
 from .metrics import Metrics
@@ -37,15 +46,16 @@ log = logging.getLogger("imd.daemon")
 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
            signal.SIGHUP: "hup", signal.SIGUSR1: "usr1"}
-DRAIN_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 30.0           # keep below TimeoutStopSec in init/imd.service
+STOP_TIMEOUT = 5.0
+STATUS_EVERY = 10.0            # seconds between STATUS= updates when no watchdog is asked for
 
 
 def make_store(cfg):
     backend = cfg.store.backend
     if backend == "sqlite":
         from .store.sqlite import SqliteStore
-        path = os.path.join(cfg.path(cfg.node.data_dir), "imd.sqlite3")
-        return SqliteStore(path, queue_size=cfg.store.queue_size, batch_max=cfg.store.batch_max,
+        return SqliteStore(cfg.path(cfg.node.data_dir), queue_size=cfg.store.queue_size, batch_max=cfg.store.batch_max,
                            synchronous=cfg.store.synchronous)
     if backend == "postgresql":
         from .store.postgresql import PostgresStore
@@ -62,18 +72,26 @@ def make_engine(cfg):
 
 
 class Daemon:
-    """One imd process: owns the store, engine, node, router and listeners."""
+    """One imd process: owns the store, engine, node, router, listeners and control socket.
+
+    ``state`` is "starting", "running", "draining" or "stopped". Everything runs
+    in the hub thread; ``run`` blocks the main greenlet until the daemon stops.
+    """
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
         self.listeners: list[Listener] = []
+        self.control: ControlServer | None = None
         self.store = None
         self.node = None
         self.router = None
+        self.state = "starting"
+        self.started = time.time()
         self._signals: deque = deque()
         self._wake = Event()
         self._stopping = False
+        self._notifier = None
         self.log_handler = None
 
     # -- boot -------------------------------------------------------------------
@@ -81,6 +99,7 @@ class Daemon:
         cfg = self.cfg
         os.makedirs(cfg.path(cfg.node.data_dir), exist_ok=True)
         log.info("starting imd %s node=%s fastpath=%s pid=%d", __version__, cfg.node.id, IMPL, os.getpid())
+        sdnotify.notify("STATUS=starting: opening the store")
         self.store = make_store(cfg)
         self.store.open()
         self.node = Node(cfg.node.id, make_engine(cfg), self.store, cfg.presence.grace)
@@ -98,8 +117,14 @@ class Daemon:
             self.listeners.append(listener)
             host, port = listener.address
             log.info("listening name=%s addr=%s:%d", name, host, port)
+        if cfg.listen.control:
+            self.control = ControlServer(self, cfg.path(cfg.listen.control))
+            self.control.start()
         for signum in SIGNALS:
             gevent.signal_handler(signum, self._enqueue, signum)
+        self.state = "running"
+        if sdnotify.notify("READY=1", "STATUS=" + self.status_line()):
+            self._notifier = gevent.spawn(self._notify_loop, sdnotify.watchdog_interval())
         log.info("ready node=%s", cfg.node.id)
 
     def protocols(self) -> dict:
@@ -116,10 +141,34 @@ class Daemon:
         self.metrics.gauge("imd_connections", "authenticated sessions by protocol and client source", connections)
         self.metrics.gauge("imd_store_queue", "store operations waiting to be committed",
                            lambda: {(): self.store.stats().get("queue", 0)})
+        self.metrics.gauge("imd_uptime_seconds", "seconds since this process started",
+                           lambda: {(): round(time.time() - self.started, 3)})
+
+    # -- systemd -----------------------------------------------------------------
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (shown by ``systemctl status imd``)."""
+        q = self.store.stats().get("queue", 0) if self.store is not None else 0
+        n = self.node.count() if self.node is not None else 0
+        return f"{self.state}: {n} sessions, store queue {q}"
+
+    def _notify_loop(self, watchdog: float | None) -> None:
+        """WATCHDOG=1 every ``watchdog`` seconds (if set) and a fresh STATUS= line.
+        Runs as a greenlet: a blocked hub stops the pings, and systemd restarts us."""
+        every = watchdog if watchdog is not None else STATUS_EVERY
+        while True:
+            gevent.sleep(every)
+            fields = ["STATUS=" + self.status_line()]
+            if watchdog is not None:
+                fields.append("WATCHDOG=1")
+            sdnotify.notify(*fields)
 
     # -- signals -----------------------------------------------------------------
     def _enqueue(self, signum: int) -> None:
-        self._signals.append(signum)
+        self.post(SIGNALS[signum])
+
+    def post(self, action: str) -> None:
+        """Ask the main loop to run ``handle_<action>`` (e.g. "term", "hup"); never blocks."""
+        self._signals.append(action)
         self._wake.set()
 
     def run(self) -> int:
@@ -127,8 +176,8 @@ class Daemon:
         while not self._stopping:
             self._wake.wait()
             self._wake.clear()
-            while self._signals:
-                name = SIGNALS[self._signals.popleft()]
+            while self._signals and not self._stopping:
+                name = self._signals.popleft()
                 log.info("signal %s", name.upper())
                 try:
                     getattr(self, "handle_" + name)()
@@ -140,56 +189,90 @@ class Daemon:
         self.drain(DRAIN_TIMEOUT)
 
     def handle_int(self) -> None:
-        self.stop(reconnect=True, timeout=5.0)
+        self.stop(reconnect=True, timeout=STOP_TIMEOUT)
 
     handle_quit = handle_int
 
     def handle_hup(self) -> None:
-        self.reload()
+        try:
+            self.reload()
+        except config_mod.ConfigError:
+            pass                # logged by reload; the running config stays
 
     def handle_usr1(self) -> None:
-        if self.cfg.log.file:
-            self.log_handler = log_mod.setup(self.cfg.log.level, self.cfg.log.format, self.cfg.log.file)
-            log.info("log file reopened")
+        if log_mod.reopen(self.log_handler):
+            log.info("log file reopened path=%s", self.cfg.log.file)
 
     # -- reload, drain, stop ----------------------------------------------------
     def reload(self) -> list:
-        """Load the config file again; apply what can change live; return the changes."""
+        """Load the config file again; apply what can change live; return the changes
+        ``(key, old, new, live)``. Raises ConfigError (and changes nothing) when the
+        file is invalid."""
+        sdnotify.notify("RELOADING=1", "STATUS=reloading the configuration")
         try:
             new = config_mod.load(self.cfg.source)
         except config_mod.ConfigError as e:
             log.error("reload refused, keeping the running config: %s", e)
+            sdnotify.notify("READY=1", "STATUS=reload refused (bad config); " + self.status_line())
             raise
-        changes = config_mod.changes(self.cfg, new)
-        for key, old, value, live in changes:
+        old_log = (self.cfg.log.format, self.cfg.log.file)
+        diff = config_mod.changes(self.cfg, new)
+        config_mod.apply_live(self.cfg, diff)
+        for key, old, value, live in diff:
+            shown = "<hidden>" if key in config_mod.SECRET_KEYS else repr(value)
             if live:
-                section, name = key.split(".", 1)
-                setattr(getattr(self.cfg, section), name, value)
-                log.info("reload applied %s=%r", key, value)
+                log.info("reload applied key=%s value=%s", key, shown)
             else:
-                log.warning("reload: %s changed but needs a restart", key)
-        if any(k.startswith("log.") and live for k, _, _, live in changes):
+                log.warning("reload needs a restart key=%s value=%s", key, shown)
+        self._apply_components(diff)
+        if (self.cfg.log.format, self.cfg.log.file) != old_log:
             self.log_handler = log_mod.setup(self.cfg.log.level, self.cfg.log.format, self.cfg.log.file)
-        return changes
+        elif any(k == "log.level" for k, *_ in diff):
+            log_mod.set_level(self.cfg.log.level)
+        restart = sum(1 for c in diff if not c[3])
+        log.info("reload done changed=%d restart_needed=%d", len(diff), restart)
+        sdnotify.notify("READY=1", "STATUS=" + self.status_line() +
+                        (f"; {restart} setting(s) need a restart" if restart else ""))
+        return diff
+
+    def _apply_components(self, diff: list) -> None:
+        """Push live values that components copied at boot."""
+        for key, _old, value, live in diff:
+            if key == "presence.grace":
+                self.node.presence.grace = value
 
     def drain(self, timeout: float) -> None:
         """Stop accepting, send every session ``close`` with reconnect, flush, stop."""
         self.stop(reconnect=True, timeout=timeout)
 
     def stop(self, reconnect: bool, timeout: float) -> None:
+        """Stop accepting; send every session ``close``; wait (up to ``timeout``)
+        for their output to drain and for the store queue to commit; close."""
         if self._stopping:
             return
         self._stopping = True
+        self.state = "draining"
+        deadline = time.monotonic() + timeout
+        sdnotify.notify("STOPPING=1", "STATUS=" + self.status_line())
         for listener in self.listeners:
             listener.stop()
-        for s in list(self.node.all_sessions()):
+        if self.control is not None:
+            self.control.stop()
+        if self._notifier is not None:
+            self._notifier.kill(block=False)
+        sessions = list(self.node.all_sessions())
+        log.info("closing sessions count=%d reconnect=%s", len(sessions), reconnect)
+        for s in sessions:
             s.close(1001, "server shutting down", reconnect=reconnect)
-        gevent.sleep(0.05)          # let the flusher write the close envelopes
-        flushed = self.store.flush(timeout)
+        flushed = self.store.flush(max(0.0, deadline - time.monotonic()))
+        while self.node.count() and time.monotonic() < deadline:
+            gevent.sleep(0.05)          # the flusher writes the close envelopes, then the sockets close
+        left = self.node.count()
         self.router.stop()
         self.node.stop()
-        self.store.close(timeout)
-        log.info("stopped node=%s store_flushed=%s", self.cfg.node.id, flushed)
+        self.store.close(max(1.0, deadline - time.monotonic()))
+        self.state = "stopped"
+        log.info("stopped node=%s store_flushed=%s sessions_left=%d", self.cfg.node.id, flushed, left)
         self._wake.set()
 
 
@@ -200,7 +283,8 @@ def run(cfg) -> int:
     d.log_handler = handler
     try:
         d.start()
-    except OSError as e:
-        log.error("cannot start: %s", e)
+    except Exception as e:         # bind failure, store unreachable, migration error, ...
+        log.error("cannot start: %s", e, exc_info=not isinstance(e, OSError))
+        sdnotify.notify("STATUS=cannot start: %s" % e)
         return 1
     return d.run()
