@@ -8,6 +8,7 @@
       reload                   re-read the config file; show what changed and what needs a restart
       drain [--wait]           tell every client to reconnect elsewhere, flush, exit (like SIGTERM)
       log-level LEVEL          debug | info | warning | error (until the next restart or reload)
+      metrics                  the Prometheus text of /metrics, without the admin port
 
 The socket is found from ``-s``, else ``listen.control`` of ``-c CONFIG`` (a
 relative path there is relative to the current directory), else of
@@ -135,7 +136,8 @@ def show_status(r: dict) -> str:
         "engine      " + "  ".join(f"{k} {v}" for k, v in engine.items()),
     ]
     if proc:
-        lines.append(f"process     rss {proc.get('rss_bytes', 0) / 1e6:.1f} MB  fds {proc.get('fds', '?')}")
+        lines.append(f"process     rss {proc.get('rss_bytes', 0) / 1e6:.1f} MB  fds {proc.get('fds', '?')}"
+                     f" of {proc.get('max_fds', '?')}")
     return "\n".join(lines)
 
 
@@ -167,6 +169,7 @@ SHOW = {
     "reload": show_reload,
     "drain": lambda r: f"draining: {r['sessions']} session(s) told to reconnect; imd exits when done",
     "log-level": lambda r: f"log level {r['old']} -> {r['level']}",
+    "metrics": lambda r: r["text"].rstrip("\n"),
 }
 
 
@@ -194,6 +197,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="wait until imd has exited (default up to 60 s)")
     lp = sub.add_parser("log-level", parents=[common], help="change the log level")
     lp.add_argument("level", choices=["debug", "info", "warning", "error"])
+    sub.add_parser("metrics", parents=[common], help="print the Prometheus metrics")
     return p
 
 

@@ -11,7 +11,8 @@ one response line per request, in order::
     ← {"ok": false, "error": "unknown command \"nope\" (commands: ...)"}
 
 Commands: ``status``; ``sessions`` with optional ``user`` and ``limit``;
-``kick`` with ``user``; ``reload``; ``drain``; ``log-level`` with ``level``.
+``kick`` with ``user``; ``reload``; ``drain``; ``log-level`` with ``level``;
+``metrics`` (the Prometheus text the admin port serves at /metrics).
 A malformed request gets an error and the connection stays usable; a line
 longer than ``MAX_LINE`` bytes gets an error and the connection is closed.
 
@@ -34,13 +35,14 @@ import orjson
 
 from . import __version__, config as config_mod, log as log_mod
 from .fastpath import IMPL
+from .metrics import max_fds, open_fds, rss_bytes
 
 log = logging.getLogger("imd.control")
 
 MAX_LINE = 65536
 IDLE_TIMEOUT = 300.0
 SESSIONS_LIMIT = 1000
-READ_ONLY = frozenset({"status", "sessions"})     # logged at debug: monitoring polls them
+READ_ONLY = frozenset({"status", "sessions", "metrics"})     # logged at debug: monitoring polls them
 
 
 class CommandError(Exception):
@@ -233,6 +235,9 @@ class ControlServer:
         self.daemon.post("term")
         return {"draining": True, "sessions": self.daemon.node.count()}
 
+    def cmd_metrics(self, req: dict) -> dict:
+        return {"text": self.daemon.metrics.render()}
+
     def cmd_log_level(self, req: dict) -> dict:
         level = req.get("level")
         if not isinstance(level, str):
@@ -248,7 +253,8 @@ class ControlServer:
 
 COMMANDS = {"status": ControlServer.cmd_status, "sessions": ControlServer.cmd_sessions,
             "kick": ControlServer.cmd_kick, "reload": ControlServer.cmd_reload,
-            "drain": ControlServer.cmd_drain, "log-level": ControlServer.cmd_log_level}
+            "drain": ControlServer.cmd_drain, "log-level": ControlServer.cmd_log_level,
+            "metrics": ControlServer.cmd_metrics}
 
 
 def _error(reason: str) -> bytes:
@@ -263,12 +269,5 @@ def _change(c: tuple) -> dict:
 
 
 def _process_stats() -> dict:
-    """Resident memory and open descriptors, from /proc (Linux)."""
-    out = {}
-    try:
-        with open("/proc/self/statm") as f:
-            out["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        out["fds"] = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        pass
-    return out
+    """Resident memory and open descriptors (from /proc; 0 where unavailable)."""
+    return {"rss_bytes": rss_bytes(), "fds": open_fds(), "max_fds": max_fds()}

@@ -36,7 +36,7 @@ from . import __version__, config as config_mod, log as log_mod, sdnotify
 from .control import ControlServer
 from .engine.memory import MemoryEngine
 from .fastpath import IMPL
-from .metrics import Metrics
+from .metrics import Metrics, max_fds, open_fds, rss_bytes
 from .net.listener import Listener, bind_socket
 from .node import Node
 from .proto.tcp import TcpProtocol
@@ -132,17 +132,41 @@ class Daemon:
         return {"tcp": TcpProtocol(self.router, self.cfg.node.id)}
 
     def _register_gauges(self) -> None:
+        """Metrics read at scrape time (docs/operations.md lists them with alerts)."""
+        m = self.metrics
+
         def connections():
             counts: dict = {}
             for s in self.node.all_sessions():
                 key = (("protocol", s.protocol), ("source", s.source))
                 counts[key] = counts.get(key, 0) + 1
             return counts
-        self.metrics.gauge("imd_connections", "authenticated sessions by protocol and client source", connections)
-        self.metrics.gauge("imd_store_queue", "store operations waiting to be committed",
-                           lambda: {(): self.store.stats().get("queue", 0)})
-        self.metrics.gauge("imd_uptime_seconds", "seconds since this process started",
-                           lambda: {(): round(time.time() - self.started, 3)})
+
+        def store_stat(key):
+            return lambda: {(): self.store.stats().get(key, 0)}
+
+        m.gauge("imd_connections", "authenticated sessions by protocol and client source", connections)
+        m.gauge("imd_users", "users with at least one session on this node", lambda: {(): len(self.node.sessions)})
+        m.gauge("imd_store_queue", "store operations waiting to be committed", store_stat("queue"))
+        m.gauge("imd_store_queue_limit", "store.queue_size: at this queue length senders get 503",
+                lambda: {(): self.cfg.store.queue_size})
+        m.counter_fn("imd_store_committed_total", "store operations committed", store_stat("committed"))
+        m.counter_fn("imd_store_batches_total", "store transactions committed", store_stat("batches"))
+        m.counter_fn("imd_store_retries_total", "store transactions retried after a transient error",
+                     store_stat("retries"))
+        m.counter_fn("imd_store_failed_total", "store operations that failed for good", store_stat("failed"))
+        m.gauge("imd_engine_connected", "1 while the engine (bus) is connected",
+                lambda: {(): int(bool(self.node.engine.state().get("connected")))})
+        m.counter_fn("imd_accepted_total", "connections accepted by listener",
+                     lambda: {(("listener", l.name),): l.accepted for l in self.listeners})
+        m.gauge("imd_info", "version, node and fast path of this process",
+                lambda: {(("version", __version__), ("node", self.cfg.node.id), ("fastpath", IMPL)): 1})
+        m.gauge("imd_draining", "1 while the daemon drains or stops", lambda: {(): int(self.state != "running")})
+        m.gauge("imd_uptime_seconds", "seconds since this process started",
+                lambda: {(): round(time.time() - self.started, 3)})
+        m.gauge("process_open_fds", "open file descriptors", lambda: {(): open_fds()})
+        m.gauge("process_max_fds", "file descriptor limit (RLIMIT_NOFILE)", lambda: {(): max_fds()})
+        m.gauge("process_resident_memory_bytes", "resident memory", lambda: {(): rss_bytes()})
 
     # -- systemd -----------------------------------------------------------------
     def status_line(self) -> str:

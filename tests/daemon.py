@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "imd-test-secret-0123456789abcdefghij"
 START_TIMEOUT = 20.0
-_LISTENING = re.compile(r"listening name=(\w+) addr=(\S+)")
+_LISTENING = re.compile(r"listening name=(\w+) addr=([^\s\"]+)")
 
 
 def toml_value(v) -> str:

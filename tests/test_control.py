@@ -267,3 +267,19 @@ def test_stale_socket_is_replaced(tmp_path):
     finally:
         d.stop()
         d.cleanup()
+
+
+def test_metrics(daemon, two_clients):
+    host, guest = two_clients
+    host.msg("guestB", "hi")
+    r = daemon.admin("metrics")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert 'imd_connections{protocol="tcp",source="android-host"} 1' in text
+    assert "# TYPE imd_store_committed_total counter" in text
+    assert "imd_store_queue 0" in text
+    assert "imd_engine_connected 1" in text
+    assert 'imd_accepted_total{listener="tcp"}' in text
+    assert 'imd_info{version="' in text and 'fastpath="' in text
+    assert "process_open_fds " in text and "process_resident_memory_bytes " in text
+    assert admin_json(daemon, "metrics")["text"].startswith("# HELP")
