@@ -91,6 +91,7 @@ class Daemon:
         self._signals: deque = deque()
         self._wake = Event()
         self._stopping = False
+        self._deadline = 0.0
         self._notifier = None
         self.log_handler = None
 
@@ -188,7 +189,11 @@ class Daemon:
 
     # -- signals -----------------------------------------------------------------
     def _enqueue(self, signum: int) -> None:
-        self.post(SIGNALS[signum])
+        name = SIGNALS[signum]
+        if self._stopping and name in ("int", "quit"):
+            self._hurry()           # the main greenlet is busy draining: act now
+            return
+        self.post(name)
 
     def post(self, action: str) -> None:
         """Ask the main loop to run ``handle_<action>`` (e.g. "term", "hup"); never blocks."""
@@ -264,40 +269,77 @@ class Daemon:
         for key, _old, value, live in diff:
             if key == "presence.grace":
                 self.node.presence.grace = value
+            elif key == "store.retention_days" and hasattr(self.store, "retention_days"):
+                self.store.retention_days = value
 
     def drain(self, timeout: float) -> None:
         """Stop accepting, send every session ``close`` with reconnect, flush, stop."""
         self.stop(reconnect=True, timeout=timeout)
 
     def stop(self, reconnect: bool, timeout: float) -> None:
-        """Stop accepting; send every session ``close``; wait (up to ``timeout``)
-        for their output to drain and for the store queue to commit; close."""
+        """Stop within ``timeout`` seconds (blocks the calling greenlet):
+
+        1. stop accepting;
+        2. wait for the store to commit what it already holds, so that the acks of
+           messages received before the signal still reach their senders;
+        3. send every session ``close`` (with ``reconnect``) and end it;
+        4. wait for the store queue to empty and the sessions' output to drain;
+        5. close the router, node, store and control socket.
+
+        A message that gets no ack is resent by its client after it reconnects
+        (same client id: stored once). An INT or QUIT during a drain shortens the
+        remaining wait to STOP_TIMEOUT. systemd keeps getting WATCHDOG=1 meanwhile.
+        """
         if self._stopping:
             return
         self._stopping = True
         self.state = "draining"
-        deadline = time.monotonic() + timeout
+        self._deadline = time.monotonic() + timeout
         sdnotify.notify("STOPPING=1", "STATUS=" + self.status_line())
         for listener in self.listeners:
             listener.stop()
-        if self.control is not None:
-            self.control.stop()
-        if self._notifier is not None:
-            self._notifier.kill(block=False)
+        self._flush_store(min(STOP_TIMEOUT, timeout / 2))
         sessions = list(self.node.all_sessions())
         log.info("closing sessions count=%d reconnect=%s", len(sessions), reconnect)
         for s in sessions:
             s.close(1001, "server shutting down", reconnect=reconnect)
-        flushed = self.store.flush(max(0.0, deadline - time.monotonic()))
-        while self.node.count() and time.monotonic() < deadline:
+        flushed = self._flush_store(None)
+        while self.node.count() and self._left() > 0:
             gevent.sleep(0.05)          # the flusher writes the close envelopes, then the sockets close
         left = self.node.count()
+        queued = self.store.stats().get("queue", 0)
         self.router.stop()
         self.node.stop()
-        self.store.close(max(1.0, deadline - time.monotonic()))
+        self.store.close(max(1.0, self._left()))
+        if self.control is not None:
+            self.control.stop()
+        if self._notifier is not None:
+            self._notifier.kill(block=False)
         self.state = "stopped"
+        if not flushed:
+            log.warning("store queue not flushed before the timeout ops_not_stored=%d "
+                        "(never acked: their clients resend them)", queued)
         log.info("stopped node=%s store_flushed=%s sessions_left=%d", self.cfg.node.id, flushed, left)
         self._wake.set()
+
+    def _left(self) -> float:
+        return self._deadline - time.monotonic()
+
+    def _flush_store(self, limit: float | None) -> bool:
+        """Wait for the store queue to commit, up to ``limit`` seconds or the deadline
+        (rechecked often: an INT may move it)."""
+        until = time.monotonic() + (limit if limit is not None else self._left())
+        while True:
+            step = min(0.5, until - time.monotonic(), self._left())
+            if step <= 0:
+                return self.store.flush(0)
+            if self.store.flush(step):
+                return True
+
+    def _hurry(self) -> None:
+        """INT or QUIT during a drain: finish within STOP_TIMEOUT from now."""
+        self._deadline = min(self._deadline, time.monotonic() + STOP_TIMEOUT)
+        log.info("stop hurried left=%.1fs", max(0.0, self._left()))
 
 
 def run(cfg) -> int:
