@@ -236,14 +236,28 @@ class Daemon:
     def reload(self) -> list:
         """Load the config file again; apply what can change live; return the changes
         ``(key, old, new, live)``. Raises ConfigError (and changes nothing) when the
-        file is invalid."""
-        sdnotify.notify("RELOADING=1", "STATUS=reloading the configuration")
+        file is invalid or its new log file cannot be opened. systemd hears
+        RELOADING=1 first and READY=1 after, whatever happens."""
+        sdnotify.notify("RELOADING=1", "MONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000),
+                        "STATUS=reloading the configuration")
+        status = "reload failed"
         try:
-            new = config_mod.load(self.cfg.source)
-        except config_mod.ConfigError as e:
-            log.error("reload refused, keeping the running config: %s", e)
-            sdnotify.notify("READY=1", "STATUS=reload refused (bad config); " + self.status_line())
-            raise
+            try:
+                new = config_mod.load(self.cfg.source)
+                _check_log_file(self.cfg, new)
+            except config_mod.ConfigError as e:
+                log.error("reload refused, keeping the running config: %s", e)
+                status = "reload refused (bad config)"
+                raise
+            diff = self._apply(new)
+            restart = sum(1 for c in diff if not c[3])
+            log.info("reload done changed=%d restart_needed=%d", len(diff), restart)
+            status = f"reloaded, {restart} setting(s) need a restart" if restart else "reloaded"
+            return diff
+        finally:
+            sdnotify.notify("READY=1", f"STATUS={self.status_line()} ({status})")
+
+    def _apply(self, new) -> list:
         old_log = (self.cfg.log.format, self.cfg.log.file)
         diff = config_mod.changes(self.cfg, new)
         config_mod.apply_live(self.cfg, diff)
@@ -258,10 +272,6 @@ class Daemon:
             self.log_handler = log_mod.setup(self.cfg.log.level, self.cfg.log.format, self.cfg.log.file)
         elif any(k == "log.level" for k, *_ in diff):
             log_mod.set_level(self.cfg.log.level)
-        restart = sum(1 for c in diff if not c[3])
-        log.info("reload done changed=%d restart_needed=%d", len(diff), restart)
-        sdnotify.notify("READY=1", "STATUS=" + self.status_line() +
-                        (f"; {restart} setting(s) need a restart" if restart else ""))
         return diff
 
     def _apply_components(self, diff: list) -> None:
@@ -340,6 +350,16 @@ class Daemon:
         """INT or QUIT during a drain: finish within STOP_TIMEOUT from now."""
         self._deadline = min(self._deadline, time.monotonic() + STOP_TIMEOUT)
         log.info("stop hurried left=%.1fs", max(0.0, self._left()))
+
+
+def _check_log_file(old, new) -> None:
+    """A reload that moves the log file must be able to open the new one."""
+    path = new.log.file
+    if path and path != old.log.file:
+        try:
+            open(path, "a").close()
+        except OSError as e:
+            raise config_mod.ConfigError("log.file", f"cannot open for writing: {e.strerror}", path) from None
 
 
 def run(cfg) -> int:

@@ -243,3 +243,15 @@ def test_usr1_reopens_the_log_file(tmp_path):
     finally:
         d.stop()
         d.cleanup()
+
+
+def test_hup_to_an_unwritable_log_file_is_refused(tmp_path):
+    d = start_daemon(tmp_path)
+    try:
+        d.write_config({"log": {"file": "/nonexistent-dir/imd.log"}, "limits": {"heartbeat": 9}})
+        d.kill(signal.SIGHUP)
+        d.wait_log(r"reload refused, keeping the running config: config error: log\.file: cannot open")
+        assert heartbeat_of(d) == 30            # nothing of that file was applied
+    finally:
+        d.stop()
+        d.cleanup()
