@@ -98,6 +98,8 @@ class Daemon:
     # -- boot -------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
+        for signum in SIGNALS:      # from now on a signal waits for the main loop (a TERM during boot drains after it)
+            gevent.signal_handler(signum, self._enqueue, signum)
         os.makedirs(cfg.path(cfg.node.data_dir), exist_ok=True)
         log.info("starting imd %s node=%s fastpath=%s pid=%d", __version__, cfg.node.id, IMPL, os.getpid())
         sdnotify.notify("STATUS=starting: opening the store")
@@ -121,8 +123,6 @@ class Daemon:
         if cfg.listen.control:
             self.control = ControlServer(self, cfg.path(cfg.listen.control))
             self.control.start()
-        for signum in SIGNALS:
-            gevent.signal_handler(signum, self._enqueue, signum)
         self.state = "running"
         if sdnotify.notify("READY=1", "STATUS=" + self.status_line()):
             self._notifier = gevent.spawn(self._notify_loop, sdnotify.watchdog_interval())
