@@ -119,7 +119,7 @@ SETTINGS = [
     S("limits", "max_connections", 0, c.integer(0), "connections at most per process; 0 = as many as the fd limit allows", live=True),
     S("log", "level", "info", c.choice("debug", "info", "warning", "error"), "least severe level logged", live=True),
     S("log", "format", "text", c.choice("text", "json"), "text lines or one JSON object per line", live=True),
-    S("log", "file", "", c.path(empty=True), "log file (reopened on reload, for logrotate); \"\" logs to stdout", live=True),
+    S("log", "file", "", c.path(empty=True), "log file (reopened on SIGUSR1 after logrotate moved it); \"\" logs to stdout", live=True),
     S("policy", "contacts_only", False, c.boolean(), "true: users may message only their contacts", live=True),
 ]
 del S, c
