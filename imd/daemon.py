@@ -98,8 +98,6 @@ class Daemon:
     # -- boot -------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
-        for signum in SIGNALS:      # from now on a signal waits for the main loop (a TERM during boot drains after it)
-            gevent.signal_handler(signum, self._enqueue, signum)
         os.makedirs(cfg.path(cfg.node.data_dir), exist_ok=True)
         log.info("starting imd %s node=%s fastpath=%s pid=%d", __version__, cfg.node.id, IMPL, os.getpid())
         sdnotify.notify("STATUS=starting: opening the store")
@@ -188,6 +186,12 @@ class Daemon:
             sdnotify.notify(*fields)
 
     # -- signals -----------------------------------------------------------------
+    def install_signals(self) -> None:
+        """Route the signals to the main loop's queue (call before :meth:`start`:
+        a TERM during boot then waits in the queue and drains right after it)."""
+        for signum in SIGNALS:
+            gevent.signal_handler(signum, self._enqueue, signum)
+
     def _enqueue(self, signum: int) -> None:
         name = SIGNALS[signum]
         if self._stopping and name in ("int", "quit"):
@@ -367,6 +371,7 @@ def run(cfg) -> int:
     handler = log_mod.setup(cfg.log.level, cfg.log.format, cfg.log.file)
     d = Daemon(cfg)
     d.log_handler = handler
+    d.install_signals()           # before start: a TERM during boot waits in the queue
     try:
         d.start()
     except Exception as e:         # bind failure, store unreachable, migration error, ...

@@ -23,9 +23,9 @@ import pytest
 from imd import sdnotify
 from tests.daemon import ROOT, DaemonProcess, SECRET, env_for_imd, toml_text
 
-UNIT = ROOT / "init" / "imd.service"
-SYSV = ROOT / "init" / "imd.sysv"
-LOGROTATE = ROOT / "init" / "imd.logrotate"
+UNIT = Path(ROOT, "init", "imd.service")
+SYSV = Path(ROOT, "init", "imd.sysv")
+LOGROTATE = Path(ROOT, "init", "imd.logrotate")
 
 
 def unit_settings() -> dict[str, list[str]]:
