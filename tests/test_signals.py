@@ -180,7 +180,7 @@ def test_term_waits_for_the_store_queue(tmp_path):
     d = start_daemon(tmp_path, {"store": {"batch_max": 1}})
     try:
         c = d.client("flush-sender")
-        c.ping()            # the session is live (envelopes sent during the replay after auth are capped)
+        c.ping()            # the session is live
         for i in range(200):
             c.msg("flush-recipient", "x", id=f"f{i}", wait=False)
         first = c.wait_for(lambda e: e["type"] == "ack")
