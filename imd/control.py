@@ -40,6 +40,7 @@ from .metrics import max_fds, open_fds, rss_bytes
 log = logging.getLogger("imd.control")
 
 MAX_LINE = 65536
+MAX_PATH = 107                  # sun_path is 108 bytes with the terminating NUL
 IDLE_TIMEOUT = 300.0
 SESSIONS_LIMIT = 1000
 READ_ONLY = frozenset({"status", "sessions", "metrics"})     # logged at debug: monitoring polls them
@@ -64,6 +65,9 @@ class ControlServer:
     def start(self) -> None:
         """Bind the socket (refusing to steal a live daemon's), mode 0600, start accepting.
         Raises OSError when it cannot bind."""
+        if len(os.fsencode(self.path)) > MAX_PATH:
+            raise OSError(f"control socket path too long for a unix socket "
+                          f"({len(os.fsencode(self.path))} bytes, at most {MAX_PATH}): {self.path}")
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -283,3 +283,15 @@ def test_metrics(daemon, two_clients):
     assert 'imd_info{version="' in text and 'fastpath="' in text
     assert "process_open_fds " in text and "process_resident_memory_bytes " in text
     assert admin_json(daemon, "metrics")["text"].startswith("# HELP")
+
+
+def test_too_long_socket_path_is_a_clear_start_error(tmp_path):
+    d = DaemonProcess(tmp_path, {})
+    d.base["listen"]["control"] = "/tmp/" + "x" * 120 + "/imd.sock"
+    d.write_config()
+    try:
+        d.start(wait_ready=False)
+        assert d.wait(20) == 1
+        assert "control socket path too long for a unix socket" in d.log()
+    finally:
+        d.cleanup()
