@@ -255,3 +255,53 @@ def test_hup_to_an_unwritable_log_file_is_refused(tmp_path):
     finally:
         d.stop()
         d.cleanup()
+
+
+# -- a drain while the store is down --------------------------------------------------------
+PG = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+
+
+@pytest.fixture
+def pg_schema():
+    psycopg = pytest.importorskip("psycopg")
+    name = "imd_ops_%d_%d" % (os.getpid(), time.monotonic_ns() % 10**9)
+    try:
+        with psycopg.connect(PG, autocommit=True, connect_timeout=5) as con:
+            con.execute("CREATE SCHEMA %s" % name)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"PostgreSQL not reachable: {e}")
+    yield name
+    with psycopg.connect(PG, autocommit=True) as con:
+        con.execute("DROP SCHEMA %s CASCADE" % name)
+
+
+def test_drain_with_the_store_down_then_int_hurries(tmp_path, pg_schema):
+    from tests.store.tcp_proxy import TcpProxy
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    dsn = f"{proxy.server} user=postgres dbname=test options='-c search_path={pg_schema}'"
+    d = start_daemon(tmp_path, {"store": {"backend": "postgresql", "dsn": dsn}})
+    try:
+        c = d.client("pg-sender")
+        acked = c.msg("pg-recipient", "stored before the outage")
+        proxy.cut()                                   # the database vanishes
+        for i in range(5):
+            c.msg("pg-recipient", "during the outage", id=f"lost{i}", wait=False)
+        d.kill(signal.SIGTERM)
+        d.wait_log(r"closing sessions count=1")       # after the first (bounded) flush
+        assert c.wait_for(lambda e: e["type"] == "close")["reconnect"] is True
+        assert d.proc.poll() is None                  # still waiting for the store
+        d.kill(signal.SIGINT)
+        d.wait_log(r"stop hurried")
+        assert d.wait(30) == 0
+        log = d.log()
+        assert "store queue not flushed before the timeout ops_not_stored=5" in log
+        assert "store_flushed=False" in log
+        c.close()
+
+        proxy.restore()
+        d.start()
+        assert acked["mid"] in inbox_mids(d, "pg-recipient")
+    finally:
+        d.stop()
+        d.cleanup()
+        proxy.stop()
