@@ -22,6 +22,12 @@ A worker that dies while the master is not stopping is started again with
 the same index (and node id), after a delay that grows while it keeps dying
 young. Must run under gevent's monkey patching (``os.fork`` re-initialises
 the hub in the child).
+
+systemd (``Type=notify``): the workers' ``NOTIFY_SOCKET`` is a datagram
+socket of the master; when every worker has said ``READY=1`` the master logs
+``all workers ready`` and tells systemd ``READY=1`` itself (systemd listens
+to the main process only). The master sends ``STOPPING=1``, ``RELOADING=1``
+and the watchdog pings.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections import deque
 
 import gevent
 from gevent.event import Event
 
-from . import config as config_mod, log as log_mod
+from . import config as config_mod, sdnotify
 from .config import Config
 
 log = logging.getLogger("imd.master")
@@ -100,6 +107,10 @@ class Master:
         self._stopping = False
         self._stop_deadline = 0.0
         self._restart_at: dict[int, float] = {}
+        self._notify_sock = None
+        self._notify_addr = ""
+        self._ready = set()            # worker indexes that said READY=1 since they were started
+        self._all_ready = False
 
     # -- boot -------------------------------------------------------------------------
     def start(self) -> None:
@@ -122,6 +133,7 @@ class Master:
             log.info("listening name=%s addr=%s:%d", name, host, port)
         for signum in SIGNALS:
             self._watchers.append(gevent.signal_handler(signum, self._enqueue, signum))
+        self._open_notify_socket()
         for w in self.workers:
             self.spawn(w)
 
@@ -136,6 +148,11 @@ class Master:
                     watcher.cancel()
                 for sock in self.reserved:
                     sock.close()
+                if self._notify_sock is not None:
+                    self._notify_sock.close()
+                for name in ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
+                    os.environ.pop(name, None)
+                os.environ["NOTIFY_SOCKET"] = self._notify_addr
                 from .daemon import run_worker
                 code = run_worker(wcfg, overrides)
             except BaseException:
@@ -145,7 +162,38 @@ class Master:
                 os._exit(code)
         w.pid = pid
         w.started = time.monotonic()
+        self._ready.discard(w.index)
         log.info("worker started index=%d node=%s pid=%d", w.index, wcfg.node.id, pid)
+
+    # -- readiness (the workers' sd_notify) -------------------------------------------------
+    def _open_notify_socket(self) -> None:
+        """A datagram socket in the abstract namespace where workers send their
+        sd_notify messages, read by a greenlet."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)      # the sender's pid
+        name = f"imd-master-{os.getpid()}-{os.urandom(4).hex()}"
+        sock.bind("\0" + name)
+        self._notify_sock = sock
+        self._notify_addr = "@" + name
+        gevent.spawn(self._read_notify)
+
+    def _read_notify(self) -> None:
+        creds = struct.Struct("iII")                   # struct ucred: pid, uid, gid
+        while True:
+            try:
+                data, ancdata, _, _ = self._notify_sock.recvmsg(4096, socket.CMSG_SPACE(creds.size))
+            except OSError:
+                return
+            pid = next((creds.unpack(d[:creds.size])[0] for level, kind, d in ancdata
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), 0)
+            w = next((w for w in self.workers if w.pid == pid and pid), None)
+            if w is None or "READY=1" not in data.decode(errors="replace").split("\n"):
+                continue
+            self._ready.add(w.index)
+            if not self._all_ready and len(self._ready) == len(self.workers):
+                self._all_ready = True
+                log.info("all workers ready workers=%d node=%s", len(self.workers), self.cfg.node.id)
+                sdnotify.notify("READY=1", f"STATUS=serving with {len(self.workers)} workers")
 
     # -- the loop -------------------------------------------------------------------------
     def _enqueue(self, signum: int) -> None:
@@ -153,7 +201,12 @@ class Master:
         self._wake.set()
 
     def run(self) -> int:
+        watchdog = sdnotify.watchdog_interval()
+        next_ping = 0.0
         while True:
+            if watchdog and time.monotonic() >= next_ping:
+                sdnotify.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + watchdog
             self._wake.wait(REAP_INTERVAL)
             self._wake.clear()
             while self._signals:
@@ -218,6 +271,7 @@ class Master:
 
     # -- signals ------------------------------------------------------------------------------
     def stop(self, signum: int, timeout: float) -> None:
+        sdnotify.notify("STOPPING=1", "STATUS=stopping the workers")
         self._stopping = True
         self._restart_at.clear()
         self._stop_deadline = time.monotonic() + timeout
@@ -233,11 +287,14 @@ class Master:
         self.stop(signal.SIGQUIT, 15.0)
 
     def handle_hup(self) -> None:
+        sdnotify.notify("RELOADING=1", "MONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
         try:
             new = config_mod.load(self.cfg.source)
         except config_mod.ConfigError as e:
             log.error("reload refused, workers keep the running config: %s", e)
             return
+        finally:
+            sdnotify.notify("READY=1")
         for key, _old, _value, live in config_mod.changes(self.cfg, new):
             if not live:
                 log.warning("reload: %s changed but needs a restart of the master", key)

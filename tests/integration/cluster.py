@@ -152,9 +152,9 @@ idle_timeout = 90
         self.proc = None
         self.port = None
 
-    def start(self, ready_lines: int = 1, timeout: float = 20.0) -> "Node":
+    def start(self, ready_lines: int = 1, timeout: float = 20.0, env: dict | None = None) -> "Node":
         self._log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "imd", "-c", self.config], cwd=ROOT, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         self._offset = self._log.tell()

@@ -235,6 +235,7 @@ def test_workers_share_a_port(tmp_path, db):
     c.nodes["wk"] = n
     try:
         n.start(ready_lines=3)
+        wait_until(lambda: "all workers ready workers=3 node=wk" in n.log(), 10, what="the master's readiness")
         clients = [n.client(f"user{i}") for i in range(12)]
         nodes = {cl.hello["session"].rsplit(".", 1)[0] for cl in clients}
         assert nodes <= {"wk.w0", "wk.w1", "wk.w2"} and len(nodes) >= 2
@@ -260,6 +261,41 @@ def test_workers_share_a_port(tmp_path, db):
         c.stop()
     log = n.log()
     assert "master stopped" in log and log.count("stopped node=wk.w") == 3
+
+
+def test_workers_master_speaks_for_them_to_systemd(tmp_path, db):
+    """Under systemd (Type=notify) only the master may notify: it says READY=1 once
+    every worker is ready, and STOPPING=1 on TERM."""
+    import socket
+    import struct
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(20)
+    c = Cluster(tmp_path, db, SYSTEM_REDIS)
+    n = Node(c.tmp, "sd", db.dsn, SYSTEM_REDIS, c.prefix, extra="workers = 2")
+    c.nodes["sd"] = n
+    got = []
+
+    def receive_until(field):
+        while True:
+            data, anc, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            pid = struct.unpack("iII", anc[0][2][:12])[0]
+            fields = data.decode().split("\n")
+            got.append((pid, fields))
+            if field in fields:
+                return pid
+
+    try:
+        n.start(ready_lines=2, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        assert receive_until("READY=1") == n.proc.pid
+        assert "all workers ready workers=2" in n.log()
+        n.signal(signal.SIGTERM)
+        assert receive_until("STOPPING=1") == n.proc.pid
+    finally:
+        c.stop()
+        sock.close()
+    assert {pid for pid, _ in got} == {n.proc.pid}        # no worker ever spoke to systemd
 
 
 def test_workers_need_redis(tmp_path):
