@@ -18,7 +18,8 @@ dispatches them and reaps workers:
   HUP         validate the config file, then forward HUP (workers reload)
   USR1        forward (reopen log files)
 
-A worker that dies while the master is not stopping is started again with
+A worker whose master is gone (killed with SIGKILL) drains itself within
+a second. A worker that dies while the master is not stopping is started again with
 the same index (and node id), after a delay that grows while it keeps dying
 young. Must run under gevent's monkey patching (``os.fork`` re-initialises
 the hub in the child).
@@ -55,6 +56,7 @@ REAP_INTERVAL = 0.5
 STOP_TIMEOUT = 45.0          # a draining worker gets this long before SIGKILL
 YOUNG = 5.0                  # a worker that dies younger than this is restarted later
 RESTART_DELAY_MAX = 30.0
+PARENT_CHECK = 1.0           # seconds between a worker's checks that its master lives
 
 
 def reserve(host: str, port: int) -> socket.socket:
@@ -83,6 +85,15 @@ def apply_overrides(cfg: Config, overrides: dict) -> Config:
     for section, settings in overrides.items():
         values[section].update(settings)
     return Config(values, cfg.source)
+
+
+def watch_parent(ppid: int) -> None:
+    """In a worker: drain (SIGTERM to itself) when the master is gone, so that no
+    orphaned worker keeps serving unsupervised."""
+    while os.getppid() == ppid:
+        gevent.sleep(PARENT_CHECK)
+    log.warning("master pid=%d is gone: draining this worker", ppid)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Worker:
@@ -153,6 +164,7 @@ class Master:
                 for name in ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
                     os.environ.pop(name, None)
                 os.environ["NOTIFY_SOCKET"] = self._notify_addr
+                gevent.spawn(watch_parent, os.getppid())
                 from .daemon import run_worker
                 code = run_worker(wcfg, overrides)
             except BaseException:

@@ -298,6 +298,29 @@ def test_workers_master_speaks_for_them_to_systemd(tmp_path, db):
     assert {pid for pid, _ in got} == {n.proc.pid}        # no worker ever spoke to systemd
 
 
+def test_workers_leave_with_their_master(tmp_path, db):
+    """A master killed with SIGKILL leaves no orphaned worker serving."""
+    c = Cluster(tmp_path, db, SYSTEM_REDIS)
+    n = Node(c.tmp, "orph", db.dsn, SYSTEM_REDIS, c.prefix, extra="workers = 2")
+    c.nodes["orph"] = n
+    try:
+        n.start(ready_lines=2)
+        pids = [int(p) for p in re.findall(r"worker started index=\d node=orph.w\d pid=(\d+)", n.log())]
+        assert len(pids) == 2
+        n.kill9()
+
+        def gone(pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+        wait_until(lambda: all(gone(p) for p in pids), 15, what="the orphaned workers to exit")
+        assert n.log().count("master pid=%d is gone" % n.proc.pid) == 2
+    finally:
+        c.stop()
+
+
 def test_workers_need_redis(tmp_path):
     cfg = tmp_path / "w.toml"
     cfg.write_text('[node]\nworkers = 2\n[engine]\nbackend = "memory"\n')
