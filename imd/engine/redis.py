@@ -24,8 +24,9 @@ exponential backoff (0.1 s to 5 s) and re-subscribes every current channel in
 batches; once Redis has confirmed them (a ``PING resync`` marker comes back
 behind them) the handler gets a local ``resync`` event so the node can fetch
 from the store what was published while it was not listening. The publisher
-keeps its queue across reconnects (bounded by ``max_queue``; beyond that the
-oldest publications are dropped and counted: the bus is at most once).
+keeps its queue across reconnects (bounded by ``max_queue_bytes``, 256 MiB by
+default: a million queued inbox entries; beyond that the oldest publications
+are dropped and counted: the bus is at most once).
 
 Per-node records (presence, comet channel counts). Keys, all under
 ``prefix``:
@@ -116,12 +117,12 @@ class RedisEngine(Engine):
     name = "redis"
 
     def __init__(self, url: str, presence_ttl: float = 30, prefix: str = "imd:",
-                 max_queue: int = 200_000) -> None:
+                 max_queue_bytes: int = 256 << 20) -> None:
         self.url = url
         self.presence_ttl = float(presence_ttl)
         self.tick_interval = self.presence_ttl / 4
         self.prefix = prefix
-        self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.node_id = ""
         self._handler = None
         self._pool = redis.ConnectionPool.from_url(url, protocol=2, socket_connect_timeout=3,
@@ -133,7 +134,8 @@ class RedisEngine(Engine):
         self._sent: set[str] = set()        # channels subscribed on the current connection
         self._sub_dirty: set[str] = set()
         self._sub_wake = GEvent()
-        self._pubq: deque = deque()
+        self._pubq: deque = deque()         # packed PUBLISH commands
+        self._pubq_bytes = 0
         self._pub_wake = GEvent()
         self._local: deque = deque()
         self._local_scheduled = False
@@ -333,6 +335,8 @@ class RedisEngine(Engine):
 
     # -- bus: publishing ---------------------------------------------------------------
     def publish(self, channel: str, event: Event) -> None:
+        """Deliver locally (if subscribed here) and queue the packed PUBLISH command;
+        only bytes wait in the queue (~0.3 KB each for an inbox entry)."""
         if not event.origin:
             event.origin = self.node_id
         self.published += 1
@@ -341,12 +345,19 @@ class RedisEngine(Engine):
             if not self._local_scheduled:
                 self._local_scheduled = True
                 gevent.get_hub().loop.run_callback(self._deliver_local)
-        q = self._pubq
-        if len(q) >= self.max_queue:
-            q.popleft()
-            self.dropped += 1
-        q.append((channel, event))
+        cmd = pack_command((b"PUBLISH", self._prefix_b + channel.encode(), self._tag + event.encode()))
+        self._pubq.append(cmd)
+        self._pubq_bytes += len(cmd)
+        if self._pubq_bytes > self.max_queue_bytes:
+            self._shed()
         self._pub_wake.set()
+
+    def _shed(self) -> None:
+        """The queue is over its byte limit: drop the oldest publications."""
+        q = self._pubq
+        while self._pubq_bytes > self.max_queue_bytes and q:
+            self._pubq_bytes -= len(q.popleft())
+            self.dropped += 1
 
     def _deliver_local(self) -> None:
         self._local_scheduled = False
@@ -359,7 +370,6 @@ class RedisEngine(Engine):
     def _publish_loop(self) -> None:
         backoff = BACKOFF_MIN
         conn = None
-        wire = self._prefix_b
         q = self._pubq
         while self._running:
             if not q:
@@ -379,11 +389,10 @@ class RedisEngine(Engine):
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
             batch = [q.popleft() for _ in range(min(PUB_BATCH, len(q)))]
+            size = sum(map(len, batch))
+            self._pubq_bytes -= size
             try:
-                tag = self._tag
-                conn.send_packed_command(
-                    [pack_command((b"PUBLISH", wire + ch.encode(), tag + ev.encode())) for ch, ev in batch],
-                    check_health=False)
+                conn.send_packed_command([b"".join(batch)], check_health=False)
                 for _ in batch:
                     conn.read_response()
             except Exception as e:
@@ -396,9 +405,8 @@ class RedisEngine(Engine):
                     gevent.sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX)
                 q.extendleft(reversed(batch))
-                while len(q) > self.max_queue:
-                    q.popleft()
-                    self.dropped += 1
+                self._pubq_bytes += size
+                self._shed()
                 conn.disconnect()
                 conn = None
                 self.publisher_connected = False
@@ -599,6 +607,7 @@ class RedisEngine(Engine):
                 "publisher_connected": self.publisher_connected,
                 "channels": len(self._subs), "subscribed": len(self._sent),
                 "pending_subscriptions": len(self._sub_dirty), "publish_queue": len(self._pubq),
+                "publish_queue_bytes": self._pubq_bytes,
                 "published": self.published, "received": self.received, "echoes": self.echoes,
                 "dropped": self.dropped, "reconnects": self.reconnects,
                 "presence_records": len(self._presence.values) if self._presence else 0,
