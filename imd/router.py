@@ -33,6 +33,7 @@ log = logging.getLogger("imd.router")
 
 REPLAY_PAGE = 200
 OFFLINE_MAX = 10000
+PUBLISH_SLICE = 1000      # entries published between yields by a bulk operation
 MAX_BACKLOG = 64          # envelopes a client may pipeline behind its auth
 
 
@@ -335,8 +336,10 @@ class Router:
         self.store.add_notices(users, role, kind, body, self.mids, now_ms(),
                                lambda r, e: res.set_exception(e) if e else res.set(r))
         entries = res.get(timeout=timeout)
-        for e in entries:
+        for i, e in enumerate(entries, 1):
             self.node.publish_entry(e)
+            if i % PUBLISH_SLICE == 0:
+                gevent.sleep(0)     # let the bus drain a reminder to many users as it goes
         self.metrics.inc("imd_notices_total", value=len(entries))
         return entries
 
