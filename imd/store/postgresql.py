@@ -47,10 +47,11 @@ import gevent
 import psycopg
 from gevent.lock import BoundedSemaphore
 
-from .base import MessageResult, Store, StoreUnavailable, UserInfo
+from .base import Store, StoreUnavailable, UserInfo
+from .batch import ROW_COLUMNS, BatchPlan, client_keys
 from .migrations import migrations
-from .rows import ENTRY_COLUMNS, entry_from_row, load_json, message_entries, notice_entry
-from .writer import MessageOp, Pending, Writer, WriterStore
+from .rows import ENTRY_COLUMNS, entry_from_row, load_json
+from .writer import Pending, Writer, WriterStore
 
 log = logging.getLogger("imd.store.postgresql")
 
@@ -290,8 +291,6 @@ class PostgresStore(WriterStore, Store):
 STAGING = ("CREATE TEMP TABLE IF NOT EXISTS imd_staging (mid text, kind text, sender text, "
            "recipient text, body text, ctx text, ts bigint, client_id text, sender_k bigint, "
            "recipient_k bigint, notice_kind text) ON COMMIT DELETE ROWS")
-STAGING_COLUMNS = ("mid", "kind", "sender", "recipient", "body", "ctx", "ts", "client_id",
-                   "sender_k", "recipient_k", "notice_kind")
 
 # One statement while the users rows are locked: the upsert creates missing users, locks
 # every row in id order, applies the touches and reserves the seqs (base, base + need];
@@ -330,71 +329,36 @@ SELECT id, base FROM base
 class _Batch:
     """The ops of one writer transaction.
 
-    ``prepare`` does everything that needs no lock (dedupe lookup, notice
-    recipients, relative seqs, COPY into the staging table, cursors and
-    contacts); ``reserve`` runs RESERVE_AND_INSERT, after which the caller
-    commits at once, so users rows stay locked only for one statement and the
-    commit; ``results`` builds the callbacks' results after the commit.
+    ``prepare`` does everything that needs no lock (dedupe lookup, the
+    BatchPlan, COPY into the staging table, cursors and contacts); ``reserve``
+    runs RESERVE_AND_INSERT, after which the caller commits at once, so users
+    rows stay locked only for one statement and the commit; ``results`` builds
+    the callbacks' results after the commit.
     """
 
-    __slots__ = ("cur", "bulk", "ops", "pending", "plans", "taken", "base")
+    __slots__ = ("cur", "bulk", "pending", "plan", "base")
 
     def __init__(self, cur, bulk: str) -> None:
         self.cur = cur
         self.bulk = bulk
-        self.plans: list = []         # per op, see prepare()
-        self.taken: dict = {}         # user -> seqs this batch takes from them
         self.base: dict = {}          # user -> last seq before this batch
 
-    def take(self, user: str) -> int:
-        k = self.taken.get(user, 0) + 1
-        self.taken[user] = k
-        return k
-
     def prepare(self, ops: list, pending: Optional[Pending]) -> None:
-        self.ops, self.pending = ops, pending
-        stored = self._stored_client_ids(ops)
-        staging = []
-        first: dict = {}              # (sender, client_id) -> index of its first op in the batch
-        for n, op in enumerate(ops):
-            if isinstance(op, MessageOp):
-                key = (op.sender, op.client_id)
-                if op.client_id is not None:
-                    if key in first:                       # again in this batch
-                        self.plans.append(("again", first[key]))
-                        continue
-                    first[key] = n
-                    row = stored.get(key)
-                    if row is not None:
-                        # stored before; with our own mid it is this batch, committed
-                        # before the connection dropped: ack it as the original store
-                        self.plans.append(("replay" if row[0] == op.mid else "dup", row))
-                        continue
-                sender_k, recipient_k = self.take(op.sender), self.take(op.recipient)
-                staging.append((op.mid, "msg", op.sender, op.recipient, op.body_json, op.ctx_json,
-                                op.ts, op.client_id, sender_k, recipient_k, None))
-                self.plans.append(("new", sender_k, recipient_k))
-            else:
-                users = op.users if op.users is not None else self._known_users(op.role)
-                notices = []
-                for user in users:
-                    k, mid = self.take(user), op.mids()
-                    staging.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
-                                    None, k, op.kind))
-                    notices.append((user, k, mid))
-                self.plans.append(("notice", notices))
-        _insert(self.cur, self.bulk, "imd_staging", STAGING_COLUMNS, staging)
+        self.pending = pending
+        self.plan = BatchPlan(ops, self._stored(client_keys(ops)), self._known_users)
+        _insert(self.cur, self.bulk, "imd_staging", ROW_COLUMNS, self.plan.rows)
         if pending:
             _apply_cursors_contacts(self.cur, pending)
 
     def reserve(self) -> None:
+        taken = self.plan.taken
         touches = self.pending.touches if self.pending else {}
         passwords = self.pending.passwords if self.pending else {}
-        ids = sorted(set(self.taken).union(touches, passwords))
+        ids = sorted(set(taken).union(touches, passwords))
         if ids:
             no = (None, None, None)
             self.cur.execute(RESERVE_AND_INSERT, (
-                ids, [self.taken.get(u, 0) for u in ids], [touches.get(u, no)[0] for u in ids],
+                ids, [taken.get(u, 0) for u in ids], [touches.get(u, no)[0] for u in ids],
                 [touches.get(u, no)[1] for u in ids], [touches.get(u, no)[2] for u in ids]))
             self.base = dict(self.cur.fetchall())
         if passwords:
@@ -404,28 +368,7 @@ class _Batch:
                              "WHERE users.id = v.id", (pw, [passwords[u] for u in pw]))
 
     def results(self) -> list:
-        out = []
-        for op, plan in zip(self.ops, self.plans):
-            kind = plan[0]
-            if kind == "new":
-                sender_seq = self.base[op.sender] + plan[1]
-                recipient_seq = self.base[op.recipient] + plan[2]
-                out.append(MessageResult(op.mid, op.ts, sender_seq, recipient_seq,
-                                         entries=message_entries(op, sender_seq, recipient_seq)))
-            elif kind == "notice":
-                out.append([notice_entry(op, user, self.base[user] + k, mid)
-                            for user, k, mid in plan[1]])
-            elif kind == "again":
-                r = out[plan[1]]
-                out.append(MessageResult(r.mid, r.ts, r.sender_seq, r.recipient_seq, duplicate=True))
-            else:
-                mid, ts, sender_seq, recipient_seq = plan[1]
-                if kind == "dup":
-                    out.append(MessageResult(mid, ts, sender_seq, recipient_seq, duplicate=True))
-                else:
-                    out.append(MessageResult(mid, ts, sender_seq, recipient_seq,
-                                             entries=message_entries(op, sender_seq, recipient_seq)))
-        return out
+        return self.plan.results(self.base)
 
     def _known_users(self, role: Optional[str]) -> list:
         if role is None:
@@ -435,10 +378,8 @@ class _Batch:
                              "ORDER BY id", (role,))
         return [r[0] for r in self.cur]
 
-    def _stored_client_ids(self, ops: list) -> dict:
+    def _stored(self, keys: list) -> dict:
         """(sender, client_id) → (mid, ts, sender_seq, recipient_seq) of those already stored."""
-        keys = [(op.sender, op.client_id) for op in ops
-                if isinstance(op, MessageOp) and op.client_id is not None]
         if not keys:
             return {}
         self.cur.execute("SELECT m.sender, m.client_id, m.mid, m.ts, m.sender_seq, m.recipient_seq "

@@ -21,15 +21,17 @@ from typing import Iterable, Optional
 import gevent
 from gevent.monkey import get_original
 
-from .base import MessageResult, Store, StoreUnavailable, UserInfo
+from .base import Store, StoreUnavailable, UserInfo
+from .batch import BatchPlan, client_keys
 from .migrations import migrations
-from .rows import ENTRY_COLUMNS, entry_from_row, load_json, message_entries, notice_entry
-from .writer import MessageOp, Pending, Writer, WriterStore
+from .rows import ENTRY_COLUMNS, entry_from_row, load_json
+from .writer import Pending, Writer, WriterStore
 
 log = logging.getLogger("imd.store.sqlite")
 
 FILENAME = "imd.sqlite3"
 BUSY_TIMEOUT_MS = 2000
+CHUNK = 400                      # rows per IN (...) / VALUES list (bound parameters)
 # Primary SQLite result codes worth retrying: BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL,
 # CANTOPEN, PROTOCOL.
 TRANSIENT_CODES = {5, 6, 7, 8, 10, 13, 14, 15}
@@ -111,16 +113,15 @@ class SqliteStore(WriterStore, Store):
         try:
             if pending:
                 _apply_pending(con, pending)
-            tx = _Batch(con)
-            results = [tx.message(op) if isinstance(op, MessageOp) else tx.notice(op)
-                       for op in ops]
-            tx.finish()
+            plan = BatchPlan(ops, _stored(con, client_keys(ops)), lambda role: _known_users(con, role))
+            base = _reserve(con, plan.taken)
+            _insert_rows(con, plan.rows, base)
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
-        return results
+        return plan.results(base)
 
     # -- reads (in a threadpool thread, one read connection per thread) -----
     def _read(self, fn, *args):
@@ -233,75 +234,54 @@ def _apply_pending(con, p: Pending) -> None:
                         "OR (user = ? AND contact = ?)", (user, contact, contact, user))
 
 
-class _Batch:
-    """The ops of one transaction: dedupe, seq allocation, rows to insert at the end."""
+def _stored(con, keys: list) -> dict:
+    """(sender, client_id) → (mid, ts, sender_seq, recipient_seq) of those already stored."""
+    found = {}
+    for i in range(0, len(keys), CHUNK):
+        chunk = keys[i:i + CHUNK]
+        sql = ("SELECT m.sender, m.client_id, m.mid, m.ts, m.sender_seq, m.recipient_seq "
+               "FROM (VALUES %s) AS k JOIN messages m ON m.sender = k.column1 AND m.client_id = k.column2"
+               % ",".join(["(?, ?)"] * len(chunk)))
+        for row in con.execute(sql, [x for key in chunk for x in key]):
+            found[(row[0], row[1])] = row[2:]
+    return found
 
-    __slots__ = ("con", "seqs", "by_client", "messages", "inbox")
 
-    def __init__(self, con) -> None:
-        self.con = con
-        self.seqs: dict = {}          # user -> last seq allocated in this transaction
-        self.by_client: dict = {}     # (sender, client_id) -> MessageResult of this batch
-        self.messages: list = []
-        self.inbox: list = []
+def _known_users(con, role: Optional[str]) -> list:
+    if role is None:
+        cur = con.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
+    else:
+        cur = con.execute("SELECT id FROM users WHERE role = ? AND last_seen IS NOT NULL ORDER BY id",
+                          (role,))
+    return [r[0] for r in cur]
 
-    def next_seq(self, user: str) -> int:
-        seq = self.seqs.get(user)
-        if seq is None:
-            self.con.execute("INSERT OR IGNORE INTO users (id) VALUES (?)", (user,))
-            seq = self.con.execute("SELECT last_seq FROM users WHERE id = ?", (user,)).fetchone()[0]
-        seq += 1
-        self.seqs[user] = seq
-        return seq
 
-    def message(self, op: MessageOp) -> MessageResult:
-        key = (op.sender, op.client_id)
-        if op.client_id is not None:
-            first = self.by_client.get(key)
-            if first is not None:
-                return MessageResult(first.mid, first.ts, first.sender_seq, first.recipient_seq,
-                                     duplicate=True)
-            row = self.con.execute("SELECT mid, ts, sender_seq, recipient_seq FROM messages "
-                                   "WHERE sender = ? AND client_id = ?", key).fetchone()
-            if row is not None:
-                return MessageResult(*row, duplicate=True)
-        sender_seq = self.next_seq(op.sender)
-        recipient_seq = self.next_seq(op.recipient)
-        self.messages.append((op.mid, "msg", op.sender, op.recipient, op.body_json, op.ctx_json,
-                              op.ts, op.client_id, sender_seq, recipient_seq, None))
-        self.inbox.append((op.sender, sender_seq, op.mid, 0))
-        self.inbox.append((op.recipient, recipient_seq, op.mid, 1))
-        result = MessageResult(op.mid, op.ts, sender_seq, recipient_seq,
-                               entries=message_entries(op, sender_seq, recipient_seq))
-        if op.client_id is not None:
-            self.by_client[key] = result
-        return result
+def _reserve(con, taken: dict) -> dict:
+    """Reserve ``taken[user]`` seqs per user; returns user → last seq before the batch."""
+    ids = list(taken)
+    con.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in ids])
+    base = {}
+    for i in range(0, len(ids), CHUNK):
+        chunk = ids[i:i + CHUNK]
+        base.update(con.execute("SELECT id, last_seq FROM users WHERE id IN (%s)"
+                                % ",".join("?" * len(chunk)), chunk))
+    con.executemany("UPDATE users SET last_seq = ? WHERE id = ?",
+                    [(base[u] + n, u) for u, n in taken.items()])
+    return base
 
-    def notice(self, op) -> list:
-        users = op.users
-        if users is None:
-            if op.role is None:
-                cur = self.con.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
-            else:
-                cur = self.con.execute("SELECT id FROM users WHERE role = ? AND last_seen IS NOT NULL "
-                                       "ORDER BY id", (op.role,))
-            users = [r[0] for r in cur]
-        entries = []
-        for user in users:
-            seq = self.next_seq(user)
-            mid = op.mids()
-            self.messages.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
-                                  None, seq, op.kind))
-            self.inbox.append((user, seq, mid, 1))
-            entries.append(notice_entry(op, user, seq, mid))
-        return entries
 
-    def finish(self) -> None:
-        con = self.con
-        con.executemany("INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, "
-                        "client_id, sender_seq, recipient_seq, notice_kind) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self.messages)
-        con.executemany("INSERT INTO inbox (user, seq, mid, inbound) VALUES (?, ?, ?, ?)",
-                        self.inbox)
-        con.executemany("UPDATE users SET last_seq = ? WHERE id = ?",
-                        [(seq, user) for user, seq in self.seqs.items()])
+def _insert_rows(con, rows: list, base: dict) -> None:
+    """Insert a BatchPlan's rows (messages and both inbox entries) with absolute seqs."""
+    messages, inbox = [], []
+    for mid, kind, sender, recipient, body, ctx, ts, client_id, sender_k, recipient_k, nk in rows:
+        recipient_seq = base[recipient] + recipient_k
+        sender_seq = None if sender is None else base[sender] + sender_k
+        messages.append((mid, kind, sender, recipient, body, ctx, ts, client_id, sender_seq,
+                         recipient_seq, nk))
+        inbox.append((recipient, recipient_seq, mid, 1))
+        if sender is not None:
+            inbox.append((sender, sender_seq, mid, 0))
+    con.executemany("INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, client_id, "
+                    "sender_seq, recipient_seq, notice_kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    messages)
+    con.executemany("INSERT INTO inbox (user, seq, mid, inbound) VALUES (?, ?, ?, ?)", inbox)
