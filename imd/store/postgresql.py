@@ -38,7 +38,6 @@ Retention: ``purge(older_than_ms)``, run every ``purge_interval`` seconds when
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from contextlib import contextmanager
 from typing import Iterable, Optional
@@ -50,6 +49,7 @@ from gevent.lock import BoundedSemaphore
 from .base import Store, StoreUnavailable, UserInfo
 from .batch import ROW_COLUMNS, BatchPlan, client_keys
 from .migrations import migrations
+from .retention import purge_loop
 from .rows import ENTRY_COLUMNS, entry_from_row, load_json
 from .writer import Pending, Writer, WriterStore
 
@@ -113,7 +113,7 @@ class PostgresStore(WriterStore, Store):
         self._open = True
         self._writer.start()
         if self.retention_days > 0:
-            self._purger = gevent.spawn(self._purge_loop)
+            self._purger = gevent.spawn(purge_loop, self)
 
     def _migrate(self, con) -> None:
         con.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
@@ -273,17 +273,6 @@ class PostgresStore(WriterStore, Store):
             self.purged += count
             if count < PURGE_CHUNK:
                 return total
-
-    def _purge_loop(self) -> None:
-        while True:
-            gevent.sleep(self.purge_interval)
-            try:
-                gone = self.purge(int(time.time() * 1000 - self.retention_days * 86400000))
-                if gone:
-                    log.info("postgresql: purged %d messages older than %g days", gone,
-                             self.retention_days)
-            except Exception as exc:
-                log.warning("postgresql: purge failed: %r", exc)
 
 
 # Staging table (per writer connection): the batch's rows with seqs relative to each

@@ -24,6 +24,7 @@ from gevent.monkey import get_original
 from .base import Store, StoreUnavailable, UserInfo
 from .batch import BatchPlan, client_keys
 from .migrations import migrations
+from .retention import purge_loop
 from .rows import ENTRY_COLUMNS, entry_from_row, load_json
 from .writer import Pending, Writer, WriterStore
 
@@ -53,7 +54,8 @@ class SqliteStore(WriterStore, Store):
     name = "sqlite"
 
     def __init__(self, path: str, queue_size: int = 100000, batch_max: int = 1000,
-                 synchronous: str = "full") -> None:
+                 synchronous: str = "full", retention_days: float = 0,
+                 purge_interval: float = 3600.0) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("synchronous must be 'full' or 'normal'")
         self.dir = str(path)
@@ -65,6 +67,10 @@ class SqliteStore(WriterStore, Store):
         self._local = _thread_local()
         self._read_cons: list = []
         self._open = False
+        self.retention_days = retention_days
+        self.purge_interval = purge_interval
+        self._purger = None
+        self.purged = 0
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -73,10 +79,14 @@ class SqliteStore(WriterStore, Store):
         self._wcon = self._pool.apply(self._connect_writer)
         self._open = True
         self._writer.start()
+        if self.retention_days > 0:
+            self._purger = gevent.spawn(purge_loop, self)
 
     def close(self, timeout: float = 10.0) -> None:
         if not self._open:
             return
+        if self._purger is not None:
+            self._purger.kill()
         self._writer.stop(timeout)
         self._open = False
         cons, self._read_cons = self._read_cons, []
@@ -122,6 +132,44 @@ class SqliteStore(WriterStore, Store):
                 con.execute("ROLLBACK")
             raise
         return plan.results(base)
+
+    def stats(self) -> dict:
+        stats = self._writer.stats()
+        stats["purged"] = self.purged
+        return stats
+
+    # -- retention -------------------------------------------------------------
+    def purge(self, older_than_ms: int) -> int:
+        """Delete messages with ts < ``older_than_ms`` and their inbox entries, in
+        chunks (each its own short transaction, on its own connection). Seqs are
+        never reused. Returns the number of messages deleted. Blocks the calling
+        greenlet."""
+        if not self._open:
+            raise StoreUnavailable("store is not open")
+        gone = self._pool.apply(self._purge_sync, (older_than_ms,))
+        self.purged += gone
+        return gone
+
+    def _purge_sync(self, older_than_ms: int) -> int:
+        con = self._connect()
+        total = 0
+        try:
+            while True:
+                con.execute("BEGIN IMMEDIATE")
+                rows = con.execute("SELECT mid, sender, sender_seq, recipient, recipient_seq "
+                                   "FROM messages WHERE ts < ? LIMIT 1000", (older_than_ms,)).fetchall()
+                con.executemany("DELETE FROM inbox WHERE user = ? AND seq = ?",
+                                [(r[3], r[4]) for r in rows] +
+                                [(r[1], r[2]) for r in rows if r[1] is not None])
+                con.executemany("DELETE FROM messages WHERE mid = ?", [(r[0],) for r in rows])
+                con.execute("COMMIT")
+                total += len(rows)
+                if len(rows) < 1000:
+                    return total
+        finally:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            con.close()
 
     # -- reads (in a threadpool thread, one read connection per thread) -----
     def _read(self, fn, *args):
