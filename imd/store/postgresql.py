@@ -31,8 +31,8 @@ be stored twice (under new seqs); nothing acked is ever lost.
 
 Reads use a separate small pool of autocommit connections and block only the
 calling greenlet; an unreachable database raises StoreUnavailable.
-Retention: ``purge(older_than_ms)``, run every ``purge_interval`` seconds when
-``retention_days`` > 0.
+Retention: ``purge(older_than_ms)``, run every ``purge_interval`` seconds while
+``retention_days`` > 0 (an attribute: may be changed on a live store).
 """
 
 from __future__ import annotations
@@ -112,8 +112,7 @@ class PostgresStore(WriterStore, Store):
             raise StoreUnavailable("postgresql unreachable: %s" % exc) from exc
         self._open = True
         self._writer.start()
-        if self.retention_days > 0:
-            self._purger = gevent.spawn(purge_loop, self)
+        self._purger = gevent.spawn(purge_loop, self)
 
     def _migrate(self, con) -> None:
         con.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))

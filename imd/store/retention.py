@@ -12,10 +12,13 @@ log = logging.getLogger("imd.store.retention")
 
 def purge_loop(store) -> None:
     """Every ``store.purge_interval`` s, ``store.purge()`` what is older than
-    ``store.retention_days``. Runs as a greenlet; errors are logged and retried
-    at the next interval."""
+    ``store.retention_days`` (read each time, so a config reload applies; 0 keeps
+    everything). Runs as a greenlet; errors are logged and retried at the next
+    interval."""
     while True:
         gevent.sleep(store.purge_interval)
+        if store.retention_days <= 0:
+            continue
         try:
             gone = store.purge(int(time.time() * 1000 - store.retention_days * 86400000))
             if gone:

@@ -49,7 +49,11 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class SqliteStore(WriterStore, Store):
-    """The embedded store. See the module docstring and imd.store.base for the contract."""
+    """The embedded store. See the module docstring and imd.store.base for the contract.
+
+    ``path`` is the data directory (the file is ``imd.sqlite3`` in it) or, when it
+    ends with ``.sqlite3``, the database file itself. ``retention_days`` (0: keep
+    forever) may be changed on a live store."""
 
     name = "sqlite"
 
@@ -58,8 +62,11 @@ class SqliteStore(WriterStore, Store):
                  purge_interval: float = 3600.0) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("synchronous must be 'full' or 'normal'")
-        self.dir = str(path)
-        self.file = os.path.join(self.dir, FILENAME)
+        path = str(path)
+        if path.endswith(".sqlite3"):           # the database file itself
+            self.dir, self.file = os.path.dirname(path) or ".", path
+        else:                                   # the data directory
+            self.dir, self.file = path, os.path.join(path, FILENAME)
         self.synchronous = synchronous
         self._writer = Writer(self._apply_batch, is_transient, queue_size=queue_size,
                               batch_max=batch_max, lanes=1, name="sqlite")
@@ -79,8 +86,7 @@ class SqliteStore(WriterStore, Store):
         self._wcon = self._pool.apply(self._connect_writer)
         self._open = True
         self._writer.start()
-        if self.retention_days > 0:
-            self._purger = gevent.spawn(purge_loop, self)
+        self._purger = gevent.spawn(purge_loop, self)
 
     def close(self, timeout: float = 10.0) -> None:
         if not self._open:
