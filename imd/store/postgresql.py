@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import gevent
@@ -179,31 +178,37 @@ class PostgresStore(WriterStore, Store):
             pass
 
     # -- reads -----------------------------------------------------------------
-    @contextmanager
-    def _reading(self):
-        """A read connection (autocommit) from the pool; StoreUnavailable if the database is not."""
+    def _query(self, fn):
+        """``fn(con)`` on a pooled autocommit read connection. A pooled connection
+        found dead (the database went away since) is dropped with every other idle
+        one and the query runs once more on a fresh connection; StoreUnavailable
+        if the database cannot be reached."""
         if not self._open:
             raise StoreUnavailable("store is not open")
         with self._readers:
-            try:
-                con = self._idle.pop() if self._idle else self._connect(autocommit=True)
-            except psycopg.OperationalError as exc:
-                raise StoreUnavailable("postgresql unreachable: %s" % exc) from exc
-            try:
-                yield con
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                con.close()
-                raise StoreUnavailable("postgresql read failed: %s" % exc) from exc
-            except BaseException:
-                con.close()
-                raise
-            if con.broken or con.closed:
-                return
-            self._idle.append(con)
+            while True:
+                fresh = not self._idle
+                try:
+                    con = self._connect(autocommit=True) if fresh else self._idle.pop()
+                except psycopg.OperationalError as exc:
+                    raise StoreUnavailable("postgresql unreachable: %s" % exc) from exc
+                try:
+                    result = fn(con)
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    con.close()
+                    if fresh:
+                        raise StoreUnavailable("postgresql read failed: %s" % exc) from exc
+                    while self._idle:
+                        self._idle.pop().close()
+                    continue
+                except BaseException:
+                    con.close()
+                    raise
+                self._idle.append(con)
+                return result
 
     def _rows(self, sql: str, args: tuple) -> list:
-        with self._reading() as con:
-            return con.execute(sql, args).fetchall()
+        return self._query(lambda con: con.execute(sql, args).fetchall())
 
     def _scalar(self, sql: str, args: tuple) -> int:
         rows = self._rows(sql, args)
@@ -260,14 +265,13 @@ class PostgresStore(WriterStore, Store):
         number of messages deleted. Blocks the calling greenlet."""
         total = 0
         while True:
-            with self._reading() as con:
-                count = con.execute(
-                    "WITH gone AS (DELETE FROM messages WHERE mid IN (SELECT mid FROM messages "
-                    "WHERE ts < %s LIMIT %s) RETURNING sender, sender_seq, recipient, recipient_seq), "
-                    "entries AS (DELETE FROM inbox WHERE (user_id, seq) IN ("
-                    "SELECT recipient, recipient_seq FROM gone UNION ALL "
-                    "SELECT sender, sender_seq FROM gone WHERE sender IS NOT NULL)) "
-                    "SELECT count(*) FROM gone", (older_than_ms, PURGE_CHUNK)).fetchone()[0]
+            count = self._query(lambda con: con.execute(
+                "WITH gone AS (DELETE FROM messages WHERE mid IN (SELECT mid FROM messages "
+                "WHERE ts < %s LIMIT %s) RETURNING sender, sender_seq, recipient, recipient_seq), "
+                "entries AS (DELETE FROM inbox WHERE (user_id, seq) IN ("
+                "SELECT recipient, recipient_seq FROM gone UNION ALL "
+                "SELECT sender, sender_seq FROM gone WHERE sender IS NOT NULL)) "
+                "SELECT count(*) FROM gone", (older_than_ms, PURGE_CHUNK)).fetchone()[0])
             total += count
             self.purged += count
             if count < PURGE_CHUNK:

@@ -56,6 +56,20 @@ def test_outage_queues_refuses_at_limit_and_drains_after(pg):
         proxy.stop()
 
 
+def test_read_after_a_blip_replaces_the_dead_pooled_connection(pg):
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    store = PostgresStore(pg.dsn_via(proxy.server), connect_timeout=2)
+    store.open()
+    try:
+        assert store.last_seq("x") == 0            # leaves an idle read connection
+        proxy.cut()
+        proxy.restore()
+        assert store.last_seq("x") == 0            # dead pooled connection replaced, no error
+    finally:
+        store.close()
+        proxy.stop()
+
+
 def test_terminated_connections_under_load_lose_nothing_acked(pg):
     store = pg.make(writers=4, batch_max=20)
     store.open()
