@@ -515,3 +515,22 @@ def test_retention_purges_periodically(backend):
         assert store.last_seq("b") == 2
     finally:
         store.close()
+
+
+def test_reopen_after_a_close_that_dropped_writes(backend):
+    store = backend.make()
+    store.open()
+    acks = Acks()
+    with backend.writes_blocked():
+        send(store, acks, "a", "b", "lost")
+        store.set_cursor("a", "d", 5)
+        store.close(timeout=0.2)
+    assert [(r, type(e).__name__) for _, r, e in acks.items] == [(None, "StoreUnavailable")]
+    assert store.stats()["queue"] == 0
+    store.open()                                      # the same object opens again
+    try:
+        send(store, acks, "a", "b", "kept")
+        assert store.flush(10)
+        assert acks.items[-1][2] is None and acks.items[-1][1].sender_seq == 1
+    finally:
+        store.close()
