@@ -71,6 +71,7 @@ class SqliteStore(WriterStore, Store):
         self._writer = Writer(self._apply_batch, is_transient, queue_size=queue_size,
                               batch_max=batch_max, lanes=1, name="sqlite")
         self._wcon: Optional[sqlite3.Connection] = None
+        self._job = None                  # the write transaction running in the threadpool
         self._local = _thread_local()
         self._read_cons: list = []
         self._open = False
@@ -95,6 +96,9 @@ class SqliteStore(WriterStore, Store):
             self._purger.kill()
         self._writer.stop(timeout)
         self._open = False
+        if self._job is not None:
+            self._job.wait()          # a transaction the writer gave up on ends before the close
+            self._job = None
         cons, self._read_cons = self._read_cons, []
         for con in cons + [self._wcon]:
             self._pool.apply(con.close)
@@ -121,7 +125,8 @@ class SqliteStore(WriterStore, Store):
 
     # -- writes (in a threadpool thread, one batch = one transaction) --------
     def _apply_batch(self, lane: int, ops: list, pending: Optional[Pending]) -> list:
-        return self._pool.apply(self._apply_sync, (ops, pending))
+        self._job = self._pool.spawn(self._apply_sync, ops, pending)
+        return self._job.get()
 
     def _apply_sync(self, ops: list, pending: Optional[Pending]) -> list:
         con = self._wcon
