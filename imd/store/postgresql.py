@@ -101,7 +101,11 @@ class PostgresStore(WriterStore, Store):
 
     # -- lifecycle -----------------------------------------------------------
     def _connect(self, autocommit: bool = False) -> psycopg.Connection:
-        return psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=self.connect_timeout)
+        # keepalives + tcp_user_timeout: a database that vanishes without a RST (a
+        # partition, a dead host) fails the pending query in ~30 s instead of never
+        return psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=self.connect_timeout,
+                               keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                               keepalives_count=3, tcp_user_timeout=30000)
 
     def open(self) -> None:
         try:
@@ -148,9 +152,13 @@ class PostgresStore(WriterStore, Store):
         con = self._wcons[lane]
         if con is None or con.closed:
             con = self._connect()
-            con.execute("SET lock_timeout = '%s'" % LOCK_TIMEOUT)
-            con.execute(STAGING)
-            con.commit()
+            try:
+                con.execute("SET lock_timeout = '%s'" % LOCK_TIMEOUT)
+                con.execute(STAGING)
+                con.commit()
+            except BaseException:
+                con.close()
+                raise
             self._wcons[lane] = con
         try:
             with con.cursor() as cur:
