@@ -100,6 +100,7 @@ class SqliteStore(WriterStore, Store):
             self._job.wait()          # a transaction the writer gave up on ends before the close
             self._job = None
         cons, self._read_cons = self._read_cons, []
+        self._local = _thread_local()     # forget the closed read connections
         for con in cons + [self._wcon]:
             self._pool.apply(con.close)
 

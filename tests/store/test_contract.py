@@ -521,6 +521,7 @@ def test_reopen_after_a_close_that_dropped_writes(backend):
     store = backend.make()
     store.open()
     acks = Acks()
+    assert store.inbox("b", 0, 10) == []             # leaves read connections behind
     with backend.writes_blocked():
         send(store, acks, "a", "b", "lost")
         store.set_cursor("a", "d", 5)
@@ -532,5 +533,6 @@ def test_reopen_after_a_close_that_dropped_writes(backend):
         send(store, acks, "a", "b", "kept")
         assert store.flush(10)
         assert acks.items[-1][2] is None and acks.items[-1][1].sender_seq == 1
+        assert [e.seq for e in store.inbox("b", 0, 10)] == [1]
     finally:
         store.close()
