@@ -25,9 +25,10 @@ def pytest_configure(config):
 import pytest  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _no_leftover_daemons():
-    """A test that fails half-way must not leave an imd process behind."""
+    """A test that fails half-way must not leave an imd process behind (checked
+    per module, so that module-scoped daemons live as long as their module)."""
     yield
     from tests.daemon import kill_leftovers
     kill_leftovers()
