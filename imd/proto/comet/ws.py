@@ -31,14 +31,18 @@ def _tokens(value: str) -> set:
     return {t.strip().lower() for t in value.split(",")}
 
 
-def origin_allowed(origin: str, origins: Iterable[str]) -> bool:
+def origin_allowed(origin: str, origins: Iterable[str], host: str = "") -> bool:
     """``comet.origins``: exact ``scheme://host[:port]`` entries or ``"*"``.
-    A request without ``Origin`` (not a browser) is allowed: it carries a user
-    token, not cookies."""
+    A request without ``Origin`` (not a browser: it carries a user token, not
+    cookies) and a same-origin request (the origin's host:port is the
+    ``Host`` header: the page imd serves itself) are always allowed."""
     if not origin:
         return True
+    origin = origin.lower().rstrip("/")
+    if host and origin.partition("://")[2] == host.lower():
+        return True
     allowed = list(origins)
-    return "*" in allowed or origin.lower().rstrip("/") in (o.lower().rstrip("/") for o in allowed)
+    return "*" in allowed or origin in (o.lower().rstrip("/") for o in allowed)
 
 
 def accept(req: Request, origins: Iterable[str] = ("*",)) -> bytes:
@@ -59,7 +63,7 @@ def accept(req: Request, origins: Iterable[str] = ("*",)) -> bytes:
             raise ValueError
     except (ValueError, binascii.Error):
         raise HTTPError(400, "bad Sec-WebSocket-Key") from None
-    if not origin_allowed(req.header("origin"), origins):
+    if not origin_allowed(req.header("origin"), origins, req.header("host")):
         raise HTTPError(403, "origin not allowed")
     return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"

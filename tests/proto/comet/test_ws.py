@@ -56,3 +56,5 @@ def test_origins():
     assert origin_allowed("https://x", ["*"])
     assert not origin_allowed("https://x", [])
     assert not origin_allowed("https://app.example.evil", ["https://app.example"])
+    assert origin_allowed("http://h:8100", [], "h:8100")          # same origin
+    assert not origin_allowed("http://h:8100", [], "other:8100")

@@ -1,0 +1,225 @@
+"""One HTTP/1.1 connection of the comet or admin port, driven by io watchers.
+
+:class:`HttpConn` is the handler of an :class:`imd.net.conn.Conn`: bytes are
+parsed in the hub (:class:`~imd.proto.comet.http.RequestParser`), requests are
+answered one at a time in arrival order (pipelined ones wait in a short
+queue), and writes go through the Conn's per-loop-iteration flush. An
+application object (the front or the admin port) answers each request with
+``app.dispatch(http, req)``: either at once (:meth:`HttpConn.reply`) or later —
+a long-poll or a stream stays open with :meth:`HttpConn.start_stream`, and
+whatever holds it (``http.stream``) gets ``gone()`` if the client leaves
+first. A request whose answer needs to wait for the store runs in a greenlet
+the application spawns; the connection stays ``busy`` until it replies.
+
+Time limits come from one wheel (``router.wheel``), not a timer per
+connection: a request head must complete within ``head_timeout`` (else 408)
+and an idle keep-alive connection is closed after ``idle_timeout``.
+
+Every method runs in the hub and never blocks; greenlets may call ``reply``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Iterable, Optional, Tuple
+
+from imd.net.conn import Conn
+from imd.proto.comet.http import (LAST_CHUNK, HTTPError, Request, RequestParser, chunk,
+                                  error_response, response, stream_head)
+
+log = logging.getLogger("imd.http")
+
+MAX_PIPELINE = 16
+SERVER = ("Server", "imd")
+
+
+class HttpConn:
+    """One HTTP connection: parser, queue of pipelined requests, current answer."""
+
+    __slots__ = ("conn", "parser", "app", "queue", "busy", "stream", "chunked", "keep",
+                 "began", "last_active", "_running", "peer", "_filed", "fresh")
+
+    def __init__(self, sock, addr, app, limit: int) -> None:
+        self.app = app
+        self.peer = addr
+        self.parser = RequestParser(body_limit=app.body_limit)
+        self.queue: deque = deque()
+        self.busy = False
+        self.stream = None          # holder of an open answer: has gone()
+        self.chunked = False
+        self.keep = True
+        self.began = self.last_active = time.monotonic()
+        self.fresh = True            # no request received yet: the head timeout applies
+        self._running = False
+        self._filed: list = []       # deadlines this connection is filed under in the wheel
+        self.conn = Conn(sock, self, limit, addr)
+        self._arm(self.began + app.limits.auth_timeout)
+
+    @property
+    def ip(self) -> str:
+        return self.peer[0] if isinstance(self.peer, tuple) else ""
+
+    # -- Conn handler ------------------------------------------------------------
+    def on_data(self, data: bytes) -> None:
+        now = time.monotonic()
+        was_in = self.parser.in_request
+        self.last_active = now
+        try:
+            reqs = self.parser.feed(data)
+        except HTTPError as e:
+            self.fail(e)
+            return
+        if self.parser.in_request and (reqs or not was_in):
+            self.began = now                 # a new request began in this data
+            self._arm(now + self.app.limits.auth_timeout)
+        if reqs:
+            self.fresh = False
+            self.queue.extend(reqs)
+            if len(self.queue) > MAX_PIPELINE:
+                self.fail(HTTPError(429, "too many pipelined requests"))
+                return
+        self._next()
+
+    def on_close(self, reason: str) -> None:
+        self.queue.clear()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.gone()
+
+    # -- request loop -----------------------------------------------------------------
+    def _next(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        try:
+            while self.queue and not self.busy and not self.conn.closed:
+                req = self.queue.popleft()
+                self.busy = True
+                self.keep = req.keep_alive
+                if req.upgrade and self.queue:
+                    self.fail(HTTPError(400, "requests after an upgrade"))
+                    return
+                try:
+                    self.app.dispatch(self, req)
+                except HTTPError as e:
+                    self.fail(e)
+                except Exception:
+                    log.exception("request failed path=%s peer=%s", req.path, self.peer)
+                    self.fail(HTTPError(500, "internal error"))
+        finally:
+            self._running = False
+
+    def _done(self) -> None:
+        self.busy = False
+        self.stream = None
+        self.last_active = time.monotonic()
+        if not self.keep:
+            self.conn.close("done")
+            return
+        self._arm(self.last_active + self.app.limits.idle_timeout)
+        self._next()
+
+    # -- answers ----------------------------------------------------------------------
+    def reply(self, status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8",
+              headers: Iterable[Tuple[str, str]] = ()) -> None:
+        """A complete answer to the current request."""
+        if self.conn.closed:
+            return
+        self.conn.write(response(status, body, content_type, (SERVER, *headers), self.keep))
+        self._done()
+
+    def fail(self, err: HTTPError) -> None:
+        """Answer bad input and close the connection (nothing else is affected)."""
+        self.queue.clear()
+        self.keep = False
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.gone()
+        if not self.conn.closed:
+            if not self.chunked:
+                self.conn.write(error_response(err.status, err.reason, err.headers))
+            self.conn.close(f"http {err.status}")
+
+    def start_stream(self, req: Request, holder, content_type: str,
+                     headers: Iterable[Tuple[str, str]] = ()) -> None:
+        """Begin an open-ended answer (chunked; raw until close for HTTP/1.0)."""
+        self.stream = holder
+        self.chunked = req.version == "1.1"
+        if not self.chunked:
+            self.keep = False
+        self.conn.write(stream_head(content_type, (SERVER, *headers), self.chunked))
+
+    def hold(self, holder) -> None:
+        """Keep the request open without writing yet (long-poll)."""
+        self.stream = holder
+
+    def send(self, data: bytes) -> bool:
+        """One piece of a streamed answer; False if the connection is gone."""
+        return self.conn.write(chunk(data) if self.chunked else data)
+
+    def end_stream(self) -> None:
+        """Finish a streamed answer; the connection goes on with the next request."""
+        if self.conn.closed:
+            return
+        if self.chunked:
+            self.conn.write(LAST_CHUNK)
+            self.chunked = False
+        else:
+            self.keep = False
+        self._done()
+
+    def take_over(self, handler) -> Optional[bytes]:
+        """Hand the socket to another protocol (WebSocket): returns the bytes
+        received after the upgrade request."""
+        self.conn.handler = handler
+        self.busy = True
+        rest, self.parser.upgraded = self.parser.upgraded, None
+        return rest
+
+    # -- deadlines (router.wheel) -------------------------------------------------------
+    def _arm(self, when: float) -> None:
+        """Make sure the wheel looks at this connection by ``when``."""
+        if not self._filed or when < min(self._filed) - 1:
+            self._filed.append(when)
+            self.app.wheel.add(_Tick(self, when), when)
+
+    def check(self, tick: "_Tick", now: float) -> Optional[float]:
+        """A wheel entry came due: 408 a head that is late, close an idle
+        connection; returns when to look again (None: another entry will, or
+        the connection is busy and ``_done`` re-arms it)."""
+        self._filed.remove(tick.when)
+        if self.conn.closed or self.conn.handler is not self:
+            return None
+        limits = self.app.limits
+        if self.parser.in_request or self.fresh:
+            due = self.began + limits.auth_timeout
+            if now >= due:
+                self.fail(HTTPError(408, "request not received in time"))
+                return None
+        elif self.busy:
+            return None
+        else:
+            due = self.last_active + limits.idle_timeout
+            if now >= due:
+                self.conn.close("idle")
+                return None
+        if self._filed and min(self._filed) <= due + 1:
+            return None
+        self._filed.append(due)
+        tick.when = due
+        return due
+
+
+class _Tick:
+    """One wheel entry of an HttpConn (the wheel calls ``on_deadline``)."""
+
+    __slots__ = ("http", "when")
+
+    def __init__(self, http: HttpConn, when: float) -> None:
+        self.http = http
+        self.when = when
+
+    def on_deadline(self, now: float) -> Optional[float]:
+        return self.http.check(self, now)

@@ -1,0 +1,412 @@
+"""Users on the comet port: ``/ws``, ``/im/events``, ``/im/poll``, ``/im/send``.
+
+The envelope and guarantees are those of DESIGN.md §3, exactly as on the
+raw-TCP port; only the framing differs:
+
+- ``GET /ws?token=…[&platform&device&since]``: WebSocket, one envelope per
+  text frame. With ``token`` in the URL the session authenticates at once;
+  without it the first frame must be an ``auth`` envelope (as on TCP).
+- ``GET /im/events?token=…``: SSE. Each envelope is ``data: {json}`` and an
+  inbox entry also carries ``id: <seq>``, so the browser's ``Last-Event-ID``
+  (or ``since``) resumes exactly after what it had.
+- ``GET /im/poll?token=…[&since][&session][&ack][&cb]``: long-poll. The first
+  poll opens a session (its id is in the ``auth`` answer); later polls name
+  it with ``session`` and get everything queued since, as a JSON array (JSONP
+  with ``cb``), or ``[]`` after ``limits.heartbeat`` seconds. A session that
+  is not polled for ``limits.idle_timeout`` seconds ends; polling with an
+  unknown session (and ``since``) simply opens a new one.
+- ``POST /im/send?token=…&session=…``: one envelope as the body, handled for
+  that SSE or long-poll session; its answers (``ack``, ``error``) arrive on
+  the session's stream. Answer ``202 {"ok":true}``.
+
+CORS: a browser origin must be the page's own (same ``Host``) or listed in
+``comet.origins`` (``"*"``: any). Everything runs in the hub; nothing blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+import gevent
+
+from imd import auth, envelope
+from imd.envelope import EnvelopeError
+from imd.fastpath import WSDecoder, WSError, ws_close_payload, ws_encode
+from imd.proto.comet import formats as fmt
+from imd.proto.comet import ws
+from imd.proto.comet.http import HTTPError, Request
+from imd.session import CLOSED, Session
+
+log = logging.getLogger("imd.comet")
+
+JSON = "application/json; charset=utf-8"
+JS = "text/javascript; charset=utf-8"
+OK = b'{"ok":true}'
+
+
+def ws_text(data: bytes) -> bytes:
+    return ws_encode(1, data)
+
+
+def sse_data(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+class WsSession(Session):
+    """A user session over a WebSocket (the Conn's handler after the upgrade)."""
+
+    __slots__ = ("conn", "decoder", "max_body")
+    protocol = "ws"
+
+    def __init__(self, router, conn, node_id: str) -> None:
+        super().__init__(router, node_id)
+        self.conn = conn
+        self.decoder = WSDecoder(router.limits.max_frame)
+        self.max_body = router.limits.max_body
+
+    def on_data(self, data: bytes) -> None:
+        self.touch()
+        try:
+            frames = self.decoder.feed(data)
+        except WSError as e:
+            self._close_frame(e.code, e.reason)
+            return
+        for op, payload in frames:
+            if self.state is CLOSED or self.conn.closed:
+                return
+            if op == 1:
+                try:
+                    env = envelope.parse(payload, self.max_body)
+                except EnvelopeError as e:
+                    self.send(e.envelope())
+                    if e.fatal:
+                        self.end(e.reason)
+                        return
+                    continue
+                self.router.receive(self, env)
+            elif op == 9:
+                self.conn.write(ws_encode(10, payload))
+            elif op == 8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
+                self._close_frame(code if code in (1000, 1001) else 1000, "bye")
+                return
+            elif op == 2:
+                self._close_frame(1003, "binary frames are not accepted")
+                return
+
+    def on_close(self, reason: str) -> None:
+        self.closed(reason)
+
+    def write_out(self, out) -> None:
+        self.conn.write(out.frame(ws_text))
+
+    def end(self, reason: str) -> None:
+        self._close_frame(1000, reason)
+
+    def _close_frame(self, code: int, reason: str) -> None:
+        self.conn.write(ws_encode(8, ws_close_payload(code, reason)))
+        self.conn.close(reason)
+
+    def drain(self) -> None:
+        self.conn.wait_drained(self.conn.limit // 2)
+
+
+class SseSession(Session):
+    """A user session over one SSE response (``/im/events``)."""
+
+    __slots__ = ("http", "users")
+    protocol = "sse"
+
+    def __init__(self, router, http, users, node_id: str) -> None:
+        super().__init__(router, node_id)
+        self.http = http
+        self.users = users
+
+    def write_out(self, out) -> None:
+        data = out.frame(sse_data)
+        if out.seq:
+            data = b"id: %d\n" % out.seq + data
+        self.http.send(data)
+
+    def end(self, reason: str) -> None:
+        self.http.end_stream()
+        self.closed(reason)
+
+    def gone(self) -> None:
+        self.closed("client left")
+
+    def closed(self, reason: str) -> None:
+        self.users.sessions.pop(self.id, None)
+        super().closed(reason)
+
+    def drain(self) -> None:
+        self.http.conn.wait_drained(self.http.conn.limit // 2)
+
+    def on_deadline(self, now: float):
+        """The stream itself shows liveness (a dead client fails the write):
+        only ping every ``heartbeat`` seconds, never time out on silence."""
+        if self.state is CLOSED:
+            return None
+        self.send_ping()
+        return now + self.router.limits.heartbeat
+
+
+class PollSession(Session):
+    """A user session spread over long-poll requests (``/im/poll``)."""
+
+    __slots__ = ("users", "queue", "queued", "waiter", "cb", "since_poll", "_scheduled")
+    protocol = "poll"
+
+    def __init__(self, router, users, node_id: str) -> None:
+        super().__init__(router, node_id)
+        self.users = users
+        self.queue: list = []
+        self.queued = 0
+        self.waiter = None          # HttpConn of the poll being held
+        self.cb = ""
+        self.since_poll = time.monotonic()
+        self._scheduled = False
+
+    def write_out(self, out) -> None:
+        data = out.json()
+        self.queue.append(data)
+        self.queued += len(data)
+        if self.queued > self.router.limits.send_buffer:
+            log.info("slow consumer cut off session=%s user=%s", self.id, self.user)
+            self.queue.clear()
+            self.closed("slow consumer")
+            return
+        if self.waiter is not None and not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._answer)
+
+    def attach(self, http, cb: str) -> None:
+        """A poll request arrived for this session: answer now or hold it."""
+        if self.waiter is not None:
+            self._answer()                  # a newer poll replaces the held one
+        self.waiter = http
+        self.cb = cb
+        self.since_poll = time.monotonic()
+        http.hold(self)
+        if self.queue and not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._answer)
+
+    def _answer(self) -> None:
+        self._scheduled = False
+        http, self.waiter = self.waiter, None
+        if http is None:
+            return
+        body = b"[" + b",".join(self.queue) + b"]"
+        self.queue = []
+        self.queued = 0
+        self.since_poll = time.monotonic()
+        if self.cb:
+            http.reply(200, self.cb.encode() + b"(" + fmt.js_safe(body) + b");\n", JS,
+                       self.users.no_cache)
+        else:
+            http.reply(200, body, JSON, self.users.no_cache)
+
+    def gone(self) -> None:
+        self.waiter = None
+
+    def end(self, reason: str) -> None:
+        if self.waiter is not None:
+            self._answer()
+        self.closed(reason)
+
+    def closed(self, reason: str) -> None:
+        self.users.sessions.pop(self.id, None)
+        if self.waiter is not None:
+            self._answer()
+        super().closed(reason)
+
+    def on_deadline(self, now: float):
+        if self.state is CLOSED:
+            return None
+        limits = self.router.limits
+        if self.waiter is not None:
+            if now - self.since_poll >= limits.heartbeat:
+                self._answer()
+                return now + limits.idle_timeout
+            return self.since_poll + limits.heartbeat
+        if now - self.since_poll >= limits.idle_timeout:
+            self.closed("not polled")
+            return None
+        return self.since_poll + limits.idle_timeout
+
+
+class Users:
+    """The users' endpoints of the comet port."""
+
+    def __init__(self, front, router, node_id: str) -> None:
+        self.front = front
+        self.router = router
+        self.node_id = node_id
+        self.sessions: dict = {}        # id → SseSession | PollSession
+        self.no_cache = (("Cache-Control", "no-cache"),)
+
+    def dispatch(self, http, req: Request) -> None:
+        path = req.path
+        if req.method == "OPTIONS":
+            self.preflight(http, req)
+        elif path == "/ws":
+            self.websocket(http, req)
+        elif path == "/im/events":
+            self.events(http, req)
+        elif path == "/im/poll":
+            self.poll(http, req)
+        elif path == "/im/send":
+            self.send(http, req)
+        else:
+            http.reply(404, b"not found\n")
+
+    # -- helpers ---------------------------------------------------------------------
+    def cors(self, req: Request) -> tuple:
+        origin = req.header("origin")
+        if not origin:
+            return ()
+        if not ws.origin_allowed(origin, self.router.cfg.comet.origins, req.header("host")):
+            raise HTTPError(403, "origin not allowed")
+        return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
+
+    def preflight(self, http, req: Request) -> None:
+        headers = self.cors(req) + (
+            ("Access-Control-Allow-Methods", "GET, POST"),
+            ("Access-Control-Allow-Headers", "Content-Type, Authorization, Last-Event-ID"),
+            ("Access-Control-Max-Age", "600"))
+        http.reply(204, b"", headers=headers)
+
+    def error(self, http, status: int, reason: str, headers=()) -> None:
+        http.reply(status, fmt.admin_error(reason), JSON, headers)
+
+    def auth_env(self, req: Request, p: dict, since) -> dict:
+        """The ``auth`` envelope these query parameters stand for (validated)."""
+        token = p.get("token") or _bearer(req)
+        env = {"type": "auth", "token": token, "platform": p.get("platform", "web"),
+               "device": p.get("device") or "web-" + secrets.token_hex(4)}
+        if since is not None:
+            env["since"] = since
+        envelope.validate(env, self.router.limits.max_body)
+        return env
+
+    def verify(self, token: str):
+        cfg = self.router.cfg.auth
+        return auth.verify(token, cfg.secret, cfg.leeway)
+
+    # -- endpoints ---------------------------------------------------------------------
+    def websocket(self, http, req: Request) -> None:
+        answer = ws.accept(req, self.router.cfg.comet.origins)
+        p = req.params()
+        env = None
+        if p.get("token") or _bearer(req):
+            try:
+                env = self.auth_env(req, p, _since(p.get("since")))
+            except EnvelopeError as e:
+                raise HTTPError(400, e.reason) from None
+        s = WsSession(self.router, http.conn, self.node_id)
+        rest = http.take_over(s)
+        http.conn.write(answer)
+        self.router.opened(s)
+        self.router.metrics.inc("imd_connections_total", (("protocol", "ws"),))
+        if env is not None:
+            self.router.receive(s, env)
+        if rest:
+            s.on_data(rest)
+
+    def events(self, http, req: Request) -> None:
+        if req.method != "GET":
+            http.reply(405, b"Method Not Allowed\n", headers=(("Allow", "GET"),))
+            return
+        headers = self.cors(req)
+        p = req.params()
+        since = _since(req.header("last-event-id") or p.get("since"))
+        try:
+            env = self.auth_env(req, p, since)
+            self.verify(env["token"])
+        except (EnvelopeError, auth.AuthError) as e:
+            self.error(http, 401 if isinstance(e, auth.AuthError) else 400, e.reason, headers)
+            return
+        s = SseSession(self.router, http, self, self.node_id)
+        self.sessions[s.id] = s
+        http.start_stream(req, s, "text/event-stream; charset=utf-8",
+                          self.no_cache + headers + (("X-Accel-Buffering", "no"),))
+        http.send(b"retry: 3000\n\n")
+        self.router.opened(s)
+        self.router.receive(s, env)
+
+    def poll(self, http, req: Request) -> None:
+        if req.method != "GET":
+            http.reply(405, b"Method Not Allowed\n", headers=(("Allow", "GET"),))
+            return
+        headers = self.cors(req)
+        p = req.params()
+        cb = p.get("cb", "")
+        if cb and not fmt.valid_callback(cb):
+            raise HTTPError(400, "bad callback")
+        token = p.get("token") or _bearer(req)
+        try:
+            ident = self.verify(token)
+        except auth.AuthError as e:
+            self.error(http, 401, e.reason, headers)
+            return
+        s = self.sessions.get(p.get("session", ""))
+        if isinstance(s, PollSession) and s.user == ident.user and s.state is not CLOSED:
+            ack = _since(p.get("ack"))
+            if ack is not None and s.state is not CLOSED and 0 < ack <= s.last_seq:
+                self.router.receive(s, {"type": "ack", "seq": ack})
+            s.touch()
+            s.attach(http, cb)
+            return
+        try:
+            env = self.auth_env(req, p, _since(p.get("since")))
+        except EnvelopeError as e:
+            self.error(http, 400, e.reason, headers)
+            return
+        s = PollSession(self.router, self, self.node_id)
+        self.sessions[s.id] = s
+        self.router.opened(s)
+        s.attach(http, cb)
+        self.router.receive(s, env)
+
+    def send(self, http, req: Request) -> None:
+        if req.method != "POST":
+            http.reply(405, b"Method Not Allowed\n", headers=(("Allow", "POST"),))
+            return
+        headers = self.cors(req)
+        p = req.params(max_fields=8) if req.query else {}
+        try:
+            ident = self.verify(p.get("token") or _bearer(req))
+        except auth.AuthError as e:
+            self.error(http, 401, e.reason, headers)
+            return
+        s = self.sessions.get(p.get("session", ""))
+        if s is None or s.user != ident.user or s.state is CLOSED:
+            self.error(http, 404, "no such session (open /im/events or /im/poll first)", headers)
+            return
+        try:
+            env = envelope.parse(req.body, self.router.limits.max_body)
+        except EnvelopeError as e:
+            self.error(http, e.code, e.reason, headers)
+            return
+        if env["type"] == "auth":
+            self.error(http, 400, "already authenticated", headers)
+            return
+        s.touch()
+        self.router.receive(s, env)
+        http.reply(202, OK, JSON, headers)
+
+
+def _bearer(req: Request) -> str:
+    value = req.header("authorization")
+    return value[7:].strip() if value[:7].lower() == "bearer " else ""
+
+
+def _since(value):
+    """A non-negative seq parameter, or None when absent or not a number."""
+    if value is None or value == "":
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() and len(value) <= 16 else None
