@@ -61,7 +61,7 @@ class AdminProtocol:
         self.api = admin_api.Api(router, node)
         self._filter_key = None
         self._filter = None
-        admin_api.register_gauges(router.metrics, node, registry)
+        admin_api.register_gauges(router.metrics, registry)
 
     # -- listener hook ---------------------------------------------------------------
     def handle(self, sock, addr) -> None:

@@ -222,25 +222,9 @@ ROUTES = {
 USER_ROUTES = {"inbox": {"GET": "inbox"}, "kick": {"POST": "kick"}, "password": {"PUT": "password"}}
 
 
-def register_gauges(metrics, node, registry) -> None:
-    """Connections by protocol and client source, comet channels, store queue depth."""
-
-    def connections() -> dict:
-        out: dict = {}
-        for s in node.all_sessions():
-            key = (("protocol", s.protocol), ("source", s.source))
-            out[key] = out.get(key, 0) + 1
-        out[(("protocol", "icomet"), ("source", "web"))] = registry.subscribers
-        return out
-
-    def store_queue() -> dict:
-        try:
-            return {(): node.store.stats().get("queue", 0)}
-        except Exception:
-            return {}
-
-    metrics.gauge("imd_connections", "open sessions by protocol and client source", connections)
+def register_gauges(metrics, registry) -> None:
+    """The comet port's channels and iComet subscribers (the daemon counts sessions)."""
     metrics.gauge("imd_comet_channels", "live iComet channels",
                   lambda: {(): len(registry.channels)})
-    metrics.gauge("imd_store_queue_depth", "write operations waiting in the store queue",
-                  store_queue)
+    metrics.gauge("imd_comet_subscribers", "iComet subscriber connections",
+                  lambda: {(): registry.subscribers})
