@@ -18,6 +18,7 @@ def imd(tmp_path_factory):
         "presence": {"grace": 0.5}, "limits": {"auth_timeout": 1.5}}).start()
     yield d
     d.stop()
+    assert "Traceback" not in d.log_text(), d.log_text()
 
 
 def admin(d, path, **kw):
@@ -262,6 +263,7 @@ def token_imd(tmp_path_factory):
         "admin": {"allow": ["10.9.9.9"], "deny": ["all"]}}).start()
     yield d
     d.stop()
+    assert "Traceback" not in d.log_text(), d.log_text()
 
 
 def test_token_auth_and_limits(token_imd, tmp_path):
