@@ -47,6 +47,24 @@ class PresenceListener:
         self.registry.remove_listener(self)
 
 
+class UserPresenceListener:
+    """One ``/psub?users=1`` stream: ``1 user`` (online or away) / ``0 user`` (offline)
+    lines from the node's user presence (imd/presence.py)."""
+
+    __slots__ = ("presence", "http")
+
+    def __init__(self, presence, http: HttpConn) -> None:
+        self.presence = presence
+        self.http = http
+
+    def __call__(self, user: str, status: str, platforms) -> None:
+        self.http.send(fmt.presence_line(status != "offline", user))
+
+    def gone(self) -> None:
+        if self in self.presence.listeners:
+            self.presence.listeners.remove(self)
+
+
 class AdminProtocol:
     """The admin port's listener hook and request router."""
 
@@ -156,7 +174,7 @@ class AdminProtocol:
         except Refused:
             http.reply(429, b"Too Many Channels\n")
             return
-        expires = self.registry._sign_expiry(expires)
+        expires = self.registry.sign_expiry(expires)
         http.reply(200, fmt.sign(ch, expires, int(self.registry.polling_timeout), cb),
                    JS if cb else JSON)
 
@@ -185,7 +203,14 @@ class AdminProtocol:
         http.reply(200, fmt.check(cname, self.registry.check(cname)), JSON)
 
     def psub(self, http, req) -> None:
-        self._params(req)
+        p = self._params(req)
+        if p.get("users") in ("1", "true"):
+            listener = UserPresenceListener(self.node.presence, http)
+            http.start_stream(req, listener, TEXT, (("Cache-Control", "no-cache"),))
+            for user in list(self.node.sessions):
+                http.send(fmt.presence_line(True, user))
+            self.node.presence.listeners.append(listener)
+            return
         listener = PresenceListener(self.registry, http)
         http.start_stream(req, listener, TEXT, (("Cache-Control", "no-cache"),))
         for cname in self.registry.add_listener(listener):

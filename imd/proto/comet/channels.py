@@ -151,6 +151,23 @@ class Registry:
                  channel_timeout: float = 30, polling_timeout: float = 30,
                  presence_grace: float = 5,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        self.configure(auth=auth, max_channels=max_channels,
+                       max_subscribers_per_channel=max_subscribers_per_channel,
+                       channel_buffer_size=channel_buffer_size, channel_timeout=channel_timeout,
+                       polling_timeout=polling_timeout, presence_grace=presence_grace)
+        self.clock = clock
+        self.channels: Dict[str, Channel] = {}
+        self.subscribers = 0
+        self.listeners: Dict[object, None] = {}     # /psub: objects with presence(online, cname)
+        self._vacant: Dict[Channel, None] = {}      # channels with no subscriber
+        self._noop_wheel: Dict[int, List[Subscriber]] = {}
+        self._wheel_tick = int(clock())
+
+    def configure(self, *, auth: str, max_channels: int, max_subscribers_per_channel: int,
+                  channel_buffer_size: int, channel_timeout: float, polling_timeout: float,
+                  presence_grace: float) -> None:
+        """Set the options (at start, and again on a config reload: they apply to
+        what happens next; existing buffers are trimmed by their next message)."""
         if auth not in ("none", "token"):
             raise ValueError("comet.auth must be 'none' or 'token'")
         if polling_timeout <= 0:
@@ -162,13 +179,6 @@ class Registry:
         self.channel_timeout = channel_timeout if channel_timeout > 0 else polling_timeout / 2
         self.polling_timeout = polling_timeout
         self.presence_grace = presence_grace
-        self.clock = clock
-        self.channels: Dict[str, Channel] = {}
-        self.subscribers = 0
-        self.listeners: Dict[object, None] = {}     # /psub: objects with presence(online, cname)
-        self._vacant: Dict[Channel, None] = {}      # channels with no subscriber
-        self._noop_wheel: Dict[int, List[Subscriber]] = {}
-        self._wheel_tick = int(clock())
 
     # -- channels ---------------------------------------------------------
 
@@ -357,7 +367,7 @@ class Registry:
         expires ``expires`` seconds after the last sign or ``channel_timeout``
         after its last use by a subscriber, whichever is later. Raises 429.
         """
-        expires = self._sign_expiry(expires)
+        expires = self.sign_expiry(expires)
         ch = self.create(cname, ttl=expires)
         now = self.clock()
         if not ch.token or now >= ch.token_until:
@@ -367,7 +377,7 @@ class Registry:
         ch.expires_at = now + expires
         return ch
 
-    def _sign_expiry(self, expires: int) -> int:
+    def sign_expiry(self, expires: int) -> int:
         if expires <= 0:
             return int(self.channel_timeout)
         return min(expires, MAX_SIGN_EXPIRES)

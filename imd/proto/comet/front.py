@@ -34,12 +34,13 @@ CONTENT = {IFRAME: "text/html; charset=utf-8", STREAM: JSON, SSE: "text/event-st
 SMALL_BODY = 1024
 
 
-def registry_from(cfg, grace: float) -> Registry:
+def registry_options(cfg) -> dict:
+    """The Registry's options from ``[comet]`` (and ``presence.grace``)."""
     c = cfg.comet
-    return Registry(auth=c.auth, max_channels=c.max_channels,
-                    max_subscribers_per_channel=c.max_subscribers_per_channel,
-                    channel_buffer_size=c.channel_buffer_size, channel_timeout=c.channel_timeout,
-                    polling_timeout=c.polling_timeout, presence_grace=grace)
+    return dict(auth=c.auth, max_channels=c.max_channels,
+                max_subscribers_per_channel=c.max_subscribers_per_channel,
+                channel_buffer_size=c.channel_buffer_size, channel_timeout=c.channel_timeout,
+                polling_timeout=c.polling_timeout, presence_grace=cfg.presence.grace)
 
 
 def atoi(value: str) -> int:
@@ -111,7 +112,8 @@ class CometProtocol:
         self.cfg = cfg
         self.limits = router.limits
         self.wheel = router.wheel
-        self.registry = registry or registry_from(cfg, cfg.presence.grace)
+        self._options = registry_options(cfg)
+        self.registry = registry or Registry(**self._options)
         self.users = Users(self, router, node_id)
         self.connections = 0
         self._timer = gevent.get_hub().loop.timer(1.0, 1.0)
@@ -122,7 +124,12 @@ class CometProtocol:
         self.registry.shutdown()
 
     def _sweep(self) -> None:
+        """Once a second: pick up reloaded ``[comet]`` options, then sweep."""
         try:
+            options = registry_options(self.router.cfg)
+            if options != self._options:
+                self.registry.configure(**options)
+                self._options = options
             self.registry.sweep()
         except Exception:
             log.exception("comet sweep failed")

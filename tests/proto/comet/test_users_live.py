@@ -277,6 +277,15 @@ def test_api_v1(imd):
     assert st == 400 and "error" in orjson.loads(body)
 
 
+def test_psub_users(imd):
+    p = Stream(imd.addr["admin"], "/psub?users=1")
+    ws = ws_login(imd, "nina")
+    lines = iter(p.chunk, None)
+    assert next(x for x in lines if x.endswith(b" nina\n")) == b"1 nina\n"
+    ws.close()
+    assert next(x for x in lines if x.endswith(b" nina\n")) == b"0 nina\n"
+
+
 def test_metrics_and_healthz(imd):
     st, h, body = request(imd.addr["admin"], "GET", "/metrics")
     text = body.decode()
