@@ -127,7 +127,7 @@ class Channel:
         self.name = name
         self.seq_next = 1
         self.buffer: List[Message] = []
-        self.subs: Dict[Subscriber, None] = {}   # insertion-ordered set
+        self.subs: List[Subscriber] = []         # few (max_subscribers_per_channel)
         self.expires_at = expires_at             # freed at this time if still vacant
         self.token = ""
         self.token_until = 0.0
@@ -269,7 +269,7 @@ class Registry:
         if len(ch.subs) >= self.max_subs:
             raise Refused("429", "Too many subscribers")
         now = self.clock()
-        ch.subs[sub] = None
+        ch.subs.append(sub)
         sub.channel = ch
         self.subscribers += 1
         self._vacant.pop(ch, None)
@@ -314,7 +314,7 @@ class Registry:
     def _detach(self, sub: Subscriber) -> None:
         ch = sub.channel
         sub.channel = None
-        del ch.subs[sub]
+        ch.subs.remove(sub)
         self.subscribers -= 1
         if not ch.subs:
             now = self.clock()

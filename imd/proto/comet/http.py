@@ -158,6 +158,10 @@ class RequestParser:
         done, self._done = self._done, []
         return done
 
+    def close(self) -> None:
+        """Drop the httptools parser (it refers back to this object)."""
+        self._parser = None
+
     @property
     def in_request(self) -> bool:
         """True while a request has begun and is not complete (for timeouts)."""

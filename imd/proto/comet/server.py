@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import Iterable, Optional, Tuple
 
 from imd.net.conn import Conn
@@ -39,13 +38,13 @@ class HttpConn:
     """One HTTP connection: parser, queue of pipelined requests, current answer."""
 
     __slots__ = ("conn", "parser", "app", "queue", "busy", "stream", "chunked", "keep",
-                 "began", "last_active", "_running", "peer", "_filed", "fresh")
+                 "began", "last_active", "_running", "peer", "_due", "fresh")
 
     def __init__(self, sock, addr, app, limit: int) -> None:
         self.app = app
         self.peer = addr
-        self.parser = RequestParser(body_limit=app.body_limit)
-        self.queue: deque = deque()
+        self.parser: Optional[RequestParser] = None   # only while bytes are being parsed
+        self.queue: Optional[list] = None      # pipelined requests waiting their turn
         self.busy = False
         self.stream = None          # holder of an open answer: has gone()
         self.chunked = False
@@ -53,7 +52,7 @@ class HttpConn:
         self.began = self.last_active = time.monotonic()
         self.fresh = True            # no request received yet: the head timeout applies
         self._running = False
-        self._filed: list = []       # deadlines this connection is filed under in the wheel
+        self._due = 0.0              # earliest deadline this connection is filed under
         self.conn = Conn(sock, self, limit, addr)
         self._arm(self.began + app.limits.auth_timeout)
 
@@ -64,26 +63,36 @@ class HttpConn:
     # -- Conn handler ------------------------------------------------------------
     def on_data(self, data: bytes) -> None:
         now = time.monotonic()
-        was_in = self.parser.in_request
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = RequestParser(body_limit=self.app.body_limit)
+        was_in = parser.in_request
         self.last_active = now
         try:
-            reqs = self.parser.feed(data)
+            reqs = parser.feed(data)
         except HTTPError as e:
             self.fail(e)
             return
-        if self.parser.in_request and (reqs or not was_in):
-            self.began = now                 # a new request began in this data
-            self._arm(now + self.app.limits.auth_timeout)
+        if parser.in_request:
+            if reqs or not was_in:
+                self.began = now             # a new request began in this data
+                self._arm(now + self.app.limits.auth_timeout)
+        elif parser.upgraded is None:
+            self.parser = None               # between requests: no parser kept while idle
+            parser.close()
         if reqs:
             self.fresh = False
-            self.queue.extend(reqs)
+            if self.queue is None:
+                self.queue = reqs
+            else:
+                self.queue.extend(reqs)
             if len(self.queue) > MAX_PIPELINE:
                 self.fail(HTTPError(429, "too many pipelined requests"))
                 return
         self._next()
 
     def on_close(self, reason: str) -> None:
-        self.queue.clear()
+        self.queue = None
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.gone()
@@ -95,7 +104,9 @@ class HttpConn:
         self._running = True
         try:
             while self.queue and not self.busy and not self.conn.closed:
-                req = self.queue.popleft()
+                req = self.queue.pop(0)
+                if not self.queue:
+                    self.queue = None
                 self.busy = True
                 self.keep = req.keep_alive
                 if req.upgrade and self.queue:
@@ -132,7 +143,7 @@ class HttpConn:
 
     def fail(self, err: HTTPError) -> None:
         """Answer bad input and close the connection (nothing else is affected)."""
-        self.queue.clear()
+        self.queue = None
         self.keep = False
         stream, self.stream = self.stream, None
         if stream is not None:
@@ -175,25 +186,35 @@ class HttpConn:
         received after the upgrade request."""
         self.conn.handler = handler
         self.busy = True
-        rest, self.parser.upgraded = self.parser.upgraded, None
-        return rest
+        parser, self.parser = self.parser, None
+        if parser is None:
+            return None
+        parser.close()
+        return parser.upgraded
 
     # -- deadlines (router.wheel) -------------------------------------------------------
+    @property
+    def in_request(self) -> bool:
+        return self.parser is not None and self.parser.in_request
+
     def _arm(self, when: float) -> None:
         """Make sure the wheel looks at this connection by ``when``."""
-        if not self._filed or when < min(self._filed) - 1:
-            self._filed.append(when)
-            self.app.wheel.add(_Tick(self, when), when)
+        if not self._due or when < self._due - 1:
+            self._due = when
+            self.app.wheel.add(self, when)
 
-    def check(self, tick: "_Tick", now: float) -> Optional[float]:
-        """A wheel entry came due: 408 a head that is late, close an idle
-        connection; returns when to look again (None: another entry will, or
-        the connection is busy and ``_done`` re-arms it)."""
-        self._filed.remove(tick.when)
+    def on_deadline(self, now: float) -> Optional[float]:
+        """The wheel's call: 408 a request that is late, close an idle connection;
+        returns when to look again. An entry filed before an earlier one replaced
+        it finds ``_due`` in the future and drops out; a busy connection is not
+        looked at (``_done`` files it again)."""
+        if now + 1 < self._due:
+            return None
+        self._due = 0.0
         if self.conn.closed or self.conn.handler is not self:
             return None
         limits = self.app.limits
-        if self.parser.in_request or self.fresh:
+        if self.in_request or self.fresh:
             due = self.began + limits.auth_timeout
             if now >= due:
                 self.fail(HTTPError(408, "request not received in time"))
@@ -205,21 +226,5 @@ class HttpConn:
             if now >= due:
                 self.conn.close("idle")
                 return None
-        if self._filed and min(self._filed) <= due + 1:
-            return None
-        self._filed.append(due)
-        tick.when = due
+        self._due = due
         return due
-
-
-class _Tick:
-    """One wheel entry of an HttpConn (the wheel calls ``on_deadline``)."""
-
-    __slots__ = ("http", "when")
-
-    def __init__(self, http: HttpConn, when: float) -> None:
-        self.http = http
-        self.when = when
-
-    def on_deadline(self, now: float) -> Optional[float]:
-        return self.http.check(self, now)
