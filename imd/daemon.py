@@ -98,8 +98,6 @@ class Daemon:
             self.listeners.append(listener)
             host, port = listener.address
             log.info("listening name=%s addr=%s:%d", name, host, port)
-        for signum in SIGNALS:
-            gevent.signal_handler(signum, self._enqueue, signum)
         log.info("ready node=%s", cfg.node.id)
 
     def protocols(self) -> dict:
@@ -118,6 +116,10 @@ class Daemon:
                            lambda: {(): self.store.stats().get("queue", 0)})
 
     # -- signals -----------------------------------------------------------------
+    def install_signals(self) -> None:
+        for signum in SIGNALS:
+            gevent.signal_handler(signum, self._enqueue, signum)
+
     def _enqueue(self, signum: int) -> None:
         self._signals.append(signum)
         self._wake.set()
@@ -198,6 +200,7 @@ def run(cfg) -> int:
     handler = log_mod.setup(cfg.log.level, cfg.log.format, cfg.log.file)
     d = Daemon(cfg)
     d.log_handler = handler
+    d.install_signals()           # before start: a TERM during boot waits in the queue
     try:
         d.start()
     except OSError as e:
