@@ -83,7 +83,7 @@ class AdminProtocol:
 
     # -- listener hook ---------------------------------------------------------------
     def handle(self, sock, addr) -> None:
-        HttpConn(sock, addr, self, self.limits.send_buffer)
+        HttpConn(sock, self, self.limits.send_buffer)
 
     def body_limit(self, req: Request) -> int:
         return self.limits.max_frame
@@ -97,7 +97,7 @@ class AdminProtocol:
 
     def dispatch(self, http: HttpConn, req: Request) -> None:
         if not self.ip_filter().check(http.ip):
-            log.info("admin deny peer=%s", http.peer)
+            log.info("admin deny peer=%s", http.conn.peer)
             http.keep = False
             http.reply(403, b"Forbidden\n")
             return

@@ -136,7 +136,7 @@ class CometProtocol:
 
     # -- listener hook -------------------------------------------------------------
     def handle(self, sock, addr) -> None:
-        HttpConn(sock, addr, self, self.limits.send_buffer)
+        HttpConn(sock, self, self.limits.send_buffer)
 
     def body_limit(self, req: Request) -> int:
         return self.limits.max_frame if req.path == "/im/send" else SMALL_BODY

@@ -38,11 +38,10 @@ class HttpConn:
     """One HTTP connection: parser, queue of pipelined requests, current answer."""
 
     __slots__ = ("conn", "parser", "app", "queue", "busy", "stream", "chunked", "keep",
-                 "began", "last_active", "_running", "peer", "_due", "fresh")
+                 "began", "last_active", "_running", "_due", "fresh")
 
-    def __init__(self, sock, addr, app, limit: int) -> None:
+    def __init__(self, sock, app, limit: int) -> None:
         self.app = app
-        self.peer = addr
         self.parser: Optional[RequestParser] = None   # only while bytes are being parsed
         self.queue: Optional[list] = None      # pipelined requests waiting their turn
         self.busy = False
@@ -53,12 +52,16 @@ class HttpConn:
         self.fresh = True            # no request received yet: the head timeout applies
         self._running = False
         self._due = 0.0              # earliest deadline this connection is filed under
-        self.conn = Conn(sock, self, limit, addr)
+        self.conn = Conn(sock, self, limit)
         self._arm(self.began + app.limits.auth_timeout)
 
     @property
     def ip(self) -> str:
-        return self.peer[0] if isinstance(self.peer, tuple) else ""
+        """The peer's IP address (asked from the socket: not kept per connection)."""
+        try:
+            return self.conn.sock.getpeername()[0]
+        except OSError:
+            return ""
 
     # -- Conn handler ------------------------------------------------------------
     def on_data(self, data: bytes) -> None:
@@ -117,7 +120,7 @@ class HttpConn:
                 except HTTPError as e:
                     self.fail(e)
                 except Exception:
-                    log.exception("request failed path=%s peer=%s", req.path, self.peer)
+                    log.exception("request failed path=%s peer=%s", req.path, self.conn.peer)
                     self.fail(HTTPError(500, "internal error"))
         finally:
             self._running = False
