@@ -44,8 +44,9 @@ def _toml(v) -> str:
 
 
 class Imd:
-    def __init__(self, tmp_path, overrides: dict | None = None) -> None:
+    def __init__(self, tmp_path, overrides: dict | None = None, env: dict | None = None) -> None:
         self.dir = str(tmp_path)
+        self.env = env or {}
         cfg = {"node": {"id": "t1", "data_dir": os.path.join(self.dir, "var")},
                "auth": {"secret": SECRET},
                "listen": {"tcp": "127.0.0.1:0", "comet": "127.0.0.1:0", "admin": "127.0.0.1:0",
@@ -63,7 +64,7 @@ class Imd:
 
     def start(self, timeout: float = 20.0) -> "Imd":
         ready = threading.Event()
-        env = dict(os.environ, PYTHONPATH=ROOT)
+        env = dict(os.environ, PYTHONPATH=ROOT, **self.env)
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "run_imd.py"), "-c",
                                       self.config], cwd=self.dir, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

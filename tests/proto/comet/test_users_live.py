@@ -12,12 +12,17 @@ from imd.fastpath import ws_close_payload
 from tests.proto.comet.live import Imd, Raw, Stream, request, token
 
 
-@pytest.fixture(scope="module")
-def imd(tmp_path_factory):
-    d = Imd(tmp_path_factory.mktemp("users"), {
+@pytest.fixture(scope="module", params=["default", "pure-python"])
+def imd(request, tmp_path_factory):
+    """The daemon, once with the compiled fast path (if built) and once with its
+    pure-Python twin (WebSocket frames are decoded by either)."""
+    env = {"IMD_PURE_PYTHON": "1"} if request.param == "pure-python" else {}
+    d = Imd(tmp_path_factory.mktemp("users"), env=env, overrides={
         "limits": {"heartbeat": 2, "idle_timeout": 4, "auth_timeout": 1, "max_frame": 4096,
                    "max_body": 1024},
         "comet": {"origins": ["https://app.example"]}}).start()
+    if request.param == "pure-python":
+        assert "fastpath=python" in d.log_text()
     yield d
     d.stop()
     assert "Traceback" not in d.log_text(), d.log_text()
