@@ -14,6 +14,7 @@ the hub; nothing here blocks.
 from __future__ import annotations
 
 import logging
+import os
 
 import gevent
 
@@ -32,6 +33,18 @@ JSON = "application/json; charset=utf-8"
 JS = "text/javascript; charset=utf-8"
 CONTENT = {IFRAME: "text/html; charset=utf-8", STREAM: JSON, SSE: "text/event-stream; charset=utf-8"}
 SMALL_BODY = 1024
+STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/imd.js": ("imd.js", "text/javascript; charset=utf-8")}
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "static")
+
+
+def load_static() -> dict:
+    """path → (bytes, content type) of the demo page and the JS client, read at start."""
+    out = {}
+    for path, (name, ctype) in STATIC.items():
+        with open(os.path.join(STATIC_DIR, name), "rb") as f:
+            out[path] = (f.read(), ctype)
+    return out
 
 
 def registry_options(cfg) -> dict:
@@ -115,6 +128,7 @@ class CometProtocol:
         self._options = registry_options(cfg)
         self.registry = registry or Registry(**self._options)
         self.users = Users(self, router, node_id)
+        self.static = load_static()
         self.connections = 0
         self._timer = gevent.get_hub().loop.timer(1.0, 1.0)
         self._timer.start(self._sweep)
@@ -150,6 +164,9 @@ class CometProtocol:
             self.ping(http, req)
         elif path.startswith("/im/") or path == "/ws":
             self.users.dispatch(http, req)
+        elif path in self.static and req.method == "GET":
+            body, ctype = self.static[path]
+            http.reply(200, body, ctype, (("Cache-Control", "no-cache"),))
         else:
             http.reply(404, b"not found\n")
 

@@ -30,6 +30,7 @@ import secrets
 import time
 
 import gevent
+import orjson
 
 from imd import auth, envelope
 from imd.envelope import EnvelopeError
@@ -260,6 +261,8 @@ class Users:
             self.poll(http, req)
         elif path == "/im/send":
             self.send(http, req)
+        elif path.startswith("/im/dev/"):
+            self.dev(http, req)
         else:
             http.reply(404, b"not found\n")
 
@@ -397,6 +400,49 @@ class Users:
         s.touch()
         self.router.receive(s, env)
         http.reply(202, OK, JSON, headers)
+
+
+    def dev(self, http, req: Request) -> None:
+        """Development sign-in for the demo page, only with ``admin.dev_tokens = true``:
+        ``POST /im/dev/token {"sub","role"[,"contact"]}`` → ``{"token"}`` (and makes
+        ``contact`` a contact), ``POST /im/dev/contact {"token","contact"}``."""
+        cfg = self.router.cfg
+        if not cfg.admin.dev_tokens or req.method != "POST":
+            http.reply(404, b"not found\n")
+            return
+        try:
+            body = orjson.loads(req.body or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            self.error(http, 400, "body must be a JSON object")
+            return
+        contact = body.get("contact")
+        if contact is not None and (not isinstance(contact, str) or not envelope.USER_RE.fullmatch(contact)):
+            self.error(http, 400, "'contact' must be a user id")
+            return
+        if req.path == "/im/dev/token":
+            try:
+                token = auth.issue(cfg.auth.secret, body.get("sub") or "", body.get("role"), 86400)
+            except (ValueError, TypeError) as e:
+                self.error(http, 400, str(e))
+                return
+            user, answer = body["sub"], {"token": token}
+        elif req.path == "/im/dev/contact":
+            try:
+                user, answer = self.verify(body.get("token") or "").user, {"ok": True}
+            except auth.AuthError as e:
+                self.error(http, 401, e.reason)
+                return
+            if contact is None:
+                self.error(http, 400, "'contact' required")
+                return
+        else:
+            http.reply(404, b"not found\n")
+            return
+        if contact and contact != user:
+            self.router.add_contact(user, contact)
+        http.reply(200, orjson.dumps(answer), JSON)
 
 
 def _bearer(req: Request) -> str:
