@@ -33,6 +33,11 @@ CLOSE_LINGER = 5.0      # seconds a closing connection may take to drain its out
 _DEAD = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT, errno.EBADF)
 
 
+def _cid(handler) -> str:
+    """The connection id for log lines (the session's id when the handler is one)."""
+    return getattr(handler, "id", None) or "-"
+
+
 class Flusher:
     """Writes every dirty connection's buffer once per event-loop iteration."""
 
@@ -114,7 +119,7 @@ class Conn:
         try:
             self.handler.on_data(data)
         except Exception:
-            log.exception("conn handler failed peer=%s", self.peer)
+            log.exception("conn handler failed conn=%s peer=%s", _cid(self.handler), self.peer)
             self._shutdown("internal error")
 
     def pause_reading(self) -> None:
@@ -137,7 +142,7 @@ class Conn:
         self._out.append(data)
         self._outlen += len(data)
         if self._outlen > self.limit:
-            log.info("slow consumer cut off peer=%s pending=%d", self.peer, self._outlen)
+            log.info("slow consumer cut off conn=%s peer=%s pending=%d", _cid(self.handler), self.peer, self._outlen)
             self._shutdown("slow consumer")
             return False
         if not self._dirty and self._ww is None:
@@ -233,4 +238,4 @@ class Conn:
         try:
             self.handler.on_close(reason)
         except Exception:
-            log.exception("conn on_close failed peer=%s", self.peer)
+            log.exception("conn on_close failed conn=%s peer=%s", _cid(self.handler), self.peer)
