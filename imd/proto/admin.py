@@ -6,7 +6,9 @@ and the connection closes) and, when ``admin.secret`` is set,
 ``Authorization: Bearer <secret>`` (``401``; ``/healthz`` is exempt).
 
 iComet (``/pub /push /broadcast /sign /close /clear /info /check /psub``)
-works on the comet port's channel :class:`Registry` in the hub. ``/api/v1``
+works on the comet port's channel :class:`Registry` in the hub; the
+operations that change channels go through the bus to every node's replica
+(imd/proto/comet/bus.py). ``/api/v1``
 answers JSON (errors ``{"error": reason}``); its handlers that wait for the
 store run in a greenlet each (:mod:`imd.proto.admin_api`).
 """
@@ -70,16 +72,18 @@ class AdminProtocol:
 
     name = "admin"
 
-    def __init__(self, router, node, registry) -> None:
+    def __init__(self, router, node, comet) -> None:
+        """``comet``: the comet port's CometProtocol (its registry and bus)."""
         self.router = router
         self.node = node
-        self.registry = registry
+        self.registry = comet.registry
+        self.bus = comet.bus
         self.limits = router.limits
         self.wheel = router.wheel
         self.api = admin_api.Api(router, node)
         self._filter_key = None
         self._filter = None
-        admin_api.register_gauges(router.metrics, registry)
+        admin_api.register_gauges(router.metrics, self.registry)
 
     # -- listener hook ---------------------------------------------------------------
     def handle(self, sock, addr) -> None:
@@ -146,11 +150,11 @@ class AdminProtocol:
         p = self._params(req)
         cname, cb = self._cname(p), self._cb(p)
         content = p.get("content", "")
-        try:
-            self.registry.publish(cname, fmt.pub_content(content) if encoded else content)
-        except Refused:
+        reg = self.registry
+        if cname not in reg.channels and len(reg.channels) >= reg.max_channels:
             http.reply(429, b"Too Many Channels\n")
             return
+        self.bus.publish("pub", cname=cname, content=fmt.pub_content(content) if encoded else content)
         self.router.metrics.inc("imd_comet_published_total", (("endpoint", req.path),))
         http.reply(200, fmt.pub_ok(cb), JS)
 
@@ -159,7 +163,7 @@ class AdminProtocol:
 
     def broadcast(self, http, req) -> None:
         p = self._params(req)
-        self.registry.broadcast(p.get("content", ""))
+        self.bus.publish("broadcast", content=p.get("content", ""))
         http.reply(200, fmt.BROADCAST_OK)
 
     def sign(self, http, req) -> None:
@@ -169,28 +173,30 @@ class AdminProtocol:
             expires = int(p.get("expires", "0") or 0)
         except ValueError:
             expires = 0
+        expires = self.registry.sign_expiry(expires)
         try:
-            ch = self.registry.sign(cname, expires)
+            ch, token = self.registry.sign(cname, expires)
         except Refused:
             http.reply(429, b"Too Many Channels\n")
             return
-        expires = self.registry.sign_expiry(expires)
-        http.reply(200, fmt.sign(ch, expires, int(self.registry.polling_timeout), cb),
+        self.bus.publish("sign", cname=cname, expires=expires, token=token)
+        http.reply(200, fmt.sign(ch, token, expires, int(self.registry.polling_timeout), cb),
                    JS if cb else JSON)
 
     def close(self, http, req) -> None:
-        self._seq_answer(http, req, self.registry.close)
+        self._seq_answer(http, req, "close")
 
     def clear(self, http, req) -> None:
-        self._seq_answer(http, req, self.registry.clear)
+        self._seq_answer(http, req, "clear")
 
-    def _seq_answer(self, http, req, op) -> None:
+    def _seq_answer(self, http, req, op: str) -> None:
         cname = self._cname(self._params(req))
-        seq = op(cname)
-        if seq is None:
+        ch = self.registry.get(cname)
+        if ch is None:
             http.reply(404, fmt.not_connected(cname))
-        else:
-            http.reply(200, fmt.ok_seq(seq))
+            return
+        self.bus.publish(op, cname=cname)
+        http.reply(200, fmt.ok_seq(ch.seq_next))
 
     def info(self, http, req) -> None:
         p = self._params(req)

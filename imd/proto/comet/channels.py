@@ -120,8 +120,8 @@ class Subscriber:
 class Channel:
     """A named channel: seq counter, bounded buffer, subscribers, token, deadline."""
 
-    __slots__ = ("name", "seq_next", "buffer", "subs", "expires_at", "token",
-                 "token_until", "online", "vacant_since")
+    __slots__ = ("name", "seq_next", "buffer", "subs", "expires_at", "tokens", "online",
+                 "vacant_since")
 
     def __init__(self, name: str, expires_at: float) -> None:
         self.name = name
@@ -129,8 +129,7 @@ class Channel:
         self.buffer: List[Message] = []
         self.subs: List[Subscriber] = []         # few (max_subscribers_per_channel)
         self.expires_at = expires_at             # freed at this time if still vacant
-        self.token = ""
-        self.token_until = 0.0
+        self.tokens: Optional[Dict[str, float]] = None   # /sign tokens → valid until
         self.online = False                      # as last reported to /psub
         self.vacant_since = 0.0
 
@@ -276,8 +275,8 @@ class Registry:
         self._announce(ch, True)
         sub.idle_until = now + self.polling_timeout
         self._schedule(sub, sub.idle_until)
-        if ch.token:
-            ch.token_until = max(ch.token_until, now + self.channel_timeout)
+        if ch.tokens and token in ch.tokens:
+            ch.tokens[token] = max(ch.tokens[token], now + self.channel_timeout)
         if sub.seq_next == 0 or seq_gt(sub.seq_next, ch.seq_next):
             sub.seq_next = ch.seq_next
             self._deliver(sub, [Message("next_seq", ch.name, ch.seq_next)], False)
@@ -358,34 +357,62 @@ class Registry:
 
     # -- tokens (/sign) -------------------------------------------------------
 
-    def sign(self, cname: str, expires: int = 0) -> Channel:
+    def sign(self, cname: str, expires: int = 0, token: Optional[str] = None) -> tuple:
         """``/sign``: create the channel if needed, keep it ``expires`` seconds
-        (default ``channel_timeout``) and return it with a valid token.
+        (default ``channel_timeout``); returns ``(channel, token)``.
 
-        The token is unpredictable; re-signing while it is valid returns the
-        same token (iComet: tabs of one user share it) and extends it. A token
-        expires ``expires`` seconds after the last sign or ``channel_timeout``
-        after its last use by a subscriber, whichever is later. Raises 429.
+        Tokens are unpredictable; re-signing while a token is valid returns the
+        same one (iComet: tabs of one user share it) and extends it. A token
+        expires ``expires`` seconds after its last sign or ``channel_timeout``
+        after its last use by a subscriber, whichever is later. ``token`` is
+        given when another node signed (imd/proto/comet/bus.py): a channel may
+        then hold several valid tokens. Raises Refused 429.
         """
         expires = self.sign_expiry(expires)
         ch = self.create(cname, ttl=expires)
         now = self.clock()
-        if not ch.token or now >= ch.token_until:
-            ch.token = secrets.token_hex(16)
-            ch.token_until = 0.0
-        ch.token_until = max(ch.token_until, now + expires)
+        tokens = ch.tokens
+        if tokens:
+            for t, until in list(tokens.items()):
+                if until <= now:
+                    del tokens[t]
+        else:
+            tokens = ch.tokens = {}
+        if token is None:
+            token = next(reversed(tokens), None) or secrets.token_hex(16)
+        tokens[token] = max(tokens.get(token, 0.0), now + expires)
         ch.expires_at = now + expires
-        return ch
+        return ch, token
 
     def sign_expiry(self, expires: int) -> int:
+        """The ``expires`` a sign gets: the asked one, or ``channel_timeout``, at most a day."""
         if expires <= 0:
             return int(self.channel_timeout)
         return min(expires, MAX_SIGN_EXPIRES)
 
     def _token_ok(self, ch: Channel, token: str) -> bool:
-        if not ch.token or not token or self.clock() >= ch.token_until:
+        if not ch.tokens or not token:
             return False
-        return hmac.compare_digest(ch.token.encode(), token.encode("utf-8", "replace"))
+        now = self.clock()
+        given = token.encode("utf-8", "replace")
+        ok = False
+        for t, until in ch.tokens.items():
+            if hmac.compare_digest(t.encode(), given) and until > now:
+                ok = True
+        return ok
+
+    def keep(self, cnames) -> None:
+        """Subscribers elsewhere in the cluster use these channels: keep them
+        (and the tokens they hold) alive for another ``channel_timeout``."""
+        until = self.clock() + self.channel_timeout
+        for cname in cnames:
+            ch = self.channels.get(cname)
+            if ch is not None:
+                ch.expires_at = max(ch.expires_at, until)
+
+    def occupied(self) -> List[str]:
+        """Names of the channels that have subscribers on this node."""
+        return [name for name, ch in self.channels.items() if ch.subs]
 
     # -- presence (/psub) -----------------------------------------------------
 

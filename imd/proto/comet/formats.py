@@ -125,10 +125,11 @@ def pub_ok(cb: Optional[str] = None) -> bytes:
     return _jsonp(b'{"type":"ok"}', cb)
 
 
-def sign(ch: Channel, expires: int, sub_timeout: int, cb: Optional[str] = None) -> bytes:
+def sign(ch: Channel, token: str, expires: int, sub_timeout: int,
+         cb: Optional[str] = None) -> bytes:
     """``/sign``: the sign object, JSONP if ``cb``."""
     obj = orjson.dumps({"type": "sign", "cname": ch.name, "seq": ch.seq_min(),
-                        "token": ch.token, "expires": expires, "sub_timeout": sub_timeout})
+                        "token": token, "expires": expires, "sub_timeout": sub_timeout})
     return _jsonp(obj, cb)
 
 

@@ -6,8 +6,10 @@ side of :class:`~imd.proto.comet.channels.Subscriber`. Users: ``/ws``,
 ``/im/events``, ``/im/poll``, ``/im/send`` (imd/proto/comet/users.py).
 
 :class:`CometProtocol` is the listener hook (``handle(sock, addr)``, like
-imd/proto/tcp.py's). It owns the channel :class:`Registry` (shared with the
-admin port) and the one timer that sweeps it each second. Everything runs in
+imd/proto/tcp.py's). It owns the channel :class:`Registry` and its
+:class:`~imd.proto.comet.bus.CometBus` (shared with the admin port, whose
+operations reach every node's registry through the bus) and the one timer
+that sweeps it each second. Everything runs in
 the hub; nothing here blocks.
 """
 
@@ -19,6 +21,7 @@ import os
 import gevent
 
 from imd.proto.comet import formats as fmt
+from imd.proto.comet.bus import CometBus
 from imd.proto.comet.channels import SEQ_MASK, Message, Refused, Registry, Subscriber, valid_cname
 from imd.proto.comet.http import HTTPError, Request
 from imd.proto.comet.server import HttpConn
@@ -127,6 +130,7 @@ class CometProtocol:
         self.wheel = router.wheel
         self._options = registry_options(cfg)
         self.registry = registry or Registry(**self._options)
+        self.bus = CometBus(router.node, self.registry, cfg.engine.backend != "memory")
         self.users = Users(self, router, node_id)
         self.static = load_static()
         self.connections = 0
@@ -145,6 +149,7 @@ class CometProtocol:
                 self.registry.configure(**options)
                 self._options = options
             self.registry.sweep()
+            self.bus.tick(self.registry.clock())
         except Exception:
             log.exception("comet sweep failed")
 

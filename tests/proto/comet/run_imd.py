@@ -21,7 +21,7 @@ def protocols(self) -> dict:
         from imd.proto.comet.front import CometProtocol
         front = CometProtocol(self.router, self.cfg.node.id)
         out["comet"] = front
-        out["admin"] = AdminProtocol(self.router, self.node, front.registry)
+        out["admin"] = AdminProtocol(self.router, self.node, front)
     return out
 
 

@@ -258,10 +258,9 @@ def test_token_auth(clock):
     with pytest.raises(Refused) as e:
         r.subscribe("a", Rec())              # no channel
     assert e.value.kind == "401"
-    ch = r.sign("a", expires=10)
-    tok = ch.token
+    ch, tok = r.sign("a", expires=10)
     assert len(tok) == 32 and int(tok, 16) >= 0
-    assert r.sign("a").token == tok          # re-sign: same token
+    assert r.sign("a")[1] == tok          # re-sign: same token
     for bad in ("", "0" * 32, tok[:-1], tok + "x", "é" * 32):
         with pytest.raises(Refused):
             r.subscribe("a", Rec(), bad)
@@ -273,18 +272,18 @@ def test_token_auth(clock):
 def test_token_expires_and_is_replaced(clock):
     r = reg(clock, auth="token", channel_timeout=30)
     r.publish("a", "keep the channel alive")
-    tok = r.sign("a", expires=5).token
+    tok = r.sign("a", expires=5)[1]
     clock.now += 6
     with pytest.raises(Refused):
         r.subscribe("a", Rec(), tok)
-    new = r.sign("a", expires=5).token
+    new = r.sign("a", expires=5)[1]
     assert new != tok
     r.subscribe("a", Rec(), new)
 
 
 def test_token_kept_alive_by_use(clock):
     r = reg(clock, auth="token", channel_timeout=30)
-    tok = r.sign("a", expires=5).token
+    tok = r.sign("a", expires=5)[1]
     s = Rec()
     r.subscribe("a", s, tok)
     clock.now += 20
@@ -293,16 +292,41 @@ def test_token_kept_alive_by_use(clock):
 
 def test_tokens_are_unpredictable(clock):
     r = reg(clock)
-    toks = {r.sign("c%d" % i).token for i in range(200)}
+    toks = {r.sign("c%d" % i)[1] for i in range(200)}
     assert len(toks) == 200
 
 
 def test_sign_seq_is_oldest_buffered(clock):
     r = reg(clock, channel_buffer_size=3)
-    assert r.sign("a").seq_min() == 1
+    assert r.sign("a")[0].seq_min() == 1
     for i in range(5):
         r.publish("a", str(i))
-    assert r.sign("a").seq_min() == r.get("a").buffer[0].seq
+    assert r.sign("a")[0].seq_min() == r.get("a").buffer[0].seq
+
+
+def test_token_from_another_node_is_valid_too(clock):
+    r = reg(clock, auth="token")
+    _, mine = r.sign("a")
+    _, theirs = r.sign("a", token="f" * 32)      # replicated from another node's /sign
+    assert theirs == "f" * 32
+    r.subscribe("a", Rec(), mine)
+    r.subscribe("a", Rec(), theirs)
+    assert r.sign("a")[1] in (mine, theirs)
+
+
+def test_keep_and_occupied(clock):
+    r = reg(clock, channel_timeout=10)
+    r.publish("a", "x")
+    r.subscribe("b", Rec(seq=1))
+    assert r.occupied() == ["b"]
+    clock.now += 8
+    r.keep(["a", "zz"])
+    clock.now += 8
+    r.sweep()
+    assert r.check("a")
+    clock.now += 3
+    r.sweep()
+    assert not r.check("a") and r.check("b")
 
 
 def test_sign_keeps_channel_for_expires(clock):

@@ -92,11 +92,11 @@ def test_ping_pub_sign_admin_texts():
 
 def test_sign_object():
     r = Registry()
-    ch = r.sign("a")
-    out = f.sign(ch, 30, 30)
+    ch, tok = r.sign("a")
+    out = f.sign(ch, tok, 30, 30)
     assert out == (b'{"type":"sign","cname":"a","seq":1,"token":"%s","expires":30,'
-                   b'"sub_timeout":30}\n' % ch.token.encode())
-    assert f.sign(ch, 30, 30, "cb").startswith(b'cb({"type":"sign"')
+                   b'"sub_timeout":30}\n' % tok.encode())
+    assert f.sign(ch, tok, 30, 30, "cb").startswith(b'cb({"type":"sign"')
 
 
 def test_error_message():
