@@ -101,7 +101,8 @@ class RequestParser:
 
     __slots__ = ("_parser", "_req", "_target", "_head", "_raw_head", "_nheaders",
                  "_body", "_body_len", "_body_max", "_done", "_in_head", "_began_now",
-                 "max_head", "max_headers", "max_target", "body_limit", "upgraded")
+                 "max_head", "max_headers", "max_target", "body_limit", "upgraded",
+                 "want_continue")
 
     def __init__(self, *, max_head: int = MAX_HEAD, max_headers: int = MAX_HEADERS,
                  max_target: int = MAX_TARGET,
@@ -112,6 +113,7 @@ class RequestParser:
         self.max_target = max_target
         self.body_limit = body_limit
         self.upgraded: Optional[bytes] = None   # bytes after an upgrade request's head
+        self.want_continue = False  # a head with "Expect: 100-continue" waits for its body
         self._done: List[Request] = []
         self._in_head = False
         self._began_now = False
@@ -210,6 +212,8 @@ class RequestParser:
         length = req.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._body_max:
             raise HTTPError(413, "body too large")
+        if req.headers.get("expect", "").lower() == "100-continue":
+            self.want_continue = True
 
     def on_body(self, piece: bytes) -> None:
         self._body_len += len(piece)

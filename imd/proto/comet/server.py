@@ -76,6 +76,9 @@ class HttpConn:
         except HTTPError as e:
             self.fail(e)
             return
+        if parser.want_continue:
+            parser.want_continue = False     # the head is fine: ask for the body
+            self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if parser.in_request:
             if reqs or not was_in:
                 self.began = now             # a new request began in this data
@@ -111,7 +114,7 @@ class HttpConn:
                 if not self.queue:
                     self.queue = None
                 self.busy = True
-                self.keep = req.keep_alive
+                self.keep = req.keep_alive and not req.upgrade   # no HTTP after an upgrade
                 if req.upgrade and self.queue:
                     self.fail(HTTPError(400, "requests after an upgrade"))
                     return

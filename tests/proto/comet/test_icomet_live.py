@@ -292,3 +292,16 @@ def test_token_flow(tmp_path):
         assert request(d.addr["admin"], "GET", "/healthz")[0] == 200
     finally:
         d.stop()
+
+
+def test_expect_continue_and_foreign_upgrade(imd):
+    r = Raw(imd.addr["admin"])
+    r.send(b"POST /push HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+           b"Content-Length: 22\r\nExpect: 100-continue\r\n\r\n")
+    assert r.read_until(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    r.send(b"cname=ec1&content=body")
+    assert r.response()[2] == b'{"type":"ok"}\n'
+    u = Raw(imd.addr["comet"])
+    u.send(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+    st, h, body = u.response()
+    assert st == 200 and h["connection"] == "close" and u.read_all() == b""
