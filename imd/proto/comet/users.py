@@ -181,7 +181,13 @@ class PollSession(Session):
             return
         if self.waiter is not None and not self._scheduled:
             self._scheduled = True
-            gevent.get_hub().loop.run_callback(self._answer)
+            gevent.get_hub().loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        """Loop callback: answer the held poll with what was queued this iteration."""
+        self._scheduled = False
+        if self.queue and self.waiter is not None:
+            self._answer()
 
     def attach(self, http, cb: str) -> None:
         """A poll request arrived for this session: answer now or hold it."""
@@ -193,10 +199,10 @@ class PollSession(Session):
         http.hold(self)
         if self.queue and not self._scheduled:
             self._scheduled = True
-            gevent.get_hub().loop.run_callback(self._answer)
+            gevent.get_hub().loop.run_callback(self._flush)
 
     def _answer(self) -> None:
-        self._scheduled = False
+        """Answer the held poll now with everything queued (maybe ``[]``)."""
         http, self.waiter = self.waiter, None
         if http is None:
             return
