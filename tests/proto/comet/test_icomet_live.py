@@ -305,3 +305,28 @@ def test_expect_continue_and_foreign_upgrade(imd):
     u.send(b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
     st, h, body = u.response()
     assert st == 200 and h["connection"] == "close" and u.read_all() == b""
+
+
+def test_slow_stream_consumer_is_cut_off(tmp_path):
+    d = Imd(tmp_path, {"limits": {"send_buffer": 65536}}).start()
+    try:
+        import socket
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(d.addr["comet"])
+        slow.sendall(b"GET /stream?cname=slow1&seq=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        calm = Stream(d.addr["comet"], "/stream?cname=calm2&seq=1")
+        content = "x" * 30000
+        for _ in range(400):                            # ~12 MB the slow one never reads
+            request(d.addr["admin"], "POST", "/push",
+                    body=urllib.parse.urlencode({"cname": "slow1", "content": content}),
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+            if admin(d, "/info?cname=slow1")[2] == b'{"cname": "slow1", "subscribers": 0}\n':
+                break
+        assert admin(d, "/info?cname=slow1")[2] == b'{"cname": "slow1", "subscribers": 0}\n'
+        assert "slow consumer" in d.log_text()
+        admin(d, "/push?cname=calm2&content=fine")
+        assert orjson.loads(calm.chunk())["content"] == "fine"
+        slow.close()
+    finally:
+        d.stop()
