@@ -298,3 +298,25 @@ def test_metrics_and_healthz(imd):
     for name in ("imd_comet_channels", "imd_comet_subscribers", "imd_messages_in_total"):
         assert f"# TYPE {name} " in text
     assert orjson.loads(request(imd.addr["admin"], "GET", "/healthz")[2])["ok"] is True
+
+
+def test_api_v1_notices_by_role_and_all_and_idempotent_messages(imd):
+    host = ws_login(imd, "olga_host", "host")
+    guest = ws_login(imd, "paul_guest", "guest")
+    st, res = api(imd, "POST", "/api/v1/notices", {"role": "host", "kind": "payout.sent", "body": "paid"})
+    assert st == 200 and res["count"] >= 1
+    assert recv_type(host, "notice")["kind"] == "payout.sent"
+    st, res = api(imd, "POST", "/api/v1/notices", {"all": True, "kind": "maintenance", "body": "tonight"})
+    assert st == 200 and res["count"] >= 2
+    assert recv_type(guest, "notice")["kind"] == "maintenance"
+    assert recv_type(host, "notice")["kind"] == "maintenance"
+    first = api(imd, "POST", "/api/v1/messages", {"from": "olga_host", "to": "paul_guest",
+                                                  "body": "once", "id": "web-42"})
+    again = api(imd, "POST", "/api/v1/messages", {"from": "olga_host", "to": "paul_guest",
+                                                  "body": "once", "id": "web-42"})
+    assert first[0] == 200 and first == again
+    assert api(imd, "POST", "/api/v1/notices", {"role": "admin", "kind": "k", "body": "b"})[0] == 400
+    assert api(imd, "POST", "/api/v1/notices", {"to": ["x"], "kind": "bad kind", "body": "b"})[0] == 400
+    assert api(imd, "POST", "/api/v1/notices", {"to": ["x"], "kind": "k", "body": "x" * 2000})[0] == 413
+    host.close()
+    guest.close()
