@@ -22,7 +22,7 @@ import gevent
 
 from imd.proto.comet import formats as fmt
 from imd.proto.comet.bus import CometBus
-from imd.proto.comet.channels import SEQ_MASK, Message, Refused, Registry, Subscriber, valid_cname
+from imd.proto.comet.channels import SEQ_MASK, Refused, Registry, Subscriber, valid_cname
 from imd.proto.comet.http import HTTPError, Request
 from imd.proto.comet.server import HttpConn
 from imd.proto.comet.users import Users
@@ -198,7 +198,7 @@ class CometProtocol:
         try:
             self.registry.subscribe(cname, sub, p.get("token", ""))
         except Refused as r:
-            sub.push([Message(r.kind, cname, 0, r.reason)], False)
+            sub.push([fmt.error_message(cname, r.kind, r.reason)], False)
             sub.end()
 
     def ping(self, http: HttpConn, req: Request) -> None:

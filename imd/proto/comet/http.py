@@ -279,12 +279,3 @@ def chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 
-
-def sse(data: bytes, id: Optional[int] = None, event: str = "") -> bytes:
-    """One SSE event; ``data`` must hold no newline (JSON from orjson never does)."""
-    out = b""
-    if id is not None:
-        out += b"id: %d\n" % id
-    if event:
-        out += b"event: " + event.encode() + b"\n"
-    return out + b"data: " + data + b"\n\n"

@@ -3,7 +3,7 @@
 import pytest
 
 from imd.proto.comet.http import (LAST_CHUNK, HTTPError, RequestParser, chunk, error_response,
-                                  response, sse, stream_head)
+                                  response, stream_head)
 
 
 def parse(data, **kw):
@@ -136,5 +136,3 @@ def test_response_writers():
     head10 = stream_head("text/plain", chunked=False)
     assert head10.startswith(b"HTTP/1.0 200 OK") and b"chunked" not in head10
     assert chunk(b"hello") == b"5\r\nhello\r\n" and LAST_CHUNK == b"0\r\n\r\n"
-    assert sse(b"{}", id=7) == b"id: 7\ndata: {}\n\n"
-    assert sse(b"{}", event="ping") == b"event: ping\ndata: {}\n\n"
