@@ -23,7 +23,7 @@ from imd.proto.comet import formats as fmt
 from imd.proto.comet.channels import Refused, valid_cname
 from imd.proto.comet.http import HTTPError, Request
 from imd.proto.comet.ipfilter import IpFilter
-from imd.proto.comet.server import HttpConn
+from imd.proto.comet.server import HttpConn, raw_socket
 
 log = logging.getLogger("imd.admin")
 
@@ -87,7 +87,7 @@ class AdminProtocol:
 
     # -- listener hook ---------------------------------------------------------------
     def handle(self, sock, addr) -> None:
-        HttpConn(sock, self, self.limits.send_buffer)
+        HttpConn(raw_socket(sock), self, self.limits.send_buffer)
 
     def body_limit(self, req: Request) -> int:
         return self.limits.max_frame

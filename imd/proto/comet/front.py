@@ -24,7 +24,7 @@ from imd.proto.comet import formats as fmt
 from imd.proto.comet.bus import CometBus
 from imd.proto.comet.channels import SEQ_MASK, Refused, Registry, Subscriber, valid_cname
 from imd.proto.comet.http import HTTPError, Request
-from imd.proto.comet.server import HttpConn
+from imd.proto.comet.server import HttpConn, raw_socket
 from imd.proto.comet.users import Users
 
 log = logging.getLogger("imd.comet")
@@ -155,7 +155,7 @@ class CometProtocol:
 
     # -- listener hook -------------------------------------------------------------
     def handle(self, sock, addr) -> None:
-        HttpConn(sock, self, self.limits.send_buffer)
+        HttpConn(raw_socket(sock), self, self.limits.send_buffer)
 
     def body_limit(self, req: Request) -> int:
         return self.limits.max_frame if req.path == "/im/send" else SMALL_BODY
