@@ -122,3 +122,46 @@ def test_fallback_transports(imd, browser, transport):
     b.wait_for_selector(".meta.mine.status:has-text('Read')", timeout=WAIT)
     a_ctx.close()
     b_ctx.close()
+
+
+def free_port() -> int:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_reconnect_resume_and_resend_across_a_restart(tmp_path, browser):
+    listen = {name: f"127.0.0.1:{free_port()}" for name in ("comet", "admin", "tcp")}
+    cfg = {"admin": {"dev_tokens": True}, "listen": listen}
+    d = Imd(tmp_path, cfg).start()
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    try:
+        sign_in(page, d, "gus_guest", "guest", "hal_host")
+        app = Client(*d.addr["tcp"])
+        app.auth(token("hal_host", "host"), "ios", "ipad")
+        app.msg("gus_guest", "before the restart")
+        bubble(page, "before the restart")
+        app.close()
+        d.stop()
+        page.wait_for_selector("#conn.down", timeout=WAIT)
+        say(page, "typed while the server was down")          # held by imd.js, re-sent later
+        d = Imd(tmp_path, cfg).start()
+        page.wait_for_selector("#conn.live", timeout=30000)    # reconnected by itself
+        app = Client(*d.addr["tcp"])
+        app.auth(token("hal_host", "host"), "ios", "ipad")
+        got = app.wait_for(lambda e: e.get("type") == "msg" and e.get("from") == "gus_guest")
+        assert got["body"] == "typed while the server was down"
+        app.msg("gus_guest", "after the restart")
+        bubble(page, "after the restart")
+        page.wait_for_function("!document.body.innerText.includes('Sending')", timeout=WAIT)
+        texts = page.eval_on_selector_all("#msgs .b", "els => els.map(e => e.textContent)")
+        assert texts.count("before the restart") == 1 and texts.count("after the restart") == 1
+        assert texts.count("typed while the server was down") == 1
+        app.close()
+    finally:
+        ctx.close()
+        d.stop()
