@@ -14,6 +14,7 @@ too, as methods that block the calling greenlet until committed.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Optional
 
@@ -126,7 +127,7 @@ class Router:
     def start_session(self, s, user: str, role: str, platform: str, device: str,
                       since: Optional[int]) -> None:
         """Give the session its identity and attach it (replay runs in a greenlet)."""
-        s.user, s.role, s.platform, s.device = user, role, platform, device
+        s.user, s.role, s.platform, s.device = user, sys.intern(role), sys.intern(platform), device
         log.debug("session opened conn=%s user=%s source=%s device=%s protocol=%s",
                   s.id, user, s.source, device, s.protocol)
         s.state = AUTHING

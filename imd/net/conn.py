@@ -83,7 +83,7 @@ class Conn:
         self.sock = sock
         self.handler = handler
         self.limit = limit
-        self._out = []
+        self._out = None          # list of pending chunks; None while nothing is pending
         self._outlen = 0
         self._dirty = False
         self._closing = False
@@ -139,7 +139,10 @@ class Conn:
         """Queue ``data``; returns False (and cuts the connection) past the limit."""
         if self.closed or self._closing:
             return False
-        self._out.append(data)
+        if self._out is None:
+            self._out = [data]
+        else:
+            self._out.append(data)
         self._outlen += len(data)
         if self._outlen > self.limit:
             log.info("slow consumer cut off conn=%s peer=%s pending=%d", _cid(self.handler), self.peer, self._outlen)
@@ -167,7 +170,7 @@ class Conn:
             self._shutdown(f"send error: {e.strerror or e}")
             return
         if n == len(data):
-            out.clear()
+            self._out = None
             self._outlen = 0
             if self._ww is not None:
                 self._ww.stop()
@@ -178,7 +181,7 @@ class Conn:
                 self._shutdown(self._closing)
             return
         rest = data[n:]
-        out[:] = [rest]
+        self._out = [rest]
         self._outlen = len(rest)
         if self._ww is None:
             self._ww = gevent.get_hub().loop.io(self.sock.fileno(), 2)
@@ -227,7 +230,7 @@ class Conn:
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
-        self._out = []
+        self._out = None
         self._outlen = 0
         try:
             self.sock.close()
