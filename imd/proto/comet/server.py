@@ -46,7 +46,7 @@ class HttpConn:
     """One HTTP connection: parser, queue of pipelined requests, current answer."""
 
     __slots__ = ("conn", "parser", "app", "queue", "busy", "stream", "chunked", "keep",
-                 "began", "last_active", "_running", "_due", "fresh")
+                 "began", "last_active", "_running", "_due", "fresh", "head")
 
     def __init__(self, sock, app, limit: int) -> None:
         self.app = app
@@ -56,6 +56,7 @@ class HttpConn:
         self.stream = None          # holder of an open answer: has gone()
         self.chunked = False
         self.keep = True
+        self.head = False            # the current request is HEAD: answers carry no body
         self.began = self.last_active = time.monotonic()
         self.fresh = True            # no request received yet: the head timeout applies
         self._running = False
@@ -123,6 +124,7 @@ class HttpConn:
                     self.queue = None
                 self.busy = True
                 self.keep = req.keep_alive and not req.upgrade   # no HTTP after an upgrade
+                self.head = req.method == "HEAD"
                 if req.upgrade and self.queue:
                     self.fail(HTTPError(400, "requests after an upgrade"))
                     return
@@ -152,7 +154,8 @@ class HttpConn:
         """A complete answer to the current request."""
         if self.conn.closed:
             return
-        self.conn.write(response(status, body, content_type, (SERVER, *headers), self.keep))
+        data = response(status, body, content_type, (SERVER, *headers), self.keep)
+        self.conn.write(data[:len(data) - len(body)] if self.head else data)
         self._done()
 
     def fail(self, err: HTTPError) -> None:

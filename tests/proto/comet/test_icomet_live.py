@@ -330,3 +330,11 @@ def test_slow_stream_consumer_is_cut_off(tmp_path):
         slow.close()
     finally:
         d.stop()
+
+
+def test_head_answers_carry_no_body(imd):
+    r = Raw(imd.addr["comet"])
+    r.send(b"HEAD /sub?cname=hd1 HTTP/1.1\r\nHost: x\r\n\r\nGET /ping?cb=after HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = r.read_until(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405") and b"Content-Length: 19" in head
+    assert r.response()[2].startswith(b"after(")          # the next answer is not misread
