@@ -29,6 +29,23 @@ from pathlib import Path
 from imd.auth import issue
 from imd.client import Client
 
+RUNNING: set = set()      # every daemon process started here; tests/conftest.py kills leftovers
+
+
+def spawn(args, **kw) -> subprocess.Popen:
+    """Start a daemon subprocess and remember it, so a failing test cannot leak it."""
+    proc = subprocess.Popen(args, **kw)
+    RUNNING.add(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    for proc in list(RUNNING):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        RUNNING.discard(proc)
+
 SECRET = "test-secret-of-at-least-32-bytes!!"
 LISTEN_RE = re.compile(r"listening name=(\w+) addr=(\S+):(\d+)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +67,7 @@ def write_config(path: str, data_dir: str, overrides: dict | None = None) -> str
         "auth": {"secret": SECRET},
         "listen": {"tcp": "127.0.0.1:0", "comet": "", "xmpp": "", "admin": "", "control": ""},
         "presence": {"grace": 0.3},
+        "limits": {"msg_rate": 0},        # tests send as fast as they can; test_limits sets it
         "log": {"level": "info"},
     }
     if os.environ.get("IMD_TEST_ENGINE") == "redis":     # the same tests over the cluster bus
@@ -83,7 +101,7 @@ class Imd:
     def start(self, timeout: float = 20.0) -> "Imd":
         self.addr = {}
         ready = threading.Event()
-        self.proc = subprocess.Popen([sys.executable, "-m", "imd", "-c", self.config], cwd=self.dir,
+        self.proc = spawn([sys.executable, "-m", "imd", "-c", self.config], cwd=self.dir,
                                      env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
         def read(proc=self.proc):
@@ -196,6 +214,7 @@ class DaemonProcess:
             "node": {"data_dir": str(self.workdir / "var")},
             "auth": {"secret": SECRET},
             "listen": {"xmpp": "", "comet": "", "admin": "", "tcp": "127.0.0.1:0", "control": self.control},
+            "limits": {"msg_rate": 0},
         }, config)
         self.write_config()
         self.env = env
@@ -210,7 +229,7 @@ class DaemonProcess:
     def start(self, timeout: float = START_TIMEOUT, wait_ready: bool = True) -> "DaemonProcess":
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "imd", "-c", str(self.config_path)],
+        self.proc = spawn([sys.executable, "-m", "imd", "-c", str(self.config_path)],
                                      cwd=self.workdir, stdout=logf, stderr=subprocess.STDOUT,
                                      env=env_for_imd(self.env))
         logf.close()
