@@ -9,15 +9,22 @@ trip each. ``publish`` queues; the publisher greenlet pipelines everything
 queued on its own connection. The reader greenlet decodes each message with
 :meth:`Event.decode` and calls the handler.
 
-Wire format: the message of a publication is ``<node id> <Event.encode()>``
-(node ids have no spaces), so a node recognises its own publications without
-decoding them. Commands are packed by hiredis.
+Own publications. A node receives each of its own publications exactly once,
+as with the memory engine, in one of two ways:
 
-Own publications: a publication is handed to the local handler at once (from
-a loop callback, exactly as the memory engine does) when the channel is
-subscribed here, and its echo from Redis (tagged with this node's id) is
-dropped. So a node receives its own publications exactly once, and local
-traffic keeps flowing while Redis is down.
+- on a user channel (``u:...``) it is handed to the local handler at once
+  (from a loop callback, as the memory engine does) and its echo from Redis
+  is dropped: traffic between two users of one node does not wait for Redis
+  and keeps flowing while Redis is down. Order across publishers does not
+  matter there: sessions order inbox entries by seq.
+- on every other channel (``all``, ``c:<cname>``) it comes back through
+  Redis like everyone else's, so every node, the publisher included, sees
+  the publications of all nodes in the one order Redis gives them (the comet
+  channels' replicas assign seqs in that order).
+
+Wire format: the message of a publication is ``<tag> <Event.encode()>``; the
+tag is the publishing node's id for a user channel (so the echo is dropped
+undecoded) and ``-`` otherwise. Commands are packed by hiredis.
 
 Reconnects: when the pub/sub connection is lost the reader reconnects with
 exponential backoff (0.1 s to 5 s) and re-subscribes every current channel in
@@ -85,6 +92,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 PING_INTERVAL = 5.0         # keepalive on the pub/sub connection while idle
 READ_DEAD_AFTER = 3 * PING_INTERVAL + 5.0
 RESYNC_MARK = b"imd-resync"
+ORDERED_TAG = b"- "         # publications every node (the publisher too) takes from Redis
 READ_PAUSE = 1.0            # after a failed read, answer from memory for this long
 
 
@@ -340,12 +348,16 @@ class RedisEngine(Engine):
         if not event.origin:
             event.origin = self.node_id
         self.published += 1
-        if channel in self._subs:
-            self._local.append((channel, event))
-            if not self._local_scheduled:
-                self._local_scheduled = True
-                gevent.get_hub().loop.run_callback(self._deliver_local)
-        cmd = pack_command((b"PUBLISH", self._prefix_b + channel.encode(), self._tag + event.encode()))
+        if channel.startswith("u:"):
+            tag = self._tag
+            if channel in self._subs:
+                self._local.append((channel, event))
+                if not self._local_scheduled:
+                    self._local_scheduled = True
+                    gevent.get_hub().loop.run_callback(self._deliver_local)
+        else:
+            tag = ORDERED_TAG
+        cmd = pack_command((b"PUBLISH", self._prefix_b + channel.encode(), tag + event.encode()))
         self._pubq.append(cmd)
         self._pubq_bytes += len(cmd)
         if self._pubq_bytes > self.max_queue_bytes:
