@@ -1,5 +1,5 @@
 """Helpers of the cluster integration tests: imd nodes as real processes
-(``python -m imd -c FILE``), a PostgreSQL database per test, private Redis
+(``python -m imd -c FILE`` with the comet and admin listeners), a PostgreSQL database per test, private Redis
 servers, user tokens and raw-TCP clients.
 
 Every process is started here, remembered by pid and stopped by pid.
@@ -26,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SECRET = "integration-secret-of-32-bytes-at-least!"
 PG_SERVER = "host=127.0.0.1 port=5432 user=postgres"
 LISTEN_RE = re.compile(r"listening name=(\w+) addr=([\d.]+):(\d+)")
+# ``python -m imd`` plus the comet and admin listeners (see that file)
+RUN_IMD = os.path.join(ROOT, "tests", "proto", "comet", "run_imd.py")
 
 
 def token(user: str, role: str = "guest", ttl: int = 600) -> str:
@@ -131,8 +133,8 @@ data_dir = "{self.dir}/var"
 secret = "{SECRET}"
 [listen]
 xmpp = ""
-comet = ""
-admin = ""
+comet = "127.0.0.1:0"
+admin = "127.0.0.1:0"
 control = ""
 tcp = "127.0.0.1:0"
 [store]
@@ -155,15 +157,17 @@ idle_timeout = 90
     def start(self, ready_lines: int = 1, timeout: float = 20.0, env: dict | None = None) -> "Node":
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "imd", "-c", self.config], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, RUN_IMD, "-c", self.config], cwd=ROOT, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         self._offset = self._log.tell()
         wait_until(lambda: self.log().count("ready node=") >= ready_lines or self.proc.poll() is not None,
                    timeout, what=f"node {self.id} to be ready")
         if self.proc.poll() is not None:
             raise AssertionError(f"node {self.id} exited:\n{self.log()}")
-        m = LISTEN_RE.search(self.log())
-        self.port = int(m.group(3))
+        self.addr = {}
+        for name, host, port in LISTEN_RE.findall(self.log()):
+            self.addr.setdefault(name, (host, int(port)))
+        self.port = self.addr["tcp"][1]
         return self
 
     def log(self) -> str:
@@ -203,3 +207,19 @@ def wait_msg(c: Client, pred=lambda e: True, timeout: float = 10.0, kinds=("msg"
 def presence_of(c: Client, user: str, status: str, timeout: float = 10.0) -> dict:
     return c.wait_for(lambda e: e.get("type") == "presence" and e.get("user") == user
                       and e.get("status") == status, timeout=timeout)
+
+
+def admin(node: "Node", method: str, path: str, body: dict | None = None):
+    """(status, JSON answer) of an admin-port request to ``node``."""
+    import http.client
+    import orjson
+    host, port = node.addr["admin"]
+    con = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        con.request(method, path, body=orjson.dumps(body) if body is not None else None,
+                    headers={"Content-Type": "application/json"})
+        r = con.getresponse()
+        data = r.read()
+        return r.status, (orjson.loads(data) if data else None)
+    finally:
+        con.close()

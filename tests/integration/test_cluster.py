@@ -13,12 +13,13 @@ import sys
 import time
 import uuid
 
+import orjson
 import pytest
 import redis
 
 from imd.engine.base import Event
 
-from .cluster import ROOT, Database, Node, RedisServer, presence_of, wait_msg, wait_until
+from .cluster import ROOT, Database, Node, RedisServer, admin, presence_of, token, wait_msg, wait_until
 
 if importlib.util.find_spec("imd.store.postgresql") is None:
     pytest.skip("the PostgreSQL store (imd/store/postgresql.py) is not on this branch yet",
@@ -109,6 +110,80 @@ def test_cross_node_chat(cluster):
     assert bodies == [f"m{i}" for i in range(50)]
     for c in (alice, alice2, bob, carol):
         c.close()
+
+
+def ws_login(node, user, role="guest", **q):
+    import websocket
+    host, port = node.addr["comet"]
+    query = "".join(f"&{k}={v}" for k, v in q.items())
+    ws = websocket.create_connection(f"ws://{host}:{port}/ws?token={token(user, role)}{query}", timeout=10)
+    hello = orjson.loads(ws.recv())
+    assert hello["type"] == "auth" and hello["ok"] is True
+    return ws
+
+
+def ws_recv(ws, type_, pred=lambda e: True):
+    while True:
+        env = orjson.loads(ws.recv())
+        if env["type"] == type_ and pred(env):
+            return env
+
+
+def test_cross_protocol_and_web_tier_across_nodes(cluster):
+    """A TCP app user on n1, a WebSocket web user on n2, the web tier on n3's admin port."""
+    n1, n2, n3 = cluster.start("n1", "n2", "n3")
+    host = n1.client("hostw", "host", platform="ios")
+    guest = ws_login(n2, "guestw", "guest", platform="web", device="browser")
+
+    st, body = admin(n3, "POST", "/api/v1/contacts", {"user": "hostw", "contact": "guestw"})
+    assert st == 200 and body == {"ok": True}
+    host.wait_for(lambda e: e.get("type") == "contacts" and e.get("contact") == "guestw")
+    ws_recv(guest, "contacts", lambda e: e["contact"] == "hostw")
+    presence_of(host, "guestw", "online")
+    assert ws_recv(guest, "presence", lambda e: e["user"] == "hostw")["status"] == "online"
+
+    ack = host.msg("guestw", "Welcome! Check-in is at 3pm.", ctx={"booking": "B9"})
+    got = ws_recv(guest, "msg")
+    assert (got["from"], got["body"], got["ctx"], got["mid"]) == ("hostw", "Welcome! Check-in is at 3pm.",
+                                                                  {"booking": "B9"}, ack["mid"])
+    guest.send(orjson.dumps({"type": "msg", "id": "w1", "to": "hostw", "body": "Thanks!"}))
+    assert ws_recv(guest, "ack", lambda e: e["id"] == "w1")["seq"] >= 1
+    assert wait_msg(host, lambda e: e["from"] == "guestw")["body"] == "Thanks!"
+
+    st, pres = admin(n3, "GET", "/api/v1/presence?users=hostw,guestw,nobody")
+    assert st == 200
+    assert (pres["hostw"]["status"], pres["hostw"]["platforms"]) == ("online", ["ios"])
+    assert (pres["guestw"]["status"], pres["guestw"]["platforms"]) == ("online", ["web"])
+    assert pres["nobody"]["status"] == "offline"
+
+    st, res = admin(n3, "POST", "/api/v1/notices",
+                    {"to": ["hostw", "guestw"], "kind": "booking.confirmed", "body": {"booking": "B9"}})
+    assert st == 200 and res["count"] == 2
+    assert host.wait_for(lambda e: e.get("type") == "notice")["kind"] == "booking.confirmed"
+    assert ws_recv(guest, "notice")["body"] == {"booking": "B9"}
+
+    st, res = admin(n3, "POST", "/api/v1/users/hostw/kick")
+    assert st == 200 and res == {"closed": 0}           # none on n3; n1 closes its own
+    env = host.wait_for(lambda e: e.get("type") == "close")
+    assert env["code"] == 4001 and env["reconnect"] is False
+    assert ws_recv(guest, "presence", lambda e: e["user"] == "hostw")["status"] == "offline"
+    guest.close()
+
+
+def test_icomet_channel_across_three_nodes(cluster):
+    """iComet: subscribers on two nodes get what the admin port of a third pushed,
+    with the same seqs."""
+    from tests.proto.comet.live import Stream, request
+    n1, n2, n3 = cluster.start("n1", "n2", "n3")
+    s1 = Stream(n1.addr["comet"], "/stream?cname=room7&seq=1")
+    s2 = Stream(n2.addr["comet"], "/stream?cname=room7&seq=1")
+    time.sleep(0.3)                                # the subscriptions are live
+    for i in range(3):
+        assert request(n3.addr["admin"], "GET", f"/push?cname=room7&content=m{i}")[0] == 200
+    for s in (s1, s2):
+        got = [orjson.loads(s.chunk()) for _ in range(3)]
+        assert [(m["type"], m["seq"], m["content"]) for m in got] == [("data", i + 1, f"m{i}") for i in range(3)]
+        s.close()
 
 
 def test_presence_across_nodes(cluster):
