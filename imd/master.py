@@ -81,6 +81,7 @@ def worker_overrides(cfg: Config, index: int, addrs: dict) -> dict:
 
 
 def apply_overrides(cfg: Config, overrides: dict) -> Config:
+    """``cfg`` with a worker's own settings put over it (at start and on every reload)."""
     values = cfg.as_dict()
     for section, settings in overrides.items():
         values[section].update(settings)
