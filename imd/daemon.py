@@ -40,6 +40,8 @@ from .metrics import Metrics, max_fds, open_fds, rss_bytes
 from .net.admission import Admission
 from .net.listener import Listener, bind_socket
 from .node import Node
+from .proto.admin import AdminProtocol
+from .proto.comet.front import CometProtocol
 from .proto.tcp import TcpProtocol
 from .router import Router
 
@@ -83,6 +85,7 @@ class Daemon:
         self.cfg = cfg
         self.metrics = Metrics()
         self.listeners: list[Listener] = []
+        self._protocols: dict = {}
         self.control: ControlServer | None = None
         self.store = None
         self.node = None
@@ -111,7 +114,8 @@ class Daemon:
         self.router.start()
         self._register_gauges()
         self.admission = Admission(cfg.limits, self.metrics)
-        for name, proto in self.protocols().items():
+        self._protocols = self.protocols()
+        for name, proto in self._protocols.items():
             addr = cfg.addr("listen." + name)
             if addr is None:
                 continue
@@ -130,8 +134,12 @@ class Daemon:
         log.info("ready node=%s", cfg.node.id)
 
     def protocols(self) -> dict:
-        """Listener name → protocol object with a ``handle(sock, addr)`` hook."""
-        return {"tcp": TcpProtocol(self.router, self.cfg.node.id)}
+        """Listener name → protocol object with a ``handle(sock, addr)`` hook (and,
+        optionally, ``refuse(sock, code, reason)`` and ``stop()``)."""
+        node_id = self.cfg.node.id
+        front = CometProtocol(self.router, node_id)
+        return {"tcp": TcpProtocol(self.router, node_id), "comet": front,
+                "admin": AdminProtocol(self.router, self.node, front)}
 
     def _register_gauges(self) -> None:
         """Metrics read at scrape time (docs/operations.md lists them with alerts)."""
@@ -320,6 +328,9 @@ class Daemon:
         sdnotify.notify("STOPPING=1", "STATUS=" + self.status_line())
         for listener in self.listeners:
             listener.stop()
+        for proto in self._protocols.values():
+            if hasattr(proto, "stop"):
+                proto.stop()
         self._flush_store(min(STOP_TIMEOUT, timeout / 2))
         sessions = list(self.node.all_sessions())
         log.info("closing sessions count=%d reconnect=%s", len(sessions), reconnect)

@@ -5,8 +5,7 @@
     status, headers, body = request(d.addr["admin"], "GET", "/info")
     s = Stream(d.addr["comet"], "/stream?cname=a"); s.chunk()   # one chunk's bytes
 
-The daemon runs ``tests/proto/comet/run_imd.py`` (``python -m imd`` plus the
-comet and admin listeners) with every listener on 127.0.0.1:0.
+The daemon is ``python -m imd`` with every listener on 127.0.0.1:0.
 """
 
 from __future__ import annotations
@@ -20,82 +19,22 @@ import subprocess
 import sys
 import threading
 
-from imd.auth import issue
+from tests import daemon
+from tests.daemon import SECRET, token  # noqa: F401  (re-exported for the comet tests)
 
-SECRET = "test-secret-of-at-least-32-bytes!!"
-LISTEN_RE = re.compile(r"listening name=(\w+) addr=(\S+):(\d+)")
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 TIMEOUT = 10.0
 
 
-def token(user: str, role: str = "guest", ttl: int = 3600, **kw) -> str:
-    return issue(SECRET, user, role, ttl, **kw)
+class Imd(daemon.Imd):
+    """tests.daemon.Imd with the comet and admin listeners on 127.0.0.1:0 and
+    development tokens on."""
 
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-class Imd:
     def __init__(self, tmp_path, overrides: dict | None = None, env: dict | None = None) -> None:
-        self.dir = str(tmp_path)
-        self.env = env or {}
-        cfg = {"node": {"id": "t1", "data_dir": os.path.join(self.dir, "var")},
-               "auth": {"secret": SECRET},
-               "listen": {"tcp": "127.0.0.1:0", "comet": "127.0.0.1:0", "admin": "127.0.0.1:0",
-                          "xmpp": "", "control": ""},
-               "presence": {"grace": 0.3}, "admin": {"dev_tokens": True}}
+        cfg = {"listen": {"comet": "127.0.0.1:0", "admin": "127.0.0.1:0"}, "admin": {"dev_tokens": True}}
         for sec, vals in (overrides or {}).items():
             cfg.setdefault(sec, {}).update(vals)
-        self.config = os.path.join(self.dir, "imd.toml")
-        with open(self.config, "w") as f:
-            for sec, vals in cfg.items():
-                f.write(f"[{sec}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in vals.items()))
-        self.proc = None
-        self.addr: dict = {}
-        self.lines: list = []
-
-    def start(self, timeout: float = 20.0) -> "Imd":
-        ready = threading.Event()
-        env = dict(os.environ, PYTHONPATH=ROOT, **self.env)
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "run_imd.py"), "-c",
-                                      self.config], cwd=self.dir, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-        def read(proc=self.proc):
-            for line in proc.stdout:
-                self.lines.append(line.rstrip("\n"))
-                m = LISTEN_RE.search(line)
-                if m:
-                    self.addr[m.group(1)] = (m.group(2), int(m.group(3)))
-                if "ready node=" in line:
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(timeout) or self.proc.poll() is not None:
-            raise RuntimeError("imd did not start:\n" + "\n".join(self.lines[-30:]))
-        return self
-
-    def stop(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode if self.proc else 0
-
-    def log_text(self) -> str:
-        return "\n".join(self.lines)
+        super().__init__(tmp_path, cfg, env)
 
 
 def request(addr, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
