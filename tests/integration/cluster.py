@@ -1,5 +1,5 @@
 """Helpers of the cluster integration tests: imd nodes as real processes
-(``python -m imd -c FILE`` with the comet and admin listeners), a PostgreSQL database per test, private Redis
+(``python -m imd -c FILE``, with TCP, comet and admin listeners), a PostgreSQL database per test, private Redis
 servers, user tokens and raw-TCP clients.
 
 Every process is started here, remembered by pid and stopped by pid.
@@ -26,8 +26,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SECRET = "integration-secret-of-32-bytes-at-least!"
 PG_SERVER = "host=127.0.0.1 port=5432 user=postgres"
 LISTEN_RE = re.compile(r"listening name=(\w+) addr=([\d.]+):(\d+)")
-# ``python -m imd`` plus the comet and admin listeners (see that file)
-RUN_IMD = os.path.join(ROOT, "tests", "proto", "comet", "run_imd.py")
 
 
 def token(user: str, role: str = "guest", ttl: int = 600) -> str:
@@ -157,7 +155,7 @@ idle_timeout = 90
     def start(self, ready_lines: int = 1, timeout: float = 20.0, env: dict | None = None) -> "Node":
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, RUN_IMD, "-c", self.config], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "imd", "-c", self.config], cwd=ROOT, env=env,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         self._offset = self._log.tell()
         wait_until(lambda: self.log().count("ready node=") >= ready_lines or self.proc.poll() is not None,
