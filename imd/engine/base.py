@@ -94,7 +94,13 @@ class Engine:
     def unsubscribe(self, channel: str) -> None:
         raise NotImplementedError
 
-    def publish(self, channel: str, event: Event) -> None:
+    def publish(self, channel: str, event: Event, applied=None) -> None:
+        """Publish ``event`` on ``channel`` (never blocks). ``applied(ok)``, if
+        given, is called from the hub once this node's handler has received the
+        event (``ok`` True), at once when this node does not subscribe to the
+        channel, or with False when the publication is known lost. It lets a
+        caller answer only after its own node has applied what it published
+        (read-your-writes on channels whose order comes from the bus)."""
         raise NotImplementedError
 
     # -- cluster presence: one record per (user, node) -----------------------

@@ -42,11 +42,11 @@ class MemoryEngine(Engine):
     def unsubscribe(self, channel: str) -> None:
         self._subs.discard(channel)
 
-    def publish(self, channel: str, event: Event) -> None:
+    def publish(self, channel: str, event: Event, applied=None) -> None:
         self.published += 1
         if not event.origin:
             event.origin = self.node_id
-        self._queue.append((channel, event))
+        self._queue.append((channel, event, applied))
         if not self._scheduled:
             self._scheduled = True
             gevent.get_hub().loop.run_callback(self._drain)
@@ -55,9 +55,11 @@ class MemoryEngine(Engine):
         self._scheduled = False
         q, handler, subs = self._queue, self._handler, self._subs
         while q and handler is not None:
-            channel, event = q.popleft()
+            channel, event, applied = q.popleft()
             if channel in subs:
                 handler(channel, event)
+            if applied is not None:
+                applied(True)
 
     def presence_set(self, user: str, state: Optional[dict]) -> None:
         if state is None:

@@ -24,7 +24,9 @@ as with the memory engine, in one of two ways:
 
 Wire format: the message of a publication is ``<tag> <Event.encode()>``; the
 tag is the publishing node's id for a user channel (so the echo is dropped
-undecoded) and ``-`` otherwise. Commands are packed by hiredis.
+undecoded), ``-<node>:<n>`` for an ordered publication whose ``applied``
+callback waits for it to come back, and ``-`` otherwise. Commands are packed
+by hiredis.
 
 Reconnects: when the pub/sub connection is lost the reader reconnects with
 exponential backoff (0.1 s to 5 s) and re-subscribes every current channel in
@@ -93,6 +95,7 @@ PING_INTERVAL = 5.0         # keepalive on the pub/sub connection while idle
 READ_DEAD_AFTER = 3 * PING_INTERVAL + 5.0
 RESYNC_MARK = b"imd-resync"
 ORDERED_TAG = b"- "         # publications every node (the publisher too) takes from Redis
+WAIT_MAX = 30.0             # an ``applied`` callback gets False after this long
 READ_PAUSE = 1.0            # after a failed read, answer from memory for this long
 
 
@@ -157,6 +160,8 @@ class RedisEngine(Engine):
         self._first_tick_done = GEvent()
         self._known_nodes: list[str] = []
         self._reads_paused_until = 0.0
+        self._waiting: dict[int, tuple] = {}    # n → (applied callback, monotonic time)
+        self._waiting_n = 0
         self._greenlets: list = []
         self._running = False
         # counters for state()
@@ -309,6 +314,7 @@ class RedisEngine(Engine):
         """Read pub/sub messages until the connection fails (raises then)."""
         cut = len(self._prefix_b)
         tag = self._tag
+        wait_tag = b"-" + tag[:-1] + b":"
         while self._running:
             reply = conn.read_response(disconnect_on_error=False)
             self._last_rx = time.monotonic()
@@ -320,14 +326,20 @@ class RedisEngine(Engine):
                     self.echoes += 1            # our own publication: delivered locally already
                     continue
                 try:
-                    event = Event.decode(raw[raw.index(b" ") + 1:])
+                    space = raw.index(b" ")
+                    event = Event.decode(raw[space + 1:])
                 except (ValueError, KeyError, TypeError):
                     log.warning("undecodable bus message on %r", reply[1])
                     continue
+                waiter = None
+                if raw.startswith(wait_tag):
+                    waiter = self._waiting.pop(int(raw[len(wait_tag):space]), None)
                 channel = reply[1][cut:].decode()
                 handler = self._handler
                 if handler is not None and channel in self._subs:
                     handler(channel, event)
+                if waiter is not None:
+                    waiter[0](True)
             elif kind == b"pong" and len(reply) > 1 and reply[1] == RESYNC_MARK:
                 log.info("redis pub/sub resubscribed channels=%d: resync", len(self._sent))
                 self._emit(Event("resync", {}, self.node_id))
@@ -342,7 +354,7 @@ class RedisEngine(Engine):
                 log.exception("handler failed on %s", event.kind)
 
     # -- bus: publishing ---------------------------------------------------------------
-    def publish(self, channel: str, event: Event) -> None:
+    def publish(self, channel: str, event: Event, applied=None) -> None:
         """Deliver locally (if subscribed here) and queue the packed PUBLISH command;
         only bytes wait in the queue (~0.3 KB each for an inbox entry)."""
         if not event.origin:
@@ -350,13 +362,21 @@ class RedisEngine(Engine):
         self.published += 1
         if channel.startswith("u:"):
             tag = self._tag
-            if channel in self._subs:
-                self._local.append((channel, event))
+            if channel in self._subs or applied is not None:
+                self._local.append((channel, event, applied))
                 if not self._local_scheduled:
                     self._local_scheduled = True
                     gevent.get_hub().loop.run_callback(self._deliver_local)
-        else:
+        elif applied is None:
             tag = ORDERED_TAG
+        elif channel not in self._subs:
+            tag = ORDERED_TAG
+            gevent.get_hub().loop.run_callback(applied, True)
+        else:
+            # an ordered publication someone waits for: numbered, recognised when it comes back
+            self._waiting_n += 1
+            self._waiting[self._waiting_n] = (applied, time.monotonic())
+            tag = b"-%s:%d " % (self._tag[:-1], self._waiting_n)
         cmd = pack_command((b"PUBLISH", self._prefix_b + channel.encode(), tag + event.encode()))
         self._pubq.append(cmd)
         self._pubq_bytes += len(cmd)
@@ -375,9 +395,11 @@ class RedisEngine(Engine):
         self._local_scheduled = False
         q, subs = self._local, self._subs
         while q and self._handler is not None:
-            channel, event = q.popleft()
+            channel, event, applied = q.popleft()
             if channel in subs:
                 self._handler(channel, event)
+            if applied is not None:
+                applied(True)
 
     def _publish_loop(self) -> None:
         backoff = BACKOFF_MIN
@@ -550,7 +572,16 @@ class RedisEngine(Engine):
                 log.warning("redis liveness tick failed: %s", e)
             gevent.sleep(self.tick_interval)
 
+    def _expire_waiters(self) -> None:
+        """Publications waited for that never came back (dropped, Redis lost them)."""
+        limit = time.monotonic() - WAIT_MAX
+        for n, (applied, t) in list(self._waiting.items()):
+            if t < limit:
+                del self._waiting[n]
+                applied(False)
+
     def _tick(self) -> None:
+        self._expire_waiters()
         me = self.node_id
         live_ms = int(self.presence_ttl * 750)
         pipe = self._cmd.pipeline(transaction=False)

@@ -303,3 +303,25 @@ def test_node_channels_in_one_order_everywhere(redis_factory):
     order1 = [(ev.origin, ev.data["i"]) for _, ev in r1.got]
     order2 = [(ev.origin, ev.data["i"]) for _, ev in r2.got]
     assert order1 == order2 and len(order1) == 200
+
+
+def test_applied_callback_after_own_handler(factory):
+    """publish(..., applied=cb): cb(True) once this node's handler has the event
+    (read-your-writes), on ordered and user channels alike, or at once when the
+    node does not subscribe to the channel."""
+    e, rec = factory.make("n1")
+    e.subscribe("all")
+    e.subscribe("u:a")
+    assert factory.ready(e)
+    seen = []
+    for ch in ("all", "u:a", "c:elsewhere"):
+        e.publish(ch, Event("comet", {"ch": ch}),
+                  applied=lambda ok, ch=ch: seen.append((ch, ok, [c for c, _ in rec.got])))
+    with gevent.Timeout(5, False):
+        while len(seen) < 3:
+            gevent.sleep(0.01)
+    by = {ch: (ok, got) for ch, ok, got in seen}
+    assert by["all"][0] is True and "all" in by["all"][1]
+    assert by["u:a"][0] is True and "u:a" in by["u:a"][1]
+    assert by["c:elsewhere"][0] is True
+    assert sorted(c for c, _ in rec.got) == ["all", "u:a"]          # each once
