@@ -1,0 +1,233 @@
+"""Incremental, namespace-aware XMPP stream parser on expat, hardened.
+
+One :class:`StreamParser` per connection. ``feed(data)`` parses bytes as they
+arrive (one byte at a time works) and calls back, synchronously:
+
+* ``on_stream_start(attrs)`` for the stream header; ``attrs`` holds the
+  header's attributes (``xml:lang`` under ``XML_LANG``);
+* ``on_stanza(element)`` for each complete depth-1 element (stanza or nonza);
+* ``on_stream_end()`` for ``</stream:stream>``.
+
+Any violation raises :class:`StreamError` out of ``feed`` with an RFC 6120
+§4.9.3 condition; the caller sends the stream error and closes. Callbacks may
+raise StreamError too; it propagates the same way. Safety (RFC 6120 §11.1):
+DOCTYPE, entity declarations, entity references other than the five predefined
+ones, comments and processing instructions are refused with ``restricted-xml``
+before anything is expanded; a stanza larger than ``max_stanza`` bytes (counted
+from the stanza's first byte, and input is handed to expat in pieces of at most
+``max_stanza`` bytes, so a 10 MiB token with no ``>`` is refused after about
+``max_stanza`` bytes and memory stays bounded) or deeper than ``max_depth`` is refused with
+``policy-violation``; bytes that are not UTF-8 XML give ``not-well-formed``.
+
+Stream restarts (after STARTTLS ``<proceed/>`` and SASL ``<success/>``): while
+``negotiating`` is true, ``feed`` hands expat one tag at a time (it cuts the
+input after each ``>``), so that when a callback calls :meth:`restart`, the
+bytes after the stanza that triggered it are known exactly: they are fed to a
+fresh expat parser (pipelined clients), or dropped with ``restart(drop=True)``
+(after ``<starttls/>``: plaintext sent before the TLS handshake must never be
+read as if it came through TLS). Set ``negotiating = False`` after resource
+binding to parse whole reads at once.
+
+Not thread-safe; a parser belongs to one connection and never blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+from xml.parsers import expat
+
+from .stanza import CLIENT_NS, STREAM_NS, XML_NS, Element
+
+SEP = "\x01"
+MAX_STANZA = 262144
+MAX_STANZA_PREAUTH = 16384
+MAX_DEPTH = 32
+
+
+class StreamError(Exception):
+    """A stream-level error: ``condition`` is an RFC 6120 §4.9.3 element name."""
+
+    def __init__(self, condition: str, text: str = "") -> None:
+        super().__init__(f"{condition}: {text}" if text else condition)
+        self.condition = condition
+        self.text = text
+
+
+def _restricted(what: str):
+    def refuse(*_args):
+        raise StreamError("restricted-xml", what + " not allowed")
+    return refuse
+
+
+def _split(name: str) -> tuple[str, str]:
+    """``'uri\\x01local'`` → (local, uri); a name without namespace → (name, '')."""
+    uri, sep, local = name.rpartition(SEP)
+    return local, uri
+
+
+def _attr_key(name: str) -> str:
+    if SEP not in name:
+        return name
+    uri, _, local = name.rpartition(SEP)
+    return "{" + uri + "}" + local
+
+
+class StreamParser:
+    """See the module docstring. ``max_stanza`` may be changed between feeds
+    (e.g. raised from the pre-auth limit after SASL success)."""
+
+    __slots__ = ("on_stream_start", "on_stanza", "on_stream_end", "max_stanza", "max_depth",
+                 "negotiating", "_parser", "_stack", "_depth", "_fed", "_mark", "_restart",
+                 "_ns_decls", "_closed", "_error")
+
+    def __init__(self, on_stream_start: Callable[[dict], None], on_stanza: Callable[[Element], None],
+                 on_stream_end: Callable[[], None], max_stanza: int = MAX_STANZA_PREAUTH,
+                 max_depth: int = MAX_DEPTH) -> None:
+        self.on_stream_start = on_stream_start
+        self.on_stanza = on_stanza
+        self.on_stream_end = on_stream_end
+        self.max_stanza = max_stanza
+        self.max_depth = max_depth
+        self.negotiating = True
+        self._error: Optional[StreamError] = None
+        self._new_parser()
+
+    # -- public ---------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; raises StreamError. After an error the parser is dead."""
+        if self._error is not None:
+            raise self._error
+        try:
+            while data:
+                if self._closed:
+                    return                      # bytes after </stream:stream> are ignored
+                cut = self.max_stanza
+                if self.negotiating:
+                    cut = min(cut, data.find(b">") + 1 or cut)
+                chunk, data = data[:cut], data[cut:]
+                self._fed += len(chunk)
+                try:
+                    self._parser.Parse(chunk, False)
+                except expat.ExpatError as e:
+                    raise self._expat_error(e) from None
+                if self._fed - self._mark > self.max_stanza:
+                    raise StreamError("policy-violation", "stanza too big")
+                if self._restart is not None:
+                    drop = self._restart
+                    self._new_parser()
+                    if drop:
+                        return
+        except StreamError as e:
+            self._error = e
+            raise
+
+    def restart(self, drop: bool = False) -> None:
+        """Call from ``on_stanza``: after the current stanza, start a new stream
+        (new expat parser, expect a new header). ``drop=True`` discards the
+        bytes already received after that stanza. Requires ``negotiating``."""
+        if not self.negotiating:
+            raise RuntimeError("restart() needs negotiating mode")
+        self._restart = drop
+
+    @property
+    def depth(self) -> int:
+        """Open elements: 0 before the header, 1 between stanzas."""
+        return self._depth
+
+    # -- internals ------------------------------------------------------------
+    def _new_parser(self) -> None:
+        p = expat.ParserCreate("UTF-8", SEP)
+        if hasattr(p, "SetReparseDeferralEnabled"):
+            p.SetReparseDeferralEnabled(False)   # expat ≥ 2.6 would hold back split tokens
+        p.buffer_text = True
+        p.ordered_attributes = False
+        p.specified_attributes = True
+        p.StartDoctypeDeclHandler = _restricted("DOCTYPE")
+        p.EntityDeclHandler = _restricted("entity declaration")
+        p.UnparsedEntityDeclHandler = _restricted("entity declaration")
+        p.NotationDeclHandler = _restricted("notation declaration")
+        p.ElementDeclHandler = _restricted("element declaration")
+        p.AttlistDeclHandler = _restricted("attribute list declaration")
+        p.CommentHandler = _restricted("comment")
+        p.ProcessingInstructionHandler = _restricted("processing instruction")
+        p.SkippedEntityHandler = _restricted("entity reference")
+        p.ExternalEntityRefHandler = _restricted("external entity")
+        p.XmlDeclHandler = self._xml_decl
+        p.StartNamespaceDeclHandler = self._ns_decl
+        p.StartElementHandler = self._start
+        p.EndElementHandler = self._end
+        p.CharacterDataHandler = self._text
+        self._parser = p
+        self._stack: list[Element] = []
+        self._depth = 0
+        self._fed = 0          # bytes given to this expat parser
+        self._mark = 0         # byte index where the current stanza (or the gap) began
+        self._restart: Optional[bool] = None
+        self._ns_decls: dict[str, str] = {}
+        self._closed = False
+
+    def _expat_error(self, e: expat.ExpatError) -> StreamError:
+        if e.code in (expat.errors.codes[expat.errors.XML_ERROR_UNDEFINED_ENTITY],
+                      expat.errors.codes[expat.errors.XML_ERROR_EXTERNAL_ENTITY_HANDLING],
+                      expat.errors.codes[expat.errors.XML_ERROR_RECURSIVE_ENTITY_REF]):
+            return StreamError("restricted-xml", "entity references not allowed")
+        if e.code == expat.errors.codes[expat.errors.XML_ERROR_UNKNOWN_ENCODING]:
+            return StreamError("unsupported-encoding", "only UTF-8 is supported")
+        return StreamError("not-well-formed", str(e))
+
+    def _xml_decl(self, version, encoding, standalone) -> None:
+        if encoding is not None and encoding.upper() not in ("UTF-8", "UTF8"):
+            raise StreamError("unsupported-encoding", "only UTF-8 is supported")
+
+    def _ns_decl(self, prefix, uri) -> None:
+        if self._depth == 0:
+            self._ns_decls[prefix or ""] = uri or ""
+
+    def _start(self, name: str, attrs: dict) -> None:
+        depth = self._depth + 1
+        if depth > self.max_depth:
+            raise StreamError("policy-violation", "nesting too deep")
+        self._depth = depth
+        tag, ns = _split(name)
+        if depth == 1:
+            if ns != STREAM_NS or tag != "stream":
+                raise StreamError("invalid-namespace", "not a stream header")
+            if self._ns_decls.get("", "") != CLIENT_NS:
+                raise StreamError("invalid-namespace", "default namespace must be jabber:client")
+            self._mark = self._fed
+            self.on_stream_start({_attr_key(k): v for k, v in attrs.items()})
+            return
+        el = Element(tag, ns, {_attr_key(k): v for k, v in attrs.items()} if attrs else {})
+        if depth == 2:
+            self._mark = self._parser.CurrentByteIndex
+        else:
+            self._stack[-1].children.append(el)
+        self._stack.append(el)
+
+    def _end(self, name: str) -> None:
+        depth = self._depth
+        self._depth = depth - 1
+        if depth == 1:
+            self._closed = True
+            self.on_stream_end()
+            return
+        el = self._stack.pop()
+        if depth == 2:
+            self._mark = self._fed
+            self.on_stanza(el)
+
+    def _text(self, data: str) -> None:
+        depth = self._depth
+        if depth >= 2:
+            el = self._stack[-1]
+            if el.children:
+                el.children[-1].tail += data
+            else:
+                el.text += data
+        elif depth == 1:
+            if not data.isspace():
+                raise StreamError("bad-format", "text between stanzas")
+            self._mark = self._fed         # whitespace keepalives never add up to a limit
+
+
+__all__ = ["StreamParser", "StreamError", "MAX_STANZA", "MAX_STANZA_PREAUTH", "MAX_DEPTH", "XML_NS"]
