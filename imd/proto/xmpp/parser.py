@@ -78,7 +78,7 @@ class StreamParser:
 
     __slots__ = ("on_stream_start", "on_stanza", "on_stream_end", "max_stanza", "max_depth",
                  "negotiating", "_parser", "_stack", "_depth", "_fed", "_mark", "_restart",
-                 "_ns_decls", "_closed", "_error")
+                 "_ns_decls", "_closed", "_error", "_paused", "_backlog", "_feeding")
 
     def __init__(self, on_stream_start: Callable[[dict], None], on_stanza: Callable[[Element], None],
                  on_stream_end: Callable[[], None], max_stanza: int = MAX_STANZA_PREAUTH,
@@ -90,13 +90,24 @@ class StreamParser:
         self.max_depth = max_depth
         self.negotiating = True
         self._error: Optional[StreamError] = None
+        self._paused = False
+        self._backlog = b""
+        self._feeding = False
         self._new_parser()
 
     # -- public ---------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """Parse ``data``; raises StreamError. After an error the parser is dead."""
+        """Parse ``data``; raises StreamError. After an error the parser is dead.
+        While paused, ``data`` is only kept (up to ``max_stanza`` bytes)."""
         if self._error is not None:
             raise self._error
+        if self._paused:
+            self._backlog += data
+            if len(self._backlog) > self.max_stanza:
+                self._error = StreamError("policy-violation", "too much data while busy")
+                raise self._error
+            return
+        self._feeding = True
         try:
             while data:
                 if self._closed:
@@ -117,17 +128,42 @@ class StreamParser:
                     self._new_parser()
                     if drop:
                         return
+                if self._paused:
+                    self._backlog = data
+                    return
         except StreamError as e:
             self._error = e
             raise
+        finally:
+            self._feeding = False
 
     def restart(self, drop: bool = False) -> None:
-        """Call from ``on_stanza``: after the current stanza, start a new stream
-        (new expat parser, expect a new header). ``drop=True`` discards the
-        bytes already received after that stanza. Requires ``negotiating``."""
+        """Start a new stream (new expat parser, expect a new header) after the
+        current stanza: call it from ``on_stanza``, or while paused. ``drop=True``
+        discards the bytes already received after that stanza. Requires
+        ``negotiating``."""
         if not self.negotiating:
             raise RuntimeError("restart() needs negotiating mode")
-        self._restart = drop
+        if self._feeding:
+            self._restart = drop
+            return
+        self._new_parser()
+        if drop:
+            self._backlog = b""
+
+    def pause(self) -> None:
+        """Call from ``on_stanza`` (negotiating mode): stop after this stanza and
+        keep the rest until :meth:`resume` (the stanza's handling must wait)."""
+        if not self.negotiating:
+            raise RuntimeError("pause() needs negotiating mode")
+        self._paused = True
+
+    def resume(self) -> None:
+        """Parse what arrived while paused; raises StreamError like ``feed``."""
+        self._paused = False
+        data, self._backlog = self._backlog, b""
+        if data:
+            self.feed(data)
 
     @property
     def depth(self) -> int:

@@ -244,3 +244,36 @@ def test_callback_error_propagates():
     with pytest.raises(StreamError) as info:
         rec.parser.feed(HEADER)
     assert info.value.condition == "host-unknown"
+
+
+def test_pause_keeps_the_rest_until_resume_then_restart():
+    rec = Recorder()
+
+    def on(el):
+        if el.tag == "auth":
+            rec.parser.pause()
+    rec.on_stanza_hook = on
+    rec.parser.feed(HEADER + b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>AA==</auth>" + HEADER)
+    rec.parser.feed(b"<iq type='set' id='b'/>")
+    assert [e[0] for e in rec.events] == ["start", "stanza"]
+    rec.parser.restart()                  # SASL success decided later, in a greenlet
+    rec.parser.resume()
+    assert [e[0] for e in rec.events] == ["start", "stanza", "start", "stanza"]
+
+
+def test_pause_then_restart_drop():
+    rec = Recorder()
+    rec.on_stanza_hook = lambda el: rec.parser.pause()
+    rec.parser.feed(HEADER + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/><presence/>")
+    rec.parser.restart(drop=True)
+    rec.parser.resume()
+    assert [e[0] for e in rec.events] == ["start", "stanza"]
+
+
+def test_data_while_paused_is_bounded():
+    rec = Recorder(max_stanza=1000)
+    rec.on_stanza_hook = lambda el: rec.parser.pause()
+    rec.parser.feed(HEADER + b"<presence/>")
+    with pytest.raises(StreamError) as info:
+        rec.parser.feed(b" " * 2000)
+    assert info.value.condition == "policy-violation"
