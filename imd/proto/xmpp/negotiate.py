@@ -1,0 +1,276 @@
+"""Stream negotiation (RFC 6120 §4–§7): header, features, STARTTLS, SASL, bind.
+
+A mixin of :class:`imd.proto.xmpp.session.XmppSession` (which holds the
+state). Runs in the hub from the parser's callbacks; the steps that wait run
+in greenlets with the parser paused (``parser.pause()``) and reading stopped,
+so stanzas are still handled in order:
+
+* STARTTLS: ``<proceed/>`` is flushed, the bytes received after
+  ``<starttls/>`` are dropped, then the connection's socket is replaced by a
+  :class:`TlsSocket` (handshake driven by the read watcher);
+* SASL steps: checking a token is CPU only, but stored keys are a store read.
+
+Policies: with ``xmpp.tls = "required"`` only ``<starttls>`` is offered before
+TLS and ``<auth>`` gets ``encryption-required``; three failed SASL attempts
+end the stream (``policy-violation``); bind conflict = the new session wins and
+the old one gets a ``<conflict/>`` stream error (a phone taking over its own
+stale session); no resource requested → ``imd-<random>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+
+import gevent
+
+from ... import auth
+from ...store.base import StoreError
+from . import jid as jidmod
+from . import sasl
+from .parser import MAX_STANZA, StreamError
+from .stanza import (STREAM_CLOSE, STREAM_NS, XML_LANG, Element, error_reply, iq_result,
+                     stream_header, tostring)
+from .stanza import stream_error as stream_error_element
+
+log = logging.getLogger("imd.xmpp")
+
+TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
+SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
+BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
+SESSION_NS = "urn:ietf:params:xml:ns:xmpp-session"
+LIMITS_NS = "urn:xmpp:stream-limits:0"
+MAX_SASL_FAILURES = 3
+PLATFORM_PREFIXES = ("ios", "android", "web", "h5")
+DEFAULT_PLATFORM = "android"
+
+
+def platform_of(token_platform, resource: str) -> str:
+    """The session's platform: the token's ``plat`` claim, else a resource prefix
+    (``ios-…``, ``android.…``), else ``android``."""
+    if token_platform:
+        return token_platform
+    head = resource.replace(".", "-").split("-", 1)[0].lower()
+    return head if head in PLATFORM_PREFIXES else DEFAULT_PLATFORM
+
+
+class Negotiation:
+    __slots__ = ()
+
+    # -- stream level -------------------------------------------------------------
+    def on_stream_start(self, attrs: dict) -> None:
+        proto = self.proto
+        self.lang = (attrs.get(XML_LANG) or "en")[:35]
+        self.header_sent = True
+        self.conn.write(stream_header(proto.domain, secrets.token_hex(16), self.lang))
+        if (attrs.get("to") or "").lower() != proto.domain:
+            raise StreamError("host-unknown", f"this server is {proto.domain}")
+        version = attrs.get("version", "1.0")
+        if not version.startswith("1."):
+            raise StreamError("unsupported-version", "XMPP 1.0 only")
+        self.write(self.features())
+
+    def features(self) -> Element:
+        proto = self.proto
+        feats = Element("features", STREAM_NS)
+        if self.ident is None:
+            if proto.tls_context is not None and not self.secure:
+                tls = feats.add("starttls", TLS_NS)
+                if proto.tls_required:
+                    tls.add("required")
+                    return feats
+            mechs = feats.add("mechanisms", SASL_NS)
+            for name in sasl.MECHANISMS:
+                mechs.add("mechanism", text=name)
+        else:
+            feats.add("bind", BIND_NS)
+            feats.add("session", SESSION_NS).add("optional")
+            limits = feats.add("limits", LIMITS_NS)
+            limits.add("max-bytes", text=str(MAX_STANZA))
+            limits.add("idle-seconds", text=str(int(self.router.limits.idle_timeout)))
+        return feats
+
+    def negotiate(self, el: Element) -> None:
+        """A stanza before the session is bound."""
+        if self.ident is None:
+            if el.ns == TLS_NS and el.tag == "starttls":
+                self.starttls()
+            elif el.ns == SASL_NS and el.tag in ("auth", "response"):
+                self.sasl_step(el)
+            elif el.ns == SASL_NS and el.tag == "abort":
+                self.mech = None
+                self.sasl_failure("aborted")
+            else:
+                raise StreamError("not-authorized", "authenticate first")
+        elif el.tag == "iq" and el.get("type") == "set" and el.find("bind", BIND_NS) is not None:
+            self.bind(el)
+        elif el.tag == "iq" and el.find("session", SESSION_NS) is not None:
+            self.write(iq_result(el))
+        else:
+            raise StreamError("not-authorized", "bind a resource first")
+
+    # -- STARTTLS --------------------------------------------------------------------
+    def starttls(self) -> None:
+        ctx = self.proto.tls_context
+        if ctx is None or self.secure:
+            self.conn.write(b"<failure xmlns='" + TLS_NS.encode() + b"'/></stream:stream>")
+            self.conn.close("starttls refused")
+            return
+        self.write(Element("proceed", TLS_NS))
+        self.parser.restart(drop=True)          # plaintext after <starttls/> is never used
+        self.parser.pause()
+        self.conn.pause_reading()
+        gevent.spawn(self._wrap_tls, ctx)
+
+    def _wrap_tls(self, ctx) -> None:
+        from .tls import TlsSocket
+        conn = self.conn
+        if not conn.wait_drained(1, timeout=10) or conn.closed:
+            conn.close("starttls: proceed not sent", flush=False)
+            return
+        conn.sock = TlsSocket(conn.sock, ctx)
+        self.secure = True
+        self.parser.resume()
+        conn.resume_reading()
+
+    # -- SASL ----------------------------------------------------------------------------
+    def sasl_step(self, el: Element) -> None:
+        proto = self.proto
+        if proto.tls_required and not self.secure:
+            self.sasl_failure("encryption-required")
+            return
+        if el.tag == "auth":
+            self.mech = sasl.mechanism(el.get("mechanism", ""), self.check_plain, self.lookup_scram,
+                                       proto.domain)
+            if self.mech is None:
+                self.sasl_failure("invalid-mechanism")
+                return
+        elif self.mech is None:
+            self.sasl_failure("malformed-request", "no authentication in progress")
+            return
+        text = el.text.strip()
+        try:
+            data = b"" if text in ("", "=") else base64.b64decode(text, validate=True)
+        except ValueError:
+            self.mech = None
+            self.sasl_failure("incorrect-encoding")
+            return
+        self.parser.pause()
+        self.conn.pause_reading()
+        gevent.spawn(self._sasl_run, self.mech, data)
+
+    def _sasl_run(self, mech, data: bytes) -> None:
+        try:
+            done, payload = mech.step(data)
+        except sasl.SaslFailure as e:
+            self.mech = None
+            self.failures += 1
+            self.sasl_failure(e.condition, e.text)
+            if self.failures >= MAX_SASL_FAILURES:
+                self.stream_error("policy-violation", "too many authentication failures")
+                return
+        except StoreError as e:
+            log.warning("sasl: store unavailable: %s", e)
+            self.mech = None
+            self.sasl_failure("temporary-auth-failure")
+        except Exception:
+            log.exception("sasl step failed")
+            self.mech = None
+            self.sasl_failure("temporary-auth-failure")
+        else:
+            b64 = base64.b64encode(payload).decode() if payload else ""
+            if not done:
+                self.write(Element("challenge", SASL_NS, text=b64 or "="))
+            else:
+                self.mech = None
+                self.ident = self.identity_of(mech.user)
+                if self.ident is None:
+                    self.sasl_failure("temporary-auth-failure")
+                else:
+                    self.write(Element("success", SASL_NS, text=b64))
+                    self.parser.restart()
+                    self.parser.max_stanza = MAX_STANZA
+        self.resume_input()
+
+    def resume_input(self) -> None:
+        if self.conn.closed:
+            return
+        try:
+            self.parser.resume()
+        except StreamError as e:
+            self.stream_error(e.condition, e.text)
+            return
+        self.conn.resume_reading()
+
+    def sasl_failure(self, condition: str, text: str = "") -> None:
+        fail = Element("failure", SASL_NS)
+        fail.add(condition)
+        if text:
+            fail.add("text", attrs={XML_LANG: "en"}, text=text)
+        self.write(fail)
+
+    # -- credential checks (called by the SASL mechanisms, in a greenlet) -----------------
+    def check_plain(self, user: str, password: str) -> bool:
+        """PLAIN: the password is a user token for ``user``, or the password set for them."""
+        if not jidmod.valid_localpart(user):
+            return False
+        cfg = self.router.cfg
+        try:
+            ident = auth.verify(password, cfg.auth.secret, cfg.auth.leeway)
+        except auth.AuthError:
+            ident = None
+        if ident is not None:
+            if ident.user != user:
+                return False
+            self.token_ident = ident
+            return True
+        return sasl.verify_plain(self.router.store.password(user), password)
+
+    def lookup_scram(self, user: str):
+        return self.router.store.password(user) if jidmod.valid_localpart(user) else None
+
+    def identity_of(self, user: str):
+        """(user, role, token platform) once SASL succeeded; blocks (a store read)."""
+        tok = self.token_ident
+        if tok is not None and tok.user == user:
+            return (user, tok.role, tok.platform)
+        try:
+            info = self.router.store.users_info([user]).get(user)
+        except StoreError:
+            return None
+        return (user, (info.role if info is not None and info.role else "guest"), None)
+
+    # -- bind ------------------------------------------------------------------------------
+    def bind(self, iq: Element) -> None:
+        requested = iq.find("bind", BIND_NS).findtext("resource", BIND_NS) or ""
+        requested = requested.strip()
+        if requested and not jidmod.valid_resource(requested):
+            self.write(error_reply(iq, "bad-request", "invalid resource"))
+            return
+        resource = requested or "imd-" + secrets.token_hex(6)
+        user, role, token_platform = self.ident
+        old = self.proto.bound(user, resource, self)
+        if old is not None:
+            old.stream_error("conflict", "replaced by a new connection")
+        self.resource = resource
+        self.full_jid = jidmod.make(user, self.proto.domain, resource)
+        self.parser.negotiating = False
+        result = Element("bind", BIND_NS)
+        result.add("jid", text=self.full_jid)
+        self.write(iq_result(iq, result))
+        self.router.start_session(self, user, role, platform_of(token_platform, resource),
+                                  self.proto.device_of(resource), None)
+
+    # -- errors --------------------------------------------------------------------------------
+    def stream_error(self, condition: str, text: str = "") -> None:
+        """Send a stream error (after our header, if none was sent yet) and close."""
+        conn = self.conn
+        if conn.closed:
+            return
+        if not self.header_sent:
+            self.header_sent = True
+            conn.write(stream_header(self.proto.domain, secrets.token_hex(16)))
+        conn.write(tostring(stream_error_element(condition, text)).encode() + STREAM_CLOSE)
+        log.debug("stream error %s (%s) peer=%s", condition, text, conn.peer)
+        conn.close("stream error: " + condition)
