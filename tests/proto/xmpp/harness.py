@@ -23,6 +23,8 @@ import time
 
 import orjson
 import slixmpp
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
 
 from imd.auth import issue
 
@@ -125,6 +127,8 @@ def client(user: str, password: str | None = None, resource: str = "r1", mech: s
     c.inbox = asyncio.Queue()
     c.presences = asyncio.Queue()
     c.add_event_handler("message", c.inbox.put_nowait)
+    c.raw_messages = asyncio.Queue()        # every <message>, with or without a body
+    c.register_handler(Callback("raw messages", MatchXPath("{jabber:client}message"), c.raw_messages.put_nowait))
     c.add_event_handler("presence", c.presences.put_nowait)
     return c
 
@@ -142,6 +146,7 @@ async def login(c, d: Imd, *, roster: bool = True, presence: bool = True, priori
         await c.get_roster()
     if presence:
         c.send_presence(ppriority=priority)
+        await barrier(c)                  # the server has processed the initial presence
     return c
 
 
@@ -155,13 +160,12 @@ async def next_message(c, timeout: float = TIMEOUT):
 
 
 async def logout(*clients) -> None:
+    waits = [asyncio.ensure_future(c.wait_until("disconnected")) for c in clients]
     for c in clients:
         c.disconnect()
-    for c in clients:
-        try:
-            await asyncio.wait_for(c.wait_until("disconnected"), 5)
-        except asyncio.TimeoutError:
-            pass
+    await asyncio.wait(waits, timeout=5)
+    for w in waits:
+        w.cancel()
 
 
 def run(coro, timeout: float = 60):
