@@ -98,8 +98,6 @@ class Daemon:
             self.listeners.append(listener)
             host, port = listener.address
             log.info("listening name=%s addr=%s:%d", name, host, port)
-        for signum in SIGNALS:
-            gevent.signal_handler(signum, self._enqueue, signum)
         log.info("ready node=%s", cfg.node.id)
 
     def protocols(self) -> dict:
@@ -124,6 +122,8 @@ class Daemon:
 
     def run(self) -> int:
         """The main loop: wait for signals and dispatch them until stopped."""
+        for signum in SIGNALS:
+            gevent.signal_handler(signum, self._enqueue, signum)
         while not self._stopping:
             self._wake.wait()
             self._wake.clear()

@@ -43,7 +43,8 @@ class Router:
         self.store = store
         self.metrics = metrics or Metrics()
         self.mids = MidGen()
-        self.wheel = Wheel()
+        self.auth_wheel = Wheel("on_auth_deadline")
+        self.wheel = Wheel("on_deadline")
         self.sessions_opened = 0
         self._ack_latency = self.metrics.histogram(
             "imd_ack_latency_seconds", "time from receiving a message to acking it (store commit)")
@@ -51,16 +52,18 @@ class Router:
             "imd_delivery_latency_seconds", "time from a message's timestamp to its delivery to a session")
 
     def start(self) -> None:
+        self.auth_wheel.start()
         self.wheel.start()
 
     def stop(self) -> None:
+        self.auth_wheel.stop()
         self.wheel.stop()
 
     # -- session lifecycle -------------------------------------------------------
     def opened(self, session) -> None:
         """A protocol accepted a connection: start its authentication deadline."""
         self.sessions_opened += 1
-        self.wheel.add(session, time.monotonic() + self.limits.auth_timeout)
+        self.auth_wheel.add(session, time.monotonic() + self.limits.auth_timeout)
 
     def detach(self, session, reason: str) -> None:
         """The session's transport is gone (called by Session.closed)."""
@@ -101,6 +104,7 @@ class Router:
 
     def refuse(self, s, code: int, reason: str, id: Optional[str] = None) -> None:
         """Answer with ``error`` and end the connection."""
+        log.info("refused conn=%s user=%s code=%d reason=%s", s.id, s.user, code, reason)
         s.send(error(code, reason, id))
         s.end(reason)
 
@@ -125,6 +129,7 @@ class Router:
         s.state = AUTHING
         s.backlog = []
         s.held = []
+        self.wheel.add(s, s.last_rx + self.limits.heartbeat)
         self.metrics.inc("imd_sessions_opened_total", (("protocol", s.protocol), ("source", s.source)))
         gevent.spawn(self._attach, s, since)
 
@@ -138,6 +143,10 @@ class Router:
                 return
             s.send({"type": "auth", "ok": True, "user": s.user, "role": s.role, "session": s.id,
                     "seq": top, "heartbeat": self.limits.heartbeat})
+            s.state = SYNC            # live entries are still held until the replay is done
+            backlog, s.backlog = s.backlog, None
+            for env in backlog:
+                self.receive(s, env)
             self._send_contacts_presence(s)
             if since is None:
                 for e in store.offline(s.user, OFFLINE_MAX):
@@ -162,13 +171,8 @@ class Router:
             log.exception("attach failed session=%s user=%s", s.id, s.user)
             s.close(500, "internal error", reconnect=True)
             return
-        if s.state is CLOSED:
-            return
-        s.state = SYNC
-        backlog, s.backlog = s.backlog, None
-        for env in backlog:
-            self.receive(s, env)
-        self._release(s)
+        if s.state is not CLOSED:
+            self._release(s)
 
     def _send_contacts_presence(self, s) -> None:
         contacts = self.node.contacts.get(s.user)
