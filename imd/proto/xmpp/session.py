@@ -172,6 +172,14 @@ class XmppSession(Negotiation, Session):
     def drain(self) -> None:
         self.conn.wait_drained(self.conn.limit // 2)
 
+    def on_deadline(self, now: float):
+        """The wheel's periodic check (heartbeats); an idle bound stream also frees
+        its expat parser until the next read (``StreamParser.hibernate``)."""
+        nxt = super().on_deadline(now)
+        if nxt is not None and self.resource is not None:
+            self.parser.hibernate()
+        return nxt
+
     # -- inbox entries ---------------------------------------------------------------------------
     def receiving(self) -> bool:
         """Whether inbox entries go out now: available with priority ≥ 0 (RFC 6121 §8.5.2)."""

@@ -277,3 +277,54 @@ def test_data_while_paused_is_bounded():
     with pytest.raises(StreamError) as info:
         rec.parser.feed(b" " * 2000)
     assert info.value.condition == "policy-violation"
+
+
+@pytest.mark.parametrize("header, close", [
+    (HEADER, b"</stream:stream>"),
+    (b"<s:stream xmlns='jabber:client' xmlns:s='http://etherx.jabber.org/streams' xmlns:x='urn:x' to='l'>",
+     b"</s:stream>"),
+])
+def test_hibernate_and_wake_replays_the_header(header, close):
+    rec = Recorder()
+    rec.parser.negotiating = False
+    rec.parser.feed(header + b"<presence/>  ")
+    assert rec.parser.hibernate()
+    assert not rec.parser.hibernate()                  # already asleep
+    rec.parser.feed(b"<message><x:y xmlns:x='urn:x'>a&amp;b</x:y></message>")
+    assert rec.parser.hibernate()
+    rec.parser.feed(b"<iq type='get' id='1'/>" + close)
+    kinds = [e[0] for e in rec.events]
+    assert kinds == ["start", "stanza", "stanza", "stanza", "end"]      # no second stream start
+    msg = rec.stanzas()[1]
+    assert msg.children[0].ns == "urn:x" and msg.children[0].text == "a&b"
+
+
+def test_no_hibernation_mid_stanza_or_while_negotiating():
+    rec = Recorder()
+    rec.parser.feed(HEADER)
+    assert not rec.parser.hibernate()                  # negotiating
+    rec.parser.negotiating = False
+    rec.parser.feed(b"<message><body>par")
+    assert not rec.parser.hibernate()
+    rec.parser.feed(b"tial</body></message><pres")
+    assert not rec.parser.hibernate()                  # a partial tag is buffered
+    rec.parser.feed(b"ence/>")
+    assert rec.parser.hibernate()
+    assert [s.findtext("body") for s in rec.stanzas()] == ["partial", None]
+
+
+def test_hostile_input_after_wake_is_still_refused():
+    rec = Recorder()
+    rec.parser.negotiating = False
+    rec.parser.feed(HEADER + b"<presence/>")
+    rec.parser.hibernate()
+    with pytest.raises(StreamError) as info:
+        rec.parser.feed(b"<message><body>&xxe;</body></message>")
+    assert info.value.condition == "restricted-xml"
+
+
+def test_many_entities_in_one_text_node():
+    rec = Recorder(max_stanza=MAX_STANZA)
+    rec.parser.negotiating = False
+    rec.parser.feed(HEADER + b"<message><body>" + b"&amp;x" * 40000 + b"</body></message>")
+    assert rec.stanzas()[0].findtext("body") == "&x" * 40000
