@@ -39,6 +39,7 @@ class XmppProtocol:
             self.tls_context = server_context(cfg.path(x.cert), cfg.path(x.key))
         self.tls_required = x.tls == "required"
         self._bound: dict[str, dict[str, XmppSession]] = {}
+        self.resumable: dict[str, XmppSession] = {}     # XEP-0198 stream id → session
 
     def handle(self, sock, addr) -> None:
         s = XmppSession(self, sock, addr)

@@ -30,6 +30,7 @@ from ...store.base import StoreError
 from . import jid as jidmod
 from . import sasl
 from .parser import MAX_STANZA, StreamError
+from .sm import SM_NS, sm_failed
 from .stanza import (STREAM_CLOSE, STREAM_NS, XML_LANG, Element, error_reply, iq_result,
                      stream_header, tostring)
 from .stanza import stream_error as stream_error_element
@@ -86,6 +87,7 @@ class Negotiation:
         else:
             feats.add("bind", BIND_NS)
             feats.add("session", SESSION_NS).add("optional")
+            feats.add("sm", SM_NS)
             limits = feats.add("limits", LIMITS_NS)
             limits.add("max-bytes", text=str(MAX_STANZA))
             limits.add("idle-seconds", text=str(int(self.router.limits.idle_timeout)))
@@ -105,6 +107,10 @@ class Negotiation:
                 raise StreamError("not-authorized", "authenticate first")
         elif el.tag == "iq" and el.get("type") == "set" and el.find("bind", BIND_NS) is not None:
             self.bind(el)
+        elif el.ns == SM_NS and el.tag == "resume":
+            self.sm_resume(el)
+        elif el.ns == SM_NS:
+            self.conn.write(sm_failed())
         elif el.tag == "iq" and el.find("session", SESSION_NS) is not None:
             self.write(iq_result(el))
         else:
@@ -265,6 +271,11 @@ class Negotiation:
     # -- errors --------------------------------------------------------------------------------
     def stream_error(self, condition: str, text: str = "") -> None:
         """Send a stream error (after our header, if none was sent yet) and close."""
+        self.proto.resumable.pop(self.sm_id, None)
+        self.sm_id = None                         # a stream ended by an error is not resumable
+        if self.sm_timer is not None:             # detached: nothing to write to
+            self.sm_finish("stream error: " + condition)
+            return
         conn = self.conn
         if conn.closed:
             return

@@ -39,7 +39,8 @@ from . import jid as jidmod
 from . import render
 from .negotiate import Negotiation
 from .parser import StreamError, StreamParser
-from .stanza import STREAM_CLOSE, Element, error_reply, tostring
+from .sm import MOD, SM_NS, StreamManagement
+from .stanza import STREAM_CLOSE, Element, error_reply
 
 log = logging.getLogger("imd.xmpp")
 
@@ -51,10 +52,11 @@ _CLOSE_CONDITIONS = {408: "connection-timeout", 4001: "policy-violation", 1001: 
                      503: "internal-server-error", 500: "internal-server-error"}
 
 
-class XmppSession(Negotiation, Session):
+class XmppSession(StreamManagement, Negotiation, Session):
     __slots__ = ("proto", "conn", "parser", "lang", "header_sent", "secure", "ident", "token_ident",
                  "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
-                 "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending")
+                 "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
+                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer")
 
     protocol = "xmpp"
 
@@ -77,6 +79,10 @@ class XmppSession(Negotiation, Session):
         self.acked = self.ack_to = 0
         self.ack_scheduled = False
         self.pending = {}             # core client id → (stanza id, to) of messages not yet acked
+        self.sm_queue = None          # XEP-0198: unacked (bytes, seq), once enabled
+        self.sm_id = self.sm_timer = None
+        self.sm_in = self.sm_out = 0
+        self.sm_asking = False
         self.conn = Conn(sock, self, proto.router.limits.send_buffer, peer)
 
     # -- Conn's handler protocol ------------------------------------------------------
@@ -88,6 +94,12 @@ class XmppSession(Negotiation, Session):
             self.stream_error(e.condition, e.text)
 
     def on_close(self, reason: str) -> None:
+        if self.resource is not None and self.sm_detach():
+            return                                # XEP-0198: wait for a resume
+        self.finish(reason)
+
+    def finish(self, reason: str) -> None:
+        """The session ends: leave the resource table, tell own resources, detach from the core."""
         if self.resource is not None:
             self.proto.unbound(self)
             if self.available:
@@ -97,6 +109,8 @@ class XmppSession(Negotiation, Session):
 
     # -- parser callbacks ------------------------------------------------------------------
     def on_stream_end(self) -> None:
+        self.proto.resumable.pop(self.sm_id, None)
+        self.sm_id = None                         # a clean close: no resumption
         self.conn.write(STREAM_CLOSE)
         self.conn.close("stream closed by client")
 
@@ -107,6 +121,11 @@ class XmppSession(Negotiation, Session):
         if self.state is CLOSED:
             return
         tag = el.tag
+        if el.ns == SM_NS:
+            self.sm_nonza(el)
+            return
+        if self.sm_queue is not None:
+            self.sm_in = (self.sm_in + 1) % MOD
         if tag == "message":
             self.on_message(el)
         elif tag == "presence":
@@ -117,10 +136,6 @@ class XmppSession(Negotiation, Session):
             pass                                  # XEP-0352 accepted; nothing is held back
         else:
             raise StreamError("unsupported-stanza-type", f"<{tag}> is not supported")
-
-    # -- writing -------------------------------------------------------------------------------
-    def write(self, el: Element) -> None:
-        self.conn.write(tostring(el).encode())
 
     def bare(self) -> str:
         return f"{self.user}@{self.proto.domain}"
@@ -165,7 +180,9 @@ class XmppSession(Negotiation, Session):
         # pong, sync, and any other envelope type: nothing to render
 
     def end(self, reason: str) -> None:
-        if not self.conn.closed:
+        if self.sm_timer is not None:
+            self.sm_finish(reason)
+        elif not self.conn.closed:
             self.conn.write(STREAM_CLOSE)
             self.conn.close(reason)
 
@@ -192,8 +209,7 @@ class XmppSession(Negotiation, Session):
             return
         top = self.attached_top
         delayed = top is not None and 0 < out.seq <= top
-        self.write(render.message(env, self.proto.domain, self.bare(), delayed))
-        self.note_written(out.seq)
+        self.write(render.message(env, self.proto.domain, self.bare(), delayed), out.seq)
 
     def release_waiting(self) -> None:
         if not self.receiving() or self.state is CLOSED:
@@ -339,6 +355,13 @@ class XmppSession(Negotiation, Session):
                 pres.attrs["to"] = other.full_jid
                 other.write(pres)
         pres.attrs.pop("to", None)
+
+    def discard(self) -> None:
+        """This stream resumed an older session, which took its connection."""
+        self.state = CLOSED
+
+    def state_closed(self) -> bool:
+        return self.state is CLOSED
 
     @property
     def last_presence(self):
