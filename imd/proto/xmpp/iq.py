@@ -36,8 +36,9 @@ DISCO_INFO = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS = "http://jabber.org/protocol/disco#items"
 ROSTER_NS = "jabber:iq:roster"
 SESSION_NS = "urn:ietf:params:xml:ns:xmpp-session"
+CARBONS_NS = "urn:xmpp:carbons:2"
 SERVER_FEATURES = (DISCO_INFO, DISCO_ITEMS, PING_NS, "msgoffline", "urn:xmpp:delay", ROSTER_NS,
-                   "urn:xmpp:csi:0")
+                   "urn:xmpp:csi:0", CARBONS_NS, "urn:xmpp:sm:3")
 
 _push_ids = itertools.count(1)
 
@@ -74,6 +75,9 @@ def handle(s, iq: Element) -> None:
         s.write(iq_result(iq, disco_info(user, child.get("node"))))
     elif ns == DISCO_ITEMS and itype == "get":
         s.write(iq_result(iq, Element("query", DISCO_ITEMS, dict(child.attrs))))
+    elif ns == CARBONS_NS and itype == "set" and child.tag in ("enable", "disable"):
+        s.carbons = child.tag == "enable"
+        s.write(iq_result(iq))
     elif ns == ROSTER_NS and (user is None or user == s.user) and to.domain == domain:
         if itype == "get":
             gevent.spawn(_roster_get, s, iq)

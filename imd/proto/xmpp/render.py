@@ -92,3 +92,15 @@ def presence(env: dict, domain: str, to: str) -> Element:
 def show_status(pres: Element) -> str:
     """The core status (``online``/``away``) an XMPP ``<show>`` maps to."""
     return "away" if pres.findtext("show") in ("away", "xa", "dnd") else "online"
+
+
+CARBONS_NS = "urn:xmpp:carbons:2"
+FORWARD_NS = "urn:xmpp:forward:0"
+
+
+def sent_carbon(env: dict, domain: str, to: str) -> Element:
+    """XEP-0280 ``<sent>`` copy of a message this user sent from another device."""
+    inner = message(env, domain, f"{env['to']}@{domain}", False)
+    outer = Element("message", attrs={"from": f"{env['from']}@{domain}", "to": to, "type": "chat"})
+    outer.add("sent", CARBONS_NS).add("forwarded", FORWARD_NS).append(inner)
+    return outer

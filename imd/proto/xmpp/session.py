@@ -56,7 +56,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
     __slots__ = ("proto", "conn", "parser", "lang", "header_sent", "secure", "ident", "token_ident",
                  "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
                  "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
-                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer")
+                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons")
 
     protocol = "xmpp"
 
@@ -83,6 +83,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.sm_id = self.sm_timer = None
         self.sm_in = self.sm_out = 0
         self.sm_asking = False
+        self.carbons = False          # XEP-0280 enabled on this resource
         self.conn = Conn(sock, self, proto.router.limits.send_buffer, peer)
 
     # -- Conn's handler protocol ------------------------------------------------------
@@ -204,8 +205,11 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def write_entry(self, out) -> None:
         env = out.env
-        if env["type"] == "msg" and env["from"] == self.user:
-            self.note_written(out.seq)            # sent from another device of this user
+        if env["type"] == "msg" and env["from"] == self.user:    # sent from another device of this user
+            if self.carbons:
+                self.write(render.sent_carbon(env, self.proto.domain, self.full_jid), out.seq)
+            else:
+                self.note_written(out.seq)
             return
         top = self.attached_top
         delayed = top is not None and 0 < out.seq <= top
