@@ -27,6 +27,7 @@ import gevent
 
 from ...store.base import StoreError
 from . import jid as jidmod
+from . import mam
 from .stanza import Element, error_reply, iq_result
 
 log = logging.getLogger("imd.xmpp")
@@ -75,6 +76,8 @@ def handle(s, iq: Element) -> None:
         s.write(iq_result(iq, disco_info(user, child.get("node"))))
     elif ns == DISCO_ITEMS and itype == "get":
         s.write(iq_result(iq, Element("query", DISCO_ITEMS, dict(child.attrs))))
+    elif ns == mam.MAM_NS and itype == "set" and child.tag == "query" and (user is None or user == s.user):
+        gevent.spawn(mam.query, s, iq)
     elif ns == CARBONS_NS and itype == "set" and child.tag in ("enable", "disable"):
         s.carbons = child.tag == "enable"
         s.write(iq_result(iq))
@@ -96,6 +99,7 @@ def disco_info(user, node) -> Element:
     else:
         q.add("identity", attrs={"category": "account", "type": "registered"})
         q.add("feature", attrs={"var": DISCO_INFO})
+        q.add("feature", attrs={"var": mam.MAM_NS})
     return q
 
 
