@@ -116,14 +116,16 @@ class Daemon:
                            lambda: {(): self.store.stats().get("queue", 0)})
 
     # -- signals -----------------------------------------------------------------
+    def install_signals(self) -> None:
+        for signum in SIGNALS:
+            gevent.signal_handler(signum, self._enqueue, signum)
+
     def _enqueue(self, signum: int) -> None:
         self._signals.append(signum)
         self._wake.set()
 
     def run(self) -> int:
         """The main loop: wait for signals and dispatch them until stopped."""
-        for signum in SIGNALS:
-            gevent.signal_handler(signum, self._enqueue, signum)
         while not self._stopping:
             self._wake.wait()
             self._wake.clear()
@@ -198,6 +200,7 @@ def run(cfg) -> int:
     handler = log_mod.setup(cfg.log.level, cfg.log.format, cfg.log.file)
     d = Daemon(cfg)
     d.log_handler = handler
+    d.install_signals()           # before start: a TERM during boot waits in the queue
     try:
         d.start()
     except OSError as e:

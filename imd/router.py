@@ -134,6 +134,8 @@ class Router:
         gevent.spawn(self._attach, s, since)
 
     def _attach(self, s, since: Optional[int]) -> None:
+        if s.state is CLOSED:         # gone before this greenlet ran
+            return
         try:
             self.node.add_session(s)
             store = self.store
@@ -148,6 +150,7 @@ class Router:
             for env in backlog:
                 self.receive(s, env)
             self._send_contacts_presence(s)
+            s.last_seq = top          # what the replay below sends; held entries come after
             if since is None:
                 for e in store.offline(s.user, OFFLINE_MAX):
                     if e.seq <= top:
@@ -162,7 +165,6 @@ class Router:
                         s.send(Out(e.envelope(), e.seq))
                     cur = page[-1].seq
                     s.drain()
-            s.last_seq = top
         except StoreError as e:
             log.warning("attach failed session=%s user=%s error=%s", s.id, s.user, e)
             s.close(503, "store unavailable", reconnect=True)

@@ -71,14 +71,13 @@ class Conn:
     """A non-blocking socket with a read watcher, an output buffer and a limit."""
 
     __slots__ = ("sock", "handler", "limit", "_rw", "_ww", "_out", "_outlen", "_dirty",
-                 "_closing", "_drained", "_timer", "closed", "peer")
+                 "_closing", "_drained", "_timer", "closed")
 
-    def __init__(self, sock: socket.socket, handler, limit: int, peer=None) -> None:
+    def __init__(self, sock: socket.socket, handler, limit: int) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.handler = handler
         self.limit = limit
-        self.peer = peer
         self._out = []
         self._outlen = 0
         self._dirty = False
@@ -90,6 +89,15 @@ class Conn:
         loop = gevent.get_hub().loop
         self._rw = loop.io(sock.fileno(), 1)
         self._rw.start(self._on_readable)
+
+    @property
+    def peer(self) -> str:
+        """The peer's address, for log lines (not kept: it would cost memory per connection)."""
+        try:
+            host, port = self.sock.getpeername()[:2]
+            return f"{host}:{port}"
+        except OSError:
+            return "-"
 
     # -- reading -------------------------------------------------------------
     def _on_readable(self) -> None:

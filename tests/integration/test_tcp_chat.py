@@ -2,13 +2,18 @@
 
 import pytest
 
+from imd import fastpath
 from imd.client import ClientError
 from tests.daemon import Imd
 
 
-@pytest.fixture
-def imd(tmp_path):
-    d = Imd(tmp_path).start()
+@pytest.fixture(params=["cython", "python"])
+def imd(request, tmp_path):
+    """The daemon on each fast-path implementation (the twin via IMD_PURE_PYTHON=1)."""
+    if request.param == "cython" and fastpath.IMPL != "cython":
+        pytest.skip("imd._fastpath is not built (see the build output of tests/conftest.py)")
+    d = Imd(tmp_path, env={"IMD_PURE_PYTHON": "1" if request.param == "python" else "0"}).start()
+    assert f"fastpath={request.param}" in d.log_text()
     yield d
     d.stop()
 
