@@ -84,7 +84,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.sm_in = self.sm_out = 0
         self.sm_asking = False
         self.carbons = False          # XEP-0280 enabled on this resource
-        self.conn = Conn(sock, self, proto.router.limits.send_buffer, peer)
+        self.conn = Conn(sock, self, proto.router.limits.send_buffer)
 
     # -- Conn's handler protocol ------------------------------------------------------
     def on_data(self, data: bytes) -> None:

@@ -3,7 +3,8 @@
 :class:`TlsSocket` wraps the connection's plain socket with an ``ssl.SSLObject``
 over memory BIOs, so the handshake and the records are driven by the same
 read watcher and per-iteration flush as plaintext (:class:`imd.net.conn.Conn`
-only needs ``recv``, ``send``, ``fileno``, ``close``, ``setblocking``):
+only needs ``recv``, ``send``, ``fileno``, ``close``, ``setblocking``,
+``getpeername``):
 
 * ``recv(n)`` reads ciphertext from the socket, advances the handshake, and
   returns every byte of plaintext now decrypted (so no plaintext stays hidden
@@ -52,6 +53,9 @@ class TlsSocket:
 
     def setblocking(self, flag: bool) -> None:
         self.sock.setblocking(flag)
+
+    def getpeername(self):
+        return self.sock.getpeername()
 
     def close(self) -> None:
         try:
