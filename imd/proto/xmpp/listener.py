@@ -42,7 +42,7 @@ class XmppProtocol:
         self.resumable: dict[str, XmppSession] = {}     # XEP-0198 stream id → session
 
     def handle(self, sock, addr) -> None:
-        s = XmppSession(self, sock, addr)
+        s = XmppSession(self, sock)
         self.router.opened(s)
 
     # -- bound resources ----------------------------------------------------------

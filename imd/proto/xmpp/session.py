@@ -60,7 +60,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     protocol = "xmpp"
 
-    def __init__(self, proto, sock, peer) -> None:
+    def __init__(self, proto, sock) -> None:
         super().__init__(proto.router, proto.node_id)
         self.proto = proto
         self.parser = StreamParser(self.on_stream_start, self.on_stanza, self.on_stream_end)
