@@ -1,0 +1,48 @@
+"""Heartbeats and shutdown on their own daemon (short timers): the server pings idle clients
+(XEP-0199), closes silent ones with connection-timeout, and sends system-shutdown on SIGTERM."""
+
+import pytest
+
+from .harness import Imd, client, login, logout, run
+from .test_login import raw_login
+
+
+@pytest.fixture
+def fast(tmp_path):
+    d = Imd(tmp_path, limits={"heartbeat": 1, "idle_timeout": 3})
+    d.start()
+    yield d
+    d.stop()
+
+
+def test_server_pings_and_answering_clients_stay(fast):
+    async def scenario():
+        import asyncio
+        c = client("u_live")
+        pings = []
+        c.add_filter("in", lambda st: (pings.append(st) if st.xml.find("{urn:xmpp:ping}ping") is not None
+                                       else None) or st)      # slixmpp's xep_0199 answers them
+        await login(c, fast)
+        await asyncio.sleep(5)                                  # past idle_timeout: still connected
+        assert pings and pings[0]["from"] == "localhost"
+        assert c.is_connected()
+        await c.plugin["xep_0199"].ping(jid="localhost")
+        await logout(c)
+    run(scenario())
+
+
+def test_silent_client_gets_connection_timeout(fast):
+    r = raw_login(fast, "u_silent")
+    r.buf = b""
+    got = r.read_to_close(timeout=15)
+    assert b"<ping xmlns='urn:xmpp:ping'/>" in got
+    assert b"<connection-timeout xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got
+
+
+def test_shutdown_sends_system_shutdown(fast):
+    r = raw_login(fast, "u_bye")
+    r.buf = b""
+    fast.stop()
+    got = r.read_to_close(timeout=15)
+    assert b"<system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got and got.endswith(
+        b"</stream:stream>")
