@@ -125,7 +125,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if el.ns == SM_NS:
             self.sm_nonza(el)
             return
-        if self.sm_queue is not None:
+        if self.sm_queue is not None and tag in ("message", "presence", "iq"):
             self.sm_in = (self.sm_in + 1) % MOD
         if tag == "message":
             self.on_message(el)
@@ -169,9 +169,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         elif t == "read":
             self.write_read(env)
         elif t == "close":
-            code = env.get("code")
-            cond = "system-shutdown" if env.get("reconnect") and code == 1001 else \
-                _CLOSE_CONDITIONS.get(code, "policy-violation")
+            cond = _CLOSE_CONDITIONS.get(env.get("code"), "policy-violation")
             self.stream_error(cond, env.get("reason", ""))
         elif t == "ping":
             ping = Element("iq", attrs={"type": "get", "id": f"ping-{next(_stanza_ids)}",
