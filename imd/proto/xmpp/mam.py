@@ -35,7 +35,11 @@ SCAN_LIMIT = 5000             # entries read at most for one filtered page
 
 
 class QueryError(Exception):
-    pass
+    """A query the archive cannot answer: ``condition`` is the stanza error."""
+
+    def __init__(self, text: str, condition: str = "bad-request") -> None:
+        super().__init__(text)
+        self.condition = condition
 
 
 def parse_time(text: str) -> int:
@@ -68,7 +72,7 @@ def _seq(text: Optional[str]) -> Optional[int]:
     if text == "":
         return -1
     if not text.isdigit():
-        raise QueryError("unknown archive id")
+        raise QueryError("unknown archive id", "item-not-found")        # XEP-0059 §2.6
     return int(text)
 
 
@@ -93,7 +97,7 @@ def query(s, iq: Element) -> None:
             after = _seq(rsm.findtext("after", RSM_NS))
             before = _seq(rsm.findtext("before", RSM_NS))
     except QueryError as e:
-        s.write(error_reply(iq, "bad-request", str(e), by=s.proto.domain))
+        s.write(error_reply(iq, e.condition, str(e), by=s.proto.domain))
         return
 
     def wanted(e) -> bool:

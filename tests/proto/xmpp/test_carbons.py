@@ -3,10 +3,14 @@ user sent from a raw-TCP device (one inbox for every protocol)."""
 
 import asyncio
 
+import pytest
+
 from .harness import barrier, client, login, logout, next_message, run
 from .test_cross import tcp_login
 
 PLUGINS = ("xep_0030", "xep_0199", "xep_0203", "xep_0280")
+
+pytestmark = pytest.mark.imd_only("carbons of raw-TCP devices are imd's")
 
 
 def test_sent_carbons_and_received_copies(imd):

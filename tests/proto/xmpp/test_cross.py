@@ -5,9 +5,13 @@ The raw-TCP side is imd.client.Client (blocking), driven through asyncio.to_thre
 
 import asyncio
 
+import pytest
+
 from imd.client import Client
 
 from .harness import barrier, client, login, logout, next_message, run, token
+
+pytestmark = pytest.mark.imd_only("the raw-TCP bridge is imd's")
 
 
 def tcp_login(imd, user: str, platform: str = "ios", device: str = "phone") -> Client:

@@ -36,6 +36,7 @@ def error_of(data: bytes) -> bytes:
     (HEADER + b"<message><body>caf\xe9</body></message>", b"not-well-formed"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, b"not-well-formed"),
 ])
+@pytest.mark.imd_only("exact bytes of imd's stream errors (prosody differs in layout and in some conditions)")
 def test_stream_error_then_close(imd, data, condition):
     r = Raw(imd)
     try:
@@ -65,12 +66,14 @@ def test_ten_mib_without_gt_is_cut_early(imd):
         pass
 
 
+@pytest.mark.imd_only("imd's auth_timeout")
 def test_connection_timeout_without_header(imd):
     r = Raw(imd)
     got = r.read_to_close(timeout=15)              # the test daemon's auth_timeout is 3 s
     assert b"<connection-timeout" in got
 
 
+@pytest.mark.imd_only('raw login with a user token')
 def test_stanza_size_limit_after_auth(imd):
     r = raw_login(imd, "u_big")
     r.buf = b""
@@ -78,6 +81,7 @@ def test_stanza_size_limit_after_auth(imd):
     assert b"<policy-violation" in error_of(r.read_to_close())
 
 
+@pytest.mark.imd_only('raw login with a user token')
 def test_whole_session_one_byte_at_a_time(imd):
     r = Raw(imd)
     script = [HEADER, b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
@@ -97,6 +101,7 @@ def test_whole_session_one_byte_at_a_time(imd):
     r.close()
 
 
+@pytest.mark.imd_only('raw login with a user token')
 def test_pipelined_auth_and_restart(imd):
     r = Raw(imd)
     r.send(HEADER + b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
@@ -109,6 +114,7 @@ def test_pipelined_auth_and_restart(imd):
     r.close()
 
 
+@pytest.mark.imd_only('raw login with a user token')
 def test_iq_with_two_children_is_bad_request(imd):
     r = raw_login(imd, "u_twokids")
     r.buf = b""
@@ -118,6 +124,7 @@ def test_iq_with_two_children_is_bad_request(imd):
     assert b"<unsupported-stanza-type" in r.read_to_close()
 
 
+@pytest.mark.imd_only("raw login with a user token; imd's roster")
 def test_roster_versioning(imd):
     r = raw_login(imd, "alice", "rv")
     r.buf = b""
@@ -130,6 +137,7 @@ def test_roster_versioning(imd):
     r.close()
 
 
+@pytest.mark.imd_only("imd's tls=disabled answer")
 def test_tls_not_offered_when_disabled_and_auth_works(imd):
     r = Raw(imd)
     r.send(HEADER)

@@ -6,6 +6,8 @@ import pytest
 from .harness import Imd, client, login, logout, run
 from .test_login import raw_login
 
+pytestmark = pytest.mark.imd_only("imd's heartbeat and shutdown")
+
 
 @pytest.fixture
 def fast(tmp_path):

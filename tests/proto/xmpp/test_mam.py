@@ -52,6 +52,6 @@ def test_bad_queries(imd):
         iq["mam"]["rsm"]["after"] = "not-a-number"
         with pytest.raises(IqError) as info:
             await iq.send()
-        assert info.value.iq["error"]["condition"] == "bad-request"
+        assert info.value.iq["error"]["condition"] == "item-not-found"      # XEP-0059 §2.6
         await logout(a)
     run(scenario())

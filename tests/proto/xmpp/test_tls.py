@@ -11,6 +11,8 @@ from .harness import HEADER, Imd, Raw, barrier, client, login, logout, next_mess
 
 STREAM_SEED = {"passwords": {"tess": "tls-pass"}}
 
+pytestmark = pytest.mark.imd_only("imd's TLS configuration")
+
 
 def make_ca(path) -> tuple[str, str, str]:
     """A CA and a certificate for 'localhost' signed by it; returns (ca, cert, key) paths."""
