@@ -28,7 +28,7 @@ from imd import checks
 from imd.checks import Check, Invalid, parse_addr, show
 
 __all__ = ["Config", "ConfigError", "Setting", "SETTINGS", "SECTIONS", "load", "load_dict",
-           "defaults", "parse_addr", "changes"]
+           "defaults", "parse_addr", "changes", "apply_live", "SECRET_KEYS"]
 
 
 class ConfigError(Exception):
@@ -95,7 +95,7 @@ SETTINGS = [
       "PostgreSQL connection string, e.g. \"postgresql://postgres@127.0.0.1/imd\"; required for postgresql"),
     S("store", "queue_size", 100000, c.integer(1), "write operations queued before senders get error 503"),
     S("store", "batch_max", 1000, c.integer(1), "most write operations committed in one transaction"),
-    S("store", "writers", 4, c.integer(1, 64), "writer connections (postgresql)"),
+    S("store", "writers", 2, c.integer(1, 64), "writer connections (postgresql); more than 2 rarely helps (docs/store.md)"),
     S("store", "synchronous", "full", c.choice("full", "normal"),
       "SQLite PRAGMA synchronous: \"full\" survives power loss, \"normal\" only a crash"),
     S("store", "retention_days", 0, c.integer(0),
@@ -151,7 +151,7 @@ SETTINGS = [
       "least severe level logged", live=True),
     S("log", "format", "text", c.choice("text", "json"), "text lines or one JSON object per line", live=True),
     S("log", "file", "", c.path(empty=True),
-      "log file (reopened on reload, for logrotate); \"\" logs to stdout", live=True),
+      "log file (reopened on SIGUSR1 after logrotate moved it); \"\" logs to stdout", live=True),
     S("policy", "contacts_only", False, c.boolean(),
       "when true, users may message only their contacts", live=True),
 ]
@@ -302,6 +302,24 @@ def changes(old: Config, new: Config) -> list[tuple[str, Any, Any, bool]]:
         if a != b:
             out.append((s.key, a, b, s.live))
     return out
+
+
+def apply_live(cfg: Config, diff: list[tuple[str, Any, Any, bool]]) -> list[str]:
+    """Reload: write the live entries of ``diff`` (from :func:`changes`) into ``cfg``
+    in place, so every holder of ``cfg`` or of one of its sections sees the new
+    values; the others are left alone (they need a restart). Returns the keys applied.
+    Only the daemon's reload calls this; everyone else treats a Config as read-only."""
+    applied = []
+    for key, _old, value, live in diff:
+        if live:
+            section, name = key.split(".", 1)
+            cfg._values[section][name] = value
+            applied.append(key)
+    return applied
+
+
+# Settings whose values never appear in logs or imd-admin output.
+SECRET_KEYS = frozenset({"auth.secret", "admin.secret", "store.dsn", "engine.url"})
 
 
 def _did_you_mean(word: str, options) -> str:

@@ -14,6 +14,7 @@ too, as methods that block the calling greenlet until committed.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Optional
 
@@ -69,7 +70,7 @@ class Router:
         """The session's transport is gone (called by Session.closed)."""
         self.node.remove_session(session)
         self.store.touch_user(session.user, None, session.platform, now_ms())
-        log.debug("session closed id=%s user=%s reason=%s", session.id, session.user, reason)
+        log.debug("session closed conn=%s user=%s reason=%s", session.id, session.user, reason)
 
     # -- dispatch -------------------------------------------------------------------
     def receive(self, s, env: dict) -> None:
@@ -99,7 +100,7 @@ class Router:
             if e.fatal:
                 s.end(e.reason)
         except Exception:
-            log.exception("handler failed type=%s session=%s", t, s.id)
+            log.exception("handler failed conn=%s type=%s", s.id, t)
             s.send(error(500, "internal error", env.get("id")))
 
     def refuse(self, s, code: int, reason: str, id: Optional[str] = None) -> None:
@@ -114,6 +115,7 @@ class Router:
             ident = auth.verify(env["token"], self.cfg.auth.secret, self.cfg.auth.leeway)
         except auth.AuthError as e:
             self.metrics.inc("imd_auth_failures_total")
+            log.debug("auth refused conn=%s reason=%s", s.id, e.reason)
             self.refuse(s, 401, e.reason)
             return
         platform = env["platform"]
@@ -125,7 +127,9 @@ class Router:
     def start_session(self, s, user: str, role: str, platform: str, device: str,
                       since: Optional[int]) -> None:
         """Give the session its identity and attach it (replay runs in a greenlet)."""
-        s.user, s.role, s.platform, s.device = user, role, platform, device
+        s.user, s.role, s.platform, s.device = user, sys.intern(role), sys.intern(platform), device
+        log.debug("session opened conn=%s user=%s source=%s device=%s protocol=%s",
+                  s.id, user, s.source, device, s.protocol)
         s.state = AUTHING
         s.backlog = []
         s.held = []
@@ -166,11 +170,11 @@ class Router:
                     cur = page[-1].seq
                     s.drain()
         except StoreError as e:
-            log.warning("attach failed session=%s user=%s error=%s", s.id, s.user, e)
+            log.warning("attach failed conn=%s user=%s error=%s", s.id, s.user, e)
             s.close(503, "store unavailable", reconnect=True)
             return
         except Exception:
-            log.exception("attach failed session=%s user=%s", s.id, s.user)
+            log.exception("attach failed conn=%s user=%s", s.id, s.user)
             s.close(500, "internal error", reconnect=True)
             return
         if s.state is not CLOSED:
@@ -192,7 +196,7 @@ class Router:
             try:
                 page = self.store.inbox(s.user, s.last_seq, target - s.last_seq)
             except StoreError as e:
-                log.warning("gap fill failed session=%s error=%s", s.id, e)
+                log.warning("gap fill failed conn=%s error=%s", s.id, e)
                 s.close(503, "store unavailable", reconnect=True)
                 return
             for e in page:
@@ -200,7 +204,7 @@ class Router:
                     s.last_seq = e.seq
                     s.send(Out(e.envelope(), e.seq))
             if s.last_seq < target:
-                log.warning("gap not in store user=%s from=%d to=%d", s.user, s.last_seq, target)
+                log.warning("gap not in store conn=%s user=%s from=%d to=%d", s.id, s.user, s.last_seq, target)
                 s.last_seq = target
             gap = s.end_sync()
 

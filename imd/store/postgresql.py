@@ -31,26 +31,26 @@ be stored twice (under new seqs); nothing acked is ever lost.
 
 Reads use a separate small pool of autocommit connections and block only the
 calling greenlet; an unreachable database raises StoreUnavailable.
-Retention: ``purge(older_than_ms)``, run every ``purge_interval`` seconds when
-``retention_days`` > 0.
+Retention: ``purge(older_than_ms)``, run every ``purge_interval`` seconds while
+``retention_days`` > 0 (an attribute: may be changed on a live store).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
-from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import gevent
 import psycopg
 from gevent.lock import BoundedSemaphore
 
-from .base import MessageResult, Store, StoreUnavailable, UserInfo
+from .base import Store, StoreUnavailable, UserInfo
+from .batch import ROW_COLUMNS, BatchPlan, client_keys
 from .migrations import migrations
-from .rows import ENTRY_COLUMNS, entry_from_row, load_json, message_entries, notice_entry
-from .writer import MessageOp, Pending, Writer, WriterStore
+from .retention import purge_loop
+from .rows import ENTRY_COLUMNS, entry_from_row, load_json
+from .writer import Pending, Writer, WriterStore
 
 log = logging.getLogger("imd.store.postgresql")
 
@@ -101,7 +101,11 @@ class PostgresStore(WriterStore, Store):
 
     # -- lifecycle -----------------------------------------------------------
     def _connect(self, autocommit: bool = False) -> psycopg.Connection:
-        return psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=self.connect_timeout)
+        # keepalives + tcp_user_timeout: a database that vanishes without a RST (a
+        # partition, a dead host) fails the pending query in ~30 s instead of never
+        return psycopg.connect(self.dsn, autocommit=autocommit, connect_timeout=self.connect_timeout,
+                               keepalives=1, keepalives_idle=10, keepalives_interval=5,
+                               keepalives_count=3, tcp_user_timeout=30000)
 
     def open(self) -> None:
         try:
@@ -111,8 +115,7 @@ class PostgresStore(WriterStore, Store):
             raise StoreUnavailable("postgresql unreachable: %s" % exc) from exc
         self._open = True
         self._writer.start()
-        if self.retention_days > 0:
-            self._purger = gevent.spawn(self._purge_loop)
+        self._purger = gevent.spawn(purge_loop, self)
 
     def _migrate(self, con) -> None:
         con.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
@@ -149,9 +152,13 @@ class PostgresStore(WriterStore, Store):
         con = self._wcons[lane]
         if con is None or con.closed:
             con = self._connect()
-            con.execute("SET lock_timeout = '%s'" % LOCK_TIMEOUT)
-            con.execute(STAGING)
-            con.commit()
+            try:
+                con.execute("SET lock_timeout = '%s'" % LOCK_TIMEOUT)
+                con.execute(STAGING)
+                con.commit()
+            except BaseException:
+                con.close()
+                raise
             self._wcons[lane] = con
         try:
             with con.cursor() as cur:
@@ -179,31 +186,37 @@ class PostgresStore(WriterStore, Store):
             pass
 
     # -- reads -----------------------------------------------------------------
-    @contextmanager
-    def _reading(self):
-        """A read connection (autocommit) from the pool; StoreUnavailable if the database is not."""
+    def _query(self, fn):
+        """``fn(con)`` on a pooled autocommit read connection. A pooled connection
+        found dead (the database went away since) is dropped with every other idle
+        one and the query runs once more on a fresh connection; StoreUnavailable
+        if the database cannot be reached."""
         if not self._open:
             raise StoreUnavailable("store is not open")
         with self._readers:
-            try:
-                con = self._idle.pop() if self._idle else self._connect(autocommit=True)
-            except psycopg.OperationalError as exc:
-                raise StoreUnavailable("postgresql unreachable: %s" % exc) from exc
-            try:
-                yield con
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                con.close()
-                raise StoreUnavailable("postgresql read failed: %s" % exc) from exc
-            except BaseException:
-                con.close()
-                raise
-            if con.broken or con.closed:
-                return
-            self._idle.append(con)
+            while True:
+                fresh = not self._idle
+                try:
+                    con = self._connect(autocommit=True) if fresh else self._idle.pop()
+                except psycopg.OperationalError as exc:
+                    raise StoreUnavailable("postgresql unreachable: %s" % exc) from exc
+                try:
+                    result = fn(con)
+                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                    con.close()
+                    if fresh:
+                        raise StoreUnavailable("postgresql read failed: %s" % exc) from exc
+                    while self._idle:
+                        self._idle.pop().close()
+                    continue
+                except BaseException:
+                    con.close()
+                    raise
+                self._idle.append(con)
+                return result
 
     def _rows(self, sql: str, args: tuple) -> list:
-        with self._reading() as con:
-            return con.execute(sql, args).fetchall()
+        return self._query(lambda con: con.execute(sql, args).fetchall())
 
     def _scalar(self, sql: str, args: tuple) -> int:
         rows = self._rows(sql, args)
@@ -260,29 +273,17 @@ class PostgresStore(WriterStore, Store):
         number of messages deleted. Blocks the calling greenlet."""
         total = 0
         while True:
-            with self._reading() as con:
-                count = con.execute(
-                    "WITH gone AS (DELETE FROM messages WHERE mid IN (SELECT mid FROM messages "
-                    "WHERE ts < %s LIMIT %s) RETURNING sender, sender_seq, recipient, recipient_seq), "
-                    "entries AS (DELETE FROM inbox WHERE (user_id, seq) IN ("
-                    "SELECT recipient, recipient_seq FROM gone UNION ALL "
-                    "SELECT sender, sender_seq FROM gone WHERE sender IS NOT NULL)) "
-                    "SELECT count(*) FROM gone", (older_than_ms, PURGE_CHUNK)).fetchone()[0]
+            count = self._query(lambda con: con.execute(
+                "WITH gone AS (DELETE FROM messages WHERE mid IN (SELECT mid FROM messages "
+                "WHERE ts < %s LIMIT %s) RETURNING sender, sender_seq, recipient, recipient_seq), "
+                "entries AS (DELETE FROM inbox WHERE (user_id, seq) IN ("
+                "SELECT recipient, recipient_seq FROM gone UNION ALL "
+                "SELECT sender, sender_seq FROM gone WHERE sender IS NOT NULL)) "
+                "SELECT count(*) FROM gone", (older_than_ms, PURGE_CHUNK)).fetchone()[0])
             total += count
             self.purged += count
             if count < PURGE_CHUNK:
                 return total
-
-    def _purge_loop(self) -> None:
-        while True:
-            gevent.sleep(self.purge_interval)
-            try:
-                gone = self.purge(int(time.time() * 1000 - self.retention_days * 86400000))
-                if gone:
-                    log.info("postgresql: purged %d messages older than %g days", gone,
-                             self.retention_days)
-            except Exception as exc:
-                log.warning("postgresql: purge failed: %r", exc)
 
 
 # Staging table (per writer connection): the batch's rows with seqs relative to each
@@ -290,8 +291,6 @@ class PostgresStore(WriterStore, Store):
 STAGING = ("CREATE TEMP TABLE IF NOT EXISTS imd_staging (mid text, kind text, sender text, "
            "recipient text, body text, ctx text, ts bigint, client_id text, sender_k bigint, "
            "recipient_k bigint, notice_kind text) ON COMMIT DELETE ROWS")
-STAGING_COLUMNS = ("mid", "kind", "sender", "recipient", "body", "ctx", "ts", "client_id",
-                   "sender_k", "recipient_k", "notice_kind")
 
 # One statement while the users rows are locked: the upsert creates missing users, locks
 # every row in id order, applies the touches and reserves the seqs (base, base + need];
@@ -330,71 +329,36 @@ SELECT id, base FROM base
 class _Batch:
     """The ops of one writer transaction.
 
-    ``prepare`` does everything that needs no lock (dedupe lookup, notice
-    recipients, relative seqs, COPY into the staging table, cursors and
-    contacts); ``reserve`` runs RESERVE_AND_INSERT, after which the caller
-    commits at once, so users rows stay locked only for one statement and the
-    commit; ``results`` builds the callbacks' results after the commit.
+    ``prepare`` does everything that needs no lock (dedupe lookup, the
+    BatchPlan, COPY into the staging table, cursors and contacts); ``reserve``
+    runs RESERVE_AND_INSERT, after which the caller commits at once, so users
+    rows stay locked only for one statement and the commit; ``results`` builds
+    the callbacks' results after the commit.
     """
 
-    __slots__ = ("cur", "bulk", "ops", "pending", "plans", "taken", "base")
+    __slots__ = ("cur", "bulk", "pending", "plan", "base")
 
     def __init__(self, cur, bulk: str) -> None:
         self.cur = cur
         self.bulk = bulk
-        self.plans: list = []         # per op, see prepare()
-        self.taken: dict = {}         # user -> seqs this batch takes from them
         self.base: dict = {}          # user -> last seq before this batch
 
-    def take(self, user: str) -> int:
-        k = self.taken.get(user, 0) + 1
-        self.taken[user] = k
-        return k
-
     def prepare(self, ops: list, pending: Optional[Pending]) -> None:
-        self.ops, self.pending = ops, pending
-        stored = self._stored_client_ids(ops)
-        staging = []
-        first: dict = {}              # (sender, client_id) -> index of its first op in the batch
-        for n, op in enumerate(ops):
-            if isinstance(op, MessageOp):
-                key = (op.sender, op.client_id)
-                if op.client_id is not None:
-                    if key in first:                       # again in this batch
-                        self.plans.append(("again", first[key]))
-                        continue
-                    first[key] = n
-                    row = stored.get(key)
-                    if row is not None:
-                        # stored before; with our own mid it is this batch, committed
-                        # before the connection dropped: ack it as the original store
-                        self.plans.append(("replay" if row[0] == op.mid else "dup", row))
-                        continue
-                sender_k, recipient_k = self.take(op.sender), self.take(op.recipient)
-                staging.append((op.mid, "msg", op.sender, op.recipient, op.body_json, op.ctx_json,
-                                op.ts, op.client_id, sender_k, recipient_k, None))
-                self.plans.append(("new", sender_k, recipient_k))
-            else:
-                users = op.users if op.users is not None else self._known_users(op.role)
-                notices = []
-                for user in users:
-                    k, mid = self.take(user), op.mids()
-                    staging.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
-                                    None, k, op.kind))
-                    notices.append((user, k, mid))
-                self.plans.append(("notice", notices))
-        _insert(self.cur, self.bulk, "imd_staging", STAGING_COLUMNS, staging)
+        self.pending = pending
+        self.plan = BatchPlan(ops, self._stored(client_keys(ops)), self._known_users)
+        _insert(self.cur, self.bulk, "imd_staging", ROW_COLUMNS, self.plan.rows)
         if pending:
             _apply_cursors_contacts(self.cur, pending)
 
     def reserve(self) -> None:
+        taken = self.plan.taken
         touches = self.pending.touches if self.pending else {}
         passwords = self.pending.passwords if self.pending else {}
-        ids = sorted(set(self.taken).union(touches, passwords))
+        ids = sorted(set(taken).union(touches, passwords))
         if ids:
             no = (None, None, None)
             self.cur.execute(RESERVE_AND_INSERT, (
-                ids, [self.taken.get(u, 0) for u in ids], [touches.get(u, no)[0] for u in ids],
+                ids, [taken.get(u, 0) for u in ids], [touches.get(u, no)[0] for u in ids],
                 [touches.get(u, no)[1] for u in ids], [touches.get(u, no)[2] for u in ids]))
             self.base = dict(self.cur.fetchall())
         if passwords:
@@ -404,28 +368,7 @@ class _Batch:
                              "WHERE users.id = v.id", (pw, [passwords[u] for u in pw]))
 
     def results(self) -> list:
-        out = []
-        for op, plan in zip(self.ops, self.plans):
-            kind = plan[0]
-            if kind == "new":
-                sender_seq = self.base[op.sender] + plan[1]
-                recipient_seq = self.base[op.recipient] + plan[2]
-                out.append(MessageResult(op.mid, op.ts, sender_seq, recipient_seq,
-                                         entries=message_entries(op, sender_seq, recipient_seq)))
-            elif kind == "notice":
-                out.append([notice_entry(op, user, self.base[user] + k, mid)
-                            for user, k, mid in plan[1]])
-            elif kind == "again":
-                r = out[plan[1]]
-                out.append(MessageResult(r.mid, r.ts, r.sender_seq, r.recipient_seq, duplicate=True))
-            else:
-                mid, ts, sender_seq, recipient_seq = plan[1]
-                if kind == "dup":
-                    out.append(MessageResult(mid, ts, sender_seq, recipient_seq, duplicate=True))
-                else:
-                    out.append(MessageResult(mid, ts, sender_seq, recipient_seq,
-                                             entries=message_entries(op, sender_seq, recipient_seq)))
-        return out
+        return self.plan.results(self.base)
 
     def _known_users(self, role: Optional[str]) -> list:
         if role is None:
@@ -435,10 +378,8 @@ class _Batch:
                              "ORDER BY id", (role,))
         return [r[0] for r in self.cur]
 
-    def _stored_client_ids(self, ops: list) -> dict:
+    def _stored(self, keys: list) -> dict:
         """(sender, client_id) → (mid, ts, sender_seq, recipient_seq) of those already stored."""
-        keys = [(op.sender, op.client_id) for op in ops
-                if isinstance(op, MessageOp) and op.client_id is not None]
         if not keys:
             return {}
         self.cur.execute("SELECT m.sender, m.client_id, m.mid, m.ts, m.sender_seq, m.recipient_seq "

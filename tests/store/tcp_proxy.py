@@ -76,3 +76,25 @@ class TcpProxy:
 
     def stop(self) -> None:
         self.cut()
+
+
+def main() -> None:
+    """``python -m tests.store.tcp_proxy UPSTREAM_PORT``: print the port, then forward;
+    SIGUSR1 cuts, SIGUSR2 restores, SIGTERM ends."""
+    import os
+    import signal
+    import sys
+
+    proxy = TcpProxy(("127.0.0.1", int(sys.argv[1]))).start()
+    gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(proxy.cut))
+    gevent.signal_handler(signal.SIGUSR2, lambda: gevent.spawn(proxy.restore))
+    os.write(1, b"%d\n" % proxy.port)
+    while True:                    # keeps the loop alive while the proxy is cut
+        gevent.sleep(1)
+
+
+if __name__ == "__main__":
+    from gevent import monkey
+
+    monkey.patch_all()
+    main()

@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import time
 import signal
 import subprocess
 import sys
@@ -483,3 +484,55 @@ def test_an_op_that_cannot_commit_fails_alone(store):
     assert outcome["c3"][1] is None and outcome["c3"][0].sender_seq == 2
     assert [e.mid for e in store.inbox("b", 0, 10)] == ["M1", "M3"]
     assert store.stats()["failed"] == 1 and store.stats()["queue"] == 0
+
+
+# -- retention ------------------------------------------------------------------
+
+def test_purge_removes_old_entries_and_keeps_seqs(store):
+    acks = Acks()
+    for i in range(6):
+        send_now(store, acks, "a", "b", "c%d" % i, ts=1000 + i)
+    store.add_notices(["b"], None, "k", "n", lambda: "n1", 1001, acks.cb("n"))
+    assert store.flush(10)
+    assert store.purge(1003) == 4              # 3 messages (ts 1000-1002) + 1 notice
+    assert [e.seq for e in store.inbox("b", 0, 10)] == [4, 5, 6]
+    assert [e.seq for e in store.inbox("a", 0, 10)] == [4, 5, 6]
+    assert store.purge(1003) == 0 and store.stats()["purged"] == 4
+    send_now(store, acks, "a", "b", "later", ts=2000)
+    assert store.inbox("b", 6, 10)[0].seq == 8 and store.last_seq("a") == 7
+
+
+def test_retention_purges_periodically(backend):
+    store = backend.make(retention_days=1, purge_interval=0.05)
+    store.open()
+    try:
+        acks = Acks()
+        send(store, acks, "a", "b", "old", ts=1)
+        send(store, acks, "a", "b", "new", ts=int(time.time() * 1000))
+        assert store.flush(10)
+        assert wait_until(lambda: store.stats()["purged"] >= 1)
+        assert [(e.seq, e.mid) for e in store.inbox("b", 0, 10)] == [(2, "m-a-new")]
+        assert store.last_seq("b") == 2
+    finally:
+        store.close()
+
+
+def test_reopen_after_a_close_that_dropped_writes(backend):
+    store = backend.make()
+    store.open()
+    acks = Acks()
+    assert store.inbox("b", 0, 10) == []             # leaves read connections behind
+    with backend.writes_blocked():
+        send(store, acks, "a", "b", "lost")
+        store.set_cursor("a", "d", 5)
+        store.close(timeout=0.2)
+    assert [(r, type(e).__name__) for _, r, e in acks.items] == [(None, "StoreUnavailable")]
+    assert store.stats()["queue"] == 0
+    store.open()                                      # the same object opens again
+    try:
+        send(store, acks, "a", "b", "kept")
+        assert store.flush(10)
+        assert acks.items[-1][2] is None and acks.items[-1][1].sender_seq == 1
+        assert [e.seq for e in store.inbox("b", 0, 10)] == [1]
+    finally:
+        store.close()

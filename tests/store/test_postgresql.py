@@ -11,7 +11,7 @@ from imd.store.postgresql import PostgresStore
 
 from .backends import PostgresBackend
 from .tcp_proxy import TcpProxy
-from .test_contract import Acks, send, send_now, wait_until
+from .test_contract import Acks, send, wait_until
 
 
 @pytest.fixture
@@ -51,6 +51,20 @@ def test_outage_queues_refuses_at_limit_and_drains_after(pg):
         stored = store.inbox("r", 0, 100)
         assert [e.seq for e in stored] == list(range(1, 51))
         assert sorted(e.mid for e in stored) == sorted(r.mid for _, r, _ in acks.items)
+    finally:
+        store.close()
+        proxy.stop()
+
+
+def test_read_after_a_blip_replaces_the_dead_pooled_connection(pg):
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    store = PostgresStore(pg.dsn_via(proxy.server), connect_timeout=2)
+    store.open()
+    try:
+        assert store.last_seq("x") == 0            # leaves an idle read connection
+        proxy.cut()
+        proxy.restore()
+        assert store.last_seq("x") == 0            # dead pooled connection replaced, no error
     finally:
         store.close()
         proxy.stop()
@@ -120,25 +134,6 @@ def test_two_nodes_share_one_database(pg):
     finally:
         for node in nodes:
             node.close()
-
-
-def test_purge_removes_old_entries_and_keeps_seqs(pg):
-    store = pg.make()
-    store.open()
-    try:
-        acks = Acks()
-        for i in range(6):
-            send_now(store, acks, "a", "b", "c%d" % i, ts=1000 + i)
-        store.add_notices(["b"], None, "k", "n", lambda: "n1", 1001, acks.cb("n"))
-        assert store.flush(10)
-        assert store.purge(1003) == 4              # 3 messages (ts 1000-1002) + 1 notice
-        assert [e.seq for e in store.inbox("b", 0, 10)] == [4, 5, 6]
-        assert [e.seq for e in store.inbox("a", 0, 10)] == [4, 5, 6]
-        assert store.purge(1003) == 0 and store.stats()["purged"] == 4
-        send_now(store, acks, "a", "b", "later", ts=2000)
-        assert store.inbox("b", 6, 10)[0].seq == 8 and store.last_seq("a") == 7
-    finally:
-        store.close()
 
 
 def test_open_fails_clearly_when_unreachable(pg):
