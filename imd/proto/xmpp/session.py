@@ -47,6 +47,8 @@ log = logging.getLogger("imd.xmpp")
 _stanza_ids = itertools.count(1)
 MAX_HELD = 10000          # entries held before initial presence (the router sends at most this many offline)
 MAX_PENDING = 256         # messages awaiting the store's ack, for error replies
+MAX_RECENT = 32           # messages remembered for read markers
+MARKERS_NS = "urn:xmpp:chat-markers:0"
 
 _CLOSE_CONDITIONS = {408: "connection-timeout", 4001: "policy-violation", 1001: "system-shutdown",
                      503: "internal-server-error", 500: "internal-server-error"}
@@ -56,7 +58,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
     __slots__ = ("proto", "conn", "parser", "lang", "header_sent", "secure", "ident", "token_ident",
                  "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
                  "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
-                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons")
+                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent")
 
     protocol = "xmpp"
 
@@ -84,6 +86,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.sm_in = self.sm_out = 0
         self.sm_asking = False
         self.carbons = False          # XEP-0280 enabled on this resource
+        self.recent = None            # mid → inbox seq of the last messages written (read markers)
         self.conn = Conn(sock, self, proto.router.limits.send_buffer)
 
     # -- Conn's handler protocol ------------------------------------------------------
@@ -212,6 +215,13 @@ class XmppSession(StreamManagement, Negotiation, Session):
         top = self.attached_top
         delayed = top is not None and 0 < out.seq <= top
         self.write(render.message(env, self.proto.domain, self.bare(), delayed), out.seq)
+        if env["type"] == "msg":
+            recent = self.recent
+            if recent is None:
+                recent = self.recent = {}
+            elif len(recent) >= MAX_RECENT:
+                del recent[next(iter(recent))]
+            recent[env["mid"]] = out.seq
 
     def release_waiting(self) -> None:
         if not self.receiving() or self.state is CLOSED:
@@ -253,6 +263,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
             return
         msg.attrs["from"] = self.full_jid
         body = msg.findtext("body")
+        if not body and self.read_marker(msg, user):
+            return
         if not body or mtype == "headline" or user == self.user:
             self.proto.route(user, to.resource, msg, self)
             return
@@ -296,13 +308,23 @@ class XmppSession(StreamManagement, Negotiation, Session):
             code, "resource-constraint" if code in (429, 503) else "internal-server-error")
         self.write(_message_error(sid, to, self.full_jid, cond, env.get("reason", "")))
 
+    def read_marker(self, msg: Element, peer: str) -> bool:
+        """An XEP-0333 ``<displayed/>`` for a message this resource got from the inbox
+        becomes a core ``read`` (the peer sees it on any protocol). True if it did."""
+        marker = msg.find("displayed", MARKERS_NS)
+        seq = self.recent.get(marker.get("id")) if marker is not None and self.recent else None
+        if seq is None or peer == self.user:
+            return False
+        self.router.receive(self, {"type": "read", "peer": peer, "seq": seq})
+        return True
+
     def write_read(self, env: dict) -> None:
         """A read receipt from a peer → XEP-0333 ``<displayed/>`` for the newest message read."""
         if not env.get("mid") or not self.available:
             return
         msg = Element("message", attrs={"type": "chat", "from": f"{env['by']}@{self.proto.domain}",
                                         "to": self.full_jid})
-        msg.add("displayed", "urn:xmpp:chat-markers:0", {"id": env["mid"]})
+        msg.add("displayed", MARKERS_NS, {"id": env["mid"]})
         self.write(msg)
 
     # -- presence ------------------------------------------------------------------------------------

@@ -69,3 +69,29 @@ def test_xmpp_message_reaches_tcp_user_offline_then_online(imd):
         t.close()
         await logout(x)
     run(scenario())
+
+
+def test_read_markers_become_read_receipts_both_ways(imd):
+    async def scenario():
+        import slixmpp
+        x = client("u_reader", resource="xr")
+        await login(x, imd)
+        t = await asyncio.to_thread(tcp_login, imd, "u_writer")
+        ack = await asyncio.to_thread(t.msg, "u_reader", "did you read this?")
+        m = await next_message(x)
+        marker = x.make_message(mto="u_writer@localhost", mtype="chat")
+        marker.append(slixmpp.xmlstream.ET.Element("{urn:xmpp:chat-markers:0}displayed", {"id": m["id"]}))
+        marker.send()
+        env = await asyncio.to_thread(t.wait_for, lambda e: e.get("type") == "read")
+        assert env["by"] == "u_reader" and env["mid"] == ack["mid"]
+        # and the other way: the app reports it read the XMPP user's message
+        x.send_message(mto="u_writer@localhost", mbody="yes", mtype="chat")
+        got = await asyncio.to_thread(t.wait_for, lambda e: e.get("type") == "msg" and e.get("body") == "yes")
+        t.send({"type": "read", "peer": "u_reader", "seq": got["seq"]})
+        shown = await asyncio.wait_for(x.raw_messages.get(), 10)
+        while shown.xml.find("{urn:xmpp:chat-markers:0}displayed") is None:
+            shown = await asyncio.wait_for(x.raw_messages.get(), 10)
+        assert shown["from"].bare == "u_writer@localhost"
+        t.close()
+        await logout(x)
+    run(scenario())
