@@ -1,7 +1,6 @@
 """Hostile and malformed XML on raw sockets: the named stream error, then close; others unaffected."""
 
 import base64
-import time
 
 import pytest
 

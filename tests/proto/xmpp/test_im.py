@@ -46,12 +46,12 @@ def test_chat_both_ways_and_presence_of_contacts(imd):
         m = await next_message(b)
         assert (m["from"].bare, m["body"], m["type"]) == ("alice@localhost", "is the flat free?", "chat")
         assert not m["delay"]["stamp"]                       # live, not offline
-        m["to"].bare == "bob@localhost"
+        assert m["to"].bare == "bob@localhost"
         b.send_message(mto="alice@localhost/desk", mbody="yes", mtype="chat")
         m = await next_message(a)
         assert (m["from"].bare, m["body"]) == ("bob@localhost", "yes")
         await logout(b)
-        p = await presence_from(a, "bob@localhost", "unavailable")
+        await presence_from(a, "bob@localhost", "unavailable")
         await logout(a)
     run(scenario())
 

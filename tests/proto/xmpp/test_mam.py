@@ -1,6 +1,5 @@
 """XEP-0313 over the inbox with slixmpp's xep_0313 (paging with RSM, 'with' filter, reverse)."""
 
-import asyncio
 
 import pytest
 from slixmpp.exceptions import IqError
