@@ -20,6 +20,7 @@ import logging
 from typing import Optional
 
 from ...envelope import DEVICE_RE
+from .negotiate import AuthGuard
 from .session import XmppSession
 
 log = logging.getLogger("imd.xmpp")
@@ -40,6 +41,7 @@ class XmppProtocol:
         self.tls_required = x.tls == "required"
         self._bound: dict[str, dict[str, XmppSession]] = {}
         self.resumable: dict[str, XmppSession] = {}     # XEP-0198 stream id → session
+        self.auth_guard = AuthGuard()
 
     def handle(self, sock, addr) -> None:
         s = XmppSession(self, sock)

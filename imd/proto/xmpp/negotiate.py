@@ -14,7 +14,11 @@ Policies: with ``xmpp.tls = "required"`` only ``<starttls>`` is offered before
 TLS and ``<auth>`` gets ``encryption-required``; three failed SASL attempts
 end the stream (``policy-violation``); bind conflict = the new session wins and
 the old one gets a ``<conflict/>`` stream error (a phone taking over its own
-stale session); no resource requested → ``imd-<random>``.
+stale session); no resource requested → ``imd-<random>``; between SASL and
+bind, ``<resume/>`` (XEP-0198) may take over a detached session instead.
+Password guessing is slowed per stream (a growing delay before each
+``<failure>``) and per address (:class:`AuthGuard`: after too many failures an
+address gets ``temporary-auth-failure`` for a while).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import time
 
 import gevent
 
@@ -43,6 +48,7 @@ BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
 SESSION_NS = "urn:ietf:params:xml:ns:xmpp-session"
 LIMITS_NS = "urn:xmpp:stream-limits:0"
 MAX_SASL_FAILURES = 3
+FAILURE_DELAY = 0.25          # seconds, times the failures so far on this stream
 PLATFORM_PREFIXES = ("ios", "android", "web", "h5")
 DEFAULT_PLATFORM = "android"
 
@@ -54,6 +60,38 @@ def platform_of(token_platform, resource: str) -> str:
         return token_platform
     head = resource.replace(".", "-").split("-", 1)[0].lower()
     return head if head in PLATFORM_PREFIXES else DEFAULT_PLATFORM
+
+
+class AuthGuard:
+    """Failed SASL attempts per peer address in a sliding window (one per listener).
+
+    ``allowed(ip)`` is False once ``limit`` failures happened within ``window``
+    seconds. The table is bounded: when it passes ``max_entries`` it is cleared
+    of expired windows (and, under a flood of addresses, entirely)."""
+
+    __slots__ = ("limit", "window", "max_entries", "_fails")
+
+    def __init__(self, limit: int = 20, window: float = 60.0, max_entries: int = 100000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_entries = max_entries
+        self._fails: dict[str, tuple[float, int]] = {}
+
+    def allowed(self, ip: str) -> bool:
+        rec = self._fails.get(ip)
+        return rec is None or rec[1] < self.limit or time.monotonic() - rec[0] > self.window
+
+    def failed(self, ip: str) -> None:
+        now = time.monotonic()
+        rec = self._fails.get(ip)
+        if rec is None or now - rec[0] > self.window:
+            if len(self._fails) >= self.max_entries:
+                self._fails = {k: v for k, v in self._fails.items() if now - v[0] <= self.window}
+                if len(self._fails) >= self.max_entries:
+                    self._fails.clear()
+            self._fails[ip] = (now, 1)
+        else:
+            self._fails[ip] = (rec[0], rec[1] + 1)
 
 
 class Negotiation:
@@ -147,6 +185,9 @@ class Negotiation:
             self.sasl_failure("encryption-required")
             return
         if el.tag == "auth":
+            if not proto.auth_guard.allowed(self.peer_ip()):
+                self.sasl_failure("temporary-auth-failure", "too many failed logins, try again later")
+                return
             self.mech = sasl.mechanism(el.get("mechanism", ""), self.check_plain, self.lookup_scram,
                                        proto.domain)
             if self.mech is None:
@@ -172,6 +213,10 @@ class Negotiation:
         except sasl.SaslFailure as e:
             self.mech = None
             self.failures += 1
+            self.proto.auth_guard.failed(self.peer_ip())
+            gevent.sleep(FAILURE_DELAY * self.failures)      # slows guessing on this stream
+            if self.conn.closed:
+                return
             self.sasl_failure(e.condition, e.text)
             if self.failures >= MAX_SASL_FAILURES:
                 self.stream_error("policy-violation", "too many authentication failures")
@@ -208,6 +253,12 @@ class Negotiation:
             self.stream_error(e.condition, e.text)
             return
         self.conn.resume_reading()
+
+    def peer_ip(self) -> str:
+        try:
+            return self.conn.sock.getpeername()[0]
+        except OSError:
+            return "-"
 
     def sasl_failure(self, condition: str, text: str = "") -> None:
         fail = Element("failure", SASL_NS)

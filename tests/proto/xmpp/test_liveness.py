@@ -48,3 +48,23 @@ def test_shutdown_sends_system_shutdown(fast):
     got = r.read_to_close(timeout=15)
     assert b"<system-shutdown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got and got.endswith(
         b"</stream:stream>")
+
+
+def test_failed_logins_from_one_address_are_throttled(fast):
+    import asyncio
+
+    async def scenario():
+        async def attempt(password):
+            c = client("sam_guess", password, mech="PLAIN", resource="")
+            failed = asyncio.get_running_loop().create_future()
+            c.add_event_handler("failed_auth", lambda *a: failed.done() or failed.set_result(True))
+            c.connect("127.0.0.1", fast.port)
+            await asyncio.wait_for(failed, 10)
+            c.abort()
+        await asyncio.gather(*(attempt(f"guess{i}") for i in range(20)))
+        # the right credentials (a valid token) are refused for a while from this address
+        ok = client("u_after_guessing")
+        with pytest.raises(AssertionError, match="failed_auth"):
+            await login(ok, fast)
+        ok.abort()
+    run(scenario())

@@ -172,3 +172,19 @@ def test_bad_proof_is_not_authorized_even_with_right_shape():
 def test_unknown_mechanism():
     assert sasl.mechanism("DIGEST-MD5", check_plain, lookup, "l") is None
     assert sasl.MECHANISMS == ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")
+
+
+def test_auth_guard_window():
+    from imd.proto.xmpp.negotiate import AuthGuard
+    g = AuthGuard(limit=3, window=0.2, max_entries=2)
+    for _ in range(3):
+        assert g.allowed("1.2.3.4")
+        g.failed("1.2.3.4")
+    assert not g.allowed("1.2.3.4") and g.allowed("5.6.7.8")
+    import time
+    time.sleep(0.25)
+    assert g.allowed("1.2.3.4")
+    g.failed("a")
+    g.failed("b")
+    g.failed("c")                                   # the table stays bounded
+    assert len(g._fails) <= 2
