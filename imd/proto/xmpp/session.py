@@ -13,7 +13,9 @@ stanzas onto the core and core envelopes onto stanzas:
   the user's own XMPP resources; subscription requests are answered from the
   contact list (contacts are managed by the web tier);
 * ``<iq>`` → server answers (:mod:`imd.proto.xmpp.iq`) or routing to a full
-  JID on this node.
+  JID on this node;
+* an XEP-0333 ``<displayed/>`` for a message it got from the inbox → a core
+  ``read``; a core ``read`` → ``<displayed/>``.
 
 Until the client sends initial presence (RFC 6121 §4.2) with priority ≥ 0,
 inbox entries and contacts' presence are held; then offline entries go out
