@@ -191,3 +191,30 @@ def test_iq_between_clients_and_own_resources(imd):
         await presence_from(a2, "u_multi@localhost", "unavailable")
         await logout(a2, b)
     run(scenario())
+
+
+@pytest.mark.imd_only("subscriptions mirror imd's contact list")
+def test_subscription_requests_answered_from_contacts(imd):
+    async def scenario():
+        a = client("alice", resource="sub")
+        await login(a, imd)
+        a.send_presence(pto="carol@localhost", ptype="subscribe")        # a contact
+        p = await presence_from(a, "carol@localhost", "subscribed")
+        assert p["from"].full == "carol@localhost"
+        a.send_presence(pto="stranger@localhost", ptype="subscribe")     # not a contact
+        await presence_from(a, "stranger@localhost", "unsubscribed")
+        await logout(a)
+    run(scenario())
+
+
+def test_directed_presence_reaches_the_resource(imd):
+    async def scenario():
+        a = client("u_dir_a")
+        await login(a, imd)
+        b = client("u_dir_b", resource="desk")
+        await login(b, imd)
+        a.send_presence(pto="u_dir_b@localhost/desk", pstatus="hello there")
+        p = await presence_from(b, "u_dir_a@localhost")
+        assert p["status"] == "hello there" and p["from"].full == "u_dir_a@localhost/r1"
+        await logout(a, b)
+    run(scenario())
