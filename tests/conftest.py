@@ -20,3 +20,15 @@ def pytest_configure(config):
     proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=ROOT,
                           capture_output=True, text=True)
     config.imd_fastpath_build = proc.stderr[-2000:]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_leftover_daemons():
+    """A test that fails half-way must not leave an imd process behind (checked
+    per module, so that module-scoped daemons live as long as their module)."""
+    yield
+    from tests.daemon import kill_leftovers
+    kill_leftovers()

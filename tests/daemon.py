@@ -29,6 +29,23 @@ from pathlib import Path
 from imd.auth import issue
 from imd.client import Client
 
+RUNNING: set = set()      # every daemon process started here; tests/conftest.py kills leftovers
+
+
+def spawn(args, **kw) -> subprocess.Popen:
+    """Start a daemon subprocess and remember it, so a failing test cannot leak it."""
+    proc = subprocess.Popen(args, **kw)
+    RUNNING.add(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    for proc in list(RUNNING):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        RUNNING.discard(proc)
+
 SECRET = "test-secret-of-at-least-32-bytes!!"
 LISTEN_RE = re.compile(r"listening name=(\w+) addr=(\S+):(\d+)")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +97,7 @@ class Imd:
     def start(self, timeout: float = 20.0) -> "Imd":
         self.addr = {}
         ready = threading.Event()
-        self.proc = subprocess.Popen([sys.executable, "-m", "imd", "-c", self.config], cwd=self.dir,
+        self.proc = spawn([sys.executable, "-m", "imd", "-c", self.config], cwd=self.dir,
                                      env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
         def read(proc=self.proc):
@@ -207,7 +224,7 @@ class DaemonProcess:
     def start(self, timeout: float = START_TIMEOUT, wait_ready: bool = True) -> "DaemonProcess":
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "imd", "-c", str(self.config_path)],
+        self.proc = spawn([sys.executable, "-m", "imd", "-c", str(self.config_path)],
                                      cwd=self.workdir, stdout=logf, stderr=subprocess.STDOUT,
                                      env=env_for_imd(self.env))
         logf.close()
