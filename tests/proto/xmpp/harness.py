@@ -27,6 +27,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from imd.auth import issue
+from tests.daemon import spawn  # a failing test leaks no daemon (tests/conftest.py)
 
 SECRET = "test-secret-of-at-least-32-bytes!!"
 DOMAIN = "localhost"
@@ -70,9 +71,9 @@ class Imd:
             subprocess.run([sys.executable, os.path.join(HERE, "seed.py"), self.config,
                             orjson.dumps(self.seed).decode()], env=self.env, check=True, timeout=60)
         ready = threading.Event()
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "run_imd.py"), "-c", self.config],
-                                     cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = spawn([sys.executable, os.path.join(HERE, "run_imd.py"), "-c", self.config],
+                          cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
 
         def read(proc=self.proc):
             for line in proc.stdout:

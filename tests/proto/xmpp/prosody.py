@@ -15,6 +15,8 @@ import subprocess
 import threading
 import time
 
+from tests.daemon import spawn  # a failing test leaks no server (tests/conftest.py)
+
 LUA = """
 daemonize = false
 run_as_root = true
@@ -74,8 +76,8 @@ class Prosody:
     def start(self) -> "Prosody":
         for user, password in self.seed.get("passwords", {}).items():
             self.register(user, password)
-        self.proc = subprocess.Popen(["prosody", "--config", self.config], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = spawn(["prosody", "--config", self.config], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=lambda: [self.lines.append(ln.rstrip()) for ln in self.proc.stdout],
                          daemon=True).start()
         deadline = time.monotonic() + 20
