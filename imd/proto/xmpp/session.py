@@ -106,6 +106,9 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def finish(self, reason: str) -> None:
         """The session ends: leave the resource table, tell own resources, detach from the core."""
+        if self.sm_id is not None:
+            self.proto.resumable.pop(self.sm_id, None)
+            self.sm_id = None
         if self.resource is not None:
             self.proto.unbound(self)
             if self.available:

@@ -94,7 +94,8 @@ class StreamManagement:
         except ValueError:
             return
         queue = self.sm_queue
-        n = min(n, len(queue))
+        if n > len(queue):
+            return                                # stale or impossible count: nothing is dropped
         top = 0
         for _ in range(n):
             _, seq = queue.popleft()

@@ -75,3 +75,22 @@ def test_clean_close_is_not_resumable_and_bind_conflict_ends_detached(imd):
         await barrier(again)
         await logout(again)
     run(scenario())
+
+
+@pytest.mark.imd_only("raw login with a user token")
+def test_raw_acks_and_counts(imd):
+    from .test_login import raw_login
+    r = raw_login(imd, "u_sm_raw")
+    r.buf = b""
+    r.send(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+    assert b"<enabled xmlns='urn:xmpp:sm:3' id='" in r.read_until(b"max='")
+    r.send(b"<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq><r xmlns='urn:xmpp:sm:3'/>")
+    r.read_until(b"<a xmlns='urn:xmpp:sm:3' h='1'/>")
+    got = r.read_until(b"<r xmlns='urn:xmpp:sm:3'/>")                   # the server asks too
+    assert b"id='p1'" in got and b"<r xmlns='urn:xmpp:sm:3'/>" in got
+    r.buf = b""
+    r.send(b"<a xmlns='urn:xmpp:sm:3' h='7'/>")                          # too high: ignored
+    r.send(b"<a xmlns='urn:xmpp:sm:3' h='1'/><r xmlns='urn:xmpp:sm:3'/>")
+    assert b"<a xmlns='urn:xmpp:sm:3' h='1'/>" in r.read_until(b"h='1'/>")
+    r.send(b"</stream:stream>")
+    assert r.read_to_close().endswith(b"</stream:stream>")
