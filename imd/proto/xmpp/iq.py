@@ -3,8 +3,10 @@
 * IQ ``get``/``set`` must carry exactly one child (else ``bad-request``);
   ``result``/``error`` are routed to a full JID or dropped, never answered.
 * To the server (no ``to``, the domain) or a bare JID: XEP-0030 disco#info
-  and disco#items, XEP-0199 ping, the legacy session, the roster (own bare
-  JID only); anything else gets ``service-unavailable`` (RFC 6120 §8.4).
+  and disco#items, XEP-0199 ping, the legacy session, and for the own account
+  the roster, XEP-0280 carbons enable/disable and XEP-0313 queries
+  (:mod:`imd.proto.xmpp.mam`); anything else gets ``service-unavailable``
+  (RFC 6120 §8.4).
 * To a full JID: routed to that resource on this node (``from`` stamped), or
   ``service-unavailable`` when it is not connected here.
 * The roster is the user's contact list, server-authoritative: every item has
@@ -14,7 +16,7 @@
 * ``subscribe`` to a contact is answered ``subscribed`` (they already share
   presence); to anyone else ``unsubscribed`` (contacts come from the web tier).
 
-Runs in the hub; the roster read runs in a greenlet (it may read the store).
+Runs in the hub; the roster read and archive queries run in greenlets (store reads).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 :class:`XmppSession` (no greenlet). It also keeps, per user, the XMPP
 resources bound on this node, for what the core's per-user routing does not
 carry: bind conflicts, IQs and body-less messages to a full JID, presence
-among a user's own resources.
+among a user's own resources; plus the XEP-0198 sessions waiting for a resume
+and the per-address login throttle.
 
 Limitation: that table is per node. In a cluster, stanzas routed through it
 (IQs between clients, chat states, directed presence) reach only resources on
