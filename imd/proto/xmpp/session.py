@@ -49,7 +49,7 @@ log = logging.getLogger("imd.xmpp")
 _stanza_ids = itertools.count(1)
 MAX_HELD = 10000          # entries held before initial presence (the router sends at most this many offline)
 MAX_PENDING = 256         # messages awaiting the store's ack, for error replies
-MAX_RECENT = 32           # messages remembered for read markers
+MAX_RECENT = 8            # messages remembered for read markers (the newest ones get marked)
 MARKERS_NS = "urn:xmpp:chat-markers:0"
 
 _CLOSE_CONDITIONS = {408: "connection-timeout", 4001: "policy-violation", 1001: "system-shutdown",
