@@ -37,6 +37,7 @@ from .control import ControlServer
 from .engine.memory import MemoryEngine
 from .fastpath import IMPL
 from .metrics import Metrics, max_fds, open_fds, rss_bytes
+from .net.admission import Admission
 from .net.listener import Listener, bind_socket
 from .node import Node
 from .proto.tcp import TcpProtocol
@@ -108,12 +109,13 @@ class Daemon:
         self.router = Router(cfg, self.node, self.store, self.metrics)
         self.router.start()
         self._register_gauges()
+        self.admission = Admission(cfg.limits, self.metrics)
         for name, proto in self.protocols().items():
             addr = cfg.addr("listen." + name)
             if addr is None:
                 continue
             sock = bind_socket(addr[0], addr[1], reuse_port=cfg.node.workers > 1)
-            listener = Listener(name, sock, proto.handle)
+            listener = Listener(name, sock, proto.handle, self.admission, getattr(proto, "refuse", None))
             listener.start()
             self.listeners.append(listener)
             host, port = listener.address
