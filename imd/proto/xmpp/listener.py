@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 from typing import Optional
 
 from ...envelope import DEVICE_RE
 from .negotiate import AuthGuard
 from .session import XmppSession
+from .stanza import STREAM_CLOSE, stream_error, stream_header, tostring
 
 log = logging.getLogger("imd.xmpp")
 
@@ -47,6 +49,17 @@ class XmppProtocol:
     def handle(self, sock, addr) -> None:
         s = XmppSession(self, sock)
         self.router.opened(s)
+
+    def refuse(self, sock, code: int, reason: str) -> None:
+        """A connection over a limit (imd.net.admission): our header and a stream
+        error, best effort and non-blocking; the listener then closes it."""
+        condition = "policy-violation" if code == 429 else "resource-constraint"
+        data = (stream_header(self.domain, secrets.token_hex(8))
+                + tostring(stream_error(condition, reason)).encode() + STREAM_CLOSE)
+        try:
+            sock.send(data)
+        except OSError:
+            pass
 
     # -- bound resources ----------------------------------------------------------
     def bound(self, user: str, resource: str, s: XmppSession) -> Optional[XmppSession]:

@@ -309,8 +309,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
             return
         sid, to = sent
         code = env.get("code", 500)
-        cond = {403: "forbidden", 413: "not-acceptable", 400: "bad-request"}.get(
-            code, "resource-constraint" if code in (429, 503) else "internal-server-error")
+        cond = {403: "forbidden", 413: "not-acceptable", 400: "bad-request", 429: "policy-violation",
+                503: "resource-constraint"}.get(code, "internal-server-error")
         self.write(_message_error(sid, to, self.full_jid, cond, env.get("reason", "")))
 
     def read_marker(self, msg: Element, peer: str) -> bool:

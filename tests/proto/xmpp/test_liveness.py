@@ -68,3 +68,44 @@ def test_failed_logins_from_one_address_are_throttled(fast):
             await login(ok, fast)
         ok.abort()
     run(scenario())
+
+
+def test_connections_over_the_per_address_limit_get_a_stream_error(tmp_path):
+    from .harness import Raw
+    d = Imd(tmp_path, limits={"max_connections_per_ip": 2})
+    d.start()
+    try:
+        keep = [Raw(d), Raw(d)]
+        extra = Raw(d)
+        got = extra.read_to_close()
+        assert b"<policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got
+        assert got.startswith(b"<?xml version='1.0'?><stream:stream ") and got.endswith(b"</stream:stream>")
+        for r in keep:
+            r.close()
+    finally:
+        d.stop()
+
+
+def test_message_rate_limit_is_a_message_error(tmp_path):
+    d = Imd(tmp_path, limits={"msg_rate": 1, "msg_burst": 2})
+    d.start()
+
+    async def scenario():
+        import asyncio
+        a = client("u_rate")
+        await login(a, d)
+        for i in range(6):
+            m = a.make_message(mto="u_rate_peer@localhost", mbody=f"m{i}", mtype="chat")
+            m["id"] = f"r{i}"
+            m.send()
+        err = await asyncio.wait_for(a.raw_messages.get(), 10)
+        while err["type"] != "error":
+            err = await asyncio.wait_for(a.raw_messages.get(), 10)
+        # slixmpp's error plugin predates RFC 6120's policy-violation: read the element itself
+        cond = err.xml.find("{jabber:client}error/{urn:ietf:params:xml:ns:xmpp-stanzas}policy-violation")
+        assert cond is not None and err["id"].startswith("r"), str(err)
+        await logout(a)
+    try:
+        run(scenario())
+    finally:
+        d.stop()
