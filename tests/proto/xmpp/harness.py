@@ -50,7 +50,8 @@ class Imd:
         sections = {
             "node": {"id": "x1", "data_dir": os.path.join(self.dir, "var")},
             "auth": {"secret": SECRET},
-            "listen": {"tcp": "127.0.0.1:0", "xmpp": "127.0.0.1:0", "comet": "", "admin": "", "control": ""},
+            "listen": {"tcp": "127.0.0.1:0", "xmpp": "127.0.0.1:0", "comet": "127.0.0.1:0",
+                       "admin": "127.0.0.1:0", "control": ""},
             "xmpp": {"domain": DOMAIN, "tls": "disabled", **(xmpp or {})},
             "presence": {"grace": 0.2},
             "limits": limits or {},
