@@ -95,3 +95,22 @@ def test_read_markers_become_read_receipts_both_ways(imd):
         t.close()
         await logout(x)
     run(scenario())
+
+
+def test_xmpp_show_becomes_core_presence(imd):
+    async def scenario():
+        x = client("alice", resource="aw")
+        await login(x, imd)
+        t = await asyncio.to_thread(tcp_login, imd, "bob")
+        await asyncio.to_thread(t.wait_for, lambda e: e.get("type") == "presence" and e.get("user") == "alice"
+                                and e.get("status") == "online")
+        x.send_presence(pshow="away", ppriority=5)
+        env = await asyncio.to_thread(t.wait_for, lambda e: e.get("type") == "presence" and e.get("user") == "alice"
+                                      and e.get("status") == "away")
+        assert env["platforms"]                  # e.g. ["android"]: the XMPP platform default
+        x.send_presence(ppriority=5)
+        await asyncio.to_thread(t.wait_for, lambda e: e.get("type") == "presence" and e.get("user") == "alice"
+                                and e.get("status") == "online")
+        t.close()
+        await logout(x)
+    run(scenario())
