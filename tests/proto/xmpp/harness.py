@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import orjson
@@ -27,13 +24,11 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from imd.auth import issue
-from tests.daemon import spawn  # a failing test leaks no daemon (tests/conftest.py)
+from tests import daemon
+from tests.daemon import SECRET
 
-SECRET = "test-secret-of-at-least-32-bytes!!"
 DOMAIN = "localhost"
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-LISTEN_RE = re.compile(r"listening name=(\w+) addr=(\S+):(\d+)")
 TIMEOUT = 10
 ACTIVE = None             # the server under test (set by conftest); prosody needs registered users
 
@@ -42,67 +37,30 @@ def token(user: str, role: str = "guest", **kw) -> str:
     return issue(SECRET, user, role, 3600, **kw)
 
 
-class Imd:
+class Imd(daemon.Imd):
+    """tests.daemon.Imd with every listener on (XMPP without TLS unless ``xmpp`` says
+    otherwise) and, before it starts, the store seeded with ``seed`` (seed.py)."""
+
     def __init__(self, tmp_path, xmpp: dict | None = None, seed: dict | None = None,
                  limits: dict | None = None) -> None:
-        self.dir = str(tmp_path)
-        self.config = os.path.join(self.dir, "imd.toml")
-        sections = {
-            "node": {"id": "x1", "data_dir": os.path.join(self.dir, "var")},
-            "auth": {"secret": SECRET},
-            "listen": {"tcp": "127.0.0.1:0", "xmpp": "127.0.0.1:0", "comet": "127.0.0.1:0",
-                       "admin": "127.0.0.1:0", "control": ""},
+        super().__init__(tmp_path, {
+            "node": {"id": "x1"},
+            "listen": {"xmpp": "127.0.0.1:0", "comet": "127.0.0.1:0", "admin": "127.0.0.1:0"},
             "xmpp": {"domain": DOMAIN, "tls": "disabled", **(xmpp or {})},
             "presence": {"grace": 0.2},
             "limits": limits or {},
-        }
-        with open(self.config, "w") as f:
-            for name, values in sections.items():
-                f.write(f"[{name}]\n")
-                for k, v in values.items():
-                    f.write(f"{k} = {orjson.dumps(v).decode()}\n")
-        self.env = dict(os.environ, PYTHONPATH=ROOT)
+        })
         self.seed = seed
-        self.proc = None
-        self.addr: dict = {}
-        self.lines: list = []
 
     def start(self) -> "Imd":
         if self.seed:
             subprocess.run([sys.executable, os.path.join(HERE, "seed.py"), self.config,
                             orjson.dumps(self.seed).decode()], env=self.env, check=True, timeout=60)
-        ready = threading.Event()
-        self.proc = spawn([sys.executable, os.path.join(HERE, "run_imd.py"), "-c", self.config],
-                          cwd=self.dir, env=self.env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-        def read(proc=self.proc):
-            for line in proc.stdout:
-                self.lines.append(line.rstrip("\n"))
-                m = LISTEN_RE.search(line)
-                if m:
-                    self.addr[m.group(1)] = (m.group(2), int(m.group(3)))
-                if "ready node=" in line:
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(30) or self.proc.poll() is not None:
-            raise RuntimeError("imd did not start:\n" + "\n".join(self.lines[-30:]))
-        return self
+        return super().start(timeout=30)
 
     @property
     def port(self) -> int:
         return self.addr["xmpp"][1]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
     def errors(self) -> list:
         """Log lines at error level or with a traceback."""

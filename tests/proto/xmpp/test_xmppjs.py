@@ -1,7 +1,8 @@
 """A second client implementation: xmpp.js 0.14 (npm) under Node, against the same daemon.
 
-Needs ``node`` and @xmpp/client installed in $IMD_XMPPJS_MODULES (default
-/work/xmppjs/node_modules: ``npm install @xmpp/client@0.14.0`` there); skipped otherwise.
+Needs ``node`` and @xmpp/client in tests/proto/xmpp/js/node_modules (scripts/test runs
+``npm install --prefix tests/proto/xmpp/js``; or point $IMD_XMPPJS_MODULES at another
+node_modules); skipped otherwise.
 Over plaintext xmpp.js refuses PLAIN, so this exercises SCRAM-SHA-1 with a set password.
 """
 
@@ -15,7 +16,7 @@ import pytest
 
 from .harness import HERE, barrier, client, login, logout, next_message, run
 
-MODULES = os.environ.get("IMD_XMPPJS_MODULES", "/work/xmppjs/node_modules")
+MODULES = os.environ.get("IMD_XMPPJS_MODULES", os.path.join(HERE, "js", "node_modules"))
 pytestmark = pytest.mark.skipif(not (shutil.which("node") and os.path.isdir(os.path.join(MODULES, "@xmpp"))),
                                 reason="node or @xmpp/client not installed")
 
@@ -24,7 +25,7 @@ def xmppjs(imd, user, password, to="-", body="-", expect=0) -> list:
     script = os.path.join(HERE, "js", "client.mjs")
     # ESM ignores NODE_PATH: resolve the package from a symlinked node_modules next to the script
     link = os.path.join(HERE, "js", "node_modules")
-    if not os.path.exists(link):
+    if not os.path.exists(link):            # $IMD_XMPPJS_MODULES elsewhere
         os.symlink(MODULES, link)
     proc = subprocess.run(["node", script, str(imd.port), user, password, to, body, str(expect)],
                           capture_output=True, text=True, timeout=30)
