@@ -43,6 +43,7 @@ from .node import Node
 from .proto.admin import AdminProtocol
 from .proto.comet.front import CometProtocol
 from .proto.tcp import TcpProtocol
+from .proto.xmpp.listener import XmppProtocol
 from .router import Router
 
 log = logging.getLogger("imd.daemon")
@@ -139,7 +140,8 @@ class Daemon:
         node_id = self.cfg.node.id
         front = CometProtocol(self.router, node_id)
         return {"tcp": TcpProtocol(self.router, node_id), "comet": front,
-                "admin": AdminProtocol(self.router, self.node, front)}
+                "admin": AdminProtocol(self.router, self.node, front),
+                "xmpp": XmppProtocol(self.router, self.cfg)}
 
     def _register_gauges(self) -> None:
         """Metrics read at scrape time (docs/operations.md lists them with alerts)."""

@@ -21,12 +21,12 @@ from typing import Any, Optional
 import gevent
 from gevent.event import AsyncResult
 
-from . import auth, envelope
+from . import auth
 from .envelope import EnvelopeError, Out, error
 from .ids import MidGen, now_ms
 from .metrics import Metrics
 from .net.wheel import Wheel
-from .session import AUTH, AUTHING, CLOSED, LIVE, SYNC
+from .session import AUTH, AUTHING, CLOSED, SYNC
 from .store.base import StoreError, StoreFull
 
 log = logging.getLogger("imd.router")
