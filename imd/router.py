@@ -26,7 +26,7 @@ from .envelope import EnvelopeError, Out, error
 from .ids import MidGen, now_ms
 from .metrics import Metrics
 from .net.wheel import Wheel
-from .session import AUTH, AUTHING, CLOSED, SYNC
+from .session import AUTH, AUTHING, CLOSED, LIVE, SYNC
 from .store.base import StoreError, StoreFull
 
 log = logging.getLogger("imd.router")

@@ -1,5 +1,5 @@
 """Helpers of the cluster integration tests: imd nodes as real processes
-(``python -m imd -c FILE``, with TCP, comet and admin listeners), a PostgreSQL database per test, private Redis
+(``python -m imd -c FILE``, with TCP, XMPP, comet and admin listeners), a PostgreSQL database per test, private Redis
 servers, user tokens and raw-TCP clients.
 
 Every process is started here, remembered by pid and stopped by pid.
@@ -130,7 +130,7 @@ data_dir = "{self.dir}/var"
 [auth]
 secret = "{SECRET}"
 [listen]
-xmpp = ""
+xmpp = "127.0.0.1:0"
 comet = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 control = ""
@@ -145,6 +145,9 @@ prefix = "{prefix}"
 presence_ttl = {presence_ttl}
 [presence]
 grace = {grace}
+[xmpp]
+domain = "localhost"
+tls = "disabled"
 [limits]
 heartbeat = 30
 idle_timeout = 90

@@ -170,6 +170,32 @@ def test_cross_protocol_and_web_tier_across_nodes(cluster):
     guest.close()
 
 
+def test_xmpp_and_tcp_users_on_different_nodes(cluster):
+    """An XMPP client (slixmpp) on n1 and a raw-TCP app user on n2 chat both ways,
+    and see each other's presence through the bus."""
+    import asyncio
+    import types
+    from tests.proto.xmpp.harness import client, login, logout, next_message, run
+    n1, n2 = cluster.start("n1", "n2")
+    cluster.db.add_contacts("xhost", "tguest")
+
+    async def scenario():
+        x = client("xhost", password=token("xhost", "host"), mech="PLAIN", resource="desk")
+        await login(x, types.SimpleNamespace(port=n1.addr["xmpp"][1]))
+        t = await asyncio.to_thread(n2.client, "tguest", "guest", "phone", None, "ios")
+        await asyncio.to_thread(presence_of, t, "xhost", "online")
+        ack = await asyncio.to_thread(t.msg, "xhost", "from the app on n2", {"listing": "L7"})
+        m = await next_message(x)
+        assert (m["from"].bare, m["body"], m["id"]) == ("tguest@localhost", "from the app on n2", ack["mid"])
+        x.send_message(mto="tguest@localhost", mbody="from xmpp on n1", mtype="chat")
+        env = await asyncio.to_thread(wait_msg, t, lambda e: e["from"] == "xhost")
+        assert env["body"] == "from xmpp on n1" and env["to"] == "tguest"
+        await logout(x)
+        await asyncio.to_thread(presence_of, t, "xhost", "offline")
+        t.close()
+    run(scenario())
+
+
 def test_icomet_channel_across_three_nodes(cluster):
     """iComet: subscribers on two nodes get what the admin port of a third pushed,
     with the same seqs."""
