@@ -3,7 +3,6 @@ then the cluster behaviour only a remote bus has (several nodes, TTL expiry,
 reconnects), against the real Redis."""
 
 import gevent
-import pytest
 import redis
 
 from imd.engine.base import Event
