@@ -157,7 +157,8 @@ def test_term_under_load_loses_nothing_acked(tmp_path):
         close = idle.wait_for(lambda e: e["type"] == "close")
         assert close["reconnect"] is True and close["code"] == 1001
         idle.close()
-        assert any(s.close_env and s.close_env["reconnect"] for s in senders)
+        # (a busy sender may see its connection end before it reads the close envelope:
+        # the idle client above is the one that checks it)
         acked_total = sum(len(s.acked) for s in senders)
         sent_total = sum(s.n for s in senders)
         assert acked_total >= LOAD_ACKS
