@@ -14,6 +14,7 @@ says a method blocks.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 import gevent
@@ -43,6 +44,7 @@ class Node:
         self.contacts = Contacts(store)
         self.presence = Presence(self, grace)
         self.comet_handlers = {}          # channel → callable(event), for comet channels
+        self.delivery_latency = None      # a metrics Histogram, set by the router
 
     def start(self) -> None:
         self.engine.start(self.id, self.on_event)
@@ -129,6 +131,8 @@ class Node:
         out = Out(entry.envelope(), entry.seq, d.get("origin", ""))
         for s in list(sessions):
             s.deliver(out)
+        if self.delivery_latency is not None:
+            self.delivery_latency.observe(max(0.0, time.time() - entry.ts / 1000.0))
 
     def on_transient(self, channel: str, d: dict) -> None:
         sessions = self.sessions.get(d["user"])

@@ -53,6 +53,7 @@ class Router:
             "imd_ack_latency_seconds", "time from receiving a message to acking it (store commit)")
         self.delivery_latency = self.metrics.histogram(
             "imd_delivery_latency_seconds", "time from a message's timestamp to its delivery to a session")
+        node.delivery_latency = self.delivery_latency
 
     def start(self) -> None:
         self.auth_wheel.start()
