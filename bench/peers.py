@@ -174,6 +174,7 @@ http {{
             nchan_subscriber websocket eventsource longpoll;
             nchan_channel_id $arg_id;
             nchan_subscriber_timeout 0;
+            nchan_subscriber_first_message newest;
         }}
     }}
 }}
