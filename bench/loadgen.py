@@ -168,10 +168,11 @@ def mqtt_subscribe(packet_id, topic, qos=0):
     return b"\x82" + _mqtt_len(len(body)) + body
 
 
-def mqtt_publish(topic, payload):
-    """QoS 0 PUBLISH."""
-    body = _mqtt_str(topic) + payload
-    return b"\x30" + _mqtt_len(len(body)) + body
+def mqtt_publish(topic, payload, qos=0, packet_id=1):
+    """PUBLISH at QoS 0, or QoS 1 with `packet_id` (the server answers PUBACK)."""
+    pid = struct.pack("!H", packet_id) if qos else b""
+    body = _mqtt_str(topic) + pid + payload
+    return bytes([0x30 | (qos << 1)]) + _mqtt_len(len(body)) + body
 
 
 MQTT_PINGREQ = b"\xc0\x00"
@@ -228,8 +229,9 @@ class Conn:
 class Worker:
     """One load-generator process: an epoll loop over its connections, driven by pipe commands.
 
-    spec keys: kind, host, port, path (sse/ws), secret, role, user_fmt, user_pool (user index =
-    connection index modulo the pool, for login churn), device_fmt, password,
+    spec keys: kind, host, port, path (sse/ws; may name {i} and {token}), secret, role, user_fmt,
+    user_pool (login churn: the worker cycles through users base..base+pool-1), device_fmt,
+    password (xmpp; without it the user's token is the PLAIN password, as imd expects),
     domain, topic (mqtt), roster (xmpp), base (first global connection index), deadline (wall
     clock time at which the worker exits whatever happens), window (handshakes in flight).
     """
@@ -258,7 +260,10 @@ class Worker:
     # -- handshake bytes per kind
     def user(self, idx):
         pool = self.spec.get("user_pool")
-        return self.spec.get("user_fmt", "u{}").format(idx % pool if pool else idx)
+        if pool:
+            base = self.spec.get("base", 0)
+            idx = base + (idx - base) % pool
+        return self.spec.get("user_fmt", "u{}").format(idx)
 
     def first_bytes(self, c):
         s = self.spec
@@ -352,7 +357,8 @@ class Worker:
                     return False
                 c.inbuf = buf[end + 18:]
                 if c.step == 0:
-                    self.send(c, xmpp_auth_plain(self.user(c.idx), s["password"]))
+                    password = s.get("password") or self._token(c.idx)
+                    self.send(c, xmpp_auth_plain(self.user(c.idx), password))
                 else:
                     self.send(c, XMPP_BIND)
                 c.step += 1

@@ -46,7 +46,7 @@ def test_token_claims_and_signature():
     claims = jwt.decode(token, "a-benchmark-secret-of-32-bytes!!", algorithms=["HS256"], options={"verify_exp": False})
     assert claims == {"sub": "u7", "role": "host", "exp": 1_000_060}
     with pytest.raises(jwt.InvalidSignatureError):
-        jwt.decode(token, "other", algorithms=["HS256"], options={"verify_exp": False})
+        jwt.decode(token, "another-benchmark-secret-32-bytes", algorithms=["HS256"], options={"verify_exp": False})
 
 
 def test_count_marks_across_splits():
@@ -74,6 +74,7 @@ def test_mqtt_packets():
     pub = lg.mqtt_publish("t", b"x" * 200)
     assert pub[:3] == b"\x30\xcb\x01"       # remaining length 203 in two bytes
     assert len(pub) == 3 + 203
+    assert lg.mqtt_publish("t", b"p", qos=1, packet_id=7) == b"\x32\x06\x00\x01t\x00\x07p"
 
 
 def test_ws_frame_masks_payload():

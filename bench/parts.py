@@ -1,0 +1,415 @@
+"""The benchmark parts. Each part starts its own servers (imd and the peers), drives them with
+bench.loadgen, stops them, and returns a list of Result rows (plus plot series).
+
+Server figures come from /proc: RSS from /proc/<pid>/status VmRSS, CPU from /proc/<pid>/stat
+utime+stime, kernel memory from the Slab line of /proc/meminfo (it counts both ends of each
+loopback connection). Every part is bounded in connections and time.
+"""
+import http.client
+import math
+import socket
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+from bench import loadgen as lg
+from bench import peers
+
+SECRET = "imd-bench-secret-0123456789abcdef"
+
+
+@dataclass
+class Result:
+    part: str
+    metric: str          # what is measured, e.g. "RSS per idle connection"
+    subject: str         # "imd tcp", "nchan sse", "mosquitto", ...
+    value: float | None  # None = not available (n/a)
+    unit: str
+    better: str          # "lower" | "higher"
+    note: str = ""
+    series: list = field(default_factory=list)   # [(x, y), ...] for plots
+
+    @property
+    def is_imd(self):
+        return self.subject.startswith("imd")
+
+
+def say(msg):
+    print(f"  {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+class Context:
+    """What every part needs: the imd source tree and interpreter, sizes, and imd availability."""
+
+    def __init__(self, repo, imd_python, quick=False):
+        self.repo = repo
+        self.imd_python = imd_python
+        self.quick = quick
+
+    def imd_available(self):
+        import os
+        return all(os.path.exists(os.path.join(self.repo, p))
+                   for p in ("imd/daemon.py", "imd/proto/tcp.py", "imd/__main__.py"))
+
+    def imd(self):
+        if not self.imd_available():
+            raise peers.PeerError("imd daemon not in this tree yet")
+        return peers.Imd(self.repo, python=self.imd_python, secret=SECRET)
+
+
+def processes_for(n):
+    return max(1, math.ceil(n / lg.MAX_PER_PROCESS))
+
+
+def _spec_for(kind, peer, **extra):
+    """The load-generator spec for one subject."""
+    spec = {"kind": kind, "host": "127.0.0.1", "secret": SECRET}
+    spec.update(extra)
+    if isinstance(peer, peers.Imd):
+        port = {"tcp": "tcp", "sse": "comet", "ws": "comet", "xmpp": "xmpp"}[kind]
+        if port not in peer.ports:
+            raise peers.PeerError(f"imd has no {port} listener")
+        spec["port"] = peer.ports[port]
+        spec.setdefault("path", {"sse": "/im/events?token={token}", "ws": "/ws?token={token}"}.get(kind))
+        spec.setdefault("domain", "localhost")
+        spec.pop("password", None)          # imd takes the token as the XMPP PLAIN password
+    else:
+        spec["port"] = peer.port
+    return spec
+
+
+def _warm_up(spec, peer):
+    """Open and close 200 connections so that lazy imports and pools exist before the baseline."""
+    with lg.Fleet(dict(spec, base=10_000_000 if spec["kind"] != "xmpp" else 0), deadline=60) as f:
+        f.connect(200, timeout=30)
+    time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- idle
+
+def idle_one(subject, start_peer, kind, n, steps=5, heartbeat=0, **spec_extra):
+    """RSS and slab per idle connection for one subject at n connections (sampled at `steps`)."""
+    say(f"idle: {subject}: starting")
+    try:
+        peer = start_peer()
+    except peers.PeerError as e:
+        say(f"idle: {subject}: n/a ({str(e)[:120]})")
+        return [Result("idle", "server RSS per idle connection", subject, None, "B", "lower",
+                       note=str(e).splitlines()[0][:80])]
+    try:
+        spec = _spec_for(kind, peer, **spec_extra)
+        _warm_up(spec, peer)
+        pids = peer.pids()
+        rss0, slab0 = peers.rss_bytes(pids), peers.slab_bytes()
+        series = [(0, 0.0)]
+        with lg.Fleet(spec, processes=processes_for(n), deadline=900) as fleet:
+            if heartbeat:
+                fleet.heartbeat(heartbeat)
+            done = 0
+            connect_s = 0.0
+            for k in range(steps):
+                want = n * (k + 1) // steps - done
+                ok, failed, secs = fleet.connect(want, timeout=300)
+                done += ok
+                connect_s += secs
+                time.sleep(1.0)
+                rss = peers.rss_bytes(pids)
+                series.append((done, (rss - rss0) / 1e6))
+                say(f"idle: {subject}: {done}/{n} connected, {failed} failed, server RSS +{(rss - rss0) / 1e6:.1f} MB")
+                if failed:
+                    say(f"idle: {subject}: errors {fleet.errors()[:2]}")
+                    break
+            time.sleep(2.0)
+            rss1, slab1 = peers.rss_bytes(pids), peers.slab_bytes()
+            alive = fleet.count()[1]
+        per_conn = (rss1 - rss0) / max(done, 1)
+        slab = (slab1 - slab0) / max(done, 1)
+        note = f"{done} conns" + ("" if done == n else f" of {n}") + (f", heartbeat {heartbeat}s" if heartbeat else "")
+        if alive != done:
+            note += f", {done - alive} dropped by the server"
+        return [Result("idle", "server RSS per idle connection", subject, per_conn, "B", "lower",
+                       note=note, series=series),
+                Result("idle", "kernel slab per connection (both ends)", subject, slab, "B", "lower",
+                       note=f"connect {done / connect_s:,.0f}/s")]
+    finally:
+        peer.stop()
+
+
+def part_idle(ctx, n=None, heartbeat=0):
+    n = n or (2000 if ctx.quick else 15000)
+    nx = n
+    pairs = [f"u{i}" for i in range(nx)]
+    accounts = {u: "pw" for u in pairs}
+    rosters = {f"u{i}": [f"u{i ^ 1}"] for i in range(nx)}
+    out = []
+    for kind in ("tcp", "ws", "sse", "xmpp"):
+        out += idle_one(f"imd {kind}", ctx.imd, kind, n, heartbeat=heartbeat, password="pw",
+                        roster=True)
+    out += idle_one("mosquitto", peers.Mosquitto().start, "mqtt", n, heartbeat=heartbeat)
+    out += idle_one("nchan sse", peers.Nchan().start, "sse", n, heartbeat=heartbeat,
+                    path="/sub?id=idle")
+    out += idle_one("nchan ws", peers.Nchan().start, "ws", n, heartbeat=heartbeat,
+                    path="/sub?id=idle")
+    out += idle_one("prosody xmpp", peers.Prosody(accounts, rosters).start, "xmpp", nx,
+                    heartbeat=heartbeat, password="pw", domain="localhost", roster=True)
+    return out
+
+
+# ---------------------------------------------------------------- fanout
+
+class Publisher:
+    """Publishes one message at a time and waits for the server's answer (HTTP response or MQTT
+    PUBACK), so every server sees the same pacing."""
+
+    def __init__(self, kind, port, channel):
+        self.kind = kind
+        self.channel = channel
+        if kind == "mqtt":
+            self.sock = socket.create_connection(("127.0.0.1", port))
+            self.sock.sendall(lg.mqtt_connect("bench-publisher"))
+            if self.sock.recv(4) != lg.MQTT_CONNACK_OK:
+                raise peers.PeerError("publisher CONNACK refused")
+            self.packet_id = 0
+        else:
+            self.http = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def publish(self, payload):
+        if self.kind == "mqtt":
+            self.packet_id = self.packet_id % 65535 + 1
+            self.sock.sendall(lg.mqtt_publish(self.channel, payload, qos=1, packet_id=self.packet_id))
+            ack = b""
+            while len(ack) < 4:
+                chunk = self.sock.recv(4 - len(ack))
+                if not chunk:
+                    raise peers.PeerError("publisher connection closed")
+                ack += chunk
+            return
+        if self.kind == "nchan":
+            self.http.request("POST", f"/pub?id={self.channel}", body=payload)
+        elif self.kind == "imd-comet":
+            q = urllib.parse.urlencode({"cname": self.channel, "content": payload.decode()})
+            self.http.request("GET", f"/pub?{q}")
+        elif self.kind == "imd-user":
+            body = lg.orjson.dumps({"from": "publisher", "to": self.channel, "body": payload.decode()})
+            self.http.request("POST", "/api/v1/messages", body=body,
+                              headers={"Content-Type": "application/json"})
+        resp = self.http.getresponse()
+        resp.read()
+        if resp.status >= 300:
+            raise peers.PeerError(f"publish answered {resp.status}")
+
+    def close(self):
+        (self.sock if self.kind == "mqtt" else self.http).close()
+
+
+def fanout_one(subject, start_peer, kind, pub_kind, subscribers, messages, sub_extra, channel,
+               pub_port=None):
+    say(f"fanout: {subject}: {subscribers} subscribers")
+    try:
+        peer = start_peer()
+    except peers.PeerError as e:
+        return None, str(e).splitlines()[0][:80]
+    try:
+        spec = _spec_for(kind, peer, **sub_extra)
+        with lg.Fleet(spec, processes=max(2, processes_for(subscribers)), deadline=600) as fleet:
+            ok, failed, _ = fleet.connect(subscribers, timeout=120)
+            if failed:
+                return None, f"{failed} subscribers failed: {fleet.errors()[:1]}"
+            time.sleep(0.5)
+            port = pub_port(peer) if pub_port else peer.port
+            pub = Publisher(pub_kind, port, channel)
+            pids = peer.pids()
+            payload = b'{"kind":"bench","body":"' + b"x" * 60 + b' ' + lg.MARK + b'"}'
+            expected = ok * messages
+            cpu0, t0 = peers.cpu_seconds(pids), time.monotonic()
+            for _ in range(messages):
+                pub.publish(payload)
+            got = 0
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                got = fleet.count()[0]
+                if got >= expected:
+                    break
+                time.sleep(0.01)
+            cpu, wall = peers.cpu_seconds(pids) - cpu0, time.monotonic() - t0
+            pub.close()
+        note = f"{got:,}/{expected:,} delivered, {wall:.1f}s wall"
+        say(f"fanout: {subject}: {note}, server CPU {cpu:.2f}s -> {got / max(cpu, 1e-9):,.0f}/CPU-s")
+        if got < expected:
+            return None, note
+        return got / max(cpu, 0.01), note
+    except peers.PeerError as e:
+        return None, str(e)[:80]
+    finally:
+        peer.stop()
+
+
+def part_fanout(ctx, subscribers=None, messages=None):
+    subscribers = subscribers or (2000 if ctx.quick else 10000)
+    messages = messages or (50 if ctx.quick else 200)
+    sizes = sorted({max(500, subscribers // 5), subscribers // 2, subscribers})
+    subjects = [
+        ("imd tcp", ctx.imd, "tcp", "imd-user", {"user_fmt": "fan", "device_fmt": "d{}"}, "fan",
+         lambda p: p.ports["admin"]),
+        ("imd sse", ctx.imd, "sse", "imd-comet", {"path": "/sse?cname=bench"}, "bench",
+         lambda p: p.ports["admin"]),
+        ("nchan sse", lambda: peers.Nchan().start(), "sse", "nchan", {"path": "/sub?id=bench"},
+         "bench", None),
+        ("mosquitto", lambda: peers.Mosquitto().start(), "mqtt", "mqtt", {"topic": "bench"},
+         "bench", None),
+        ("mosquitto dup", lambda: peers.Mosquitto(duplicates=True).start(), "mqtt", "mqtt",
+         {"topic": "bench"}, "bench", None),
+    ]
+    out = []
+    for subject, start, kind, pub_kind, extra, channel, pub_port in subjects:
+        series = []
+        value, note = None, ""
+        for n in sizes:
+            v, note = fanout_one(subject, start, kind, pub_kind, n, messages, extra, channel, pub_port)
+            if v is None:
+                break
+            series.append((n, v))
+            value = v if n == subscribers else None
+        out.append(Result("fanout", f"deliveries per server CPU-second ({subscribers:,} subs x "
+                          f"{messages} msgs)", subject, value, "/CPU-s", "higher", note=note,
+                          series=series))
+    return out
+
+
+# ---------------------------------------------------------------- logins
+
+def logins_one(subject, start_peer, kind, seconds, **extra):
+    say(f"logins: {subject}")
+    try:
+        peer = start_peer()
+    except peers.PeerError as e:
+        return [Result("logins", "logins per second (wall)", subject, None, "/s", "higher",
+                       note=str(e).splitlines()[0][:80])]
+    try:
+        spec = _spec_for(kind, peer, user_pool=1000, **extra)
+        pids = peer.pids()
+        with lg.Fleet(spec, processes=2, deadline=120) as fleet:
+            cpu0 = peers.cpu_seconds(pids)
+            ok, failed, wall = fleet.logins(64, seconds)
+            cpu = peers.cpu_seconds(pids) - cpu0
+            errors = fleet.errors()[:1] if failed else []
+        note = f"{ok:,} logins in {wall:.1f}s, {failed} failed" + (f" {errors}" if errors else "")
+        say(f"logins: {subject}: {note}, server CPU {cpu:.2f}s")
+        return [Result("logins", "logins per second (wall)", subject, ok / wall, "/s", "higher",
+                       note=note),
+                Result("logins", "logins per server CPU-second", subject, ok / max(cpu, 0.01),
+                       "/CPU-s", "higher")]
+    finally:
+        peer.stop()
+
+
+def part_logins(ctx, seconds=None):
+    seconds = seconds or (3 if ctx.quick else 8)
+    accounts = {f"u{i}": "pw" for i in list(range(1000)) + list(range(lg.MAX_PER_PROCESS, lg.MAX_PER_PROCESS + 1000))}
+    return (logins_one("imd tcp", ctx.imd, "tcp", seconds)
+            + logins_one("imd xmpp", ctx.imd, "xmpp", seconds, password="pw")
+            + logins_one("prosody xmpp", peers.Prosody(accounts).start, "xmpp", seconds,
+                         password="pw", domain="localhost")
+            + logins_one("mosquitto", peers.Mosquitto().start, "mqtt", seconds))
+
+
+# ---------------------------------------------------------------- chat (imd raw TCP)
+
+def part_chat(ctx, pairs=None, seconds=None, window=8):
+    pairs = pairs or (100 if ctx.quick else 500)
+    seconds = seconds or (3 if ctx.quick else 10)
+    subject = "imd tcp"
+    say(f"chat: {subject}: {pairs} pairs")
+    try:
+        peer = ctx.imd()
+    except peers.PeerError as e:
+        note = str(e).splitlines()[0][:80]
+        return [Result("chat", "acked messages per second", subject, None, "/s", "higher", note=note)]
+    try:
+        spec = _spec_for("tcp", peer, pairs=True)
+        pids = peer.pids()
+        with lg.Fleet(spec, processes=2, deadline=300) as fleet:
+            ok, failed, _ = fleet.connect(2 * pairs, timeout=60)
+            if failed:
+                raise peers.PeerError(f"{failed} chat clients failed: {fleet.errors()[:1]}")
+            cpu0 = peers.cpu_seconds(pids)
+            sent, acked, wall, lat = fleet.traffic(0, window, seconds)
+            cpu = peers.cpu_seconds(pids) - cpu0
+            rate = acked / wall
+            lat = sorted(lat)
+            say(f"chat: closed loop window {window}: {acked:,}/{sent:,} acked, {rate:,.0f}/s, "
+                f"p50 {lg.quantile(lat, .5) / 1000:.1f} ms p99 {lg.quantile(lat, .99) / 1000:.1f} ms")
+            half = rate / 2
+            sent2, acked2, wall2, lat2 = fleet.traffic(half, 64, seconds)
+            lat2 = sorted(lat2)
+            p50, p99 = lg.quantile(lat2, .5) / 1000, lg.quantile(lat2, .99) / 1000
+            say(f"chat: at {half:,.0f}/s: {acked2:,}/{sent2:,} acked, p50 {p50:.1f} ms p99 {p99:.1f} ms")
+        return [Result("chat", "acked messages per second (closed loop)", subject, rate, "/s",
+                       "higher", note=f"{pairs} pairs, window {window}, {acked / max(cpu, .01):,.0f}/CPU-s"),
+                Result("chat", "ack latency p50 at half that rate", subject, p50, "ms", "lower",
+                       note=f"{acked2:,}/{sent2:,} acked at {half:,.0f}/s"),
+                Result("chat", "ack latency p99 at half that rate", subject, p99, "ms", "lower")]
+    except peers.PeerError as e:
+        return [Result("chat", "acked messages per second", subject, None, "/s", "higher",
+                       note=str(e)[:80])]
+    finally:
+        peer.stop()
+
+
+# ---------------------------------------------------------------- xmpp chat
+
+def xmpp_one(subject, start_peer, clients, step_seconds, rates):
+    say(f"xmpp: {subject}: {clients} clients")
+    try:
+        peer = start_peer()
+    except peers.PeerError as e:
+        return None, str(e).splitlines()[0][:80], []
+    try:
+        spec = _spec_for("xmpp", peer, pairs=True, password="pw", domain="localhost", roster=True)
+        pids = peer.pids()
+        best, note, series = None, "", []
+        with lg.Fleet(spec, processes=2, deadline=600) as fleet:
+            ok, failed, _ = fleet.connect(clients, timeout=180)
+            if failed:
+                return None, f"{failed} clients failed: {fleet.errors()[:1]}", []
+            time.sleep(1)
+            for rate in rates:
+                cpu0 = peers.cpu_seconds(pids)
+                sent, got, wall, lat = fleet.traffic(rate, 0, step_seconds)
+                cpu = peers.cpu_seconds(pids) - cpu0
+                lat = sorted(lat)
+                p99 = lg.quantile(lat, .99) / 1000
+                delivered = got / max(sent, 1)
+                say(f"xmpp: {subject}: offered {rate:,}/s: {got:,}/{sent:,} delivered, "
+                    f"p99 {p99:.1f} ms, server CPU {cpu / wall:.0%}")
+                series.append((rate, p99))
+                if p99 > 100 or delivered < 0.99 or sent < 0.9 * rate * step_seconds:
+                    break
+                best, note = rate, f"p99 {p99:.1f} ms at {rate:,}/s, server CPU {cpu / wall:.0%}"
+                time.sleep(1)
+        return best, note, series
+    except peers.PeerError as e:
+        return None, str(e)[:80], []
+    finally:
+        peer.stop()
+
+
+def part_xmpp(ctx, clients=None, step_seconds=None):
+    clients = clients or (200 if ctx.quick else 2000)
+    step_seconds = step_seconds or (2 if ctx.quick else 5)
+    rates = [250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000, 32000]
+    users = range(clients + lg.MAX_PER_PROCESS)   # the second worker starts at MAX_PER_PROCESS
+    accounts = {f"u{i}": "pw" for i in users}
+    rosters = {f"u{i}": [f"u{i ^ 1}"] for i in users}
+    out = []
+    for subject, start in (("imd xmpp", ctx.imd),
+                           ("prosody xmpp", peers.Prosody(accounts, rosters).start)):
+        best, note, series = xmpp_one(subject, start, clients, step_seconds, rates)
+        out.append(Result("xmpp", f"sustained 1:1 msgs/s with p99 <= 100 ms ({clients:,} clients)",
+                          subject, best, "/s", "higher", note=note, series=series))
+    return out
+
+
+PARTS = {"idle": part_idle, "fanout": part_fanout, "logins": part_logins, "chat": part_chat,
+         "xmpp": part_xmpp}

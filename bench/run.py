@@ -1,0 +1,63 @@
+"""Runs the benchmark suite: `python bench/run.py [part ...]` (parts: idle fanout logins chat xmpp;
+none = all). Shows progress on stderr, prints a table of imd against each peer, and writes
+docs/benchmarks.md (with PNG plots beside it) unless --no-write.
+
+imd runs under --imd-python (default: this interpreter); pass Debian's optimized interpreter's
+venv (bench/setup.sh makes .venv-debian) to compare builds. Parts that need a piece of imd that is
+not in the tree yet print "n/a" for imd and still measure the peers.
+"""
+import argparse
+import os
+import shlex
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench import parts, report  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | logins | chat | xmpp (default: all)")
+    ap.add_argument("--imd-python", default=sys.executable, help="interpreter that runs imd")
+    ap.add_argument("--imd-repo", default=REPO, help="source tree of imd (default: this one)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--idle-conns", type=int, help="connections per subject in `idle` (15000)")
+    ap.add_argument("--heartbeat", type=float, default=0, help="`idle`: ping every N s per conn")
+    ap.add_argument("--subscribers", type=int, help="`fanout` subscribers (10000)")
+    ap.add_argument("--messages", type=int, help="`fanout` messages (200)")
+    ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
+    ap.add_argument("--no-write", action="store_true", help="print the table only")
+    args = ap.parse_args(argv)
+
+    chosen = args.parts or list(parts.PARTS)
+    unknown = [p for p in chosen if p not in parts.PARTS]
+    if unknown:
+        ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(parts.PARTS)}")
+    ctx = parts.Context(os.path.abspath(args.imd_repo), args.imd_python, quick=args.quick)
+    if not ctx.imd_available():
+        print("note: imd daemon not in this tree yet: imd rows are n/a", file=sys.stderr)
+    started = report.now_utc()
+    results = []
+    for name in chosen:
+        print(f"[{name}]", file=sys.stderr, flush=True)
+        kwargs = {}
+        if name == "idle":
+            kwargs = {"n": args.idle_conns, "heartbeat": args.heartbeat}
+        elif name == "fanout":
+            kwargs = {"subscribers": args.subscribers, "messages": args.messages}
+        results += parts.PARTS[name](ctx, **kwargs)
+    print()
+    report.print_table(results)
+    if not args.no_write:
+        command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        images = report.write_markdown(args.out, results, command.strip(), args.imd_python,
+                                       started, report.now_utc())
+        print(f"\nwrote {args.out}" + (f" and {', '.join(images)}" if images else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
