@@ -1,0 +1,275 @@
+"""Declarative settings of imd (DESIGN.md §8), in the style of gunicorn's config.
+
+Every setting is declared once in ``SETTINGS``: section, name, default, check
+(type, allowed values, conversion) , a one-line description, and ``live`` —
+whether the daemon applies a new value on reload without a restart. Loading,
+validation, ``etc/imd.toml`` and ``docs/config.md`` are all derived from these
+declarations (``python -m imd.config --toml|--markdown``), so they cannot drift.
+
+``load(path)`` reads TOML, fills defaults, validates and returns a read-only
+:class:`Config`; every problem raises :class:`ConfigError` naming the key::
+
+    config error: limits.max_frame: must be an integer between 16 and 16777216 (got "abc")
+
+Relative paths are kept as written; ``cfg.path(value)`` resolves one against
+the process's current directory. Nothing here imports gevent.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from imd import checks
+from imd.checks import Check, Invalid, parse_addr, show
+
+__all__ = ["Config", "ConfigError", "Setting", "SETTINGS", "SECTIONS", "load", "load_dict",
+           "defaults", "parse_addr", "changes"]
+
+
+class ConfigError(Exception):
+    """A bad configuration. ``key`` is the dotted key (or the file), ``reason`` why."""
+
+    def __init__(self, key: str, reason: str, got: Any = checks.NOTHING) -> None:
+        self.key = key
+        self.reason = reason
+        text = f"config error: {key}: {reason}"
+        if got is not checks.NOTHING:
+            text += f" (got {show(got)})"
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    name: str
+    default: Any
+    check: Check
+    desc: str
+    live: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+S = Setting
+c = checks
+SECTIONS = {
+    "node": "This node: identity, data directory, worker processes.",
+    "auth": "User tokens: JWT (HS256) issued by the web tier.",
+    "listen": 'Listeners: "host:port" ("[::1]:port" for IPv6); "" disables one; port 0 picks a free port.',
+    "store": "The durable store (inboxes, cursors, contacts).",
+    "engine": "The bus between nodes: memory (one node) or redis (cluster).",
+    "presence": "Per-user presence aggregated over sessions.",
+    "comet": "The comet port, with iComet's own option names and meanings.",
+    "xmpp": "The XMPP c2s listener.",
+    "admin": "The admin HTTP port (iComet admin API and /api/v1).",
+    "limits": "Per-connection limits and timers.",
+    "log": "Logging.",
+    "policy": "Who may talk to whom.",
+}
+SETTINGS = [
+    S("node", "id", "n1", c.ident(), "unique name of this node in a cluster"),
+    S("node", "data_dir", "./var", c.path(), "directory of the embedded store; relative to the working directory"),
+    S("node", "workers", 1, c.integer(1, 256), "worker processes sharing the ports (SO_REUSEPORT); >1 needs engine.backend = \"redis\""),
+    S("auth", "secret", "change-me", c.string(), "HS256 key for user tokens", live=True),
+    S("auth", "leeway", 30, c.number(0), "seconds of clock skew allowed when checking a token's exp", live=True),
+    S("listen", "xmpp", "0.0.0.0:5222", c.address(), "XMPP c2s"),
+    S("listen", "comet", "0.0.0.0:8100", c.address(), "comet HTTP: iComet front API, WebSocket, SSE, long-poll"),
+    S("listen", "tcp", "0.0.0.0:8900", c.address(), "raw TCP protocol of the native apps"),
+    S("listen", "admin", "127.0.0.1:8000", c.address(), "admin HTTP API for the web tier"),
+    S("listen", "control", "./var/imd.sock", c.path(empty=True), "control unix socket for imd-admin (mode 0600); \"\" disables it"),
+    S("store", "backend", "sqlite", c.choice("sqlite", "postgresql"), '"sqlite" (embedded, a file under node.data_dir) or "postgresql"'),
+    S("store", "dsn", "", c.string(empty=True), "PostgreSQL connection string, e.g. \"postgresql://postgres@127.0.0.1/imd\"; required for postgresql"),
+    S("store", "queue_size", 100000, c.integer(1), "write operations queued before senders get error 503"),
+    S("store", "batch_max", 1000, c.integer(1), "most write operations committed in one transaction"),
+    S("store", "writers", 4, c.integer(1, 64), "writer connections (postgresql)"),
+    S("store", "synchronous", "full", c.choice("full", "normal"), "sqlite PRAGMA synchronous: full survives power loss, normal only a crash"),
+    S("store", "retention_days", 0, c.integer(0), "days inbox entries are kept; 0 keeps them forever", live=True),
+    S("engine", "backend", "memory", c.choice("memory", "redis"), '"memory" (single node) or "redis" (cluster bus)'),
+    S("engine", "url", "redis://127.0.0.1:6379/0", c.redis_url(), "Redis URL for the redis engine"),
+    S("engine", "presence_ttl", 30, c.integer(2, 3600), "seconds a node's presence records live in Redis unless refreshed"),
+    S("presence", "grace", 5, c.number(0), "seconds before a user with no session left is announced offline", live=True),
+    S("comet", "auth", "none", c.choice("none", "token"), '"none", or "token": /sub needs a channel token from /sign', live=True),
+    S("comet", "max_channels", 100000, c.integer(1), "live channels at most (more: 429 Too many channels)", live=True),
+    S("comet", "max_subscribers_per_channel", 16, c.integer(1), "concurrent subscribers of one channel (more: 429)", live=True),
+    S("comet", "channel_buffer_size", 10, c.integer(1, 100000), "messages kept per channel for subscribers that catch up", live=True),
+    S("comet", "channel_timeout", 30, c.number(0, exclusive=True), "seconds an idle channel lives; default expiry of /sign tokens", live=True),
+    S("comet", "polling_timeout", 30, c.number(0, exclusive=True), "seconds before an idle subscriber gets a noop", live=True),
+    S("comet", "origins", [], c.str_list(c.ORIGIN, "an origin like \"https://example.com\" or \"*\""), "CORS origins allowed on the comet port; \"*\" allows any", live=True),
+    S("xmpp", "domain", "localhost", c.domain(), "the XMPP domain users log in to (user@domain)"),
+    S("xmpp", "tls", "optional", c.choice("required", "optional", "disabled"), 'STARTTLS: "required", "optional" (offered when cert and key are set) or "disabled"'),
+    S("xmpp", "cert", "", c.path(empty=True), "PEM certificate chain for STARTTLS"),
+    S("xmpp", "key", "", c.path(empty=True), "PEM private key for STARTTLS"),
+    S("admin", "allow", ["127.0.0.1"], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""), "client IP prefixes allowed (iComet semantics)", live=True),
+    S("admin", "deny", [], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""), "client IP prefixes denied (iComet semantics)", live=True),
+    S("admin", "secret", "", c.string(empty=True), "when set, requests need \"Authorization: Bearer <secret>\"", live=True),
+    S("admin", "dev_tokens", False, c.boolean(), "true: POST /api/v1/tokens mints user tokens (development only)", live=True),
+    S("limits", "max_frame", 65536, c.integer(16, 16777216), "largest raw-TCP frame or WebSocket message, bytes", live=True),
+    S("limits", "max_body", 16384, c.integer(1, 16777216), "largest encoded message body, bytes", live=True),
+    S("limits", "send_buffer", 1048576, c.integer(4096, 1 << 30), "unsent bytes a session may hold before it is cut off as a slow consumer", live=True),
+    S("limits", "heartbeat", 30, c.number(0, exclusive=True), "seconds between server pings on an idle connection", live=True),
+    S("limits", "idle_timeout", 90, c.number(0, exclusive=True), "seconds without any input before a connection is closed; > heartbeat", live=True),
+    S("limits", "auth_timeout", 10, c.number(0, exclusive=True), "seconds a new connection has to authenticate", live=True),
+    S("limits", "max_connections", 0, c.integer(0), "connections at most per process; 0 = as many as the fd limit allows", live=True),
+    S("log", "level", "info", c.choice("debug", "info", "warning", "error"), "least severe level logged", live=True),
+    S("log", "format", "text", c.choice("text", "json"), "text lines or one JSON object per line", live=True),
+    S("log", "file", "", c.path(empty=True), "log file (reopened on reload, for logrotate); \"\" logs to stdout", live=True),
+    S("policy", "contacts_only", False, c.boolean(), "true: users may message only their contacts", live=True),
+]
+del S, c
+BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def _cross_checks(v: dict) -> None:
+    """Rules that involve several settings; ``v`` is the validated section dicts."""
+    if v["node"]["workers"] > 1 and v["engine"]["backend"] != "redis":
+        raise ConfigError("node.workers", 'more than one worker needs engine.backend = "redis" '
+                          "(workers talk to each other only through the redis engine)", v["node"]["workers"])
+    if v["store"]["backend"] == "postgresql" and not v["store"]["dsn"]:
+        raise ConfigError("store.dsn", 'is required when store.backend = "postgresql"', "")
+    lim = v["limits"]
+    if lim["idle_timeout"] <= lim["heartbeat"]:
+        raise ConfigError("limits.idle_timeout", f"must be greater than limits.heartbeat ({show(lim['heartbeat'])})",
+                          lim["idle_timeout"])
+    if lim["max_body"] >= lim["max_frame"]:
+        raise ConfigError("limits.max_body", f"must be smaller than limits.max_frame ({lim['max_frame']}) "
+                          "so that a message carrying it fits in a frame", lim["max_body"])
+    x = v["xmpp"]
+    if bool(x["cert"]) != bool(x["key"]):
+        missing = "xmpp.key" if x["cert"] else "xmpp.cert"
+        raise ConfigError(missing, "xmpp.cert and xmpp.key must be set together", "")
+    if x["tls"] == "required" and not x["cert"]:
+        raise ConfigError("xmpp.tls", '"required" needs xmpp.cert and xmpp.key', x["tls"])
+
+
+class Section:
+    """Read-only attribute access to one section's values."""
+
+    __slots__ = ("_name", "_values")
+
+    def __init__(self, name: str, values: dict) -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no setting {self._name}.{name}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is read-only; load a new one")
+
+    def __repr__(self) -> str:
+        return f"<Section {self._name} {self._values!r}>"
+
+
+class Config:
+    """A validated configuration: ``cfg.node.id``, ``cfg.get("node.id")``, ``cfg.as_dict()``.
+
+    Read-only; a reload builds a new Config (see :func:`changes`). ``source`` is
+    the file it came from (None for defaults or a dict).
+    """
+
+    def __init__(self, values: dict[str, dict], source: str | None = None) -> None:
+        self._values = values
+        self._sections = {name: Section(name, vals) for name, vals in values.items()}
+        self.source = source
+
+    def __getattr__(self, name: str) -> Section:
+        try:
+            return self.__dict__["_sections"][name]
+        except KeyError:
+            raise AttributeError(f"no config section {name!r}") from None
+
+    def get(self, key: str) -> Any:
+        """The value of a dotted key, e.g. ``"limits.max_frame"``; KeyError if unknown."""
+        section, _, name = key.partition(".")
+        return self._values[section][name]
+
+    def as_dict(self) -> dict[str, dict]:
+        """A deep copy of every value, by section."""
+        return {sec: {k: (list(v) if isinstance(v, list) else v) for k, v in vals.items()}
+                for sec, vals in self._values.items()}
+
+    def addr(self, key: str) -> tuple[str, int] | None:
+        """An address setting parsed to (host, port), or None when it is "" (disabled)."""
+        return parse_addr(self.get(key))
+
+    @staticmethod
+    def path(value: str) -> str:
+        """Absolute form of a path setting, relative to the process's current directory
+        ("" stays "": the setting is disabled)."""
+        return os.path.abspath(value) if value else ""
+
+    def __repr__(self) -> str:
+        return f"<Config from {self.source or 'defaults'}>"
+
+
+def load_dict(data: dict, source: str | None = None) -> Config:
+    """Validate a parsed TOML document (a dict of section tables) into a Config."""
+    for section, table in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(section, "unknown section" + _did_you_mean(section, SECTIONS))
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table ([" + section + "])", table)
+        for name in table:
+            if f"{section}.{name}" not in BY_KEY:
+                names = [s.name for s in SETTINGS if s.section == section]
+                raise ConfigError(f"{section}.{name}", "unknown setting" + _did_you_mean(name, names))
+    values: dict[str, dict] = {sec: {} for sec in SECTIONS}
+    for s in SETTINGS:
+        table = data.get(s.section, {})
+        raw = table[s.name] if s.name in table else s.default
+        try:
+            values[s.section][s.name] = s.check(raw)
+        except Invalid as e:
+            raise ConfigError(s.key, str(e), raw) from None
+    _cross_checks(values)
+    return Config(values, source)
+
+
+def load(path: str) -> Config:
+    """Read, fill in and validate the TOML file at ``path``; raises ConfigError."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "no such file") from None
+    except OSError as e:
+        raise ConfigError(path, f"cannot read: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, f"invalid TOML: {e}") from None
+    return load_dict(data, path)
+
+
+def defaults() -> Config:
+    """The configuration with every setting at its default."""
+    return load_dict({})
+
+
+def changes(old: Config, new: Config) -> list[tuple[str, Any, Any, bool]]:
+    """What a reload changes: ``(key, old value, new value, live)`` per changed setting.
+    Settings with live False only take effect after a restart."""
+    out = []
+    for s in SETTINGS:
+        a, b = old.get(s.key), new.get(s.key)
+        if a != b:
+            out.append((s.key, a, b, s.live))
+    return out
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+if __name__ == "__main__":
+    from imd import confdoc
+    sys.exit(confdoc.main(sys.argv[1:]))

@@ -1,0 +1,78 @@
+"""Contacts: the host↔guest relationships (DESIGN.md §5), mutual.
+
+Changes apply in memory at once and go to the store's write queue (batched).
+Contact lists are cached for users connected to this node; a miss loads from
+the store. Because a queued change may not be committed when a load happens,
+recent changes are remembered for a while and replayed over every load.
+
+``get`` may block (a store read): call it from a greenlet. ``cached``,
+``add`` and ``remove`` never block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+RECENT_SECONDS = 120.0
+
+
+class Contacts:
+    def __init__(self, store) -> None:
+        self.store = store
+        self._cache: dict[str, set] = {}
+        self._recent: deque = deque()          # (monotonic, op, user, contact)
+
+    def cached(self, user: str):
+        return self._cache.get(user)
+
+    def get(self, user: str) -> set:
+        s = self._cache.get(user)
+        if s is None:
+            s = set(self.store.contacts(user))
+            self._prune()
+            for _, op, a, b in self._recent:
+                for x, y in ((a, b), (b, a)):
+                    if x == user:
+                        (s.add if op == "add" else s.discard)(y)
+            cur = self._cache.get(user)       # a change may have loaded it meanwhile
+            if cur is not None:
+                return cur
+            self._cache[user] = s
+        return s
+
+    def drop(self, user: str) -> None:
+        """Forget the cached list (the user left this node)."""
+        self._cache.pop(user, None)
+
+    def apply(self, op: str, user: str, contact: str) -> bool:
+        """Apply a change to the cache only (a change seen on the bus). True if it changed."""
+        changed = False
+        for x, y in ((user, contact), (contact, user)):
+            s = self._cache.get(x)
+            if s is not None:
+                before = len(s)
+                (s.add if op == "add" else s.discard)(y)
+                changed |= len(s) != before
+        return changed
+
+    def add(self, user: str, contact: str) -> bool:
+        return self._change("add", user, contact)
+
+    def remove(self, user: str, contact: str) -> bool:
+        return self._change("remove", user, contact)
+
+    def _change(self, op: str, user: str, contact: str) -> bool:
+        changed = self.apply(op, user, contact)
+        self._recent.append((time.monotonic(), op, user, contact))
+        if op == "add":
+            self.store.add_contact(user, contact)
+        else:
+            self.store.remove_contact(user, contact)
+        return changed
+
+    def _prune(self) -> None:
+        limit = time.monotonic() - RECENT_SECONDS
+        r = self._recent
+        while r and r[0][0] < limit:
+            r.popleft()

@@ -1,0 +1,73 @@
+"""The in-process engine: one node, no network; exactly the cluster's code path.
+
+Publishing delivers the very same :class:`Event` to the node's handler if the
+channel is subscribed, from a loop callback (not re-entrantly from inside
+``publish``), as a remote bus would. Presence records live in a dict.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Optional
+
+import gevent
+
+from .base import Engine, Event
+
+
+class MemoryEngine(Engine):
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._handler = None
+        self._subs: set[str] = set()
+        self._queue: deque = deque()
+        self._scheduled = False
+        self._presence: dict[str, dict] = {}
+        self.node_id = ""
+        self.published = 0
+
+    def start(self, node_id: str, handler) -> None:
+        self.node_id = node_id
+        self._handler = handler
+
+    def stop(self) -> None:
+        self._handler = None
+        self._queue.clear()
+
+    def subscribe(self, channel: str) -> None:
+        self._subs.add(channel)
+
+    def unsubscribe(self, channel: str) -> None:
+        self._subs.discard(channel)
+
+    def publish(self, channel: str, event: Event) -> None:
+        self.published += 1
+        if not event.origin:
+            event.origin = self.node_id
+        self._queue.append((channel, event))
+        if not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        q, handler, subs = self._queue, self._handler, self._subs
+        while q and handler is not None:
+            channel, event = q.popleft()
+            if channel in subs:
+                handler(channel, event)
+
+    def presence_set(self, user: str, state: Optional[dict]) -> None:
+        if state is None:
+            self._presence.pop(user, None)
+        else:
+            self._presence[user] = dict(state, node=self.node_id)
+
+    def presence_get(self, users: Iterable[str]) -> dict[str, list[dict]]:
+        p = self._presence
+        return {u: ([p[u]] if u in p else []) for u in users}
+
+    def state(self) -> dict:
+        return {"backend": self.name, "connected": self._handler is not None,
+                "channels": len(self._subs), "published": self.published}

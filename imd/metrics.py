@@ -1,0 +1,102 @@
+"""Process metrics in the Prometheus text format.
+
+Counters and histograms are plain Python numbers updated in the hub (no
+locks: one thread touches them). Gauges are callables read at scrape time.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from typing import Callable
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    __slots__ = ("buckets", "counts", "sum", "count")
+
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+class Metrics:
+    """The registry of one process."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+        self.help: dict[str, str] = {}
+        self.gauges: dict[str, tuple[str, Callable[[], dict]]] = {}
+        self.histograms: dict[str, Histogram] = {}
+
+    def inc(self, name: str, labels: tuple = (), value: float = 1) -> None:
+        """``labels`` is a tuple of (key, value) pairs."""
+        self.counters[name][labels] += value
+
+    # shorthands for the hot paths
+    def msg_in(self, type_: str) -> None:
+        self.counters["imd_messages_in_total"][(("type", type_),)] += 1
+
+    def out(self, type_: str) -> None:
+        self.counters["imd_messages_out_total"][(("type", type_),)] += 1
+
+    def gauge(self, name: str, help: str, read: Callable[[], dict]) -> None:
+        """``read()`` returns {labels tuple: value}."""
+        self.gauges[name] = (help, read)
+
+    def histogram(self, name: str, help: str) -> Histogram:
+        h = self.histograms.get(name)
+        if h is None:
+            h = self.histograms[name] = Histogram()
+            self.help[name] = help
+        return h
+
+    def describe(self, name: str, help: str) -> None:
+        self.help[name] = help
+
+    def render(self) -> str:
+        lines = []
+        for name, series in sorted(self.counters.items()):
+            lines.append(f"# HELP {name} {self.help.get(name, name)}")
+            lines.append(f"# TYPE {name} counter")
+            for labels, v in sorted(series.items()):
+                lines.append(f"{name}{_labels(labels)} {_num(v)}")
+        for name, (help, read) in sorted(self.gauges.items()):
+            lines.append(f"# HELP {name} {help}")
+            lines.append(f"# TYPE {name} gauge")
+            for labels, v in sorted(read().items()):
+                lines.append(f"{name}{_labels(labels)} {_num(v)}")
+        for name, h in sorted(self.histograms.items()):
+            lines.append(f"# HELP {name} {self.help.get(name, name)}")
+            lines.append(f"# TYPE {name} histogram")
+            acc = 0
+            for bound, c in zip(h.buckets, h.counts):
+                acc += c
+                lines.append(f'{name}_bucket{{le="{bound}"}} {acc}')
+            lines.append(f'{name}_bucket{{le="+Inf"}} {h.count}')
+            lines.append(f"{name}_sum {_num(h.sum)}")
+            lines.append(f"{name}_count {h.count}")
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_esc(str(v))}"' for k, v in labels)
+    return "{" + inner + "}"
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))

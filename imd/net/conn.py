@@ -1,0 +1,228 @@
+"""A connection driven by libev io watchers, with writes coalesced per loop iteration.
+
+No greenlet exists per idle connection (DESIGN.md §1): a read watcher calls
+``handler.on_data(bytes)`` in the hub; writes append to a per-connection
+buffer and mark the connection dirty; one :class:`Flusher` callback per loop
+iteration writes every dirty buffer with as few ``send()`` calls as possible
+and arms a write watcher only for the connections the kernel did not take
+whole. A connection whose unsent bytes pass ``limit`` is cut off as a slow
+consumer.
+
+Everything here runs in the hub and never blocks. ``Conn`` is not
+thread-safe; it is greenlet-safe in the sense that greenlets may call
+``write``/``close`` at any time (they only touch memory).
+
+Handler protocol (the object given as ``handler``):
+  ``on_data(data: bytes)``   bytes received (never empty)
+  ``on_close(reason: str)``  called exactly once, after the socket is closed
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+import gevent
+from gevent.event import Event
+
+log = logging.getLogger("imd.net")
+
+RECV_SIZE = 65536
+CLOSE_LINGER = 5.0      # seconds a closing connection may take to drain its output
+_DEAD = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT, errno.EBADF)
+
+
+class Flusher:
+    """Writes every dirty connection's buffer once per event-loop iteration."""
+
+    __slots__ = ("loop", "_dirty", "_scheduled")
+
+    def __init__(self, loop=None):
+        self.loop = loop or gevent.get_hub().loop
+        self._dirty = []
+        self._scheduled = False
+
+    def mark(self, conn: "Conn") -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for conn in dirty:
+            conn._flush()
+
+
+_flusher = None
+
+
+def flusher() -> Flusher:
+    """The flusher of the current hub (one per process)."""
+    global _flusher
+    if _flusher is None:
+        _flusher = Flusher()
+    return _flusher
+
+
+class Conn:
+    """A non-blocking socket with a read watcher, an output buffer and a limit."""
+
+    __slots__ = ("sock", "handler", "limit", "_rw", "_ww", "_out", "_outlen", "_dirty",
+                 "_closing", "_drained", "_timer", "closed", "peer")
+
+    def __init__(self, sock: socket.socket, handler, limit: int, peer=None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.handler = handler
+        self.limit = limit
+        self.peer = peer
+        self._out = []
+        self._outlen = 0
+        self._dirty = False
+        self._closing = False
+        self._drained = None
+        self._timer = None
+        self._ww = None
+        self.closed = False
+        loop = gevent.get_hub().loop
+        self._rw = loop.io(sock.fileno(), 1)
+        self._rw.start(self._on_readable)
+
+    # -- reading -------------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._shutdown(f"recv error: {e.strerror or e}")
+            return
+        if not data:
+            self._shutdown("eof")
+            return
+        try:
+            self.handler.on_data(data)
+        except Exception:
+            log.exception("conn handler failed peer=%s", self.peer)
+            self._shutdown("internal error")
+
+    def pause_reading(self) -> None:
+        self._rw.stop()
+
+    def resume_reading(self) -> None:
+        if not self.closed and not self._closing:
+            self._rw.start(self._on_readable)
+
+    # -- writing -------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Bytes accepted by ``write`` and not yet taken by the kernel."""
+        return self._outlen
+
+    def write(self, data: bytes) -> bool:
+        """Queue ``data``; returns False (and cuts the connection) past the limit."""
+        if self.closed or self._closing:
+            return False
+        self._out.append(data)
+        self._outlen += len(data)
+        if self._outlen > self.limit:
+            log.info("slow consumer cut off peer=%s pending=%d", self.peer, self._outlen)
+            self._shutdown("slow consumer")
+            return False
+        if not self._dirty and self._ww is None:
+            self._dirty = True
+            flusher().mark(self)
+        return True
+
+    def _flush(self) -> None:
+        self._dirty = False
+        if self.closed or not self._out:
+            return
+        self._send()
+
+    def _send(self) -> None:
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self._shutdown(f"send error: {e.strerror or e}")
+            return
+        if n == len(data):
+            out.clear()
+            self._outlen = 0
+            if self._ww is not None:
+                self._ww.stop()
+                self._ww = None
+            if self._drained is not None:
+                self._drained.set()
+            if self._closing:
+                self._shutdown(self._closing)
+            return
+        rest = data[n:]
+        out[:] = [rest]
+        self._outlen = len(rest)
+        if self._ww is None:
+            self._ww = gevent.get_hub().loop.io(self.sock.fileno(), 2)
+            self._ww.start(self._send)
+
+    def wait_drained(self, below: int, timeout: float | None = None) -> bool:
+        """Block the calling greenlet until fewer than ``below`` bytes are pending."""
+        while self._outlen >= below and not self.closed:
+            if self._drained is None:
+                self._drained = Event()
+            self._drained.clear()
+            if not self._drained.wait(timeout):
+                return False
+        return not self.closed
+
+    # -- closing -------------------------------------------------------------
+    def close(self, reason: str = "closed", flush: bool = True) -> None:
+        """Close; with ``flush``, after what is buffered reaches the kernel.
+
+        A peer that does not read at all still gets cut off: the pending bytes
+        are bounded by ``limit`` and the caller's timeouts.
+        """
+        if self.closed:
+            return
+        if flush and self._out:
+            self._closing = reason
+            self._rw.stop()
+            self._timer = gevent.get_hub().loop.timer(CLOSE_LINGER)
+            self._timer.start(self._shutdown, reason)
+            if not self._dirty and self._ww is None:
+                self._dirty = True
+                flusher().mark(self)
+            return
+        self._shutdown(reason)
+
+    def _shutdown(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._rw.stop()
+        self._rw.close()
+        if self._ww is not None:
+            self._ww.stop()
+            self._ww.close()
+            self._ww = None
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        self._out = []
+        self._outlen = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self._drained is not None:
+            self._drained.set()
+        try:
+            self.handler.on_close(reason)
+        except Exception:
+            log.exception("conn on_close failed peer=%s", self.peer)

@@ -1,0 +1,170 @@
+"""Node: the sessions connected to this process, and the engine's handler.
+
+The node knows no protocol. It keeps the local sessions by user, subscribes
+the engine to a user's bus channel while that user has a session here, and
+turns bus events into deliveries: inbox entries (in seq order, through
+:meth:`Session.deliver`), presence, read receipts, transient envelopes and
+kicks. Publishing goes through the engine even on a single node, so one node
+runs exactly the code a cluster runs.
+
+Everything here runs in the hub and never blocks, except where a docstring
+says a method blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import gevent
+
+from .contacts import Contacts
+from .engine.base import Event, user_channel
+from .envelope import Out
+from .presence import Presence
+from .store.base import Entry
+
+log = logging.getLogger("imd.node")
+
+
+def entry_data(entry: Entry) -> dict:
+    return {"user": entry.user, "seq": entry.seq, "mid": entry.mid, "kind": entry.kind,
+            "body": entry.body, "ts": entry.ts, "sender": entry.sender,
+            "recipient": entry.recipient, "ctx": entry.ctx, "notice_kind": entry.notice_kind}
+
+
+class Node:
+    def __init__(self, node_id: str, engine, store, grace: float) -> None:
+        self.id = node_id
+        self.engine = engine
+        self.store = store
+        self.sessions: dict[str, list] = {}
+        self.contacts = Contacts(store)
+        self.presence = Presence(self, grace)
+        self.comet_handlers = {}          # channel → callable(event), for comet channels
+
+    def start(self) -> None:
+        self.engine.start(self.id, self.on_event)
+        self.presence.start()
+
+    def stop(self) -> None:
+        self.presence.stop()
+        self.engine.stop()
+
+    # -- local sessions ---------------------------------------------------------
+    def add_session(self, s) -> None:
+        lst = self.sessions.get(s.user)
+        if lst is None:
+            self.sessions[s.user] = [s]
+            self.engine.subscribe(user_channel(s.user))
+        else:
+            lst.append(s)
+        self.presence.changed(s.user)
+
+    def remove_session(self, s) -> None:
+        lst = self.sessions.get(s.user)
+        if not lst or s not in lst:
+            return
+        lst.remove(s)
+        if not lst:
+            del self.sessions[s.user]
+            self.engine.unsubscribe(user_channel(s.user))
+        self.presence.changed(s.user)
+
+    def all_sessions(self):
+        for lst in self.sessions.values():
+            yield from lst
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.sessions.values())
+
+    # -- publishing (never blocks) ------------------------------------------------
+    def publish_entry(self, entry: Entry, origin: str = "") -> None:
+        data = entry_data(entry)
+        if origin:
+            data["origin"] = origin
+        self.engine.publish(user_channel(entry.user), Event("entry", data))
+
+    def publish_transient(self, user: str, env: dict, device: Optional[str] = None) -> None:
+        """A non-stored envelope for the user's sessions (all, or one device)."""
+        data = {"user": user, "env": env}
+        if device is not None:
+            data["device"] = device
+        self.engine.publish(user_channel(user), Event("transient", data))
+
+    def kick(self, user: str, reason: str = "kicked") -> int:
+        """Close the user's sessions on every node; returns how many were here."""
+        n = len(self.sessions.get(user, ()))
+        self.engine.publish(user_channel(user), Event("kick", {"user": user, "reason": reason}))
+        return n
+
+    def contact_changed(self, op: str, user: str, contact: str) -> None:
+        """Add or remove a mutual contact: memory at once, store in a batch, other
+        nodes through the bus; both users' sessions get a ``contacts`` envelope and,
+        on add, each other's presence (exchanged in a greenlet: it reads)."""
+        (self.contacts.add if op == "add" else self.contacts.remove)(user, contact)
+        for a, b in ((user, contact), (contact, user)):
+            self.engine.publish(user_channel(a), Event("contacts", {"op": op, "user": a, "contact": b}))
+        if op == "add":
+            gevent.spawn(self.presence.exchange, user, contact)
+
+    # -- the engine's handler -------------------------------------------------------
+    def on_event(self, channel: str, event: Event) -> None:
+        handler = getattr(self, "on_" + event.kind, None)
+        if handler is None:
+            log.warning("unknown bus event kind=%s channel=%s", event.kind, channel)
+            return
+        try:
+            handler(channel, event.data)
+        except Exception:
+            log.exception("bus event failed kind=%s channel=%s", event.kind, channel)
+
+    def on_entry(self, channel: str, d: dict) -> None:
+        sessions = self.sessions.get(d["user"])
+        if not sessions:
+            return
+        entry = Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
+                      d.get("recipient"), d.get("ctx"), d.get("notice_kind"))
+        out = Out(entry.envelope(), entry.seq, d.get("origin", ""))
+        for s in list(sessions):
+            s.deliver(out)
+
+    def on_transient(self, channel: str, d: dict) -> None:
+        sessions = self.sessions.get(d["user"])
+        if not sessions:
+            return
+        out = Out(d["env"])
+        device = d.get("device")
+        for s in list(sessions):
+            if device is None or s.device == device:
+                s.send(out)
+
+    def on_presence(self, channel: str, d: dict) -> None:
+        user = channel[2:]
+        sessions = self.sessions.get(user)
+        if not sessions:
+            return
+        contacts = self.contacts.cached(user)
+        if contacts is not None and d["user"] not in contacts:
+            return              # removed meanwhile
+        out = Out({"type": "presence", "user": d["user"], "status": d["status"],
+                   "platforms": d["platforms"], "last_seen": d["last_seen"]})
+        for s in list(sessions):
+            s.send(out)
+
+    def on_kick(self, channel: str, d: dict) -> None:
+        for s in list(self.sessions.get(d["user"], ())):
+            s.close(4001, d.get("reason") or "kicked", reconnect=False)
+
+    def on_contacts(self, channel: str, d: dict) -> None:
+        self.contacts.apply(d["op"], d["user"], d["contact"])
+        sessions = self.sessions.get(d["user"])
+        if sessions:
+            out = Out({"type": "contacts", "op": d["op"], "contact": d["contact"]})
+            for s in list(sessions):
+                s.send(out)
+
+    def on_comet(self, channel: str, d: dict) -> None:
+        handler = self.comet_handlers.get(channel)
+        if handler is not None:
+            handler(d)

@@ -1,0 +1,153 @@
+"""Per-user presence aggregated over sessions on every node (DESIGN.md §5).
+
+A user is ``online`` while any session is connected and not away, ``away``
+when every session says so, ``offline`` when none is left anywhere; going
+offline is announced only after ``grace`` seconds so a reconnecting phone
+does not flap. Announcements go to the user's contacts only, through the
+engine (``presence`` events on each contact's user channel), and to local
+presence listeners (``/psub``-style callbacks).
+
+Recomputations are queued and run in one worker greenlet, because reading the
+cluster view (``engine.presence_get``) may block. ``changed`` never blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import gevent
+from gevent.event import Event as GEvent
+
+from .engine.base import Event, user_channel
+
+log = logging.getLogger("imd.presence")
+
+
+def aggregate(records: list) -> tuple[str, list]:
+    """(status, platforms) from the per-node records of one user."""
+    if not records:
+        return "offline", []
+    platforms = sorted({p for r in records for p in r.get("platforms", ())})
+    status = "online" if any(r.get("status") == "online" for r in records) else "away"
+    return status, platforms
+
+
+class Presence:
+    def __init__(self, node, grace: float) -> None:
+        self.node = node
+        self.grace = grace
+        self.listeners = []                     # callables(user, status, platforms)
+        self._announced: dict[str, tuple] = {}  # user → (status, platforms) last announced here
+        self._offline_timers: dict[str, object] = {}
+        self._queue: dict[str, None] = {}
+        self._wake = GEvent()
+        self._worker = None
+
+    def start(self) -> None:
+        self._worker = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.kill()
+        for t in self._offline_timers.values():
+            t.stop()
+        self._offline_timers.clear()
+
+    def changed(self, user: str) -> None:
+        """The user's local sessions changed (opened, closed, status)."""
+        self._queue[user] = None
+        self._wake.set()
+
+    def local_state(self, user: str):
+        sessions = self.node.sessions.get(user)
+        if not sessions:
+            return None
+        status = "online" if any(s.status == "online" for s in sessions) else "away"
+        return {"status": status, "platforms": sorted({s.platform for s in sessions})}
+
+    def lookup(self, users) -> dict:
+        """{user: {"status", "platforms", "last_seen"}} for every user asked (blocks)."""
+        users = list(users)
+        recs = self.node.engine.presence_get(users)
+        info = self.node.store.users_info(users)
+        out = {}
+        for u in users:
+            status, platforms = aggregate(recs.get(u, []))
+            i = info.get(u)
+            out[u] = {"status": status, "platforms": platforms,
+                      "last_seen": i.last_seen if i is not None else None}
+        return out
+
+    def exchange(self, a: str, b: str) -> None:
+        """Tell two new contacts each other's presence (blocks: run in a greenlet)."""
+        try:
+            states = self.lookup([a, b])
+        except Exception:
+            log.exception("presence exchange failed users=%s,%s", a, b)
+            return
+        for who, to in ((a, b), (b, a)):
+            st = states[who]
+            data = {"user": who, "status": st["status"], "platforms": st["platforms"],
+                    "last_seen": st["last_seen"]}
+            self.node.engine.publish(user_channel(to), Event("presence", data))
+
+    # -- worker ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                user = next(iter(self._queue))
+                del self._queue[user]
+                try:
+                    self._recompute(user)
+                except Exception:
+                    log.exception("presence recompute failed user=%s", user)
+
+    def _recompute(self, user: str) -> None:
+        engine = self.node.engine
+        engine.presence_set(user, self.local_state(user))
+        status, platforms = aggregate(engine.presence_get([user]).get(user, []))
+        if status == "offline":
+            if user in self._announced and user not in self._offline_timers:
+                t = gevent.get_hub().loop.timer(self.grace)
+                self._offline_timers[user] = t
+                t.start(self._grace_over, user)
+            return
+        t = self._offline_timers.pop(user, None)
+        if t is not None:
+            t.stop()
+        if self._announced.get(user) != (status, platforms):
+            self._announced[user] = (status, platforms)
+            self._announce(user, status, platforms, None)
+
+    def _grace_over(self, user: str) -> None:
+        self._offline_timers.pop(user, None)
+        gevent.spawn(self._confirm_offline, user)
+
+    def _confirm_offline(self, user: str) -> None:
+        status, _ = aggregate(self.node.engine.presence_get([user]).get(user, []))
+        if status != "offline" or user not in self._announced:
+            return
+        del self._announced[user]
+        now = int(time.time() * 1000)
+        self.node.store.touch_user(user, None, None, now)
+        self._announce(user, "offline", [], now)
+        if user not in self.node.sessions:
+            self.node.contacts.drop(user)
+
+    def _announce(self, user: str, status: str, platforms: list, last_seen) -> None:
+        data = {"user": user, "status": status, "platforms": platforms, "last_seen": last_seen}
+        for fn in self.listeners:
+            try:
+                fn(user, status, platforms)
+            except Exception:
+                log.exception("presence listener failed")
+        try:
+            contacts = self.node.contacts.get(user)
+        except Exception:
+            log.exception("presence: contacts of %s unavailable", user)
+            return
+        for c in contacts:
+            self.node.engine.publish(user_channel(c), Event("presence", data))

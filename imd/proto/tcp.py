@@ -1,0 +1,82 @@
+"""The raw-TCP protocol of the native apps (DESIGN.md §4).
+
+Frames: a 4-byte big-endian length N (1 ≤ N ≤ ``limits.max_frame``) followed
+by N bytes of one JSON envelope. The connection is driven by io watchers
+(:class:`imd.net.conn.Conn`); decoding runs in the hub through the fast path's
+``FrameDecoder``. A bad frame (zero or oversized length) or a malformed
+envelope is answered with ``error`` and ends this connection only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .. import envelope
+from ..envelope import EnvelopeError
+from ..fastpath import FrameDecoder, FrameError, encode_frame
+from ..net.conn import Conn
+from ..session import CLOSED, Session
+
+log = logging.getLogger("imd.tcp")
+
+
+class TcpSession(Session):
+    __slots__ = ("conn", "decoder", "max_body")
+
+    protocol = "tcp"
+
+    def __init__(self, router, sock, peer, node_id: str) -> None:
+        super().__init__(router, node_id)
+        limits = router.limits
+        self.max_body = limits.max_body
+        self.decoder = FrameDecoder(limits.max_frame)
+        self.conn = Conn(sock, self, limits.send_buffer, peer)
+
+    # Conn's handler protocol
+    def on_data(self, data: bytes) -> None:
+        self.touch()
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as e:
+            self.router.refuse(self, e.code, e.reason)
+            return
+        receive = self.router.receive
+        for frame in frames:
+            if self.state is CLOSED:
+                return
+            try:
+                env = envelope.parse(frame, self.max_body)
+            except EnvelopeError as e:
+                self.send(e.envelope())
+                if e.fatal:
+                    self.end(e.reason)
+                    return
+                continue
+            receive(self, env)
+
+    def on_close(self, reason: str) -> None:
+        self.closed(reason)
+
+    # Session's protocol part
+    def write_out(self, out) -> None:
+        self.conn.write(out.frame(encode_frame))
+
+    def end(self, reason: str) -> None:
+        self.conn.close(reason)
+
+    def drain(self) -> None:
+        self.conn.wait_drained(self.conn.limit // 2)
+
+
+class TcpProtocol:
+    """The listener hook: one TcpSession per accepted socket."""
+
+    name = "tcp"
+
+    def __init__(self, router, node_id: str) -> None:
+        self.router = router
+        self.node_id = node_id
+
+    def handle(self, sock, addr) -> None:
+        s = TcpSession(self.router, sock, addr, self.node_id)
+        self.router.opened(s)

@@ -1,0 +1,317 @@
+"""Router: authentication, policy and dispatch of client envelopes by type.
+
+Protocols hand every validated client envelope to :meth:`Router.receive`
+(from the hub, non-blocking). The router authenticates, applies policy,
+queues writes on the store (acks go out from the store's commit callback),
+publishes entries through the node, and spawns greenlets for the work that
+reads the store (replay after auth, sync, gap fill, read receipts). It knows
+no protocol: it talks to sessions through ``send``/``close``/``deliver``.
+
+The web tier's operations (notices, messages, contacts, kick, inbox) are here
+too, as methods that block the calling greenlet until committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import gevent
+from gevent.event import AsyncResult
+
+from . import auth, envelope
+from .envelope import EnvelopeError, Out, error
+from .ids import MidGen, now_ms
+from .metrics import Metrics
+from .net.wheel import Wheel
+from .session import AUTH, AUTHING, CLOSED, LIVE, SYNC
+from .store.base import StoreError, StoreFull
+
+log = logging.getLogger("imd.router")
+
+REPLAY_PAGE = 200
+OFFLINE_MAX = 10000
+MAX_BACKLOG = 64          # envelopes a client may pipeline behind its auth
+
+
+class Router:
+    def __init__(self, cfg, node, store, metrics: Optional[Metrics] = None) -> None:
+        self.cfg = cfg
+        self.limits = cfg.limits
+        self.node = node
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.mids = MidGen()
+        self.wheel = Wheel()
+        self.sessions_opened = 0
+        self._ack_latency = self.metrics.histogram(
+            "imd_ack_latency_seconds", "time from receiving a message to acking it (store commit)")
+        self.delivery_latency = self.metrics.histogram(
+            "imd_delivery_latency_seconds", "time from a message's timestamp to its delivery to a session")
+
+    def start(self) -> None:
+        self.wheel.start()
+
+    def stop(self) -> None:
+        self.wheel.stop()
+
+    # -- session lifecycle -------------------------------------------------------
+    def opened(self, session) -> None:
+        """A protocol accepted a connection: start its authentication deadline."""
+        self.sessions_opened += 1
+        self.wheel.add(session, time.monotonic() + self.limits.auth_timeout)
+
+    def detach(self, session, reason: str) -> None:
+        """The session's transport is gone (called by Session.closed)."""
+        self.node.remove_session(session)
+        self.store.touch_user(session.user, None, session.platform, now_ms())
+        log.debug("session closed id=%s user=%s reason=%s", session.id, session.user, reason)
+
+    # -- dispatch -------------------------------------------------------------------
+    def receive(self, s, env: dict) -> None:
+        """Handle one validated client envelope (non-blocking)."""
+        t = env["type"]
+        self.metrics.msg_in(t)
+        st = s.state
+        if st is AUTH:
+            if t != "auth":
+                self.refuse(s, 401, "authenticate first")
+                return
+            self.authenticate(s, env)
+            return
+        if st is AUTHING:
+            if len(s.backlog) >= MAX_BACKLOG:
+                self.refuse(s, 429, "too many envelopes before the auth answer")
+                return
+            s.backlog.append(env)
+            return
+        if st is CLOSED:
+            return
+        handler = getattr(self, "on_" + t)
+        try:
+            handler(s, env)
+        except EnvelopeError as e:
+            s.send(e.envelope())
+            if e.fatal:
+                s.end(e.reason)
+        except Exception:
+            log.exception("handler failed type=%s session=%s", t, s.id)
+            s.send(error(500, "internal error", env.get("id")))
+
+    def refuse(self, s, code: int, reason: str, id: Optional[str] = None) -> None:
+        """Answer with ``error`` and end the connection."""
+        s.send(error(code, reason, id))
+        s.end(reason)
+
+    # -- auth ---------------------------------------------------------------------------
+    def authenticate(self, s, env: dict) -> None:
+        try:
+            ident = auth.verify(env["token"], self.cfg.auth.secret, self.cfg.auth.leeway)
+        except auth.AuthError as e:
+            self.metrics.inc("imd_auth_failures_total")
+            self.refuse(s, 401, e.reason)
+            return
+        platform = env["platform"]
+        if ident.platform is not None and ident.platform != platform:
+            self.refuse(s, 403, f"token is for platform {ident.platform}")
+            return
+        self.start_session(s, ident.user, ident.role, platform, env["device"], env.get("since"))
+
+    def start_session(self, s, user: str, role: str, platform: str, device: str,
+                      since: Optional[int]) -> None:
+        """Give the session its identity and attach it (replay runs in a greenlet)."""
+        s.user, s.role, s.platform, s.device = user, role, platform, device
+        s.state = AUTHING
+        s.backlog = []
+        s.held = []
+        self.metrics.inc("imd_sessions_opened_total", (("protocol", s.protocol), ("source", s.source)))
+        gevent.spawn(self._attach, s, since)
+
+    def _attach(self, s, since: Optional[int]) -> None:
+        try:
+            self.node.add_session(s)
+            store = self.store
+            top = store.last_seq(s.user)
+            store.touch_user(s.user, s.role, s.platform, now_ms())
+            if s.state is CLOSED:
+                return
+            s.send({"type": "auth", "ok": True, "user": s.user, "role": s.role, "session": s.id,
+                    "seq": top, "heartbeat": self.limits.heartbeat})
+            self._send_contacts_presence(s)
+            if since is None:
+                for e in store.offline(s.user, OFFLINE_MAX):
+                    if e.seq <= top:
+                        s.send(Out(e.envelope(), e.seq))
+            else:
+                cur = min(since, top)
+                while cur < top and s.state is not CLOSED:
+                    page = store.inbox(s.user, cur, min(REPLAY_PAGE, top - cur))
+                    if not page:
+                        break
+                    for e in page:
+                        s.send(Out(e.envelope(), e.seq))
+                    cur = page[-1].seq
+                    s.drain()
+            s.last_seq = top
+        except StoreError as e:
+            log.warning("attach failed session=%s user=%s error=%s", s.id, s.user, e)
+            s.close(503, "store unavailable", reconnect=True)
+            return
+        except Exception:
+            log.exception("attach failed session=%s user=%s", s.id, s.user)
+            s.close(500, "internal error", reconnect=True)
+            return
+        if s.state is CLOSED:
+            return
+        s.state = SYNC
+        backlog, s.backlog = s.backlog, None
+        for env in backlog:
+            self.receive(s, env)
+        self._release(s)
+
+    def _send_contacts_presence(self, s) -> None:
+        contacts = self.node.contacts.get(s.user)
+        if not contacts:
+            return
+        for user, st in self.node.presence.lookup(sorted(contacts)).items():
+            s.send({"type": "presence", "user": user, "status": st["status"],
+                    "platforms": st["platforms"], "last_seen": st["last_seen"]})
+
+    def _release(self, s) -> None:
+        """End the session's sync; fetch gaps from the store until none is left."""
+        gap = s.end_sync()
+        while gap is not None and s.state is not CLOSED:
+            target = min(o.seq for o in s.held) - 1
+            try:
+                page = self.store.inbox(s.user, s.last_seq, target - s.last_seq)
+            except StoreError as e:
+                log.warning("gap fill failed session=%s error=%s", s.id, e)
+                s.close(503, "store unavailable", reconnect=True)
+                return
+            for e in page:
+                if e.seq > s.last_seq:
+                    s.last_seq = e.seq
+                    s.send(Out(e.envelope(), e.seq))
+            if s.last_seq < target:
+                log.warning("gap not in store user=%s from=%d to=%d", s.user, s.last_seq, target)
+                s.last_seq = target
+            gap = s.end_sync()
+
+    def fill_gap(self, s) -> None:
+        """Called by a live session that saw a seq gap (the bus lost something)."""
+        self.metrics.inc("imd_gaps_total")
+        gevent.spawn(self._release, s)
+
+    # -- client envelopes -----------------------------------------------------------------
+    def on_auth(self, s, env: dict) -> None:
+        s.send(error(400, "already authenticated"))
+
+    def on_ping(self, s, env: dict) -> None:
+        s.send({"type": "pong"})
+
+    def on_pong(self, s, env: dict) -> None:
+        pass
+
+    def on_close(self, s, env: dict) -> None:
+        s.end("closed by client")
+
+    def on_presence(self, s, env: dict) -> None:
+        s.status = env["status"]
+        self.node.presence.changed(s.user)
+
+    def on_ack(self, s, env: dict) -> None:
+        seq = env["seq"]
+        if seq > s.last_seq:
+            raise EnvelopeError(400, f"ack: seq {seq} was never sent to this device", fatal=False)
+        self.store.set_cursor(s.user, s.device, seq)
+
+    def on_msg(self, s, env: dict) -> None:
+        to, cid = env["to"], env["id"]
+        if to == s.user:
+            raise EnvelopeError(400, "msg: cannot send a message to yourself", cid, fatal=False)
+        if self.cfg.policy.contacts_only:
+            contacts = self.node.contacts.cached(s.user)
+            if contacts is None or to not in contacts:
+                raise EnvelopeError(403, f"msg: {to} is not a contact", cid, fatal=False)
+        t0 = time.monotonic()
+
+        def stored(result, err, s=s, cid=cid):
+            if err is not None:
+                code = 503 if isinstance(err, (StoreError,)) else 500
+                s.send(error(code, "message not stored, retry", cid))
+                return
+            self._ack_latency.observe(time.monotonic() - t0)
+            s.send({"type": "ack", "id": cid, "mid": result.mid, "seq": result.sender_seq, "ts": result.ts})
+            for e in result.entries:
+                self.node.publish_entry(e, s.id if e.user == s.user else "")
+
+        try:
+            self.store.send_message(s.user, to, cid, env["body"], env.get("ctx"), self.mids(), now_ms(), stored)
+        except StoreFull:
+            self.metrics.inc("imd_store_refused_total")
+            s.send(error(503, "server busy, retry later", cid))
+
+    def on_read(self, s, env: dict) -> None:
+        gevent.spawn(self._read, s, env["peer"], env["seq"])
+
+    def _read(self, s, peer: str, seq: int) -> None:
+        ev = {"type": "read", "by": s.user, "seq": seq, "ts": now_ms()}
+        try:
+            last = self.store.last_sent_to(peer, s.user, seq)
+        except StoreError:
+            last = None
+        if last is not None:
+            ev["peer_seq"], ev["mid"] = last
+        self.node.publish_transient(peer, ev)
+
+    def on_sync(self, s, env: dict) -> None:
+        gevent.spawn(self._sync, s, env["since"], env.get("limit") or 100)
+
+    def _sync(self, s, since: int, limit: int) -> None:
+        try:
+            entries = self.store.inbox(s.user, since, limit)
+        except StoreError:
+            s.send(error(503, "store unavailable, retry"))
+            return
+        for e in entries:
+            s.send(Out(e.envelope(), e.seq))
+        s.send({"type": "sync", "done": True, "seq": entries[-1].seq if entries else since,
+                "more": len(entries) == limit})
+
+    # -- the web tier's operations (block the calling greenlet) -----------------------------
+    def post_message(self, sender: str, to: str, body: Any, ctx: Optional[dict],
+                     client_id: Optional[str] = None, timeout: float = 30.0) -> dict:
+        """Store and deliver a message on behalf of ``sender``; returns the ack fields."""
+        if sender == to:
+            raise EnvelopeError(400, "cannot send a message to oneself", fatal=False)
+        mid = self.mids()
+        res = AsyncResult()
+        self.store.send_message(sender, to, client_id or "api." + mid, body, ctx, mid, now_ms(),
+                                lambda r, e: res.set_exception(e) if e else res.set(r))
+        r = res.get(timeout=timeout)
+        for e in r.entries:
+            self.node.publish_entry(e)
+        return {"mid": r.mid, "seq": r.sender_seq, "ts": r.ts}
+
+    def post_notices(self, users, role: Optional[str], kind: str, body: Any,
+                     timeout: float = 60.0) -> list:
+        """Append a reminder to the inboxes of ``users`` (or of a role, or of everyone
+        when both are None) and deliver it; returns the stored entries."""
+        res = AsyncResult()
+        self.store.add_notices(users, role, kind, body, self.mids, now_ms(),
+                               lambda r, e: res.set_exception(e) if e else res.set(r))
+        entries = res.get(timeout=timeout)
+        for e in entries:
+            self.node.publish_entry(e)
+        self.metrics.inc("imd_notices_total", value=len(entries))
+        return entries
+
+    def kick(self, user: str, reason: str = "kicked") -> int:
+        return self.node.kick(user, reason)
+
+    def add_contact(self, user: str, contact: str) -> None:
+        self.node.contact_changed("add", user, contact)
+
+    def remove_contact(self, user: str, contact: str) -> None:
+        self.node.contact_changed("remove", user, contact)

@@ -1,0 +1,172 @@
+"""Session: what the upper layers see of a connection, whatever the protocol.
+
+A session carries the identity (user, role, platform, device) and offers
+``send(out)`` and ``close(code, reason, reconnect)``; a protocol subclass turns
+:class:`imd.envelope.Out` objects into its own bytes (``write_out``) and ends
+its transport (``end``).
+
+The base class also keeps the device's place in the user's inbox
+(``last_seq``) so that every device sees its inbox in seq order, each entry at
+least once: entries that arrive while the session is still replaying from the
+store are held in ``held`` and released in order afterwards; an entry that
+arrives with a gap before it makes the session fetch the gap from the store
+(the bus is at most once, DESIGN.md §7). Live entries the session itself
+caused (its own sent message) only advance ``last_seq``: the ack told it.
+
+All methods run in the hub and never block; store reads happen in greenlets
+the router spawns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Optional
+
+from .envelope import Out, close as close_env
+
+log = logging.getLogger("imd.session")
+
+_ids = itertools.count(1)
+
+# states
+AUTH, AUTHING, SYNC, LIVE, CLOSED = "auth", "authing", "sync", "live", "closed"
+
+
+class Session:
+    __slots__ = ("id", "user", "role", "platform", "device", "status", "state", "last_seq",
+                 "held", "backlog", "router", "opened", "last_rx", "pinged")
+
+    protocol = "base"
+
+    def __init__(self, router, node_id: str = "") -> None:
+        self.id = f"{node_id}.{next(_ids):x}"
+        self.router = router
+        self.user = self.role = self.platform = self.device = None
+        self.status = "online"
+        self.state = AUTH
+        self.last_seq = 0
+        self.held = None
+        self.backlog = None
+        self.opened = time.time()
+        self.last_rx = time.monotonic()
+        self.pinged = False
+
+    # -- identity --------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """The client source: platform and role, e.g. ``ios-host`` (six kinds in all)."""
+        return f"{self.platform}-{self.role}" if self.user else "unauthenticated"
+
+    def describe(self) -> dict:
+        return {"session": self.id, "user": self.user, "role": self.role, "platform": self.platform,
+                "device": self.device, "protocol": self.protocol, "status": self.status,
+                "state": self.state, "seq": self.last_seq, "since": int(self.opened)}
+
+    # -- the protocol's part -----------------------------------------------------
+    def write_out(self, out: Out) -> None:
+        """Write one envelope in the protocol's wire format (non-blocking)."""
+        raise NotImplementedError
+
+    def end(self, reason: str) -> None:
+        """Close the transport (after flushing what was written); the protocol
+        then calls :meth:`closed`."""
+        raise NotImplementedError
+
+    # -- what upper layers call ---------------------------------------------------
+    def send(self, out) -> None:
+        """Send an envelope (dict or Out) now, outside the inbox ordering."""
+        if self.state is CLOSED:
+            return
+        if not isinstance(out, Out):
+            out = Out(out)
+        self.write_out(out)
+        self.router.metrics.out(out.env["type"])
+
+    def close(self, code: int = 1000, reason: str = "bye", reconnect: bool = False) -> None:
+        """Send ``close`` and end the connection; the router forgets the session."""
+        if self.state is CLOSED:
+            return
+        self.send(close_env(code, reason, reconnect))
+        self.end(reason)
+
+    def closed(self, reason: str) -> None:
+        """The protocol calls this once when its transport is gone."""
+        if self.state is CLOSED:
+            return
+        was_open = self.state is not AUTH
+        self.state = CLOSED
+        self.held = None
+        if was_open:
+            self.router.detach(self, reason)
+
+    # -- inbox ordering ------------------------------------------------------------
+    def deliver(self, out: Out) -> None:
+        """An inbox entry of this user (``out.seq`` > 0) reached this node."""
+        st = self.state
+        if st is LIVE:
+            seq = out.seq
+            if seq <= self.last_seq:
+                return
+            if seq == self.last_seq + 1:
+                self.last_seq = seq
+                if out.origin != self.id:
+                    self.send(out)
+                return
+            self.state = SYNC
+            self.held = [out]
+            self.router.fill_gap(self)
+        elif st is SYNC or st is AUTHING:
+            self.held.append(out)
+
+    def drain(self) -> None:
+        """Block the calling greenlet while much output is unsent (replay backpressure)."""
+
+    def end_sync(self) -> Optional[int]:
+        """Release held entries in order; return the seq to fetch from if a gap remains."""
+        if self.state is CLOSED:
+            return None
+        held, self.held = self.held or [], None
+        if held:
+            held.sort(key=lambda o: o.seq)
+        self.state = LIVE
+        for i, out in enumerate(held):
+            seq = out.seq
+            if seq <= self.last_seq:
+                continue
+            if seq != self.last_seq + 1:
+                self.state = SYNC
+                self.held = held[i:]
+                return self.last_seq
+            self.last_seq = seq
+            if out.origin != self.id:
+                self.send(out)
+        return None
+
+    # -- heartbeats (driven by the router's wheel) -----------------------------------
+    def on_deadline(self, now: float) -> Optional[float]:
+        if self.state is CLOSED:
+            return None
+        limits = self.router.limits
+        if self.state is AUTH:      # filed at accept time for auth_timeout
+            self.close(408, "authentication timeout")
+            return None
+        idle = now - self.last_rx
+        if idle >= limits.idle_timeout:
+            self.close(408, "heartbeat timeout", reconnect=True)
+            return None
+        if idle >= limits.heartbeat:
+            if not self.pinged:
+                self.pinged = True
+                self.send_ping()
+            return self.last_rx + limits.idle_timeout
+        return self.last_rx + limits.heartbeat
+
+    def send_ping(self) -> None:
+        self.send({"type": "ping"})
+
+    def touch(self) -> None:
+        """Traffic arrived from the client."""
+        self.last_rx = time.monotonic()
+        self.pinged = False

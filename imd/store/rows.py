@@ -1,0 +1,37 @@
+"""Row ↔ object helpers shared by the SQL backends."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import orjson
+
+from .base import Entry
+
+# The columns every inbox read selects, in this order (``i`` = inbox, ``m`` = messages).
+ENTRY_COLUMNS = "i.seq, m.mid, m.kind, m.sender, m.recipient, m.body, m.ctx, m.ts, m.notice_kind"
+
+
+def entry_from_row(user: str, row) -> Entry:
+    """An Entry of ``user`` from a row of ENTRY_COLUMNS (body/ctx as JSON text)."""
+    seq, mid, kind, sender, recipient, body, ctx, ts, notice_kind = row
+    return Entry(user=user, seq=seq, mid=mid, kind=kind, body=orjson.loads(body), ts=ts,
+                 sender=sender, recipient=recipient,
+                 ctx=None if ctx is None else orjson.loads(ctx), notice_kind=notice_kind)
+
+
+def message_entries(op, sender_seq: int, recipient_seq: int) -> list:
+    """[sender's Entry, recipient's Entry] of a stored MessageOp."""
+    common = dict(mid=op.mid, kind="msg", body=op.body, ts=op.ts, sender=op.sender,
+                  recipient=op.recipient, ctx=op.ctx)
+    return [Entry(user=op.sender, seq=sender_seq, **common),
+            Entry(user=op.recipient, seq=recipient_seq, **common)]
+
+
+def notice_entry(op, user: str, seq: int, mid: str) -> Entry:
+    return Entry(user=user, seq=seq, mid=mid, kind="notice", body=op.body, ts=op.ts,
+                 recipient=user, notice_kind=op.kind)
+
+
+def load_json(text: Optional[str]):
+    return None if text is None else orjson.loads(text)

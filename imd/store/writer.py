@@ -1,0 +1,368 @@
+"""The backend-neutral write path of the store: a bounded queue and group commit.
+
+:class:`Writer` owns a bounded queue of operations split into *lanes*, one
+writer greenlet per lane (SQLite: one lane; PostgreSQL: one lane per writer
+connection). An operation goes to the lane of its key (the sender of a
+message), so one sender's messages keep their order. Each lane greenlet takes
+everything waiting in its lane (up to ``batch_max`` ops) as one batch and hands
+it to the backend's ``apply_batch(lane, ops, pending)``, which must run the
+whole batch in ONE transaction and return one result per op. After the commit
+the greenlet calls each op's ``callback(result, None)`` in submission order.
+
+Fire-and-forget writes (cursors, last-seen, contacts, passwords) are coalesced
+in a :class:`Pending` and ride along with the next batch of whichever lane gets
+there first; only one batch at a time carries them, so they commit in order.
+
+Failures: when ``apply_batch`` raises an error the backend calls transient
+(database gone, locked, disk full), nothing is acked and the same batch is
+retried with backoff (0.05 s doubling to 2 s) until it commits; meanwhile new
+ops keep queueing until ``queue_size`` ops are waiting, then ``submit`` raises
+:class:`StoreFull`. Any other error (a bug, a constraint that retrying cannot
+fix) splits the batch: each op is retried alone and an op that still fails gets
+``callback(None, error)``.
+
+Everything here runs in the hub thread: ``submit`` and the ``note_*`` methods
+never block; ``flush`` blocks the calling greenlet; callbacks run in a lane
+greenlet and must not block.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+import gevent
+import orjson
+from gevent.event import Event
+
+from .base import Callback, StoreFull, StoreUnavailable
+
+log = logging.getLogger("imd.store.writer")
+
+BACKOFF_FIRST = 0.05
+BACKOFF_MAX = 2.0
+
+
+class MessageOp:
+    """A chat message to store in both inboxes (``body``/``ctx`` pre-encoded with orjson)."""
+
+    __slots__ = ("sender", "recipient", "client_id", "body", "body_json", "ctx", "ctx_json",
+                 "mid", "ts", "callback")
+
+    def __init__(self, sender: str, recipient: str, client_id: Optional[str], body: Any,
+                 ctx: Optional[dict], mid: str, ts: int, callback: Callback) -> None:
+        if sender == recipient:
+            raise ValueError("a message to oneself is refused before the store")
+        self.sender = sender
+        self.recipient = recipient
+        self.client_id = client_id
+        self.body = body
+        self.body_json = orjson.dumps(body).decode()    # raises TypeError at submit
+        self.ctx = ctx
+        self.ctx_json = None if ctx is None else orjson.dumps(ctx).decode()
+        self.mid = mid
+        self.ts = ts
+        self.callback = callback
+
+
+class NoticeOp:
+    """A reminder for ``users`` (a list), or every known user of ``role`` (or all)."""
+
+    __slots__ = ("users", "role", "kind", "body", "body_json", "mids", "ts", "callback")
+
+    def __init__(self, users: Optional[list], role: Optional[str], kind: str, body: Any,
+                 mids: Callable[[], str], ts: int, callback: Callback) -> None:
+        self.users = None if users is None else list(dict.fromkeys(users))
+        self.role = role
+        self.kind = kind
+        self.body = body
+        self.body_json = orjson.dumps(body).decode()
+        self.mids = mids
+        self.ts = ts
+        self.callback = callback
+
+
+class Pending:
+    """Coalesced fire-and-forget writes, applied before the ops of a batch.
+
+    ``cursors`` {(user, device): max seq}; ``touches`` {user: [role, platform,
+    last_seen]} (None role/platform keep the stored one); ``contacts`` a list of
+    (add?, user, contact) in submission order; ``passwords`` {user: JSON text or
+    None to delete}.
+    """
+
+    __slots__ = ("cursors", "touches", "contacts", "passwords")
+
+    def __init__(self) -> None:
+        self.cursors: dict = {}
+        self.touches: dict = {}
+        self.contacts: list = []
+        self.passwords: dict = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.cursors or self.touches or self.contacts or self.passwords)
+
+
+class _Lane:
+    __slots__ = ("index", "ops", "inflight", "wake", "submitted", "done", "greenlet")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.ops: deque = deque()
+        self.inflight: list = []
+        self.wake = Event()
+        self.submitted = 0
+        self.done = 0
+        self.greenlet = None
+
+
+ApplyBatch = Callable[[int, list, Optional[Pending]], list]
+
+
+class Writer:
+    """Bounded queue + ``lanes`` writer greenlets doing group commit through ``apply_batch``.
+
+    ``apply_batch(lane, ops, pending)`` blocks the lane greenlet (not the hub),
+    runs one transaction and returns the list of results, one per op.
+    ``is_transient(exc)`` tells errors worth retrying from bugs.
+    """
+
+    def __init__(self, apply_batch: ApplyBatch, is_transient: Callable[[BaseException], bool],
+                 queue_size: int = 100000, batch_max: int = 1000, lanes: int = 1,
+                 name: str = "store") -> None:
+        self._apply_batch = apply_batch
+        self._is_transient = is_transient
+        self.queue_size = queue_size
+        self.batch_max = batch_max
+        self.name = name
+        self._lanes = [_Lane(i) for i in range(lanes)]
+        self._queued = 0                 # submitted ops not yet acked or failed
+        self._pending = Pending()
+        self._pending_gen = 0            # bumped by every coalesced write
+        self._pending_done = 0           # generation of the last committed Pending
+        self._pending_busy = False       # a batch carrying a Pending is in flight
+        self._progress = Event()         # set and replaced after every commit
+        self._running = False
+        self._closing = False
+        self.batches = 0
+        self.committed = 0
+        self.retries = 0
+        self.failed = 0
+        self.last_batch = 0
+        self.commit_seconds = 0.0
+        self.commit_count = 0
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        self._running = True
+        self._closing = False
+        for lane in self._lanes:
+            lane.greenlet = gevent.spawn(self._run, lane)
+            lane.greenlet.name = "%s-writer-%d" % (self.name, lane.index)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Flush (up to ``timeout``), then stop the lanes. Ops still unwritten get
+        ``callback(None, StoreUnavailable)``. Returns True if everything committed."""
+        if not self._running:
+            return True
+        flushed = self.flush(timeout)
+        self._closing = True
+        for lane in self._lanes:
+            lane.wake.set()
+        for lane in self._lanes:
+            lane.greenlet.join(1.0 if flushed else 0.1)
+            if not lane.greenlet.dead:
+                lane.greenlet.kill()
+        self._running = False
+        gone = StoreUnavailable("store closed before the write committed")
+        for lane in self._lanes:
+            for op in lane.inflight:
+                self._deliver_error(op, gone)
+            lane.inflight = []
+            while lane.ops:
+                self._deliver_error(lane.ops.popleft(), gone)
+        return flushed
+
+    # -- submitting ----------------------------------------------------------
+    def submit(self, op: Any, key: str) -> None:
+        """Queue ``op`` on the lane of ``key``. Raises StoreFull at the limit."""
+        if not self._running or self._closing:
+            raise StoreUnavailable("store is not open")
+        if self._queued >= self.queue_size:
+            raise StoreFull("write queue full (%d ops)" % self._queued)
+        lane = self._lanes[hash(key) % len(self._lanes)] if len(self._lanes) > 1 else self._lanes[0]
+        self._queued += 1
+        lane.submitted += 1
+        lane.ops.append(op)
+        lane.wake.set()
+
+    def pending(self) -> Pending:
+        """The Pending to update in place; call :meth:`noted` right after."""
+        return self._pending
+
+    def noted(self) -> None:
+        """Record a coalesced write made to :meth:`pending` and wake a lane."""
+        self._pending_gen += 1
+        if not self._pending_busy:
+            self._lanes[0].wake.set()
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Block until everything submitted before the call is committed (or failed)."""
+        targets = [(lane, lane.submitted) for lane in self._lanes]
+        gen = self._pending_gen
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._pending_done >= gen and all(l.done >= n for l, n in targets):
+                return True
+            if not self._running:
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._progress.wait(remaining)
+
+    def stats(self) -> dict:
+        return {"queue": self._queued, "batches": self.batches, "committed": self.committed,
+                "retries": self.retries, "failed": self.failed, "last_batch": self.last_batch,
+                "commit_seconds_sum": self.commit_seconds, "commit_count": self.commit_count,
+                "writers": len(self._lanes)}
+
+    # -- the lane greenlets --------------------------------------------------
+    def _run(self, lane: _Lane) -> None:
+        while True:
+            lane.wake.clear()
+            ops = []
+            while lane.ops and len(ops) < self.batch_max:
+                ops.append(lane.ops.popleft())
+            pending, gen = None, 0
+            if self._pending and not self._pending_busy:
+                pending, gen = self._pending, self._pending_gen
+                self._pending, self._pending_busy = Pending(), True
+            if not ops and pending is None:
+                if self._closing:
+                    return
+                lane.wake.wait()
+                continue
+            lane.inflight = ops
+            self._write(lane, ops, pending)
+            lane.inflight = []
+            if pending is not None:
+                self._pending_busy = False
+                self._pending_done = gen
+                if self._pending:
+                    self._lanes[0].wake.set()
+            lane.done += len(ops)
+            self._queued -= len(ops)
+            progress, self._progress = self._progress, Event()
+            progress.set()
+
+    def _write(self, lane: _Lane, ops: list, pending: Optional[Pending]) -> None:
+        """Commit ``ops`` (+ ``pending``) and deliver the results; split on a hard error."""
+        try:
+            results = self._commit(lane, ops, pending)
+        except Exception as exc:
+            log.error("%s: batch of %d ops failed (%r); retrying them one by one",
+                      self.name, len(ops), exc)
+            if pending is not None:
+                try:
+                    self._commit(lane, [], pending)
+                except Exception as exc2:
+                    log.error("%s: dropping coalesced writes: %r", self.name, exc2)
+            for op in ops:
+                try:
+                    result = self._commit(lane, [op], None)[0]
+                except Exception as exc3:
+                    self.failed += 1
+                    self._deliver_error(op, exc3)
+                else:
+                    self._deliver(op, result)
+            return
+        for op, result in zip(ops, results):
+            self._deliver(op, result)
+
+    def _commit(self, lane: _Lane, ops: list, pending: Optional[Pending]) -> list:
+        """One transaction, retried with backoff while the error is transient."""
+        backoff = BACKOFF_FIRST
+        while True:
+            started = time.perf_counter()
+            try:
+                results = self._apply_batch(lane.index, ops, pending)
+            except Exception as exc:
+                if not self._is_transient(exc):
+                    raise
+                self.retries += 1
+                log.warning("%s: write failed (%r); retry in %.2fs", self.name, exc, backoff)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            self.commit_seconds += time.perf_counter() - started
+            self.commit_count += 1
+            self.batches += 1
+            self.committed += len(ops)
+            self.last_batch = len(ops)
+            return results
+
+    @staticmethod
+    def _deliver(op: Any, result: Any) -> None:
+        try:
+            op.callback(result, None)
+        except Exception:
+            log.exception("store callback failed")
+
+    @staticmethod
+    def _deliver_error(op: Any, exc: BaseException) -> None:
+        try:
+            op.callback(None, exc)
+        except Exception:
+            log.exception("store callback failed")
+
+
+class WriterStore:
+    """Mixin implementing the Store write methods on top of ``self._writer``."""
+
+    _writer: Writer
+
+    def send_message(self, sender, recipient, client_id, body, ctx, mid, ts, callback) -> None:
+        self._writer.submit(MessageOp(sender, recipient, client_id, body, ctx, mid, ts, callback),
+                            sender)
+
+    def add_notices(self, users, role, kind, body, mids, ts, callback) -> None:
+        self._writer.submit(NoticeOp(None if users is None else list(users), role, kind, body,
+                                     mids, ts, callback), kind)
+
+    def set_cursor(self, user: str, device: str, seq: int) -> None:
+        cursors = self._writer.pending().cursors
+        key = (user, device)
+        if seq > cursors.get(key, 0):
+            cursors[key] = seq
+            self._writer.noted()
+
+    def touch_user(self, user, role, platform, ts) -> None:
+        touches = self._writer.pending().touches
+        old = touches.get(user)
+        if old is None:
+            touches[user] = [role, platform, ts]
+        else:
+            touches[user] = [role or old[0], platform or old[1], max(ts, old[2])]
+        self._writer.noted()
+
+    def add_contact(self, user: str, contact: str) -> None:
+        self._writer.pending().contacts.append((True, user, contact))
+        self._writer.noted()
+
+    def remove_contact(self, user: str, contact: str) -> None:
+        self._writer.pending().contacts.append((False, user, contact))
+        self._writer.noted()
+
+    def set_password(self, user: str, credentials: Optional[dict]) -> None:
+        text = None if credentials is None else orjson.dumps(credentials).decode()
+        self._writer.pending().passwords[user] = text
+        self._writer.noted()
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        return self._writer.flush(timeout)
+
+    def stats(self) -> dict:
+        return self._writer.stats()

@@ -1,0 +1,26 @@
+"""Fixtures of the store contract suite: every test runs once per backend in BACKENDS."""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import pytest  # noqa: E402
+
+from .backends import BACKENDS  # noqa: E402
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request, tmp_path):
+    """A backend factory with empty data (the one parametrization of the suite)."""
+    factory = BACKENDS[request.param](tmp_path)
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture
+def store(backend):
+    """An opened store of ``backend``, closed after the test."""
+    s = backend.make()
+    s.open()
+    yield s
+    s.close()

@@ -1,0 +1,457 @@
+"""The store contract (imd/store/base.py, DESIGN.md §3 and §6), run against every backend."""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+
+import gevent
+import pytest
+
+from imd.store.base import Entry, MessageResult, StoreFull, UserInfo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Acks:
+    """Collects (tag, result, error) of store callbacks in the order they ran."""
+
+    def __init__(self):
+        self.items = []
+
+    def cb(self, tag):
+        return lambda result, error: self.items.append((tag, result, error))
+
+    def results(self):
+        assert all(e is None for _, _, e in self.items), self.items
+        return [r for _, r, _ in self.items]
+
+
+def send(store, acks, sender, recipient, cid, body="hi", ctx=None, mid=None, ts=1000):
+    store.send_message(sender, recipient, cid, body, ctx, mid or "m-%s-%s" % (sender, cid), ts,
+                       acks.cb(cid))
+
+
+def mid_maker(prefix="n"):
+    counter = itertools.count(1)
+    return lambda: "%s%d" % (prefix, next(counter))
+
+
+def wait_until(predicate, bound=30.0):
+    """Poll ``predicate`` (cooperatively) until true or ``bound`` seconds pass."""
+    for _ in range(int(bound / 0.02)):
+        if predicate():
+            return True
+        gevent.sleep(0.02)
+    return predicate()
+
+
+# -- seqs and both inboxes ---------------------------------------------------
+
+def test_seqs_start_at_one_dense_unique(store):
+    acks = Acks()
+    for i in range(30):
+        send(store, acks, "alice", "bob" if i % 2 else "carol", "c%d" % i)
+        if i % 7 == 0:
+            assert store.flush(10)
+    assert store.flush(10)
+    results = acks.results()
+    assert [r.sender_seq for r in results] == list(range(1, 31))
+    assert [r.recipient_seq for r in results if r.entries[1].user == "bob"] == list(range(1, 16))
+    assert [r.recipient_seq for r in results if r.entries[1].user == "carol"] == list(range(1, 16))
+    assert [e.seq for e in store.inbox("alice", 0, 100)] == list(range(1, 31))
+    assert store.last_seq("alice") == 30 and store.last_seq("bob") == 15
+    assert store.last_seq("nobody") == 0
+
+
+def test_message_lands_in_both_inboxes(store):
+    acks = Acks()
+    body = {"text": "你好", "n": [1, 2.5, None, True], "deep": {"x": {"y": "z"}}}
+    ctx = {"listing": "L1", "booking": "B9"}
+    send(store, acks, "host1", "guest1", "id-1", body=body, ctx=ctx, mid="M1", ts=1712345678901)
+    assert store.flush(10)
+    [result] = acks.results()
+    assert isinstance(result, MessageResult) and not result.duplicate
+    assert (result.mid, result.ts, result.sender_seq, result.recipient_seq) == ("M1", 1712345678901, 1, 1)
+    mine, theirs = result.entries
+    assert (mine.user, theirs.user) == ("host1", "guest1")
+    [stored_s] = store.inbox("host1", 0, 10)
+    [stored_r] = store.inbox("guest1", 0, 10)
+    assert stored_s == mine and stored_r == theirs
+    assert stored_r.body == body and stored_r.ctx == ctx
+    assert stored_r.envelope() == {"type": "msg", "mid": "M1", "seq": 1, "from": "host1",
+                                   "to": "guest1", "body": body, "ctx": ctx, "ts": 1712345678901}
+
+
+def test_string_body_and_no_ctx_round_trip(store):
+    acks = Acks()
+    for cid, body in [("a", "plain"), ("b", ""), ("c", '{"not": "an object"}'), ("d", "\u0000\U0001F600")]:
+        send(store, acks, "u1", "u2", cid, body=body)
+    assert store.flush(10)
+    entries = store.inbox("u2", 0, 10)
+    assert [e.body for e in entries] == ["plain", "", '{"not": "an object"}', "\u0000\U0001F600"]
+    assert all(e.ctx is None and "ctx" not in e.envelope() for e in entries)
+
+
+def test_message_to_oneself_is_refused(store):
+    with pytest.raises(ValueError):
+        store.send_message("same", "same", "c1", "x", None, "m1", 1, lambda r, e: None)
+
+
+# -- durability: ack only after commit ---------------------------------------
+
+def test_acked_message_survives_close_and_reopen_and_seqs_continue(backend):
+    first = backend.make()
+    first.open()
+    acks = Acks()
+    send(first, acks, "a", "b", "c1", mid="M1")
+    send(first, acks, "b", "a", "c2", mid="M2")
+    first.add_notices(["a"], None, "booking.confirmed", {"b": 1}, mid_maker(), 5, acks.cb("n"))
+    first.touch_user("a", "host", "web", 77)
+    first.set_cursor("a", "d1", 2)
+    first.add_contact("a", "b")
+    first.set_password("a", {"salt": "xx", "iterations": 4096})
+    first.close()
+    assert len(acks.items) == 3
+    second = backend.make()
+    second.open()
+    try:
+        assert [e.mid for e in second.inbox("a", 0, 10)] == ["M1", "M2", "n1"]
+        assert second.cursor("a", "d1") == 2
+        assert second.contacts("b") == {"a"}
+        assert second.password("a") == {"salt": "xx", "iterations": 4096}
+        assert second.users_info(["a"])["a"] == UserInfo("a", "host", 77, "web")
+        acks2 = Acks()
+        send(second, acks2, "a", "b", "c3", mid="M3")
+        send(second, acks2, "a", "b", "c1", mid="M1-again")        # dedupe survives reopen
+        assert second.flush(10)
+        new, dup = acks2.results()
+        assert (new.sender_seq, new.recipient_seq) == (4, 3)
+        assert dup.duplicate and dup.mid == "M1" and dup.sender_seq == 1
+    finally:
+        second.close()
+
+
+def test_no_ack_before_commit_and_failed_batch_is_retried(backend):
+    store = backend.make()
+    store.open()
+    try:
+        acks = Acks()
+        with backend.writes_blocked():
+            for i in range(3):
+                send(store, acks, "x", "y", "c%d" % i)
+            assert wait_until(lambda: store.stats()["retries"] >= 1)
+            assert acks.items == []
+            assert store.stats()["queue"] == 3
+            assert store.inbox("y", 0, 10) == []
+        assert store.flush(60)
+        assert [r.recipient_seq for r in acks.results()] == [1, 2, 3]
+        assert [e.seq for e in store.inbox("y", 0, 10)] == [1, 2, 3]
+        assert store.stats()["queue"] == 0
+    finally:
+        store.close()
+
+
+def test_store_full_at_queue_limit_then_drains(backend):
+    store = backend.make(queue_size=5, batch_max=2)
+    store.open()
+    try:
+        acks = Acks()
+        with backend.writes_blocked():
+            for i in range(5):
+                send(store, acks, "p", "q", "c%d" % i)
+            with pytest.raises(StoreFull):
+                send(store, acks, "p", "q", "c5")
+            with pytest.raises(StoreFull):
+                store.add_notices(["q"], None, "k", "b", mid_maker(), 1, acks.cb("n"))
+            assert acks.items == []
+        assert store.flush(60)
+        assert [tag for tag, _, _ in acks.items] == ["c%d" % i for i in range(5)]
+        send(store, acks, "p", "q", "c5")
+        assert store.flush(10)
+        assert [r.sender_seq for r in acks.results()] == list(range(1, 7))
+    finally:
+        store.close()
+
+
+def test_callbacks_run_in_submission_order_across_batches(backend):
+    store = backend.make(batch_max=7)
+    store.open()
+    try:
+        acks = Acks()
+        mids = mid_maker()
+        for i in range(100):
+            if i % 10 == 3:
+                store.add_notices(["r%d" % (i % 3)], None, "k", i, mids, i, acks.cb("n%d" % i))
+            else:
+                send(store, acks, "s%d" % (i % 4), "r%d" % (i % 3), "c%d" % i)
+        assert store.flush(30)
+        tags = [tag for tag, _, _ in acks.items]
+        expected = ["n%d" % i if i % 10 == 3 else "c%d" % i for i in range(100)]
+        assert tags == expected
+        stats = store.stats()
+        assert stats["batches"] >= 100 // 7 and stats["committed"] == 100 and stats["queue"] == 0
+    finally:
+        store.close()
+
+
+# -- dedupe -------------------------------------------------------------------
+
+def test_dedupe_in_the_same_batch(store):
+    acks = Acks()
+    send(store, acks, "a", "b", "same", body="one", mid="M1", ts=10)
+    send(store, acks, "a", "b", "same", body="two", mid="M2", ts=20)
+    assert store.flush(10)
+    first, second = acks.results()
+    assert not first.duplicate and second.duplicate and second.entries == []
+    assert (second.mid, second.ts, second.sender_seq, second.recipient_seq) == \
+        (first.mid, first.ts, first.sender_seq, first.recipient_seq)
+    assert [e.body for e in store.inbox("b", 0, 10)] == ["one"]
+    assert store.last_seq("a") == 1 and store.last_seq("b") == 1
+
+
+def test_dedupe_in_later_batches_and_per_sender(store):
+    acks = Acks()
+    send(store, acks, "a", "b", "id1", mid="M1", ts=10)
+    assert store.flush(10)
+    send(store, acks, "a", "b", "id1", mid="M9", ts=99)
+    send(store, acks, "c", "b", "id1", mid="M3", ts=30)      # another sender: not a duplicate
+    assert store.flush(10)
+    first, again, other = acks.results()
+    assert again.duplicate and (again.mid, again.ts, again.sender_seq, again.recipient_seq) == \
+        ("M1", 10, 1, 1)
+    assert not other.duplicate and other.recipient_seq == 2
+    assert [e.mid for e in store.inbox("b", 0, 10)] == ["M1", "M3"]
+
+
+def test_messages_without_client_id_are_not_deduplicated(store):
+    acks = Acks()
+    store.send_message("a", "b", None, "x", None, "M1", 1, acks.cb(1))
+    store.send_message("a", "b", None, "x", None, "M2", 1, acks.cb(2))
+    assert store.flush(10)
+    assert [r.recipient_seq for r in acks.results()] == [1, 2]
+
+
+# -- notices ------------------------------------------------------------------
+
+def test_notices_to_a_list(store):
+    acks = Acks()
+    send(store, acks, "x", "u1", "c1")
+    store.add_notices(["u1", "u2", "u1"], None, "booking.confirmed", {"booking": "B9"},
+                      mid_maker(), 500, acks.cb("n"))
+    assert store.flush(10)
+    entries = acks.results()[1]
+    assert [(e.user, e.seq, e.mid) for e in entries] == [("u1", 2, "n1"), ("u2", 1, "n2")]
+    [stored] = store.inbox("u2", 0, 10)
+    assert stored == entries[1]
+    assert stored.envelope() == {"type": "notice", "mid": "n2", "seq": 1,
+                                 "kind": "booking.confirmed", "body": {"booking": "B9"}, "ts": 500}
+
+
+def test_notices_to_a_role_and_to_all(store):
+    store.touch_user("h1", "host", "ios", 1)
+    store.touch_user("h2", "host", "web", 2)
+    store.touch_user("g1", "guest", "android", 3)
+    acks = Acks()
+    send(store, acks, "g1", "stranger", "c1")       # 'stranger' is not known through touch_user
+    assert store.flush(10)
+    store.add_notices(None, "host", "payout", "paid", mid_maker("h"), 9, acks.cb("role"))
+    store.add_notices(None, None, "maintenance", "tonight", mid_maker("a"), 9, acks.cb("all"))
+    assert store.flush(10)
+    _, to_hosts, to_all = acks.results()
+    assert sorted(e.user for e in to_hosts) == ["h1", "h2"]
+    assert sorted(e.user for e in to_all) == ["g1", "h1", "h2"]
+    assert len({e.mid for e in to_hosts + to_all}) == 5
+    assert [e.kind for e in store.inbox("h1", 0, 10)] == ["notice", "notice"]
+    assert [e.notice_kind for e in store.inbox("g1", 0, 10)] == [None, "maintenance"]
+    assert store.inbox("stranger", 0, 10)[0].kind == "msg" and store.last_seq("stranger") == 1
+
+
+def test_notice_to_nobody(store):
+    acks = Acks()
+    store.add_notices(None, "host", "k", "b", mid_maker(), 1, acks.cb("n"))
+    store.add_notices([], None, "k", "b", mid_maker(), 1, acks.cb("m"))
+    assert store.flush(10)
+    assert acks.results() == [[], []]
+
+
+# -- reads ----------------------------------------------------------------------
+
+def test_inbox_paging(store):
+    acks = Acks()
+    for i in range(25):
+        send(store, acks, "a", "b", "c%d" % i, body=i)
+    assert store.flush(10)
+    pages, since = [], 0
+    while True:
+        page = store.inbox("b", since, 10)
+        if not page:
+            break
+        pages.append([e.body for e in page])
+        since = page[-1].seq
+    assert pages == [list(range(10)), list(range(10, 20)), list(range(20, 25))]
+    assert [e.seq for e in store.inbox("b", 22, 100)] == [23, 24, 25]
+    assert store.inbox("b", 25, 10) == [] and store.inbox("nobody", 0, 10) == []
+    assert all(isinstance(e, Entry) for e in store.inbox("a", 0, 5))
+
+
+def test_offline_is_inbound_entries_above_received_seq(store):
+    acks = Acks()
+    send(store, acks, "b", "a", "x1", mid="in1")       # a: seq 1 inbound
+    send(store, acks, "a", "b", "y1", mid="out1")      # a: seq 2 outbound
+    send(store, acks, "b", "a", "x2", mid="in2")       # a: seq 3
+    store.add_notices(["a"], None, "k", "n", mid_maker(), 1, acks.cb("n"))   # a: seq 4
+    assert store.flush(10)
+    assert [e.mid for e in store.offline("a", 100)] == ["in1", "in2", "n1"]
+    assert store.received_seq("a") == 0
+    store.set_cursor("a", "phone", 1)
+    store.set_cursor("a", "laptop", 3)
+    assert store.flush(10)
+    assert store.received_seq("a") == 3
+    assert [e.mid for e in store.offline("a", 100)] == ["n1"]
+    assert [e.mid for e in store.offline("a", 0)] == []
+    assert [e.mid for e in store.offline("b", 1)] == ["out1"]
+
+
+def test_cursors_are_monotonic(store):
+    store.set_cursor("u", "d1", 5)
+    store.set_cursor("u", "d1", 3)
+    assert store.flush(10)
+    assert store.cursor("u", "d1") == 5
+    store.set_cursor("u", "d1", 2)
+    assert store.flush(10)
+    assert store.cursor("u", "d1") == 5
+    store.set_cursor("u", "d1", 9)
+    store.set_cursor("u", "d2", 1)
+    assert store.flush(10)
+    assert (store.cursor("u", "d1"), store.cursor("u", "d2"), store.cursor("u", "d3")) == (9, 1, 0)
+    assert store.received_seq("u") == 9 and store.received_seq("other") == 0
+
+
+def test_contacts_mutual_add_remove_in_order(store):
+    store.add_contact("h", "g1")
+    store.add_contact("g2", "h")
+    store.add_contact("h", "g3")
+    store.remove_contact("g3", "h")
+    store.add_contact("h", "g3")
+    store.remove_contact("h", "g1")
+    assert store.flush(10)
+    assert store.contacts("h") == {"g2", "g3"}
+    assert store.contacts("g1") == set() and store.contacts("g2") == {"h"}
+    assert store.contacts("g3") == {"h"}
+    store.remove_contact("h", "g3")
+    store.add_contact("h", "g1")
+    assert store.flush(10)
+    assert store.contacts("h") == {"g1", "g2"} and store.contacts("nobody") == set()
+
+
+def test_users_info_and_touch_user(store):
+    store.touch_user("a", "host", "ios", 100)
+    store.touch_user("b", "guest", "web", 200)
+    assert store.flush(10)
+    store.touch_user("a", None, "android", 150)
+    store.touch_user("b", "guest", None, 50)           # older last-seen does not go back
+    acks = Acks()
+    send(store, acks, "a", "c", "m1")                  # c gets an inbox but is not "known"
+    assert store.flush(10)
+    info = store.users_info(["a", "b", "c", "zz", "a"])
+    assert info == {"a": UserInfo("a", "host", 150, "android"), "b": UserInfo("b", "guest", 200, "web")}
+    assert store.users_info([]) == {}
+
+
+def test_passwords_set_get_delete(store):
+    creds = {"sha256": {"salt": "c2FsdA==", "iterations": 4096, "stored_key": "AAA", "server_key": "BBB"}}
+    assert store.password("u") is None
+    store.set_password("u", creds)
+    assert store.flush(10)
+    assert store.password("u") == creds
+    store.set_password("u", {"x": 1})
+    store.set_password("u", creds)
+    assert store.flush(10)
+    assert store.password("u") == creds
+    store.set_password("u", None)
+    assert store.flush(10)
+    assert store.password("u") is None
+
+
+def test_last_sent_to(store):
+    acks = Acks()
+    send(store, acks, "a", "b", "1", mid="A1")     # a:1 b:1
+    send(store, acks, "b", "a", "2", mid="B1")     # b:2 a:2
+    send(store, acks, "a", "b", "3", mid="A2")     # a:3 b:3
+    send(store, acks, "a", "c", "4", mid="A3")     # a:4 c:1
+    assert store.flush(10)
+    assert store.last_sent_to("a", "b", 3) == (3, "A2")
+    assert store.last_sent_to("a", "b", 2) == (1, "A1")
+    assert store.last_sent_to("a", "b", 0) is None
+    assert store.last_sent_to("b", "a", 10) == (2, "B1")
+    assert store.last_sent_to("c", "a", 10) is None
+
+
+def test_flush_waits_for_everything_before_it(store):
+    acks = Acks()
+    for i in range(50):
+        send(store, acks, "a", "b", "c%d" % i)
+        store.set_cursor("b", "d", i + 1)
+    assert store.flush(10)
+    assert len(acks.items) == 50 and store.cursor("b", "d") == 50
+    assert store.flush(0) is True                    # nothing pending
+    assert store.stats()["queue"] == 0
+
+
+def test_reads_run_concurrently_with_writes(store):
+    acks = Acks()
+
+    def reader():
+        seen = 0
+        for _ in range(50):
+            page = store.inbox("b", 0, 1000)
+            assert [e.seq for e in page] == list(range(1, len(page) + 1))
+            seen = max(seen, len(page))
+            gevent.sleep(0)
+        return seen
+
+    readers = [gevent.spawn(reader) for _ in range(4)]
+    for i in range(300):
+        send(store, acks, "a", "b", "c%d" % i)
+        if i % 30 == 0:
+            gevent.sleep(0)
+    assert store.flush(30)
+    gevent.joinall(readers, raise_error=True)
+    assert len(store.inbox("b", 0, 1000)) == 300
+
+
+# -- kill -9 ----------------------------------------------------------------------
+
+def test_kill_9_keeps_every_acked_message_exactly_once(backend):
+    schema = backend.make()      # create the schema first, then leave the data to the child
+    schema.open()
+    schema.close()
+    child = subprocess.Popen([sys.executable, "-m", "tests.store.ack_writer", backend.spec()],
+                             cwd=ROOT, stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
+    acked = []
+    try:
+        with gevent.Timeout(60):
+            while len(acked) < 400:
+                line = child.stdout.readline()
+                assert line, "ack writer died"
+                acked.append(line.split())
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    rest = child.stdout.read().split(b"\n")[:-1]     # acks printed before the kill, whole lines
+    child.stdout.close()
+    acked += [line.split() for line in rest]
+    store = backend.make()
+    store.open()
+    try:
+        sent = {e.seq: e for e in store.inbox("ka", 0, 100000)}
+        received = {e.seq: e for e in store.inbox("kb", 0, 100000)}
+        assert list(sent) == list(range(1, len(sent) + 1))
+        assert len({e.mid for e in sent.values()}) == len(sent) == len(received)
+        for mid, sender_seq, recipient_seq in acked:
+            assert sent[int(sender_seq)].mid == mid.decode()
+            assert received[int(recipient_seq)].mid == mid.decode()
+    finally:
+        store.close()
