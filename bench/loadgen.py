@@ -176,6 +176,7 @@ def mqtt_publish(topic, payload, qos=0, packet_id=1):
 
 
 MQTT_PINGREQ = b"\xc0\x00"
+PONG_FRAME = encode_frame({"type": "pong"})
 MQTT_CONNACK_OK = b"\x20\x02\x00\x00"
 
 
@@ -298,10 +299,12 @@ class Worker:
         """Feed handshake bytes; returns True when established, raises ConnectionError on refusal."""
         k = self.kind
         if k == "tcp":
-            for frame in c.decoder.feed(data):
+            frames = c.decoder.feed(data)
+            for i, frame in enumerate(frames):
                 msg = orjson.loads(frame)
                 if msg.get("type") == "auth":
                     if msg.get("ok"):
+                        self.on_frames(c, frames[i + 1:])
                         return True
                     raise ConnectionError(f"auth refused: {msg}")
                 if msg.get("type") in ("error", "close"):
@@ -392,18 +395,8 @@ class Worker:
 
     # -- established traffic
     def on_data(self, c, data):
-        if self.kind == "tcp" and c.sent is not None:
-            now = time.monotonic_ns()
-            for frame in c.decoder.feed(data):
-                msg = orjson.loads(frame)
-                t = msg.get("type")
-                if t == "ack":
-                    sent = c.sent.pop(msg.get("id"), None)
-                    if sent is not None:
-                        c.inflight -= 1
-                        self.latencies.append(min((now - sent) // 1000, 0xFFFFFFFF))
-                elif t == "msg":
-                    c.received += 1
+        if self.kind == "tcp":
+            self.on_frames(c, c.decoder.feed(data))
             return
         if self.timestamps:
             stamps, c.tail = extract_timestamps(c.tail + data)
@@ -417,6 +410,27 @@ class Worker:
         c.marks += n
 
     timestamps = False
+
+    def on_frames(self, c, frames):
+        """imd frames after auth: answer server pings, count marks, time acks (chat)."""
+        now = time.monotonic_ns()
+        for frame in frames:
+            if c.sent is None:
+                c.marks += frame.count(MARK)
+                if b'"ping"' in frame and orjson.loads(frame).get("type") == "ping":
+                    self.send(c, PONG_FRAME)
+                continue
+            msg = orjson.loads(frame)
+            t = msg.get("type")
+            if t == "ack":
+                sent = c.sent.pop(msg.get("id"), None)
+                if sent is not None:
+                    c.inflight -= 1
+                    self.latencies.append(min((now - sent) // 1000, 0xFFFFFFFF))
+            elif t == "msg":
+                c.received += 1
+            elif t == "ping":
+                self.send(c, PONG_FRAME)
 
     def send(self, c, data):
         if c.out:

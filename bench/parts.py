@@ -53,9 +53,10 @@ class Context:
                    for p in ("imd/daemon.py", "imd/proto/tcp.py", "imd/__main__.py"))
 
     def imd(self):
+        """A started imd (PeerError if it is not in the tree or does not start)."""
         if not self.imd_available():
             raise peers.PeerError("imd daemon not in this tree yet")
-        return peers.Imd(self.repo, python=self.imd_python, secret=SECRET)
+        return peers.Imd(self.repo, python=self.imd_python, secret=SECRET).start()
 
 
 def processes_for(n):
@@ -98,7 +99,12 @@ def idle_one(subject, start_peer, kind, n, steps=5, heartbeat=0, **spec_extra):
         return [Result("idle", "server RSS per idle connection", subject, None, "B", "lower",
                        note=str(e).splitlines()[0][:80])]
     try:
-        spec = _spec_for(kind, peer, **spec_extra)
+        try:
+            spec = _spec_for(kind, peer, **spec_extra)
+        except peers.PeerError as e:
+            say(f"idle: {subject}: n/a ({e})")
+            return [Result("idle", "server RSS per idle connection", subject, None, "B", "lower",
+                           note=str(e)[:80])]
         _warm_up(spec, peer)
         pids = peer.pids()
         rss0, slab0 = peers.rss_bytes(pids), peers.slab_bytes()
@@ -287,7 +293,11 @@ def logins_one(subject, start_peer, kind, seconds, **extra):
         return [Result("logins", "logins per second (wall)", subject, None, "/s", "higher",
                        note=str(e).splitlines()[0][:80])]
     try:
-        spec = _spec_for(kind, peer, user_pool=1000, **extra)
+        try:
+            spec = _spec_for(kind, peer, user_pool=1000, **extra)
+        except peers.PeerError as e:
+            return [Result("logins", "logins per second (wall)", subject, None, "/s", "higher",
+                           note=str(e)[:80])]
         pids = peer.pids()
         with lg.Fleet(spec, processes=2, deadline=120) as fleet:
             cpu0 = peers.cpu_seconds(pids)
@@ -296,6 +306,9 @@ def logins_one(subject, start_peer, kind, seconds, **extra):
             errors = fleet.errors()[:1] if failed else []
         note = f"{ok:,} logins in {wall:.1f}s, {failed} failed" + (f" {errors}" if errors else "")
         say(f"logins: {subject}: {note}, server CPU {cpu:.2f}s")
+        if not ok:
+            return [Result("logins", "logins per second (wall)", subject, None, "/s", "higher",
+                           note=note[:120])]
         return [Result("logins", "logins per second (wall)", subject, ok / wall, "/s", "higher",
                        note=note),
                 Result("logins", "logins per server CPU-second", subject, ok / max(cpu, 0.01),

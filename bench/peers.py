@@ -347,6 +347,12 @@ backend = "sqlite"
 [engine]
 backend = "memory"
 
+[comet]
+max_subscribers_per_channel = 100000
+
+[xmpp]
+tls = "disabled"
+
 [admin]
 allow = ["127.0.0.1"]
 dev_tokens = true
