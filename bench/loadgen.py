@@ -713,8 +713,9 @@ class Worker:
                 self.heartbeat = args[0]
                 reply = True
             elif cmd == "traffic":
+                cpu0 = _cpu_self()
                 sent, answered, elapsed = self.traffic(*args)
-                reply = (sent, answered, elapsed, self.latencies.tobytes())
+                reply = (sent, answered, elapsed, self.latencies.tobytes(), _cpu_self() - cpu0)
             elif cmd == "logins":
                 reply = self.logins(*args)
             elif cmd == "count":
@@ -730,6 +731,11 @@ class Worker:
             self.ctrl.send(reply)
         for c in list(self.conns.values()):
             c.sock.close()
+
+
+def _cpu_self():
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _worker_main(spec, ctrl):
@@ -751,7 +757,7 @@ class Fleet:
         self.processes = processes
         self.deadline = deadline
         self.workers = []
-        self.opened = 0
+        self.client_load = 0.0
 
     def start(self):
         ctx = multiprocessing.get_context("fork")
@@ -787,12 +793,15 @@ class Fleet:
 
     def traffic(self, rate, window, duration):
         """Chat traffic at `rate` msgs/s in total (0 = closed loop with `window`).
-        Returns (sent, answered, seconds, latencies_us as array)."""
+        Returns (sent, answered, seconds, latencies_us as array); the busiest worker's CPU share
+        over the run is left in `self.client_load` (near 1.0 = the load generator may be the
+        bottleneck)."""
         k = len(self.workers)
         res = self._all("traffic", [(rate / k, window, duration)] * k)
         lat = array("I")
         for r in res:
             lat.frombytes(r[3])
+        self.client_load = max(r[4] / max(r[2], 1e-9) for r in res)
         return sum(r[0] for r in res), sum(r[1] for r in res), max(r[2] for r in res), lat
 
     def logins(self, window, duration):

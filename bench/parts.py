@@ -352,12 +352,14 @@ def part_chat(ctx, pairs=None, seconds=None, window=8):
             rate = acked / wall
             lat = sorted(lat)
             say(f"chat: closed loop window {window}: {acked:,}/{sent:,} acked, {rate:,.0f}/s, "
-                f"p50 {lg.quantile(lat, .5) / 1000:.1f} ms p99 {lg.quantile(lat, .99) / 1000:.1f} ms")
+                f"p50 {lg.quantile(lat, .5) / 1000:.1f} ms p99 {lg.quantile(lat, .99) / 1000:.1f} ms, "
+                f"server CPU {cpu / wall:.0%}, busiest load-generator process {fleet.client_load:.0%}")
             half = rate / 2
             sent2, acked2, wall2, lat2 = fleet.traffic(half, 64, seconds)
             lat2 = sorted(lat2)
             p50, p99 = lg.quantile(lat2, .5) / 1000, lg.quantile(lat2, .99) / 1000
-            say(f"chat: at {half:,.0f}/s: {acked2:,}/{sent2:,} acked, p50 {p50:.1f} ms p99 {p99:.1f} ms")
+            say(f"chat: at {half:,.0f}/s: {acked2:,}/{sent2:,} acked, p50 {p50:.1f} ms p99 {p99:.1f} ms, "
+                f"busiest load-generator process {fleet.client_load:.0%}")
         return [Result("chat", "acked messages per second (closed loop)", subject, rate, "/s",
                        "higher", note=f"{pairs} pairs, window {window}, {acked / max(cpu, .01):,.0f}/CPU-s"),
                 Result("chat", "ack latency p50 at half that rate", subject, p50, "ms", "lower",
@@ -395,7 +397,8 @@ def xmpp_one(subject, start_peer, clients, step_seconds, rates):
                 p99 = lg.quantile(lat, .99) / 1000
                 delivered = got / max(sent, 1)
                 say(f"xmpp: {subject}: offered {rate:,}/s: {got:,}/{sent:,} delivered, "
-                    f"p99 {p99:.1f} ms, server CPU {cpu / wall:.0%}")
+                    f"p99 {p99:.1f} ms, server CPU {cpu / wall:.0%}, "
+                    f"busiest load-generator process {fleet.client_load:.0%}")
                 series.append((rate, p99))
                 if p99 > 100 or delivered < 0.99 or sent < 0.9 * rate * step_seconds:
                     break
