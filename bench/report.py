@@ -137,7 +137,64 @@ def plots(results, outdir):
     return written
 
 
+# Targets of issue 9: (part, metric prefix, imd subjects, kind, value) where kind is "max" (imd
+# value at most), "min" (at least) or "x<peer>" (at least value times that peer's figure).
+TARGETS = [
+    ("idle", "server RSS per idle connection", ("imd tcp", "imd ws", "imd sse"), "max", 1024),
+    ("idle", "server RSS per idle connection", ("imd xmpp",), "max", 3072),
+    ("fanout", "deliveries per server CPU-second", ("imd tcp", "imd sse"), "xnchan sse", 2.0),
+    ("fanout", "deliveries per server CPU-second", ("imd tcp", "imd sse"), "xmosquitto", 1.0),
+    ("chat", "acked messages per second", ("imd tcp",), "min", 20000),
+    ("chat", "ack latency p99", ("imd tcp",), "max", 20),
+    ("xmpp", "sustained 1:1 msgs/s", ("imd xmpp",), "xprosody xmpp", 5.0),
+    ("logins", "logins per second (wall)", ("imd tcp",), "min", 10000),
+]
+
+
+def target_rows(results):
+    """(target text, measured text, verdict) for every target whose part ran."""
+    rows = []
+    for part, prefix, subjects, kind, want in TARGETS:
+        found = {r.subject: r for r in results if r.part == part and r.metric.startswith(prefix)}
+        if not found:
+            continue
+        for subject in subjects:
+            r = found.get(subject)
+            if kind.startswith("x"):
+                peer = found.get(kind[1:])
+                text = f"{subject} {prefix} >= {want:g}x {kind[1:]}"
+                if r is None or r.value is None or peer is None or peer.value is None:
+                    rows.append((text, "n/a", "not measured"))
+                    continue
+                q = r.value / peer.value
+                rows.append((text, f"{q:.2f}x ({fmt(r.value, r.unit)} vs {fmt(peer.value, peer.unit)})",
+                             "met" if q >= want else f"missed by {want / q:.2f}x"))
+                continue
+            unit = r.unit if r else ""
+            text = f"{subject} {prefix} {'<=' if kind == 'max' else '>='} {fmt(want, unit)}"
+            if r is None or r.value is None:
+                rows.append((text, "n/a", "not measured"))
+                continue
+            ok = r.value <= want if kind == "max" else r.value >= want
+            miss = r.value / want if kind == "max" else want / r.value
+            rows.append((text, fmt(r.value, r.unit), "met" if ok else f"missed by {miss:.2f}x"))
+    return rows
+
+
+NOTES_MARK = "<!-- analysis below this line is written by hand and kept when bench/run.py rewrites the file -->"
+
+
+def _kept_notes(path):
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        text = f.read()
+    i = text.find(NOTES_MARK)
+    return text[i + len(NOTES_MARK):].strip("\n") if i >= 0 else ""
+
+
 def write_markdown(path, results, command, imd_python, started, finished, notes=()):
+    kept = _kept_notes(path)
     outdir = os.path.dirname(os.path.abspath(path))
     os.makedirs(outdir, exist_ok=True)
     images = plots(results, outdir)
@@ -170,10 +227,18 @@ def write_markdown(path, results, command, imd_python, started, finished, notes=
     for part, metric, subject, value, rtext, note in rows:
         lines.append(f"| {part} | {metric} | {subject} | {value} | {rtext} | {note} |")
     lines.append("")
+    targets = target_rows(results)
+    if targets:
+        lines += ["## Targets (issue 9)", "", "| target | measured | verdict |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {v} |" for t, m, v in targets]
+        lines.append("")
     for img in images:
         lines += [f"![{img}]({img})", ""]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += [NOTES_MARK, ""]
+    if kept:
+        lines += [kept, ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return images

@@ -51,6 +51,11 @@ def main(argv=None):
         results += parts.PARTS[name](ctx, **kwargs)
     print()
     report.print_table(results)
+    targets = report.target_rows(results)
+    if targets:
+        print("\ntargets (issue 9):")
+        for text, measured, verdict in targets:
+            print(f"  {verdict:<18} {text}: {measured}")
     if not args.no_write:
         command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         images = report.write_markdown(args.out, results, command.strip(), args.imd_python,
