@@ -65,7 +65,9 @@ def processes_for(n):
 
 def _spec_for(kind, peer, **extra):
     """The load-generator spec for one subject."""
-    spec = {"kind": kind, "host": "127.0.0.1", "secret": SECRET}
+    # handshakes in flight per load-generator process: prosody resets connections when hundreds of
+    # XMPP logins queue at once; 64 is also what a reconnect storm through a load balancer sees
+    spec = {"kind": kind, "host": "127.0.0.1", "secret": SECRET, "window": 64 if kind == "xmpp" else 256}
     spec.update(extra)
     if isinstance(peer, peers.Imd):
         port = {"tcp": "tcp", "sse": "comet", "ws": "comet", "xmpp": "xmpp"}[kind]
@@ -164,6 +166,12 @@ def part_idle(ctx, n=None, heartbeat=0):
 
 # ---------------------------------------------------------------- fanout
 
+def _admin_port(peer):
+    if "admin" not in peer.ports:
+        raise peers.PeerError("imd has no admin listener")
+    return peer.ports["admin"]
+
+
 class Publisher:
     """Publishes one message at a time and waits for the server's answer (HTTP response or MQTT
     PUBACK), so every server sees the same pacing."""
@@ -257,9 +265,9 @@ def part_fanout(ctx, subscribers=None, messages=None):
     sizes = sorted({max(500, subscribers // 5), subscribers // 2, subscribers})
     subjects = [
         ("imd tcp", ctx.imd, "tcp", "imd-user", {"user_fmt": "fan", "device_fmt": "d{}"}, "fan",
-         lambda p: p.ports["admin"]),
+         _admin_port),
         ("imd sse", ctx.imd, "sse", "imd-comet", {"path": "/sse?cname=bench"}, "bench",
-         lambda p: p.ports["admin"]),
+         _admin_port),
         ("nchan sse", lambda: peers.Nchan().start(), "sse", "nchan", {"path": "/sub?id=bench"},
          "bench", None),
         ("mosquitto", lambda: peers.Mosquitto().start(), "mqtt", "mqtt", {"topic": "bench"},
