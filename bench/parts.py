@@ -173,52 +173,83 @@ def _admin_port(peer):
 
 
 class Publisher:
-    """Publishes one message at a time and waits for the server's answer (HTTP response or MQTT
-    PUBACK), so every server sees the same pacing."""
+    """Publishes to one channel. `publish` sends one message and waits for the server's answer
+    (HTTP response or MQTT PUBACK), so every server sees the same pacing; `burst` writes n messages
+    at once (pipelined HTTP requests, QoS 0 PUBLISH) and waits for the n HTTP answers."""
 
     def __init__(self, kind, port, channel):
         self.kind = kind
         self.channel = channel
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.settimeout(60)
+        self.packet_id = 0
+        self.host = f"127.0.0.1:{port}"
         if kind == "mqtt":
-            self.sock = socket.create_connection(("127.0.0.1", port))
             self.sock.sendall(lg.mqtt_connect("bench-publisher"))
-            if self.sock.recv(4) != lg.MQTT_CONNACK_OK:
+            if self._read(4) != lg.MQTT_CONNACK_OK:
                 raise peers.PeerError("publisher CONNACK refused")
-            self.packet_id = 0
         else:
-            self.http = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            self.http = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def _read(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise peers.PeerError("publisher connection closed")
+            data += chunk
+        return data
+
+    def _request(self, payload):
+        """(method, path, body, headers) of one publication."""
+        if self.kind == "nchan":
+            return "POST", f"/pub?id={self.channel}", payload, {}
+        if self.kind == "imd-comet":
+            q = urllib.parse.urlencode({"cname": self.channel, "content": payload.decode()})
+            return "GET", f"/pub?{q}", None, {}
+        body = lg.orjson.dumps({"from": "publisher", "to": self.channel, "body": payload.decode()})
+        return "POST", "/api/v1/messages", body, {"Content-Type": "application/json"}
 
     def publish(self, payload):
         if self.kind == "mqtt":
             self.packet_id = self.packet_id % 65535 + 1
             self.sock.sendall(lg.mqtt_publish(self.channel, payload, qos=1, packet_id=self.packet_id))
-            ack = b""
-            while len(ack) < 4:
-                chunk = self.sock.recv(4 - len(ack))
-                if not chunk:
-                    raise peers.PeerError("publisher connection closed")
-                ack += chunk
+            self._read(4)
             return
-        if self.kind == "nchan":
-            self.http.request("POST", f"/pub?id={self.channel}", body=payload)
-        elif self.kind == "imd-comet":
-            q = urllib.parse.urlencode({"cname": self.channel, "content": payload.decode()})
-            self.http.request("GET", f"/pub?{q}")
-        elif self.kind == "imd-user":
-            body = lg.orjson.dumps({"from": "publisher", "to": self.channel, "body": payload.decode()})
-            self.http.request("POST", "/api/v1/messages", body=body,
-                              headers={"Content-Type": "application/json"})
+        method, path, body, headers = self._request(payload)
+        self.http.request(method, path, body=body, headers=headers)
         resp = self.http.getresponse()
         resp.read()
         if resp.status >= 300:
             raise peers.PeerError(f"publish answered {resp.status}")
 
+    def burst(self, payload, n):
+        if self.kind == "mqtt":
+            self.sock.sendall(lg.mqtt_publish(self.channel, payload) * n)
+            return
+        method, path, body, headers = self._request(payload)
+        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}")
+        one = ("\r\n".join(head) + "\r\n\r\n").encode() + (body or b"")
+        self.sock.sendall(one * n)
+        answered, tail = 0, b""
+        while answered < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise peers.PeerError(f"publisher closed after {answered} answers")
+            k, tail = lg.count_marks(tail, chunk, b"HTTP/1.1 ")
+            answered += k
+
     def close(self):
-        (self.sock if self.kind == "mqtt" else self.http).close()
+        self.sock.close()
+        if self.kind != "mqtt":
+            self.http.close()
 
 
 def fanout_one(subject, start_peer, kind, pub_kind, subscribers, messages, sub_extra, channel,
-               pub_port=None):
+               pub_port=None, burst=False):
     say(f"fanout: {subject}: {subscribers} subscribers")
     try:
         peer = start_peer()
@@ -237,8 +268,11 @@ def fanout_one(subject, start_peer, kind, pub_kind, subscribers, messages, sub_e
             payload = b'{"kind":"bench","body":"' + b"x" * 60 + b' ' + lg.MARK + b'"}'
             expected = ok * messages
             cpu0, t0 = peers.cpu_seconds(pids), time.monotonic()
-            for _ in range(messages):
-                pub.publish(payload)
+            if burst:
+                pub.burst(payload, messages)
+            else:
+                for _ in range(messages):
+                    pub.publish(payload)
             got = 0
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
@@ -259,11 +293,8 @@ def fanout_one(subject, start_peer, kind, pub_kind, subscribers, messages, sub_e
         peer.stop()
 
 
-def part_fanout(ctx, subscribers=None, messages=None):
-    subscribers = subscribers or (2000 if ctx.quick else 10000)
-    messages = messages or (50 if ctx.quick else 200)
-    sizes = sorted({max(500, subscribers // 5), subscribers // 2, subscribers})
-    subjects = [
+def fanout_subjects(ctx):
+    return [
         ("imd tcp", ctx.imd, "tcp", "imd-user", {"user_fmt": "fan", "device_fmt": "d{}"}, "fan",
          _admin_port),
         ("imd sse", ctx.imd, "sse", "imd-comet", {"path": "/sse?cname=bench"}, "bench",
@@ -275,8 +306,15 @@ def part_fanout(ctx, subscribers=None, messages=None):
         ("mosquitto dup", lambda: peers.Mosquitto(duplicates=True).start(), "mqtt", "mqtt",
          {"topic": "bench"}, "bench", None),
     ]
+
+
+def part_fanout(ctx, subscribers=None, messages=None):
+    """One message at a time, at several subscriber counts (for the plot)."""
+    subscribers = subscribers or (2000 if ctx.quick else 10000)
+    messages = messages or (50 if ctx.quick else 200)
+    sizes = sorted({max(500, subscribers // 5), subscribers // 2, subscribers})
     out = []
-    for subject, start, kind, pub_kind, extra, channel, pub_port in subjects:
+    for subject, start, kind, pub_kind, extra, channel, pub_port in fanout_subjects(ctx):
         series = []
         value, note = None, ""
         for n in sizes:
@@ -288,6 +326,19 @@ def part_fanout(ctx, subscribers=None, messages=None):
         out.append(Result("fanout", f"deliveries per server CPU-second ({subscribers:,} subs x "
                           f"{messages} msgs)", subject, value, "/CPU-s", "higher", note=note,
                           series=series))
+    return out
+
+
+def part_burst(ctx, subscribers=None, messages=None):
+    """All messages written at once (pipelined publications): what write coalescing can do."""
+    subscribers = subscribers or (2000 if ctx.quick else 10000)
+    messages = messages or (50 if ctx.quick else 200)
+    out = []
+    for subject, start, kind, pub_kind, extra, channel, pub_port in fanout_subjects(ctx):
+        v, note = fanout_one(subject, start, kind, pub_kind, subscribers, messages, extra, channel,
+                             pub_port, burst=True)
+        out.append(Result("burst", f"deliveries per server CPU-second, {messages} msgs in one burst "
+                          f"({subscribers:,} subs)", subject, v, "/CPU-s", "higher", note=note))
     return out
 
 
@@ -435,5 +486,6 @@ def part_xmpp(ctx, clients=None, step_seconds=None):
     return out
 
 
-PARTS = {"idle": part_idle, "fanout": part_fanout, "logins": part_logins, "chat": part_chat,
+PARTS = {"idle": part_idle, "fanout": part_fanout, "burst": part_burst, "logins": part_logins,
+         "chat": part_chat,
          "xmpp": part_xmpp}

@@ -144,6 +144,7 @@ TARGETS = [
     ("idle", "server RSS per idle connection", ("imd xmpp",), "max", 3072),
     ("fanout", "deliveries per server CPU-second", ("imd tcp", "imd sse"), "xnchan sse", 2.0),
     ("fanout", "deliveries per server CPU-second", ("imd tcp", "imd sse"), "xmosquitto", 1.0),
+    ("burst", "deliveries per server CPU-second", ("imd tcp", "imd sse"), "min", 1_000_000),
     ("chat", "acked messages per second", ("imd tcp",), "min", 20000),
     ("chat", "ack latency p99", ("imd tcp",), "max", 20),
     ("xmpp", "sustained 1:1 msgs/s", ("imd xmpp",), "xprosody xmpp", 5.0),
@@ -193,6 +194,11 @@ def _kept_notes(path):
     return text[i + len(NOTES_MARK):].strip("\n") if i >= 0 else ""
 
 
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def write_markdown(path, results, command, imd_python, started, finished, notes=()):
     kept = _kept_notes(path)
     outdir = os.path.dirname(os.path.abspath(path))
@@ -206,7 +212,8 @@ def write_markdown(path, results, command, imd_python, started, finished, notes=
         "that run (servers and load generator side by side on the same cores, loopback only).",
         "",
         f"- command: `{command}`",
-        f"- run: {started} – {finished} UTC",
+        f"- run: {started} – {finished} UTC (load average at the end: {loadavg()}; other work on",
+        "  the machine shows in wall-clock rates and latencies, less in per-CPU-second figures)",
         f"- machine: {machine()}",
         f"- bench interpreter: {interpreter(sys.executable)}",
         f"- imd interpreter: {interpreter(imd_python)}",

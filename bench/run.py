@@ -1,4 +1,4 @@
-"""Runs the benchmark suite: `python bench/run.py [part ...]` (parts: idle fanout logins chat xmpp;
+"""Runs the benchmark suite: `python bench/run.py [part ...]` (parts: idle fanout burst logins chat xmpp;
 none = all). Shows progress on stderr, prints a table of imd against each peer, and writes
 docs/benchmarks.md (with PNG plots beside it) unless --no-write.
 
@@ -20,7 +20,7 @@ from bench import parts, report  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | logins | chat | xmpp (default: all)")
+    ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | burst | logins | chat | xmpp (default: all)")
     ap.add_argument("--imd-python", default=sys.executable, help="interpreter that runs imd")
     ap.add_argument("--imd-repo", default=REPO, help="source tree of imd (default: this one)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -46,7 +46,7 @@ def main(argv=None):
         kwargs = {}
         if name == "idle":
             kwargs = {"n": args.idle_conns, "heartbeat": args.heartbeat}
-        elif name == "fanout":
+        elif name in ("fanout", "burst"):
             kwargs = {"subscribers": args.subscribers, "messages": args.messages}
         results += parts.PARTS[name](ctx, **kwargs)
     print()
