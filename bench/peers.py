@@ -318,12 +318,15 @@ class Imd(Peer):
     _listen_re = re.compile(r"listen\w*\b.*?\b(?:name=)?(tcp|comet|xmpp|admin)\b.*?"
                             r"(?:addr=)?(127\.0\.0\.1|0\.0\.0\.0|localhost):(\d+)")
 
-    def __init__(self, repo, python=None, secret="bench-secret", extra=""):
+    def __init__(self, repo, python=None, secret="bench-secret", extra="", engine="memory",
+                 workers=1):
         super().__init__()
         self.repo = repo
         self.python = python or sys.executable
         self.secret = secret
         self.extra = extra
+        self.engine = engine
+        self.workers = workers
 
     def _prepare(self):
         t = self.tmp
@@ -331,8 +334,9 @@ class Imd(Peer):
         listen = "\n".join(f'{n} = "127.0.0.1:0"' for n in self.LISTENERS)
         with open(self.conf, "w") as f:
             f.write(f"""[node]
-id = "bench"
+id = "bench-{os.path.basename(t)[-8:]}"
 data_dir = "{t}/var"
+workers = {self.workers}
 
 [auth]
 secret = "{self.secret}"
@@ -345,7 +349,7 @@ control = "{t}/var/imd.sock"
 backend = "sqlite"
 
 [engine]
-backend = "memory"
+backend = "{self.engine}"
 
 [comet]
 max_subscribers_per_channel = 100000
@@ -371,6 +375,10 @@ dev_tokens = true
             return super().start()
         finally:
             os.environ["PYTHONPATH"] = old
+
+    def pids(self):
+        """The process itself, or its workers when it runs several."""
+        return (child_pids(self.proc.pid) or [self.proc.pid]) if self.workers > 1 else [self.proc.pid]
 
     def _wait_ready(self):
         deadline = time.monotonic() + 20

@@ -15,12 +15,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench import parts, report  # noqa: E402
+from bench import c1m, parts, report  # noqa: E402
+
+EXTRA_PARTS = {"c1m": c1m.part_c1m}      # not in the default suite
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | burst | logins | chat | xmpp (default: all)")
+    ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | burst | logins | chat | xmpp (default: all of these) | c1m")
     ap.add_argument("--imd-python", default=sys.executable, help="interpreter that runs imd")
     ap.add_argument("--imd-repo", default=REPO, help="source tree of imd (default: this one)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -28,14 +30,19 @@ def main(argv=None):
     ap.add_argument("--heartbeat", type=float, default=0, help="`idle`: ping every N s per conn")
     ap.add_argument("--subscribers", type=int, help="`fanout` subscribers (10000)")
     ap.add_argument("--messages", type=int, help="`fanout` messages (200)")
+    ap.add_argument("--c1m-conns", type=int, help="`c1m` connections (1000000)")
+    ap.add_argument("--c1m-mode", choices=("nodes", "workers"), default="nodes",
+                    help="`c1m`: independent imd processes, or one imd with node.workers")
+    ap.add_argument("--c1m-engine", choices=("memory", "redis"), default="memory")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args(argv)
 
     chosen = args.parts or list(parts.PARTS)
-    unknown = [p for p in chosen if p not in parts.PARTS]
+    runners = dict(parts.PARTS, **EXTRA_PARTS)
+    unknown = [p for p in chosen if p not in runners]
     if unknown:
-        ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(parts.PARTS)}")
+        ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(runners)}")
     ctx = parts.Context(os.path.abspath(args.imd_repo), args.imd_python, quick=args.quick)
     if not ctx.imd_available():
         print("note: imd daemon not in this tree yet: imd rows are n/a", file=sys.stderr)
@@ -48,7 +55,10 @@ def main(argv=None):
             kwargs = {"n": args.idle_conns, "heartbeat": args.heartbeat}
         elif name in ("fanout", "burst"):
             kwargs = {"subscribers": args.subscribers, "messages": args.messages}
-        results += parts.PARTS[name](ctx, **kwargs)
+        elif name == "c1m":
+            kwargs = {"conns": args.c1m_conns, "mode": args.c1m_mode, "engine": args.c1m_engine,
+                      "heartbeat": args.heartbeat or 30.0}
+        results += runners[name](ctx, **kwargs)
     print()
     report.print_table(results)
     targets = report.target_rows(results)
