@@ -319,8 +319,10 @@ class Imd(Peer):
                             r"(?:addr=)?(127\.0\.0\.1|0\.0\.0\.0|localhost):(\d+)")
 
     def __init__(self, repo, python=None, secret="bench-secret", extra="", engine="memory",
-                 workers=1):
+                 workers=1, synchronous="full", profile=None):
         super().__init__()
+        self.profile = profile
+        self.synchronous = synchronous
         self.repo = repo
         self.python = python or sys.executable
         self.secret = secret
@@ -347,6 +349,7 @@ control = "{t}/var/imd.sock"
 
 [store]
 backend = "sqlite"
+synchronous = "{self.synchronous}"
 
 [engine]
 backend = "{self.engine}"
@@ -364,7 +367,21 @@ dev_tokens = true
 """)
 
     def _command(self):
-        return [self.python, "-m", "imd", "-c", self.conf]
+        prof = ["-m", "cProfile", "-o", self.profile] if self.profile else []
+        return [self.python, *prof, "-m", "imd", "-c", self.conf]
+
+    def stop(self, grace=15.0):
+        """Stop imd; with `profile`, also write the top of the profile beside it (PROFILE.txt)."""
+        super().stop(grace)
+        if self.profile and os.path.exists(self.profile):
+            import io
+            import pstats
+            out = io.StringIO()
+            stats = pstats.Stats(self.profile, stream=out)
+            stats.sort_stats("tottime").print_stats(25)
+            stats.sort_stats("cumulative").print_stats(25)
+            with open(self.profile + ".txt", "w") as f:
+                f.write(out.getvalue())
 
     def start(self):
         os.environ.setdefault("PYTHONPATH", "")

@@ -34,6 +34,8 @@ def main(argv=None):
     ap.add_argument("--c1m-mode", choices=("nodes", "workers"), default="nodes",
                     help="`c1m`: independent imd processes, or one imd with node.workers")
     ap.add_argument("--c1m-engine", choices=("memory", "redis"), default="memory")
+    ap.add_argument("--imd-profile", metavar="DIR",
+                    help="run imd under cProfile; DIR/imd-NN.prof(.txt) per imd start")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args(argv)
@@ -43,7 +45,8 @@ def main(argv=None):
     unknown = [p for p in chosen if p not in runners]
     if unknown:
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(runners)}")
-    ctx = parts.Context(os.path.abspath(args.imd_repo), args.imd_python, quick=args.quick)
+    ctx = parts.Context(os.path.abspath(args.imd_repo), args.imd_python, quick=args.quick,
+                        profile_dir=args.imd_profile)
     if not ctx.imd_available():
         print("note: imd daemon not in this tree yet: imd rows are n/a", file=sys.stderr)
     started = report.now_utc()
