@@ -92,9 +92,13 @@ class Peer:
         self._prepare()
         self.log_path = os.path.join(self.tmp, "stdout.log")
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.tmp,
-                                         preexec_fn=_raise_fd_limit, start_new_session=True)
+            try:
+                self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, cwd=self.tmp,
+                                             preexec_fn=_raise_fd_limit, start_new_session=True)
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise PeerError(f"{self.name} could not run: {e}") from e
         if not self._wait_ready():
             tail = self.log_tail()
             self.stop()

@@ -45,6 +45,8 @@ def main(argv=None):
     unknown = [p for p in chosen if p not in runners]
     if unknown:
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(runners)}")
+    if os.sep in args.imd_python:
+        args.imd_python = os.path.abspath(args.imd_python)
     ctx = parts.Context(os.path.abspath(args.imd_repo), args.imd_python, quick=args.quick,
                         profile_dir=args.imd_profile)
     if not ctx.imd_available():
