@@ -15,6 +15,8 @@ def fmt(value, unit):
         return "n/a"
     if unit == "ms":
         return f"{value:.1f} ms"
+    if unit == "cores":
+        return f"{value:.3f} cores"
     if unit == "B":
         return f"{value:,.0f} B" if value < 10_000 else f"{value / 1024:,.1f} KB"
     return f"{value:,.0f}{unit if unit.startswith('/') else ' ' + unit}"
