@@ -42,12 +42,19 @@ def say(msg):
 class Context:
     """What every part needs: the imd source tree and interpreter, sizes, and imd availability."""
 
-    def __init__(self, repo, imd_python, quick=False, profile_dir=None):
+    def __init__(self, repo, imd_python, quick=False, profile_dir=None, label="imd",
+                 imd_only=False):
         self.repo = repo
+        self.label = label          # "imd", or e.g. "imd/debian-py" for a second interpreter
+        self.imd_only = imd_only    # skip the peers (a second pass with another interpreter)
         self.imd_python = imd_python
         self.quick = quick
         self.profile_dir = profile_dir
         self.started = 0
+
+    def name(self, subject):
+        """The subject as shown: imd's subjects carry this context's label."""
+        return self.label + subject[3:] if subject.startswith("imd") else subject
 
     def imd_available(self):
         import os
@@ -161,8 +168,10 @@ def part_idle(ctx, n=None, heartbeat=0):
     rosters = {f"u{i}": [f"u{i ^ 1}"] for i in range(nx)}
     out = []
     for kind in ("tcp", "ws", "sse", "xmpp"):
-        out += idle_one(f"imd {kind}", ctx.imd, kind, n, heartbeat=heartbeat, password="pw",
-                        roster=True)
+        out += idle_one(ctx.name(f"imd {kind}"), ctx.imd, kind, n, heartbeat=heartbeat,
+                        password="pw", roster=True)
+    if ctx.imd_only:
+        return out
     out += idle_one("mosquitto", peers.Mosquitto().start, "mqtt", n, heartbeat=heartbeat)
     out += idle_one("nchan sse", peers.Nchan().start, "sse", n, heartbeat=heartbeat,
                     path="/sub?id=idle")
@@ -303,11 +312,14 @@ def fanout_one(subject, start_peer, kind, pub_kind, subscribers, messages, sub_e
 
 
 def fanout_subjects(ctx):
-    return [
-        ("imd tcp", ctx.imd, "tcp", "imd-user", {"user_fmt": "fan", "device_fmt": "d{}"}, "fan",
-         _admin_port),
-        ("imd sse", ctx.imd, "sse", "imd-comet", {"path": "/sse?cname=bench"}, "bench",
-         _admin_port),
+    imd = [
+        (ctx.name("imd tcp"), ctx.imd, "tcp", "imd-user", {"user_fmt": "fan", "device_fmt": "d{}"},
+         "fan", _admin_port),
+        (ctx.name("imd sse"), ctx.imd, "sse", "imd-comet", {"path": "/sse?cname=bench"}, "bench",
+         _admin_port)]
+    if ctx.imd_only:
+        return imd
+    return imd + [
         ("nchan sse", lambda: peers.Nchan().start(), "sse", "nchan", {"path": "/sub?id=bench"},
          "bench", None),
         ("mosquitto", lambda: peers.Mosquitto().start(), "mqtt", "mqtt", {"topic": "bench"},
@@ -388,9 +400,11 @@ def logins_one(subject, start_peer, kind, seconds, **extra):
 def part_logins(ctx, seconds=None):
     seconds = seconds or (3 if ctx.quick else 8)
     accounts = {f"u{i}": "pw" for i in list(range(1000)) + list(range(lg.MAX_PER_PROCESS, lg.MAX_PER_PROCESS + 1000))}
-    return (logins_one("imd tcp", ctx.imd, "tcp", seconds)
-            + logins_one("imd xmpp", ctx.imd, "xmpp", seconds, password="pw")
-            + logins_one("prosody xmpp", peers.Prosody(accounts).start, "xmpp", seconds,
+    out = (logins_one(ctx.name("imd tcp"), ctx.imd, "tcp", seconds)
+           + logins_one(ctx.name("imd xmpp"), ctx.imd, "xmpp", seconds, password="pw"))
+    if ctx.imd_only:
+        return out
+    return out + (logins_one("prosody xmpp", peers.Prosody(accounts).start, "xmpp", seconds,
                          password="pw", domain="localhost")
             + logins_one("mosquitto", peers.Mosquitto().start, "mqtt", seconds))
 
@@ -423,8 +437,8 @@ def sweep(label, fleet, pids, rates, step_seconds, limit_ms):
 def part_chat(ctx, pairs=None, seconds=None, window=8):
     """imd raw TCP with the SQLite store as configured by default (synchronous = full), and again
     with synchronous = normal to show what the fsync per commit costs."""
-    return (chat_one(ctx, "imd tcp", "full", pairs, seconds, window)
-            + chat_one(ctx, "imd tcp sqlite-normal", "normal", pairs, seconds, window))
+    return (chat_one(ctx, ctx.name("imd tcp"), "full", pairs, seconds, window)
+            + chat_one(ctx, ctx.name("imd tcp sqlite-normal"), "normal", pairs, seconds, window))
 
 
 def chat_one(ctx, subject, synchronous, pairs=None, seconds=None, window=8):
@@ -506,10 +520,11 @@ def part_xmpp(ctx, clients=None, step_seconds=None):
     accounts = {f"u{i}": "pw" for i in users}
     rosters = {f"u{i}": [f"u{i ^ 1}"] for i in users}
     out = []
-    for subject, start in (
-            ("imd xmpp", ctx.imd),
-            ("prosody xmpp", peers.Prosody(accounts, rosters).start),
-            ("prosody-gengc xmpp", peers.Prosody(accounts, rosters, generational_gc=True).start)):
+    subjects = [(ctx.name("imd xmpp"), ctx.imd)]
+    if not ctx.imd_only:
+        subjects += [("prosody xmpp", peers.Prosody(accounts, rosters).start),
+                     ("prosody-gengc xmpp", peers.Prosody(accounts, rosters, generational_gc=True).start)]
+    for subject, start in subjects:
         best, note, series = xmpp_one(subject, start, clients, step_seconds)
         out.append(Result("xmpp", f"sustained 1:1 msgs/s with p99 <= 100 ms ({clients:,} clients)",
                           subject, best, "/s", "higher", note=note, series=series))

@@ -220,7 +220,8 @@ def write_markdown(path, results, command, imd_python, started, finished, notes=
         "  the machine shows in wall-clock rates and latencies, less in per-CPU-second figures)",
         f"- machine: {machine()}",
         f"- bench interpreter: {interpreter(sys.executable)}",
-        f"- imd interpreter: {interpreter(imd_python)}",
+        f"- imd interpreter: {interpreter(imd_python[0])}" + "".join(
+            f"; rows labelled imd/…: {interpreter(p)}" for p in imd_python[1:]),
         f"- peers (Debian packages, run by the bench with generated configs): {peer_versions()}",
         "",
         "Method: server memory is the VmRSS delta of the server's processes (nginx: its worker) between",

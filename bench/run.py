@@ -20,10 +20,21 @@ from bench import c1m, parts, report  # noqa: E402
 EXTRA_PARTS = {"c1m": c1m.part_c1m}      # not in the default suite
 
 
+def interpreter_label(python):
+    """A short name for an interpreter path: the venv's directory without dots, or the file name."""
+    parts_ = os.path.abspath(python).split(os.sep)
+    if len(parts_) >= 3 and parts_[-2] == "bin":
+        return parts_[-3].lstrip(".").replace("venv-", "") or parts_[-1]
+    return parts_[-1]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | burst | logins | chat | xmpp (default: all of these) | c1m")
     ap.add_argument("--imd-python", default=sys.executable, help="interpreter that runs imd")
+    ap.add_argument("--also-imd-python", metavar="PYTHON",
+                    help="run imd's side of the parts a second time under this interpreter "
+                         "(e.g. .venv-debian/bin/python); its rows are labelled imd/<name>")
     ap.add_argument("--imd-repo", default=REPO, help="source tree of imd (default: this one)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--idle-conns", type=int, help="connections per subject in `idle` (15000)")
@@ -47,14 +58,21 @@ def main(argv=None):
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(runners)}")
     if os.sep in args.imd_python:
         args.imd_python = os.path.abspath(args.imd_python)
+    if args.also_imd_python and os.sep in args.also_imd_python:
+        args.also_imd_python = os.path.abspath(args.also_imd_python)
     ctx = parts.Context(os.path.abspath(args.imd_repo), args.imd_python, quick=args.quick,
                         profile_dir=args.imd_profile)
     if not ctx.imd_available():
         print("note: imd daemon not in this tree yet: imd rows are n/a", file=sys.stderr)
     started = report.now_utc()
+    passes = [ctx]
+    if args.also_imd_python:
+        passes.append(parts.Context(ctx.repo, args.also_imd_python, quick=args.quick,
+                                    profile_dir=args.imd_profile, imd_only=True,
+                                    label="imd/" + interpreter_label(args.also_imd_python)))
     results = []
-    for name in chosen:
-        print(f"[{name}]", file=sys.stderr, flush=True)
+    for name, pass_ctx in [(n, c) for n in chosen for c in passes]:
+        print(f"[{name}]" + ("" if pass_ctx is ctx else f" {pass_ctx.label}"), file=sys.stderr, flush=True)
         kwargs = {}
         if name == "idle":
             kwargs = {"n": args.idle_conns, "heartbeat": args.heartbeat}
@@ -63,7 +81,7 @@ def main(argv=None):
         elif name == "c1m":
             kwargs = {"conns": args.c1m_conns, "mode": args.c1m_mode, "engine": args.c1m_engine,
                       "heartbeat": args.heartbeat or 30.0}
-        results += runners[name](ctx, **kwargs)
+        results += runners[name](pass_ctx, **kwargs)
     print()
     report.print_table(results)
     targets = report.target_rows(results)
@@ -73,7 +91,8 @@ def main(argv=None):
             print(f"  {verdict:<18} {text}: {measured}")
     if not args.no_write:
         command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        images = report.write_markdown(args.out, results, command.strip(), args.imd_python,
+        pythons = [args.imd_python] + ([args.also_imd_python] if args.also_imd_python else [])
+        images = report.write_markdown(args.out, results, command.strip(), pythons,
                                        started, report.now_utc())
         print(f"\nwrote {args.out}" + (f" and {', '.join(images)}" if images else ""))
     return 0
