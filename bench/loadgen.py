@@ -23,6 +23,7 @@ import errno
 import itertools
 import multiprocessing
 import os
+import re
 import resource
 import select
 import socket
@@ -143,6 +144,44 @@ def ws_frame(payload, opcode=0x1, mask_key=None):
     return head + mask_key + masked
 
 
+class WsReader:
+    """Splits a server's (unmasked) WebSocket stream into (opcode, payload) frames; keeps a partial
+    frame for the next feed. Raises FrameError on a masked or oversized frame."""
+
+    __slots__ = ("buf", "max_frame")
+
+    def __init__(self, max_frame=1 << 20):
+        self.buf = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data):
+        buf = self.buf
+        buf += data
+        out = []
+        pos = 0
+        while len(buf) - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            if b1 & 0x80:
+                raise FrameError("masked frame from the server")
+            n, head = b1 & 0x7F, 2
+            if n == 126:
+                if len(buf) - pos < 4:
+                    break
+                n, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+            elif n == 127:
+                if len(buf) - pos < 10:
+                    break
+                n, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+            if n > self.max_frame:
+                raise FrameError(f"WebSocket frame of {n} bytes")
+            if len(buf) - pos - head < n:
+                break
+            out.append((b0 & 0x0F, bytes(buf[pos + head:pos + head + n])))
+            pos += head + n
+        del buf[:pos]
+        return out
+
+
 def _mqtt_len(n):
     out = bytearray()
     while True:
@@ -194,6 +233,13 @@ XMPP_BIND = (b"<iq type='set' id='bnd1'><bind xmlns='urn:ietf:params:xml:ns:xmpp
              b"<resource>bench</resource></bind></iq>")
 XMPP_ROSTER = b"<iq type='get' id='rst1'><query xmlns='jabber:iq:roster'/></iq>"
 XMPP_PING = b"<iq type='get' id='png'><ping xmlns='urn:xmpp:ping'/></iq>"
+_XMPP_SERVER_PING = re.compile(rb"<iq\b[^>]*\bid=['\"]([^'\"]+)['\"][^>]*>\s*<ping\b")
+
+
+def xmpp_ping_answers(data):
+    """Answers (bytes) to the XEP-0199 pings a server sent in `data` (type='get' with <ping/>)."""
+    return b"".join(b"<iq type='result' id='" + m.group(1) + b"'/>"
+                    for m in _XMPP_SERVER_PING.finditer(data) if b"'get'" in m.group(0) or b'"get"' in m.group(0))
 
 
 def xmpp_message(to_jid, body):
@@ -277,6 +323,7 @@ class Worker:
             path = s["path"].format(i=c.idx, token=self._token(c.idx))
             return http_get(s["host"], path, [("Accept", "text/event-stream")])
         if k == "ws":
+            c.decoder = WsReader()
             return ws_handshake(s["host"], s["path"].format(i=c.idx, token=self._token(c.idx)))
         if k == "mqtt":
             return mqtt_connect(f"b{os.getpid()}-{c.idx}")
@@ -398,6 +445,13 @@ class Worker:
         if self.kind == "tcp":
             self.on_frames(c, c.decoder.feed(data))
             return
+        if self.kind == "ws":
+            self.on_ws(c, data)
+            return
+        if self.kind == "xmpp" and b"urn:xmpp:ping" in data:
+            answers = xmpp_ping_answers(data)
+            if answers:
+                self.send(c, answers)
         if self.timestamps:
             stamps, c.tail = extract_timestamps(c.tail + data)
             if stamps:
@@ -410,6 +464,19 @@ class Worker:
         c.marks += n
 
     timestamps = False
+
+    def on_ws(self, c, data):
+        """WebSocket frames after the handshake: answer pings (control frames and imd's ping
+        envelopes), count marks in the payloads."""
+        for opcode, payload in c.decoder.feed(data):
+            if opcode == 0x9:
+                self.send(c, ws_frame(payload, opcode=0xA))
+            elif opcode == 0x8:
+                self.send(c, ws_frame(payload[:2], opcode=0x8))
+            else:
+                c.marks += payload.count(MARK)
+                if b'"ping"' in payload and b'"type":"ping"' in payload.replace(b" ", b""):
+                    self.send(c, ws_frame(b'{"type":"pong"}'))
 
     def on_frames(self, c, frames):
         """imd frames after auth: answer server pings, count marks, time acks (chat)."""

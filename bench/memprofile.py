@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 import tracemalloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -91,3 +91,38 @@ def test_ws_handshake_and_xmpp_auth():
     auth = lg.xmpp_auth_plain("u1", "pw")
     cred = auth.split(b">")[1].split(b"<")[0]
     assert base64.b64decode(cred) == b"\0u1\0pw"
+
+
+def _server_ws_frame(payload, opcode=0x1):
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 127]) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def test_ws_reader_whole_and_byte_by_byte():
+    frames = [(0x1, b'{"type":"ping"}'), (0x9, b""), (0x1, b"x" * 300), (0x2, b"y" * 70000)]
+    stream = b"".join(_server_ws_frame(p, o) for o, p in frames)
+    assert lg.WsReader().feed(stream) == frames
+    reader, got = lg.WsReader(), []
+    for i in range(0, len(stream), 7):
+        got += reader.feed(stream[i:i + 7])
+    assert got == frames and not reader.buf
+
+
+@pytest.mark.parametrize("bad", [lg.ws_frame(b"masked"), _server_ws_frame(b"z" * 70000)[:2] + (1 << 40).to_bytes(8, "big")])
+def test_ws_reader_rejects_masked_and_oversized(bad):
+    with pytest.raises(lg.FrameError):
+        lg.WsReader().feed(bad)
+
+
+def test_xmpp_ping_answers_only_gets():
+    data = (b"<iq from='localhost' type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>"
+            b"<iq type=\"get\" id=\"p2\"><ping xmlns=\"urn:xmpp:ping\"/></iq>"
+            b"<iq type='result' id='png'/>")
+    assert lg.xmpp_ping_answers(data) == b"<iq type='result' id='p1'/><iq type='result' id='p2'/>"
+    assert lg.xmpp_ping_answers(b"<message><body>urn:xmpp:ping</body></message>") == b""
