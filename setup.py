@@ -5,6 +5,7 @@ build fails for any other reason, a warning is printed and the package installs
 without it; imd.fastpath then uses the pure-Python twin (imd/_fastpath_py.py).
 """
 
+import os
 import sys
 
 from setuptools import Extension, setup
@@ -17,7 +18,10 @@ def _warn(what, err):
 
 
 class OptionalBuildExt(build_ext):
-    """build_ext that never fails the install."""
+    """build_ext that never fails the install, and never leaves an older build of a
+    failed extension behind (in build/ or, with --inplace, beside the sources)."""
+
+    failed = ()
 
     def run(self):
         try:
@@ -30,6 +34,23 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as err:
             _warn(ext.name, err)
+            self.failed = (*self.failed, ext.name)
+            _remove(self.get_ext_fullpath(ext.name))
+
+    def copy_extensions_to_source(self):
+        for name in self.failed:
+            _remove(self.get_ext_filename(name))         # the in-place copy, relative to the source root
+        built = self.extensions
+        self.extensions = [ext for ext in built if ext.name not in self.failed]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = built
+
+
+def _remove(path):
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def _extensions():

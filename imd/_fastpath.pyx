@@ -22,7 +22,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
 
 __all__ = ["FrameError", "FrameDecoder", "encode_frame", "WSError", "WSDecoder", "ws_encode",
-           "ws_close_payload", "send_many"]
+           "ws_close_payload", "ws_parse_close", "send_many"]
 
 
 class FrameError(ValueError):
@@ -282,6 +282,23 @@ def ws_close_payload(code, reason=""):
     """Payload of a close frame: 2-byte code, then the UTF-8 reason cut to fit 125 bytes."""
     raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
     return code.to_bytes(2, "big") + raw
+
+
+def ws_parse_close(payload):
+    """``(code, reason)`` of a received close frame's payload; ``(1005, "")`` when it is
+    empty (no status). WSError 1002 for a 1-byte payload or a code a peer may not
+    send (RFC 6455 §7.4), 1007 for a reason that is not UTF-8."""
+    if len(payload) == 0:
+        return 1005, ""
+    if len(payload) == 1:
+        raise WSError(1002, "close frame payload of 1 byte")
+    code = int.from_bytes(payload[:2], "big")
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        raise WSError(1002, f"close code {code} is not allowed")
+    try:
+        return code, bytes(payload[2:]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise WSError(1007, "close reason is not valid UTF-8") from None
 
 
 def send_many(items):

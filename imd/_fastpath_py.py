@@ -7,7 +7,8 @@ nothing of imd.
 * ``FrameDecoder`` — raw-TCP frames: 4-byte big-endian length N (1 <= N <=
   max_frame), then N bytes.
 * ``WSDecoder`` — server side of RFC 6455 framing: client frames, masked.
-* ``ws_encode`` / ``ws_close_payload`` — server frames (FIN set, unmasked).
+* ``ws_encode`` / ``ws_close_payload`` — server frames (FIN set, unmasked);
+  ``ws_parse_close`` — a received close payload.
 * ``send_many`` — one non-blocking send per (fd, data), for the per-iteration flush.
 
 Decoders are per-connection objects: they hold no buffer while nothing is
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["FrameError", "FrameDecoder", "encode_frame", "WSError", "WSDecoder", "ws_encode",
-           "ws_close_payload", "send_many"]
+           "ws_close_payload", "ws_parse_close", "send_many"]
 
 
 class FrameError(ValueError):
@@ -264,6 +265,23 @@ def ws_close_payload(code: int, reason: str = "") -> bytes:
     (never inside a character)."""
     raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
     return code.to_bytes(2, "big") + raw
+
+
+def ws_parse_close(payload):
+    """``(code, reason)`` of a received close frame's payload; ``(1005, "")`` when it is
+    empty (no status). WSError 1002 for a 1-byte payload or a code a peer may not
+    send (RFC 6455 §7.4), 1007 for a reason that is not UTF-8."""
+    if len(payload) == 0:
+        return 1005, ""
+    if len(payload) == 1:
+        raise WSError(1002, "close frame payload of 1 byte")
+    code = int.from_bytes(payload[:2], "big")
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        raise WSError(1002, f"close code {code} is not allowed")
+    try:
+        return code, bytes(payload[2:]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise WSError(1007, "close reason is not valid UTF-8") from None
 
 
 def send_many(items) -> list:

@@ -1,8 +1,8 @@
 """Value checks for the declarative settings in imd/config.py.
 
 A :class:`Check` validates (and, for numbers, normalises) one TOML value and
-raises :class:`Invalid` with a "must be ..." phrase that ConfigError puts after
-the key. ``kind`` names the type in generated docs. Also ``parse_addr`` for
+raises :class:`Invalid` with its "must be ..." phrase, which ConfigError puts
+after the key and the generated docs show as the allowed values. Also ``parse_addr`` for
 "host:port" settings and ``show`` which renders a value as TOML would.
 """
 
@@ -24,10 +24,9 @@ class Invalid(ValueError):
 class Check:
     """``check(value) -> normalised value`` or raises Invalid(must)."""
 
-    __slots__ = ("kind", "must", "_ok")
+    __slots__ = ("must", "_ok")
 
-    def __init__(self, kind: str, must: str, ok: Callable[[Any], Any]) -> None:
-        self.kind = kind
+    def __init__(self, must: str, ok: Callable[[Any], Any]) -> None:
         self.must = must
         self._ok = ok      # returns the normalised value; raises ValueError/TypeError if bad
 
@@ -63,7 +62,7 @@ def integer(lo: int, hi: int | None = None) -> Check:
     def ok(v):
         _need(type(v) is int and v >= lo and (hi is None or v <= hi))
         return v
-    return Check("integer", must, ok)
+    return Check(must, ok)
 
 
 def number(lo: float, exclusive: bool = False) -> Check:
@@ -73,33 +72,33 @@ def number(lo: float, exclusive: bool = False) -> Check:
     def ok(v):
         _need(type(v) in (int, float) and math.isfinite(v) and (v > lo if exclusive else v >= lo))
         return float(v)
-    return Check("number", must, ok)
+    return Check(must, ok)
 
 
 def boolean() -> Check:
     def ok(v):
         _need(type(v) is bool)
         return v
-    return Check("boolean", "must be true or false", ok)
+    return Check("must be true or false", ok)
 
 
 def string(empty: bool = False) -> Check:
     def ok(v):
         _need(type(v) is str and (empty or v != "") and "\x00" not in v)
         return v
-    return Check("string", "must be a string" if empty else "must be a non-empty string", ok)
+    return Check("must be a string" if empty else "must be a non-empty string", ok)
 
 
 def path(empty: bool = False) -> Check:
     check = string(empty)
-    return Check("path", "must be a path" + (' or ""' if empty else " (non-empty)"), check._ok)
+    return Check('must be a path or ""' if empty else "must be a non-empty path", check._ok)
 
 
 def choice(*options: str) -> Check:
     def ok(v):
         _need(v in options and type(v) is str)
         return v
-    return Check("string", "must be one of " + ", ".join(show(o) for o in options), ok)
+    return Check("must be one of " + ", ".join(show(o) for o in options), ok)
 
 
 _IDENT = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -109,7 +108,7 @@ def ident() -> Check:
     def ok(v):
         _need(type(v) is str and _IDENT.fullmatch(v) is not None)
         return v
-    return Check("string", "must be 1-64 characters of [A-Za-z0-9_.-]", ok)
+    return Check("must be 1-64 characters of [A-Za-z0-9_.-]", ok)
 
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -120,7 +119,7 @@ def domain() -> Check:
     def ok(v):
         _need(type(v) is str and _HOSTNAME.fullmatch(v) is not None)
         return v
-    return Check("string", "must be a domain name like \"example.com\"", ok)
+    return Check("must be a domain name like \"example.com\"", ok)
 
 
 def parse_addr(text: str) -> tuple[str, int] | None:
@@ -147,14 +146,14 @@ def address() -> Check:
         _need(type(v) is str)
         parse_addr(v)
         return v
-    return Check("address", 'must be "host:port" (IPv6 as "[addr]:port", port 0-65535) or "" to disable', ok)
+    return Check('must be "host:port" (IPv6 as "[addr]:port", port 0-65535) or "" to disable', ok)
 
 
 def redis_url() -> Check:
     def ok(v):
         _need(type(v) is str and urlsplit(v).scheme in ("redis", "rediss", "unix"))
         return v
-    return Check("string", 'must be a Redis URL ("redis://host:port/db", "rediss://..." or "unix:///path")', ok)
+    return Check('must be a Redis URL ("redis://host:port/db", "rediss://..." or "unix:///path")', ok)
 
 
 ORIGIN = re.compile(r"\*|https?://[^/\s]+")
@@ -165,4 +164,4 @@ def str_list(item: re.Pattern, item_desc: str) -> Check:
     def ok(v):
         _need(type(v) is list and all(type(x) is str and item.fullmatch(x) for x in v))
         return list(v)
-    return Check("list of strings", f"must be a list of strings, each {item_desc}", ok)
+    return Check(f"must be a list of strings, each {item_desc}", ok)

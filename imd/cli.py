@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from imd import __version__
@@ -60,15 +59,13 @@ def _pidfile_holder(path: str) -> int | None:
 
 
 def _daemon_context(pidfile: str):
-    """A DaemonContext holding ``pidfile`` (acquired without waiting), keeping the
-    working directory (relative config paths stay valid) and leaving SIGTERM and
-    SIGHUP to imd.daemon."""
+    """A DaemonContext holding ``pidfile`` (acquired without waiting) and keeping the
+    working directory (relative config paths stay valid). Its SIGTERM handler
+    (SystemExit, which releases the pidfile) stays until imd.daemon installs its own."""
     import daemon
     from daemon.pidfile import TimeoutPIDLockFile
-    tty_signals = {signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None}
     return daemon.DaemonContext(working_directory=os.getcwd(), umask=0o022,
-                                pidfile=TimeoutPIDLockFile(pidfile, acquire_timeout=0),
-                                signal_map=tty_signals)
+                                pidfile=TimeoutPIDLockFile(pidfile, acquire_timeout=0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         context = _daemon_context(pidfile)
         context.open()        # forks and detaches; from here on stdio is /dev/null
 
-    from gevent import monkey
-    monkey.patch_all()
-    from imd.daemon import run
     try:
+        from gevent import monkey
+        monkey.patch_all()
+        from imd.daemon import run
         return run(cfg)
     finally:
         if context is not None:

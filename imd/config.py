@@ -28,7 +28,7 @@ from imd import checks
 from imd.checks import Check, Invalid, parse_addr, show
 
 __all__ = ["Config", "ConfigError", "Setting", "SETTINGS", "SECTIONS", "load", "load_dict",
-           "defaults", "parse_addr", "changes"]
+           "defaults", "parse_addr", "changes", "apply_live", "SECRET_KEYS"]
 
 
 class ConfigError(Exception):
@@ -64,7 +64,7 @@ SECTIONS = {
     "auth": "User tokens: JWT (HS256) issued by the web tier.",
     "listen": 'Listeners: "host:port" ("[::1]:port" for IPv6); "" disables one; port 0 picks a free port.',
     "store": "The durable store (inboxes, cursors, contacts).",
-    "engine": "The bus between nodes: memory (one node) or redis (cluster).",
+    "engine": "The bus between nodes.",
     "presence": "Per-user presence aggregated over sessions.",
     "comet": "The comet port, with iComet's own option names and meanings.",
     "xmpp": "The XMPP c2s listener.",
@@ -75,52 +75,85 @@ SECTIONS = {
 }
 SETTINGS = [
     S("node", "id", "n1", c.ident(), "unique name of this node in a cluster"),
-    S("node", "data_dir", "./var", c.path(), "directory of the embedded store; relative to the working directory"),
-    S("node", "workers", 1, c.integer(1, 256), "worker processes sharing the ports (SO_REUSEPORT); >1 needs engine.backend = \"redis\""),
+    S("node", "data_dir", "./var", c.path(),
+      "directory of the embedded store; relative to the working directory"),
+    S("node", "workers", 1, c.integer(1, 256),
+      "worker processes sharing the ports (SO_REUSEPORT); >1 needs engine.backend = \"redis\""),
     S("auth", "secret", "change-me", c.string(), "HS256 key for user tokens", live=True),
-    S("auth", "leeway", 30, c.number(0), "seconds of clock skew allowed when checking a token's exp", live=True),
+    S("auth", "leeway", 30, c.number(0),
+      "seconds of clock skew allowed when checking a token's exp", live=True),
     S("listen", "xmpp", "0.0.0.0:5222", c.address(), "XMPP c2s"),
-    S("listen", "comet", "0.0.0.0:8100", c.address(), "comet HTTP: iComet front API, WebSocket, SSE, long-poll"),
+    S("listen", "comet", "0.0.0.0:8100", c.address(),
+      "comet HTTP: iComet front API, WebSocket, SSE, long-poll"),
     S("listen", "tcp", "0.0.0.0:8900", c.address(), "raw TCP protocol of the native apps"),
     S("listen", "admin", "127.0.0.1:8000", c.address(), "admin HTTP API for the web tier"),
-    S("listen", "control", "./var/imd.sock", c.path(empty=True), "control unix socket for imd-admin (mode 0600); \"\" disables it"),
-    S("store", "backend", "sqlite", c.choice("sqlite", "postgresql"), '"sqlite" (embedded, a file under node.data_dir) or "postgresql"'),
-    S("store", "dsn", "", c.string(empty=True), "PostgreSQL connection string, e.g. \"postgresql://postgres@127.0.0.1/imd\"; required for postgresql"),
+    S("listen", "control", "./var/imd.sock", c.path(empty=True),
+      "control unix socket for imd-admin (mode 0600); \"\" disables it"),
+    S("store", "backend", "sqlite", c.choice("sqlite", "postgresql"),
+      '"sqlite" (embedded, a file under node.data_dir) or "postgresql"'),
+    S("store", "dsn", "", c.string(empty=True),
+      "PostgreSQL connection string, e.g. \"postgresql://postgres@127.0.0.1/imd\"; required for postgresql"),
     S("store", "queue_size", 100000, c.integer(1), "write operations queued before senders get error 503"),
     S("store", "batch_max", 1000, c.integer(1), "most write operations committed in one transaction"),
-    S("store", "writers", 4, c.integer(1, 64), "writer connections (postgresql)"),
-    S("store", "synchronous", "full", c.choice("full", "normal"), "sqlite PRAGMA synchronous: full survives power loss, normal only a crash"),
-    S("store", "retention_days", 0, c.integer(0), "days inbox entries are kept; 0 keeps them forever", live=True),
-    S("engine", "backend", "memory", c.choice("memory", "redis"), '"memory" (single node) or "redis" (cluster bus)'),
+    S("store", "writers", 2, c.integer(1, 64), "writer connections (postgresql); more than 2 rarely helps (docs/store.md)"),
+    S("store", "synchronous", "full", c.choice("full", "normal"),
+      "SQLite PRAGMA synchronous: \"full\" survives power loss, \"normal\" only a crash"),
+    S("store", "retention_days", 0, c.integer(0),
+      "days inbox entries are kept; 0 keeps them forever", live=True),
+    S("engine", "backend", "memory", c.choice("memory", "redis"),
+      '"memory" (single node) or "redis" (cluster bus)'),
     S("engine", "url", "redis://127.0.0.1:6379/0", c.redis_url(), "Redis URL for the redis engine"),
-    S("engine", "presence_ttl", 30, c.integer(2, 3600), "seconds a node's presence records live in Redis unless refreshed"),
-    S("presence", "grace", 5, c.number(0), "seconds before a user with no session left is announced offline", live=True),
-    S("comet", "auth", "none", c.choice("none", "token"), '"none", or "token": /sub needs a channel token from /sign', live=True),
-    S("comet", "max_channels", 100000, c.integer(1), "live channels at most (more: 429 Too many channels)", live=True),
-    S("comet", "max_subscribers_per_channel", 16, c.integer(1), "concurrent subscribers of one channel (more: 429)", live=True),
-    S("comet", "channel_buffer_size", 10, c.integer(1, 100000), "messages kept per channel for subscribers that catch up", live=True),
-    S("comet", "channel_timeout", 30, c.number(0, exclusive=True), "seconds an idle channel lives; default expiry of /sign tokens", live=True),
-    S("comet", "polling_timeout", 30, c.number(0, exclusive=True), "seconds before an idle subscriber gets a noop", live=True),
-    S("comet", "origins", [], c.str_list(c.ORIGIN, "an origin like \"https://example.com\" or \"*\""), "CORS origins allowed on the comet port; \"*\" allows any", live=True),
+    S("engine", "presence_ttl", 30, c.integer(2, 3600),
+      "seconds a node's presence records live in Redis unless refreshed"),
+    S("presence", "grace", 5, c.number(0),
+      "seconds before a user with no session left is announced offline", live=True),
+    S("comet", "auth", "none", c.choice("none", "token"),
+      '"none", or "token": /sub needs a channel token from /sign', live=True),
+    S("comet", "max_channels", 100000, c.integer(1),
+      "live channels at most (more: 429 Too many channels)", live=True),
+    S("comet", "max_subscribers_per_channel", 16, c.integer(1),
+      "concurrent subscribers of one channel (more: 429)", live=True),
+    S("comet", "channel_buffer_size", 10, c.integer(1, 100000),
+      "messages kept per channel for subscribers that catch up", live=True),
+    S("comet", "channel_timeout", 30, c.number(0, exclusive=True),
+      "seconds an idle channel lives; default expiry of /sign tokens", live=True),
+    S("comet", "polling_timeout", 30, c.number(0, exclusive=True),
+      "seconds before an idle subscriber gets a noop", live=True),
+    S("comet", "origins", [], c.str_list(c.ORIGIN, "an origin like \"https://example.com\" or \"*\""),
+      "CORS origins allowed on the comet port; \"*\" allows any", live=True),
     S("xmpp", "domain", "localhost", c.domain(), "the XMPP domain users log in to (user@domain)"),
-    S("xmpp", "tls", "optional", c.choice("required", "optional", "disabled"), 'STARTTLS: "required", "optional" (offered when cert and key are set) or "disabled"'),
+    S("xmpp", "tls", "optional", c.choice("required", "optional", "disabled"),
+      'STARTTLS: "required", "optional" (offered when cert and key are set) or "disabled"'),
     S("xmpp", "cert", "", c.path(empty=True), "PEM certificate chain for STARTTLS"),
     S("xmpp", "key", "", c.path(empty=True), "PEM private key for STARTTLS"),
-    S("admin", "allow", ["127.0.0.1"], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""), "client IP prefixes allowed (iComet semantics)", live=True),
-    S("admin", "deny", [], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""), "client IP prefixes denied (iComet semantics)", live=True),
-    S("admin", "secret", "", c.string(empty=True), "when set, requests need \"Authorization: Bearer <secret>\"", live=True),
-    S("admin", "dev_tokens", False, c.boolean(), "true: POST /api/v1/tokens mints user tokens (development only)", live=True),
-    S("limits", "max_frame", 65536, c.integer(16, 16777216), "largest raw-TCP frame or WebSocket message, bytes", live=True),
+    S("admin", "allow", ["127.0.0.1"], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""),
+      "client IP prefixes allowed (iComet semantics)", live=True),
+    S("admin", "deny", [], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""),
+      "client IP prefixes denied (iComet semantics)", live=True),
+    S("admin", "secret", "", c.string(empty=True),
+      "when set, requests need \"Authorization: Bearer <secret>\"", live=True),
+    S("admin", "dev_tokens", False, c.boolean(),
+      "when true, POST /api/v1/tokens mints user tokens (development only)", live=True),
+    S("limits", "max_frame", 65536, c.integer(16, 16777216),
+      "largest raw-TCP frame or WebSocket message, bytes", live=True),
     S("limits", "max_body", 16384, c.integer(1, 16777216), "largest encoded message body, bytes", live=True),
-    S("limits", "send_buffer", 1048576, c.integer(4096, 1 << 30), "unsent bytes a session may hold before it is cut off as a slow consumer", live=True),
-    S("limits", "heartbeat", 30, c.number(0, exclusive=True), "seconds between server pings on an idle connection", live=True),
-    S("limits", "idle_timeout", 90, c.number(0, exclusive=True), "seconds without any input before a connection is closed; > heartbeat", live=True),
-    S("limits", "auth_timeout", 10, c.number(0, exclusive=True), "seconds a new connection has to authenticate", live=True),
-    S("limits", "max_connections", 0, c.integer(0), "connections at most per process; 0 = as many as the fd limit allows", live=True),
-    S("log", "level", "info", c.choice("debug", "info", "warning", "error"), "least severe level logged", live=True),
+    S("limits", "send_buffer", 1048576, c.integer(4096, 1 << 30),
+      "unsent bytes a session may hold before it is cut off as a slow consumer", live=True),
+    S("limits", "heartbeat", 30, c.number(0, exclusive=True),
+      "seconds between server pings on an idle connection", live=True),
+    S("limits", "idle_timeout", 90, c.number(0, exclusive=True),
+      "seconds without any input before a connection is closed; > heartbeat", live=True),
+    S("limits", "auth_timeout", 10, c.number(0, exclusive=True),
+      "seconds a new connection has to authenticate", live=True),
+    S("limits", "max_connections", 0, c.integer(0),
+      "connections at most per process; 0 = as many as the fd limit allows", live=True),
+    S("log", "level", "info", c.choice("debug", "info", "warning", "error"),
+      "least severe level logged", live=True),
     S("log", "format", "text", c.choice("text", "json"), "text lines or one JSON object per line", live=True),
-    S("log", "file", "", c.path(empty=True), "log file (reopened on reload, for logrotate); \"\" logs to stdout", live=True),
-    S("policy", "contacts_only", False, c.boolean(), "true: users may message only their contacts", live=True),
+    S("log", "file", "", c.path(empty=True),
+      "log file (reopened on SIGUSR1 after logrotate moved it); \"\" logs to stdout", live=True),
+    S("policy", "contacts_only", False, c.boolean(),
+      "when true, users may message only their contacts", live=True),
 ]
 del S, c
 BY_KEY = {s.key: s for s in SETTINGS}
@@ -135,8 +168,8 @@ def _cross_checks(v: dict) -> None:
         raise ConfigError("store.dsn", 'is required when store.backend = "postgresql"', "")
     lim = v["limits"]
     if lim["idle_timeout"] <= lim["heartbeat"]:
-        raise ConfigError("limits.idle_timeout", f"must be greater than limits.heartbeat ({show(lim['heartbeat'])})",
-                          lim["idle_timeout"])
+        raise ConfigError("limits.idle_timeout",
+                          f"must be greater than limits.heartbeat ({show(lim['heartbeat'])})", lim["idle_timeout"])
     if lim["max_body"] >= lim["max_frame"]:
         raise ConfigError("limits.max_body", f"must be smaller than limits.max_frame ({lim['max_frame']}) "
                           "so that a message carrying it fits in a frame", lim["max_body"])
@@ -208,6 +241,10 @@ class Config:
         ("" stays "": the setting is disabled)."""
         return os.path.abspath(value) if value else ""
 
+    def __reduce__(self):
+        """Picklable (e.g. for worker processes started by spawn)."""
+        return (Config, (self._values, self.source))
+
     def __repr__(self) -> str:
         return f"<Config from {self.source or 'defaults'}>"
 
@@ -222,7 +259,9 @@ def load_dict(data: dict, source: str | None = None) -> Config:
         for name in table:
             if f"{section}.{name}" not in BY_KEY:
                 names = [s.name for s in SETTINGS if s.section == section]
-                raise ConfigError(f"{section}.{name}", "unknown setting" + _did_you_mean(name, names))
+                hint = _did_you_mean(name, names) or _did_you_mean(name, [s.key for s in SETTINGS
+                                                                           if s.name == name])
+                raise ConfigError(f"{section}.{name}", "unknown setting" + hint)
     values: dict[str, dict] = {sec: {} for sec in SECTIONS}
     for s in SETTINGS:
         table = data.get(s.section, {})
@@ -263,6 +302,24 @@ def changes(old: Config, new: Config) -> list[tuple[str, Any, Any, bool]]:
         if a != b:
             out.append((s.key, a, b, s.live))
     return out
+
+
+def apply_live(cfg: Config, diff: list[tuple[str, Any, Any, bool]]) -> list[str]:
+    """Reload: write the live entries of ``diff`` (from :func:`changes`) into ``cfg``
+    in place, so every holder of ``cfg`` or of one of its sections sees the new
+    values; the others are left alone (they need a restart). Returns the keys applied.
+    Only the daemon's reload calls this; everyone else treats a Config as read-only."""
+    applied = []
+    for key, _old, value, live in diff:
+        if live:
+            section, name = key.split(".", 1)
+            cfg._values[section][name] = value
+            applied.append(key)
+    return applied
+
+
+# Settings whose values never appear in logs or imd-admin output.
+SECRET_KEYS = frozenset({"auth.secret", "admin.secret", "store.dsn", "engine.url"})
 
 
 def _did_you_mean(word: str, options) -> str:

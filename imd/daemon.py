@@ -1,15 +1,22 @@
 """The daemon: boot order, listeners, signals and drain.
 
 Boot order: logging → store (migrations) → engine and node → router →
-listeners (one log line each with the address actually bound). Signal
-handlers only enqueue the signal; the main greenlet's loop dispatches
-``handle_<name>`` (gunicorn's arbiter style):
+listeners (one log line each with the address actually bound) → control
+socket → ``READY=1`` to systemd (imd.sdnotify; a no-op outside systemd).
+Signal handlers only enqueue the signal; the main greenlet's loop dispatches
+``handle_<name>`` (gunicorn's arbiter style); imd-admin's ``drain`` posts to
+the same queue:
 
   TERM  drain: stop accepting, tell every session to reconnect elsewhere
-        (``close`` with reconnect=true), flush the store queue, exit 0
+        (``close`` with reconnect=true), flush the store queue, exit 0;
+        gives up waiting after DRAIN_TIMEOUT seconds
   INT, QUIT  stop fast (the store queue is still flushed: acked means stored)
   HUP   reload the configuration (validated first; the old one stays on error)
-  USR1  reopen the log file
+  USR1  reopen the log file (after logrotate moved it)
+
+Under systemd with ``WatchdogSec=``, a greenlet sends ``WATCHDOG=1`` every half
+period, so a hub that stops turning gets the process restarted, and a
+``STATUS=`` line with the connection count.
 
 Must run with gevent's monkey patching already applied (imd.cli does it).
 """
@@ -19,15 +26,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections import deque
 
 import gevent
 from gevent.event import Event
 
-from . import __version__, config as config_mod, log as log_mod
+from . import __version__, config as config_mod, log as log_mod, sdnotify
+from .control import ControlServer
 from .engine.memory import MemoryEngine
 from .fastpath import IMPL
-from .metrics import Metrics
+from .metrics import Metrics, max_fds, open_fds, rss_bytes
 from .net.listener import Listener, bind_socket
 from .node import Node
 from .proto.tcp import TcpProtocol
@@ -37,16 +46,17 @@ log = logging.getLogger("imd.daemon")
 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
            signal.SIGHUP: "hup", signal.SIGUSR1: "usr1"}
-DRAIN_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 30.0           # keep below TimeoutStopSec in init/imd.service
+STOP_TIMEOUT = 5.0
+STATUS_EVERY = 10.0            # seconds between STATUS= updates when no watchdog is asked for
 
 
 def make_store(cfg):
     backend = cfg.store.backend
     if backend == "sqlite":
         from .store.sqlite import SqliteStore
-        path = os.path.join(cfg.path(cfg.node.data_dir), "imd.sqlite3")
-        return SqliteStore(path, queue_size=cfg.store.queue_size, batch_max=cfg.store.batch_max,
-                           synchronous=cfg.store.synchronous)
+        return SqliteStore(cfg.path(cfg.node.data_dir), queue_size=cfg.store.queue_size, batch_max=cfg.store.batch_max,
+                           synchronous=cfg.store.synchronous, retention_days=cfg.store.retention_days)
     if backend == "postgresql":
         from .store.postgresql import PostgresStore
         return PostgresStore(cfg.store.dsn, queue_size=cfg.store.queue_size, batch_max=cfg.store.batch_max,
@@ -62,18 +72,27 @@ def make_engine(cfg):
 
 
 class Daemon:
-    """One imd process: owns the store, engine, node, router and listeners."""
+    """One imd process: owns the store, engine, node, router, listeners and control socket.
+
+    ``state`` is "starting", "running", "draining" or "stopped". Everything runs
+    in the hub thread; ``run`` blocks the main greenlet until the daemon stops.
+    """
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
         self.listeners: list[Listener] = []
+        self.control: ControlServer | None = None
         self.store = None
         self.node = None
         self.router = None
+        self.state = "starting"
+        self.started = time.time()
         self._signals: deque = deque()
         self._wake = Event()
         self._stopping = False
+        self._deadline = 0.0
+        self._notifier = None
         self.log_handler = None
 
     # -- boot -------------------------------------------------------------------
@@ -81,6 +100,7 @@ class Daemon:
         cfg = self.cfg
         os.makedirs(cfg.path(cfg.node.data_dir), exist_ok=True)
         log.info("starting imd %s node=%s fastpath=%s pid=%d", __version__, cfg.node.id, IMPL, os.getpid())
+        sdnotify.notify("STATUS=starting: opening the store")
         self.store = make_store(cfg)
         self.store.open()
         self.node = Node(cfg.node.id, make_engine(cfg), self.store, cfg.presence.grace)
@@ -98,8 +118,12 @@ class Daemon:
             self.listeners.append(listener)
             host, port = listener.address
             log.info("listening name=%s addr=%s:%d", name, host, port)
-        for signum in SIGNALS:
-            gevent.signal_handler(signum, self._enqueue, signum)
+        if cfg.listen.control:
+            self.control = ControlServer(self, cfg.path(cfg.listen.control))
+            self.control.start()
+        self.state = "running"
+        if sdnotify.notify("READY=1", "STATUS=" + self.status_line()):
+            self._notifier = gevent.spawn(self._notify_loop, sdnotify.watchdog_interval())
         log.info("ready node=%s", cfg.node.id)
 
     def protocols(self) -> dict:
@@ -107,19 +131,77 @@ class Daemon:
         return {"tcp": TcpProtocol(self.router, self.cfg.node.id)}
 
     def _register_gauges(self) -> None:
+        """Metrics read at scrape time (docs/operations.md lists them with alerts)."""
+        m = self.metrics
+
         def connections():
             counts: dict = {}
             for s in self.node.all_sessions():
                 key = (("protocol", s.protocol), ("source", s.source))
                 counts[key] = counts.get(key, 0) + 1
             return counts
-        self.metrics.gauge("imd_connections", "authenticated sessions by protocol and client source", connections)
-        self.metrics.gauge("imd_store_queue", "store operations waiting to be committed",
-                           lambda: {(): self.store.stats().get("queue", 0)})
+
+        def store_stat(key):
+            return lambda: {(): self.store.stats().get(key, 0)}
+
+        m.gauge("imd_connections", "authenticated sessions by protocol and client source", connections)
+        m.gauge("imd_users", "users with at least one session on this node", lambda: {(): len(self.node.sessions)})
+        m.gauge("imd_store_queue", "store operations waiting to be committed", store_stat("queue"))
+        m.gauge("imd_store_queue_limit", "store.queue_size: at this queue length senders get 503",
+                lambda: {(): self.cfg.store.queue_size})
+        m.counter_fn("imd_store_committed_total", "store operations committed", store_stat("committed"))
+        m.counter_fn("imd_store_batches_total", "store transactions committed", store_stat("batches"))
+        m.counter_fn("imd_store_retries_total", "store transactions retried after a transient error",
+                     store_stat("retries"))
+        m.counter_fn("imd_store_failed_total", "store operations that failed for good", store_stat("failed"))
+        m.gauge("imd_engine_connected", "1 while the engine (bus) is connected",
+                lambda: {(): int(bool(self.node.engine.state().get("connected")))})
+        m.counter_fn("imd_accepted_total", "connections accepted by listener",
+                     lambda: {(("listener", l.name),): l.accepted for l in self.listeners})
+        m.gauge("imd_info", "version, node and fast path of this process",
+                lambda: {(("version", __version__), ("node", self.cfg.node.id), ("fastpath", IMPL)): 1})
+        m.gauge("imd_draining", "1 while the daemon drains or stops", lambda: {(): int(self.state != "running")})
+        m.gauge("imd_uptime_seconds", "seconds since this process started",
+                lambda: {(): round(time.time() - self.started, 3)})
+        m.gauge("process_open_fds", "open file descriptors", lambda: {(): open_fds()})
+        m.gauge("process_max_fds", "file descriptor limit (RLIMIT_NOFILE)", lambda: {(): max_fds()})
+        m.gauge("process_resident_memory_bytes", "resident memory", lambda: {(): rss_bytes()})
+
+    # -- systemd -----------------------------------------------------------------
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (shown by ``systemctl status imd``)."""
+        q = self.store.stats().get("queue", 0) if self.store is not None else 0
+        n = self.node.count() if self.node is not None else 0
+        return f"{self.state}: {n} sessions, store queue {q}"
+
+    def _notify_loop(self, watchdog: float | None) -> None:
+        """WATCHDOG=1 every ``watchdog`` seconds (if set) and a fresh STATUS= line.
+        Runs as a greenlet: a blocked hub stops the pings, and systemd restarts us."""
+        every = watchdog if watchdog is not None else STATUS_EVERY
+        while True:
+            gevent.sleep(every)
+            fields = ["STATUS=" + self.status_line()]
+            if watchdog is not None:
+                fields.append("WATCHDOG=1")
+            sdnotify.notify(*fields)
 
     # -- signals -----------------------------------------------------------------
+    def install_signals(self) -> None:
+        """Route the signals to the main loop's queue (call before :meth:`start`:
+        a TERM during boot then waits in the queue and drains right after it)."""
+        for signum in SIGNALS:
+            gevent.signal_handler(signum, self._enqueue, signum)
+
     def _enqueue(self, signum: int) -> None:
-        self._signals.append(signum)
+        name = SIGNALS[signum]
+        if self._stopping and name in ("int", "quit"):
+            self._hurry()           # the main greenlet is busy draining: act now
+            return
+        self.post(name)
+
+    def post(self, action: str) -> None:
+        """Ask the main loop to run ``handle_<action>`` (e.g. "term", "hup"); never blocks."""
+        self._signals.append(action)
         self._wake.set()
 
     def run(self) -> int:
@@ -127,8 +209,8 @@ class Daemon:
         while not self._stopping:
             self._wake.wait()
             self._wake.clear()
-            while self._signals:
-                name = SIGNALS[self._signals.popleft()]
+            while self._signals and not self._stopping:
+                name = self._signals.popleft()
                 log.info("signal %s", name.upper())
                 try:
                     getattr(self, "handle_" + name)()
@@ -140,57 +222,148 @@ class Daemon:
         self.drain(DRAIN_TIMEOUT)
 
     def handle_int(self) -> None:
-        self.stop(reconnect=True, timeout=5.0)
+        self.stop(reconnect=True, timeout=STOP_TIMEOUT)
 
     handle_quit = handle_int
 
     def handle_hup(self) -> None:
-        self.reload()
+        try:
+            self.reload()
+        except config_mod.ConfigError:
+            pass                # logged by reload; the running config stays
 
     def handle_usr1(self) -> None:
-        if self.cfg.log.file:
-            self.log_handler = log_mod.setup(self.cfg.log.level, self.cfg.log.format, self.cfg.log.file)
-            log.info("log file reopened")
+        if log_mod.reopen(self.log_handler):
+            log.info("log file reopened path=%s", self.cfg.log.file)
 
     # -- reload, drain, stop ----------------------------------------------------
     def reload(self) -> list:
-        """Load the config file again; apply what can change live; return the changes."""
+        """Load the config file again; apply what can change live; return the changes
+        ``(key, old, new, live)``. Raises ConfigError (and changes nothing) when the
+        file is invalid or its new log file cannot be opened. systemd hears
+        RELOADING=1 first and READY=1 after, whatever happens."""
+        sdnotify.notify("RELOADING=1", "MONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000),
+                        "STATUS=reloading the configuration")
+        status = "reload failed"
         try:
-            new = config_mod.load(self.cfg.source)
-        except config_mod.ConfigError as e:
-            log.error("reload refused, keeping the running config: %s", e)
-            raise
-        changes = config_mod.changes(self.cfg, new)
-        for key, old, value, live in changes:
+            try:
+                new = config_mod.load(self.cfg.source)
+                _check_log_file(self.cfg, new)
+            except config_mod.ConfigError as e:
+                log.error("reload refused, keeping the running config: %s", e)
+                status = "reload refused (bad config)"
+                raise
+            diff = self._apply(new)
+            restart = sum(1 for c in diff if not c[3])
+            log.info("reload done changed=%d restart_needed=%d", len(diff), restart)
+            status = f"reloaded, {restart} setting(s) need a restart" if restart else "reloaded"
+            return diff
+        finally:
+            sdnotify.notify("READY=1", f"STATUS={self.status_line()} ({status})")
+
+    def _apply(self, new) -> list:
+        old_log = (self.cfg.log.format, self.cfg.log.file)
+        diff = config_mod.changes(self.cfg, new)
+        config_mod.apply_live(self.cfg, diff)
+        for key, old, value, live in diff:
+            shown = "<hidden>" if key in config_mod.SECRET_KEYS else repr(value)
             if live:
-                section, name = key.split(".", 1)
-                setattr(getattr(self.cfg, section), name, value)
-                log.info("reload applied %s=%r", key, value)
+                log.info("reload applied key=%s value=%s", key, shown)
             else:
-                log.warning("reload: %s changed but needs a restart", key)
-        if any(k.startswith("log.") and live for k, _, _, live in changes):
+                log.warning("reload needs a restart key=%s value=%s", key, shown)
+        self._apply_components(diff)
+        if (self.cfg.log.format, self.cfg.log.file) != old_log:
             self.log_handler = log_mod.setup(self.cfg.log.level, self.cfg.log.format, self.cfg.log.file)
-        return changes
+        elif any(k == "log.level" for k, *_ in diff):
+            log_mod.set_level(self.cfg.log.level)
+        return diff
+
+    def _apply_components(self, diff: list) -> None:
+        """Push live values that components copied at boot."""
+        for key, _old, value, live in diff:
+            if key == "presence.grace":
+                self.node.presence.grace = value
+            elif key == "store.retention_days" and hasattr(self.store, "retention_days"):
+                self.store.retention_days = value
 
     def drain(self, timeout: float) -> None:
         """Stop accepting, send every session ``close`` with reconnect, flush, stop."""
         self.stop(reconnect=True, timeout=timeout)
 
     def stop(self, reconnect: bool, timeout: float) -> None:
+        """Stop within ``timeout`` seconds (blocks the calling greenlet):
+
+        1. stop accepting;
+        2. wait for the store to commit what it already holds, so that the acks of
+           messages received before the signal still reach their senders;
+        3. send every session ``close`` (with ``reconnect``) and end it;
+        4. wait for the store queue to empty and the sessions' output to drain;
+        5. close the router, node, store and control socket.
+
+        A message that gets no ack is resent by its client after it reconnects
+        (same client id: stored once). An INT or QUIT during a drain shortens the
+        remaining wait to STOP_TIMEOUT. systemd keeps getting WATCHDOG=1 meanwhile.
+        """
         if self._stopping:
             return
         self._stopping = True
+        self.state = "draining"
+        self._deadline = time.monotonic() + timeout
+        sdnotify.notify("STOPPING=1", "STATUS=" + self.status_line())
         for listener in self.listeners:
             listener.stop()
-        for s in list(self.node.all_sessions()):
+        self._flush_store(min(STOP_TIMEOUT, timeout / 2))
+        sessions = list(self.node.all_sessions())
+        log.info("closing sessions count=%d reconnect=%s", len(sessions), reconnect)
+        for s in sessions:
             s.close(1001, "server shutting down", reconnect=reconnect)
-        gevent.sleep(0.05)          # let the flusher write the close envelopes
-        flushed = self.store.flush(timeout)
+        flushed = self._flush_store(None)
+        while self.node.count() and self._left() > 0:
+            gevent.sleep(0.05)          # the flusher writes the close envelopes, then the sockets close
+        left = self.node.count()
+        queued = self.store.stats().get("queue", 0)
         self.router.stop()
         self.node.stop()
-        self.store.close(timeout)
-        log.info("stopped node=%s store_flushed=%s", self.cfg.node.id, flushed)
+        self.store.close(max(1.0, self._left()))
+        if self.control is not None:
+            self.control.stop()
+        if self._notifier is not None:
+            self._notifier.kill(block=False)
+        self.state = "stopped"
+        if not flushed:
+            log.warning("store queue not flushed before the timeout ops_not_stored=%d "
+                        "(never acked: their clients resend them)", queued)
+        log.info("stopped node=%s store_flushed=%s sessions_left=%d", self.cfg.node.id, flushed, left)
         self._wake.set()
+
+    def _left(self) -> float:
+        return self._deadline - time.monotonic()
+
+    def _flush_store(self, limit: float | None) -> bool:
+        """Wait for the store queue to commit, up to ``limit`` seconds or the deadline
+        (rechecked often: an INT may move it)."""
+        until = time.monotonic() + (limit if limit is not None else self._left())
+        while True:
+            step = min(0.5, until - time.monotonic(), self._left())
+            if step <= 0:
+                return self.store.flush(0)
+            if self.store.flush(step):
+                return True
+
+    def _hurry(self) -> None:
+        """INT or QUIT during a drain: finish within STOP_TIMEOUT from now."""
+        self._deadline = min(self._deadline, time.monotonic() + STOP_TIMEOUT)
+        log.info("stop hurried left=%.1fs", max(0.0, self._left()))
+
+
+def _check_log_file(old, new) -> None:
+    """A reload that moves the log file must be able to open the new one."""
+    path = new.log.file
+    if path and path != old.log.file:
+        try:
+            open(path, "a").close()
+        except OSError as e:
+            raise config_mod.ConfigError("log.file", f"cannot open for writing: {e.strerror}", path) from None
 
 
 def run(cfg) -> int:
@@ -198,9 +371,11 @@ def run(cfg) -> int:
     handler = log_mod.setup(cfg.log.level, cfg.log.format, cfg.log.file)
     d = Daemon(cfg)
     d.log_handler = handler
+    d.install_signals()           # before start: a TERM during boot waits in the queue
     try:
         d.start()
-    except OSError as e:
-        log.error("cannot start: %s", e)
+    except Exception as e:         # bind failure, store unreachable, migration error, ...
+        log.error("cannot start: %s", e, exc_info=not isinstance(e, OSError))
+        sdnotify.notify("STATUS=cannot start: %s" % e)
         return 1
     return d.run()

@@ -1,12 +1,15 @@
 """Process metrics in the Prometheus text format.
 
 Counters and histograms are plain Python numbers updated in the hub (no
-locks: one thread touches them). Gauges are callables read at scrape time.
+locks: one thread touches them). Gauges, and counters kept elsewhere (e.g. the
+store writer's), are callables read at scrape time.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
+import resource
 from collections import defaultdict
 from typing import Callable
 
@@ -35,6 +38,7 @@ class Metrics:
         self.counters: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
         self.help: dict[str, str] = {}
         self.gauges: dict[str, tuple[str, Callable[[], dict]]] = {}
+        self.counter_fns: dict[str, tuple[str, Callable[[], dict]]] = {}
         self.histograms: dict[str, Histogram] = {}
 
     def inc(self, name: str, labels: tuple = (), value: float = 1) -> None:
@@ -51,6 +55,10 @@ class Metrics:
     def gauge(self, name: str, help: str, read: Callable[[], dict]) -> None:
         """``read()`` returns {labels tuple: value}."""
         self.gauges[name] = (help, read)
+
+    def counter_fn(self, name: str, help: str, read: Callable[[], dict]) -> None:
+        """A counter whose value lives elsewhere; ``read()`` returns {labels tuple: value}."""
+        self.counter_fns[name] = (help, read)
 
     def histogram(self, name: str, help: str) -> Histogram:
         h = self.histograms.get(name)
@@ -69,11 +77,12 @@ class Metrics:
             lines.append(f"# TYPE {name} counter")
             for labels, v in sorted(series.items()):
                 lines.append(f"{name}{_labels(labels)} {_num(v)}")
-        for name, (help, read) in sorted(self.gauges.items()):
-            lines.append(f"# HELP {name} {help}")
-            lines.append(f"# TYPE {name} gauge")
-            for labels, v in sorted(read().items()):
-                lines.append(f"{name}{_labels(labels)} {_num(v)}")
+        for kind, fns in (("counter", self.counter_fns), ("gauge", self.gauges)):
+            for name, (help, read) in sorted(fns.items()):
+                lines.append(f"# HELP {name} {help}")
+                lines.append(f"# TYPE {name} {kind}")
+                for labels, v in sorted(read().items()):
+                    lines.append(f"{name}{_labels(labels)} {_num(v)}")
         for name, h in sorted(self.histograms.items()):
             lines.append(f"# HELP {name} {self.help.get(name, name)}")
             lines.append(f"# TYPE {name} histogram")
@@ -100,3 +109,23 @@ def _esc(v: str) -> str:
 
 def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+# -- process figures (Linux /proc; 0 where unavailable) ---------------------------
+def open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def max_fds() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

@@ -14,6 +14,7 @@ too, as methods that block the calling greenlet until committed.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Optional
 
@@ -43,7 +44,8 @@ class Router:
         self.store = store
         self.metrics = metrics or Metrics()
         self.mids = MidGen()
-        self.wheel = Wheel()
+        self.auth_wheel = Wheel("on_auth_deadline")
+        self.wheel = Wheel("on_deadline")
         self.sessions_opened = 0
         self._ack_latency = self.metrics.histogram(
             "imd_ack_latency_seconds", "time from receiving a message to acking it (store commit)")
@@ -51,22 +53,24 @@ class Router:
             "imd_delivery_latency_seconds", "time from a message's timestamp to its delivery to a session")
 
     def start(self) -> None:
+        self.auth_wheel.start()
         self.wheel.start()
 
     def stop(self) -> None:
+        self.auth_wheel.stop()
         self.wheel.stop()
 
     # -- session lifecycle -------------------------------------------------------
     def opened(self, session) -> None:
         """A protocol accepted a connection: start its authentication deadline."""
         self.sessions_opened += 1
-        self.wheel.add(session, time.monotonic() + self.limits.auth_timeout)
+        self.auth_wheel.add(session, time.monotonic() + self.limits.auth_timeout)
 
     def detach(self, session, reason: str) -> None:
         """The session's transport is gone (called by Session.closed)."""
         self.node.remove_session(session)
         self.store.touch_user(session.user, None, session.platform, now_ms())
-        log.debug("session closed id=%s user=%s reason=%s", session.id, session.user, reason)
+        log.debug("session closed conn=%s user=%s reason=%s", session.id, session.user, reason)
 
     # -- dispatch -------------------------------------------------------------------
     def receive(self, s, env: dict) -> None:
@@ -96,11 +100,12 @@ class Router:
             if e.fatal:
                 s.end(e.reason)
         except Exception:
-            log.exception("handler failed type=%s session=%s", t, s.id)
+            log.exception("handler failed conn=%s type=%s", s.id, t)
             s.send(error(500, "internal error", env.get("id")))
 
     def refuse(self, s, code: int, reason: str, id: Optional[str] = None) -> None:
         """Answer with ``error`` and end the connection."""
+        log.info("refused conn=%s user=%s code=%d reason=%s", s.id, s.user, code, reason)
         s.send(error(code, reason, id))
         s.end(reason)
 
@@ -110,6 +115,7 @@ class Router:
             ident = auth.verify(env["token"], self.cfg.auth.secret, self.cfg.auth.leeway)
         except auth.AuthError as e:
             self.metrics.inc("imd_auth_failures_total")
+            log.debug("auth refused conn=%s reason=%s", s.id, e.reason)
             self.refuse(s, 401, e.reason)
             return
         platform = env["platform"]
@@ -121,14 +127,19 @@ class Router:
     def start_session(self, s, user: str, role: str, platform: str, device: str,
                       since: Optional[int]) -> None:
         """Give the session its identity and attach it (replay runs in a greenlet)."""
-        s.user, s.role, s.platform, s.device = user, role, platform, device
+        s.user, s.role, s.platform, s.device = user, sys.intern(role), sys.intern(platform), device
+        log.debug("session opened conn=%s user=%s source=%s device=%s protocol=%s",
+                  s.id, user, s.source, device, s.protocol)
         s.state = AUTHING
         s.backlog = []
         s.held = []
+        self.wheel.add(s, s.last_rx + self.limits.heartbeat)
         self.metrics.inc("imd_sessions_opened_total", (("protocol", s.protocol), ("source", s.source)))
         gevent.spawn(self._attach, s, since)
 
     def _attach(self, s, since: Optional[int]) -> None:
+        if s.state is CLOSED:         # gone before this greenlet ran
+            return
         try:
             self.node.add_session(s)
             store = self.store
@@ -138,7 +149,12 @@ class Router:
                 return
             s.send({"type": "auth", "ok": True, "user": s.user, "role": s.role, "session": s.id,
                     "seq": top, "heartbeat": self.limits.heartbeat})
+            s.state = SYNC            # live entries are still held until the replay is done
+            backlog, s.backlog = s.backlog, None
+            for env in backlog:
+                self.receive(s, env)
             self._send_contacts_presence(s)
+            s.last_seq = top          # what the replay below sends; held entries come after
             if since is None:
                 for e in store.offline(s.user, OFFLINE_MAX):
                     if e.seq <= top:
@@ -153,22 +169,16 @@ class Router:
                         s.send(Out(e.envelope(), e.seq))
                     cur = page[-1].seq
                     s.drain()
-            s.last_seq = top
         except StoreError as e:
-            log.warning("attach failed session=%s user=%s error=%s", s.id, s.user, e)
+            log.warning("attach failed conn=%s user=%s error=%s", s.id, s.user, e)
             s.close(503, "store unavailable", reconnect=True)
             return
         except Exception:
-            log.exception("attach failed session=%s user=%s", s.id, s.user)
+            log.exception("attach failed conn=%s user=%s", s.id, s.user)
             s.close(500, "internal error", reconnect=True)
             return
-        if s.state is CLOSED:
-            return
-        s.state = SYNC
-        backlog, s.backlog = s.backlog, None
-        for env in backlog:
-            self.receive(s, env)
-        self._release(s)
+        if s.state is not CLOSED:
+            self._release(s)
 
     def _send_contacts_presence(self, s) -> None:
         contacts = self.node.contacts.get(s.user)
@@ -186,7 +196,7 @@ class Router:
             try:
                 page = self.store.inbox(s.user, s.last_seq, target - s.last_seq)
             except StoreError as e:
-                log.warning("gap fill failed session=%s error=%s", s.id, e)
+                log.warning("gap fill failed conn=%s error=%s", s.id, e)
                 s.close(503, "store unavailable", reconnect=True)
                 return
             for e in page:
@@ -194,7 +204,7 @@ class Router:
                     s.last_seq = e.seq
                     s.send(Out(e.envelope(), e.seq))
             if s.last_seq < target:
-                log.warning("gap not in store user=%s from=%d to=%d", s.user, s.last_seq, target)
+                log.warning("gap not in store conn=%s user=%s from=%d to=%d", s.id, s.user, s.last_seq, target)
                 s.last_seq = target
             gap = s.end_sync()
 

@@ -145,13 +145,16 @@ class Session:
         return None
 
     # -- heartbeats (driven by the router's wheel) -----------------------------------
+    def on_auth_deadline(self, now: float) -> None:
+        """Filed at accept time for ``limits.auth_timeout``."""
+        if self.state is AUTH:
+            self.close(408, "authentication timeout")
+
     def on_deadline(self, now: float) -> Optional[float]:
+        """Filed once authenticated: ping a silent client, then give up on it."""
         if self.state is CLOSED:
             return None
         limits = self.router.limits
-        if self.state is AUTH:      # filed at accept time for auth_timeout
-            self.close(408, "authentication timeout")
-            return None
         idle = now - self.last_rx
         if idle >= limits.idle_timeout:
             self.close(408, "heartbeat timeout", reconnect=True)

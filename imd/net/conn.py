@@ -33,6 +33,11 @@ CLOSE_LINGER = 5.0      # seconds a closing connection may take to drain its out
 _DEAD = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT, errno.EBADF)
 
 
+def _cid(handler) -> str:
+    """The connection id for log lines (the session's id when the handler is one)."""
+    return getattr(handler, "id", None) or "-"
+
+
 class Flusher:
     """Writes every dirty connection's buffer once per event-loop iteration."""
 
@@ -71,15 +76,14 @@ class Conn:
     """A non-blocking socket with a read watcher, an output buffer and a limit."""
 
     __slots__ = ("sock", "handler", "limit", "_rw", "_ww", "_out", "_outlen", "_dirty",
-                 "_closing", "_drained", "_timer", "closed", "peer")
+                 "_closing", "_drained", "_timer", "closed")
 
-    def __init__(self, sock: socket.socket, handler, limit: int, peer=None) -> None:
+    def __init__(self, sock: socket.socket, handler, limit: int) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.handler = handler
         self.limit = limit
-        self.peer = peer
-        self._out = []
+        self._out = None          # list of pending chunks; None while nothing is pending
         self._outlen = 0
         self._dirty = False
         self._closing = False
@@ -90,6 +94,15 @@ class Conn:
         loop = gevent.get_hub().loop
         self._rw = loop.io(sock.fileno(), 1)
         self._rw.start(self._on_readable)
+
+    @property
+    def peer(self) -> str:
+        """The peer's address, for log lines (not kept: it would cost memory per connection)."""
+        try:
+            host, port = self.sock.getpeername()[:2]
+            return f"{host}:{port}"
+        except OSError:
+            return "-"
 
     # -- reading -------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -106,7 +119,7 @@ class Conn:
         try:
             self.handler.on_data(data)
         except Exception:
-            log.exception("conn handler failed peer=%s", self.peer)
+            log.exception("conn handler failed conn=%s peer=%s", _cid(self.handler), self.peer)
             self._shutdown("internal error")
 
     def pause_reading(self) -> None:
@@ -126,10 +139,13 @@ class Conn:
         """Queue ``data``; returns False (and cuts the connection) past the limit."""
         if self.closed or self._closing:
             return False
-        self._out.append(data)
+        if self._out is None:
+            self._out = [data]
+        else:
+            self._out.append(data)
         self._outlen += len(data)
         if self._outlen > self.limit:
-            log.info("slow consumer cut off peer=%s pending=%d", self.peer, self._outlen)
+            log.info("slow consumer cut off conn=%s peer=%s pending=%d", _cid(self.handler), self.peer, self._outlen)
             self._shutdown("slow consumer")
             return False
         if not self._dirty and self._ww is None:
@@ -154,7 +170,7 @@ class Conn:
             self._shutdown(f"send error: {e.strerror or e}")
             return
         if n == len(data):
-            out.clear()
+            self._out = None
             self._outlen = 0
             if self._ww is not None:
                 self._ww.stop()
@@ -165,7 +181,7 @@ class Conn:
                 self._shutdown(self._closing)
             return
         rest = data[n:]
-        out[:] = [rest]
+        self._out = [rest]
         self._outlen = len(rest)
         if self._ww is None:
             self._ww = gevent.get_hub().loop.io(self.sock.fileno(), 2)
@@ -214,7 +230,7 @@ class Conn:
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
-        self._out = []
+        self._out = None
         self._outlen = 0
         try:
             self.sock.close()
@@ -225,4 +241,4 @@ class Conn:
         try:
             self.handler.on_close(reason)
         except Exception:
-            log.exception("conn on_close failed peer=%s", self.peer)
+            log.exception("conn on_close failed conn=%s peer=%s", _cid(self.handler), self.peer)

@@ -2,7 +2,8 @@
 
 Each tracked object sits in exactly one one-second bucket. Activity does not
 move it (that would cost work per message); when its bucket comes due, the
-wheel calls ``obj.on_deadline(now)``, which returns the next deadline (a
+wheel calls ``obj.<method>(now)`` (``on_deadline`` unless another name is
+given), which returns the next deadline (a
 monotonic time) to be re-filed under, or None to drop it. So the work per
 second is proportional to the deadlines due, not to the connections held.
 Runs in the hub; callbacks must not block.
@@ -19,7 +20,8 @@ log = logging.getLogger("imd.net")
 
 
 class Wheel:
-    def __init__(self, tick: float = 1.0) -> None:
+    def __init__(self, method: str = "on_deadline", tick: float = 1.0) -> None:
+        self.method = method
         self.tick = tick
         self._buckets: dict[int, list] = {}
         self._timer = None
@@ -47,7 +49,7 @@ class Wheel:
         for key in sorted(due):
             for obj in self._buckets.pop(key):
                 try:
-                    nxt = obj.on_deadline(now)
+                    nxt = getattr(obj, self.method)(now)
                 except Exception:
                     log.exception("deadline handler failed")
                     continue

@@ -30,7 +30,7 @@ class TcpSession(Session):
         limits = router.limits
         self.max_body = limits.max_body
         self.decoder = FrameDecoder(limits.max_frame)
-        self.conn = Conn(sock, self, limits.send_buffer, peer)
+        self.conn = Conn(sock, self, limits.send_buffer)
 
     # Conn's handler protocol
     def on_data(self, data: bytes) -> None:

@@ -21,15 +21,18 @@ from typing import Iterable, Optional
 import gevent
 from gevent.monkey import get_original
 
-from .base import MessageResult, Store, StoreUnavailable, UserInfo
+from .base import Store, StoreUnavailable, UserInfo
+from .batch import BatchPlan, client_keys
 from .migrations import migrations
-from .rows import ENTRY_COLUMNS, entry_from_row, load_json, message_entries, notice_entry
-from .writer import MessageOp, Pending, Writer, WriterStore
+from .retention import purge_loop
+from .rows import ENTRY_COLUMNS, entry_from_row, load_json
+from .writer import Pending, Writer, WriterStore
 
 log = logging.getLogger("imd.store.sqlite")
 
 FILENAME = "imd.sqlite3"
 BUSY_TIMEOUT_MS = 2000
+CHUNK = 400                      # rows per IN (...) / VALUES list (bound parameters)
 # Primary SQLite result codes worth retrying: BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL,
 # CANTOPEN, PROTOCOL.
 TRANSIENT_CODES = {5, 6, 7, 8, 10, 13, 14, 15}
@@ -46,23 +49,36 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class SqliteStore(WriterStore, Store):
-    """The embedded store. See the module docstring and imd.store.base for the contract."""
+    """The embedded store. See the module docstring and imd.store.base for the contract.
+
+    ``path`` is the data directory (the file is ``imd.sqlite3`` in it) or, when it
+    ends with ``.sqlite3``, the database file itself. ``retention_days`` (0: keep
+    forever) may be changed on a live store."""
 
     name = "sqlite"
 
     def __init__(self, path: str, queue_size: int = 100000, batch_max: int = 1000,
-                 synchronous: str = "full") -> None:
+                 synchronous: str = "full", retention_days: float = 0,
+                 purge_interval: float = 3600.0) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("synchronous must be 'full' or 'normal'")
-        self.dir = str(path)
-        self.file = os.path.join(self.dir, FILENAME)
+        path = str(path)
+        if path.endswith(".sqlite3"):           # the database file itself
+            self.dir, self.file = os.path.dirname(path) or ".", path
+        else:                                   # the data directory
+            self.dir, self.file = path, os.path.join(path, FILENAME)
         self.synchronous = synchronous
         self._writer = Writer(self._apply_batch, is_transient, queue_size=queue_size,
                               batch_max=batch_max, lanes=1, name="sqlite")
         self._wcon: Optional[sqlite3.Connection] = None
+        self._job = None                  # the write transaction running in the threadpool
         self._local = _thread_local()
         self._read_cons: list = []
         self._open = False
+        self.retention_days = retention_days
+        self.purge_interval = purge_interval
+        self._purger = None
+        self.purged = 0
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -71,13 +87,20 @@ class SqliteStore(WriterStore, Store):
         self._wcon = self._pool.apply(self._connect_writer)
         self._open = True
         self._writer.start()
+        self._purger = gevent.spawn(purge_loop, self)
 
     def close(self, timeout: float = 10.0) -> None:
         if not self._open:
             return
+        if self._purger is not None:
+            self._purger.kill()
         self._writer.stop(timeout)
         self._open = False
+        if self._job is not None:
+            self._job.wait()          # a transaction the writer gave up on ends before the close
+            self._job = None
         cons, self._read_cons = self._read_cons, []
+        self._local = _thread_local()     # forget the closed read connections
         for con in cons + [self._wcon]:
             self._pool.apply(con.close)
 
@@ -103,7 +126,8 @@ class SqliteStore(WriterStore, Store):
 
     # -- writes (in a threadpool thread, one batch = one transaction) --------
     def _apply_batch(self, lane: int, ops: list, pending: Optional[Pending]) -> list:
-        return self._pool.apply(self._apply_sync, (ops, pending))
+        self._job = self._pool.spawn(self._apply_sync, ops, pending)
+        return self._job.get()
 
     def _apply_sync(self, ops: list, pending: Optional[Pending]) -> list:
         con = self._wcon
@@ -111,16 +135,53 @@ class SqliteStore(WriterStore, Store):
         try:
             if pending:
                 _apply_pending(con, pending)
-            tx = _Batch(con)
-            results = [tx.message(op) if isinstance(op, MessageOp) else tx.notice(op)
-                       for op in ops]
-            tx.finish()
+            plan = BatchPlan(ops, _stored(con, client_keys(ops)), lambda role: _known_users(con, role))
+            base = _reserve(con, plan.taken)
+            _insert_rows(con, plan.rows, base)
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
-        return results
+        return plan.results(base)
+
+    def stats(self) -> dict:
+        stats = self._writer.stats()
+        stats["purged"] = self.purged
+        return stats
+
+    # -- retention -------------------------------------------------------------
+    def purge(self, older_than_ms: int) -> int:
+        """Delete messages with ts < ``older_than_ms`` and their inbox entries, in
+        chunks (each its own short transaction, on its own connection). Seqs are
+        never reused. Returns the number of messages deleted. Blocks the calling
+        greenlet."""
+        if not self._open:
+            raise StoreUnavailable("store is not open")
+        gone = self._pool.apply(self._purge_sync, (older_than_ms,))
+        self.purged += gone
+        return gone
+
+    def _purge_sync(self, older_than_ms: int) -> int:
+        con = self._connect()
+        total = 0
+        try:
+            while True:
+                con.execute("BEGIN IMMEDIATE")
+                rows = con.execute("SELECT mid, sender, sender_seq, recipient, recipient_seq "
+                                   "FROM messages WHERE ts < ? LIMIT 1000", (older_than_ms,)).fetchall()
+                con.executemany("DELETE FROM inbox WHERE user = ? AND seq = ?",
+                                [(r[3], r[4]) for r in rows] +
+                                [(r[1], r[2]) for r in rows if r[1] is not None])
+                con.executemany("DELETE FROM messages WHERE mid = ?", [(r[0],) for r in rows])
+                con.execute("COMMIT")
+                total += len(rows)
+                if len(rows) < 1000:
+                    return total
+        finally:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            con.close()
 
     # -- reads (in a threadpool thread, one read connection per thread) -----
     def _read(self, fn, *args):
@@ -233,75 +294,54 @@ def _apply_pending(con, p: Pending) -> None:
                         "OR (user = ? AND contact = ?)", (user, contact, contact, user))
 
 
-class _Batch:
-    """The ops of one transaction: dedupe, seq allocation, rows to insert at the end."""
+def _stored(con, keys: list) -> dict:
+    """(sender, client_id) → (mid, ts, sender_seq, recipient_seq) of those already stored."""
+    found = {}
+    for i in range(0, len(keys), CHUNK):
+        chunk = keys[i:i + CHUNK]
+        sql = ("SELECT m.sender, m.client_id, m.mid, m.ts, m.sender_seq, m.recipient_seq "
+               "FROM (VALUES %s) AS k JOIN messages m ON m.sender = k.column1 AND m.client_id = k.column2"
+               % ",".join(["(?, ?)"] * len(chunk)))
+        for row in con.execute(sql, [x for key in chunk for x in key]):
+            found[(row[0], row[1])] = row[2:]
+    return found
 
-    __slots__ = ("con", "seqs", "by_client", "messages", "inbox")
 
-    def __init__(self, con) -> None:
-        self.con = con
-        self.seqs: dict = {}          # user -> last seq allocated in this transaction
-        self.by_client: dict = {}     # (sender, client_id) -> MessageResult of this batch
-        self.messages: list = []
-        self.inbox: list = []
+def _known_users(con, role: Optional[str]) -> list:
+    if role is None:
+        cur = con.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
+    else:
+        cur = con.execute("SELECT id FROM users WHERE role = ? AND last_seen IS NOT NULL ORDER BY id",
+                          (role,))
+    return [r[0] for r in cur]
 
-    def next_seq(self, user: str) -> int:
-        seq = self.seqs.get(user)
-        if seq is None:
-            self.con.execute("INSERT OR IGNORE INTO users (id) VALUES (?)", (user,))
-            seq = self.con.execute("SELECT last_seq FROM users WHERE id = ?", (user,)).fetchone()[0]
-        seq += 1
-        self.seqs[user] = seq
-        return seq
 
-    def message(self, op: MessageOp) -> MessageResult:
-        key = (op.sender, op.client_id)
-        if op.client_id is not None:
-            first = self.by_client.get(key)
-            if first is not None:
-                return MessageResult(first.mid, first.ts, first.sender_seq, first.recipient_seq,
-                                     duplicate=True)
-            row = self.con.execute("SELECT mid, ts, sender_seq, recipient_seq FROM messages "
-                                   "WHERE sender = ? AND client_id = ?", key).fetchone()
-            if row is not None:
-                return MessageResult(*row, duplicate=True)
-        sender_seq = self.next_seq(op.sender)
-        recipient_seq = self.next_seq(op.recipient)
-        self.messages.append((op.mid, "msg", op.sender, op.recipient, op.body_json, op.ctx_json,
-                              op.ts, op.client_id, sender_seq, recipient_seq, None))
-        self.inbox.append((op.sender, sender_seq, op.mid, 0))
-        self.inbox.append((op.recipient, recipient_seq, op.mid, 1))
-        result = MessageResult(op.mid, op.ts, sender_seq, recipient_seq,
-                               entries=message_entries(op, sender_seq, recipient_seq))
-        if op.client_id is not None:
-            self.by_client[key] = result
-        return result
+def _reserve(con, taken: dict) -> dict:
+    """Reserve ``taken[user]`` seqs per user; returns user → last seq before the batch."""
+    ids = list(taken)
+    con.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in ids])
+    base = {}
+    for i in range(0, len(ids), CHUNK):
+        chunk = ids[i:i + CHUNK]
+        base.update(con.execute("SELECT id, last_seq FROM users WHERE id IN (%s)"
+                                % ",".join("?" * len(chunk)), chunk))
+    con.executemany("UPDATE users SET last_seq = ? WHERE id = ?",
+                    [(base[u] + n, u) for u, n in taken.items()])
+    return base
 
-    def notice(self, op) -> list:
-        users = op.users
-        if users is None:
-            if op.role is None:
-                cur = self.con.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
-            else:
-                cur = self.con.execute("SELECT id FROM users WHERE role = ? AND last_seen IS NOT NULL "
-                                       "ORDER BY id", (op.role,))
-            users = [r[0] for r in cur]
-        entries = []
-        for user in users:
-            seq = self.next_seq(user)
-            mid = op.mids()
-            self.messages.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
-                                  None, seq, op.kind))
-            self.inbox.append((user, seq, mid, 1))
-            entries.append(notice_entry(op, user, seq, mid))
-        return entries
 
-    def finish(self) -> None:
-        con = self.con
-        con.executemany("INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, "
-                        "client_id, sender_seq, recipient_seq, notice_kind) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self.messages)
-        con.executemany("INSERT INTO inbox (user, seq, mid, inbound) VALUES (?, ?, ?, ?)",
-                        self.inbox)
-        con.executemany("UPDATE users SET last_seq = ? WHERE id = ?",
-                        [(seq, user) for user, seq in self.seqs.items()])
+def _insert_rows(con, rows: list, base: dict) -> None:
+    """Insert a BatchPlan's rows (messages and both inbox entries) with absolute seqs."""
+    messages, inbox = [], []
+    for mid, kind, sender, recipient, body, ctx, ts, client_id, sender_k, recipient_k, nk in rows:
+        recipient_seq = base[recipient] + recipient_k
+        sender_seq = None if sender is None else base[sender] + sender_k
+        messages.append((mid, kind, sender, recipient, body, ctx, ts, client_id, sender_seq,
+                         recipient_seq, nk))
+        inbox.append((recipient, recipient_seq, mid, 1))
+        if sender is not None:
+            inbox.append((sender, sender_seq, mid, 0))
+    con.executemany("INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, client_id, "
+                    "sender_seq, recipient_seq, notice_kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    messages)
+    con.executemany("INSERT INTO inbox (user, seq, mid, inbound) VALUES (?, ?, ?, ?)", inbox)

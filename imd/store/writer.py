@@ -178,11 +178,14 @@ class Writer:
         self._running = False
         gone = StoreUnavailable("store closed before the write committed")
         for lane in self._lanes:
-            for op in lane.inflight:
+            dropped = lane.inflight + list(lane.ops)
+            lane.inflight, lane.ops = [], deque()
+            lane.done += len(dropped)
+            self._queued -= len(dropped)
+            for op in dropped:
                 self._deliver_error(op, gone)
-            lane.inflight = []
-            while lane.ops:
-                self._deliver_error(lane.ops.popleft(), gone)
+        # coalesced writes not committed by now are dropped (they are fire-and-forget)
+        self._pending, self._pending_busy, self._pending_done = Pending(), False, self._pending_gen
         return flushed
 
     # -- submitting ----------------------------------------------------------
@@ -209,7 +212,8 @@ class Writer:
             self._lanes[0].wake.set()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Block until everything submitted before the call is committed (or failed)."""
+        """Block until everything submitted before the call is committed (or failed).
+        Never call it from a store callback (it would wait for its own lane)."""
         targets = [(lane, lane.submitted) for lane in self._lanes]
         gen = self._pending_gen
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -8,10 +8,18 @@ subprocess can reopen through :func:`store_from_spec`.
 
 from __future__ import annotations
 
+import itertools
+import os
 import sqlite3
 from contextlib import contextmanager
 
+import psycopg
+
+from imd.store.postgresql import PostgresStore
 from imd.store.sqlite import FILENAME, SqliteStore
+
+PG_SERVER = "host=127.0.0.1 port=5432 user=postgres"
+PG_ADMIN_DB = "test"
 
 
 class SqliteBackend:
@@ -42,8 +50,62 @@ class SqliteBackend:
         pass
 
 
+class PostgresBackend:
+    """A fresh schema per test in one database per test session (``imd_test_<pid>``)."""
+
+    name = "postgresql"
+    database = None
+    schemas = itertools.count(1)
+
+    def __init__(self, tmp_path) -> None:
+        cls = PostgresBackend
+        if cls.database is None:
+            cls.database = "imd_test_%d" % os.getpid()
+            with psycopg.connect("%s dbname=%s" % (PG_SERVER, PG_ADMIN_DB), autocommit=True) as con:
+                con.execute("DROP DATABASE IF EXISTS %s" % cls.database)
+                con.execute("CREATE DATABASE %s" % cls.database)
+        self.schema = "t_%d" % next(cls.schemas)
+        self.server_dsn = "%s dbname=%s" % (PG_SERVER, cls.database)
+        with psycopg.connect(self.server_dsn, autocommit=True) as con:
+            con.execute("CREATE SCHEMA %s" % self.schema)
+        self.dsn = self.dsn_via(PG_SERVER)
+
+    def dsn_via(self, server: str) -> str:
+        """This test's DSN through ``server`` ("host=… port=…")."""
+        return "%s user=postgres dbname=%s options='-c search_path=%s'" % (
+            server, PostgresBackend.database, self.schema)
+
+    def make(self, **kw) -> PostgresStore:
+        return PostgresStore(self.dsn, **kw)
+
+    @contextmanager
+    def writes_blocked(self):
+        """Hold a lock on ``users`` from another connection: reads pass, writers time out."""
+        with psycopg.connect(self.dsn) as con:
+            con.execute("LOCK TABLE users IN EXCLUSIVE MODE")
+            try:
+                yield
+            finally:
+                con.rollback()
+
+    def spec(self) -> str:
+        return "postgresql:" + self.dsn
+
+    def cleanup(self) -> None:
+        with psycopg.connect(self.server_dsn, autocommit=True) as con:
+            con.execute("DROP SCHEMA %s CASCADE" % self.schema)
+
+    @classmethod
+    def drop_database(cls) -> None:
+        if cls.database is not None:
+            with psycopg.connect("%s dbname=%s" % (PG_SERVER, PG_ADMIN_DB), autocommit=True) as con:
+                con.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % cls.database)
+            cls.database = None
+
+
 BACKENDS = {
     "sqlite": SqliteBackend,
+    "postgresql": PostgresBackend,
 }
 
 
@@ -52,4 +114,6 @@ def store_from_spec(spec: str, **kw):
     kind, _, arg = spec.partition(":")
     if kind == "sqlite":
         return SqliteStore(arg, **kw)
+    if kind == "postgresql":
+        return PostgresStore(arg, **kw)
     raise ValueError("unknown store spec %r" % spec)

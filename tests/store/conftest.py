@@ -6,7 +6,13 @@ monkey.patch_all()
 
 import pytest  # noqa: E402
 
-from .backends import BACKENDS  # noqa: E402
+from .backends import BACKENDS, PostgresBackend  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_database():
+    yield
+    PostgresBackend.drop_database()
 
 
 @pytest.fixture(params=sorted(BACKENDS))

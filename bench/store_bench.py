@@ -1,0 +1,113 @@
+"""Store write throughput: messages committed per second and ack latency, straight on the Store.
+
+    PYTHONPATH=. python bench/store_bench.py --backend postgresql --writers 4 --batch 1000
+    PYTHONPATH=. python bench/store_bench.py --backend sqlite --synchronous full
+
+Each message is stored for sender and recipient (two inbox entries); ``--senders``
+guests write to ``--recipients`` hosts. The load keeps
+the write queue busy: it submits until StoreFull, then yields. PostgreSQL runs in a
+fresh database ``imd_bench`` (dropped after); SQLite in a temporary directory.
+Prints one JSON line.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+import orjson  # noqa: E402
+import psycopg  # noqa: E402
+
+from imd.store.base import StoreFull  # noqa: E402
+from imd.store.postgresql import PostgresStore  # noqa: E402
+from imd.store.sqlite import SqliteStore  # noqa: E402
+
+PG_SERVER = "host=127.0.0.1 port=5432 user=postgres"
+
+
+def make_store(args):
+    if args.backend == "sqlite":
+        path = tempfile.mkdtemp(prefix="imd-bench-")
+        store = SqliteStore(path, queue_size=args.queue, batch_max=args.batch,
+                            synchronous=args.synchronous)
+        return store, lambda: shutil.rmtree(path)
+    with psycopg.connect(PG_SERVER + " dbname=test", autocommit=True) as con:
+        con.execute("DROP DATABASE IF EXISTS imd_bench WITH (FORCE)")
+        con.execute("CREATE DATABASE imd_bench")
+
+    def drop():
+        with psycopg.connect(PG_SERVER + " dbname=test", autocommit=True) as con:
+            con.execute("DROP DATABASE IF EXISTS imd_bench WITH (FORCE)")
+    store = PostgresStore(PG_SERVER + " dbname=imd_bench", writers=args.writers,
+                          queue_size=args.queue, batch_max=args.batch, bulk=args.bulk)
+    return store, drop
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="postgresql", choices=["sqlite", "postgresql"])
+    ap.add_argument("--writers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--bulk", default="copy", choices=["copy", "executemany"])
+    ap.add_argument("--synchronous", default="full", choices=["full", "normal"])
+    ap.add_argument("--messages", type=int, default=50000)
+    ap.add_argument("--senders", type=int, default=2000)
+    ap.add_argument("--recipients", type=int, default=2000)
+    ap.add_argument("--queue", type=int, default=20000)
+    ap.add_argument("--rate", type=int, default=0, help="messages/s to offer (0: as fast as it takes)")
+    args = ap.parse_args()
+    store, cleanup = make_store(args)
+    store.open()
+    latencies = []
+    body = {"text": "hello, is the flat still free on the 12th? " * 2}
+    ctx = {"listing": "L12345", "booking": "B987"}
+
+    def acked(started):
+        return lambda result, error: latencies.append(time.perf_counter() - started)
+
+    try:
+        t0 = time.perf_counter()
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        i = 0
+        while i < args.messages:
+            if args.rate and i >= (time.perf_counter() - t0) * args.rate:
+                gevent.sleep(0.002)
+                continue
+            s = i % args.senders
+            try:
+                store.send_message("g%d" % s, "h%d" % ((s * 7 + i) % args.recipients), "c%d" % i, body, ctx, "m%d" % i,
+                                   1712345678000 + i, acked(time.perf_counter()))
+                i += 1
+            except StoreFull:
+                gevent.sleep(0.001)
+            if i % 200 == 0:
+                gevent.sleep(0)
+        store.flush()
+        elapsed = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        stats = store.stats()
+        latencies.sort()
+        print(orjson.dumps({
+            "backend": args.backend, "writers": args.writers if args.backend == "postgresql" else 1,
+            "batch_max": args.batch, "bulk": args.bulk, "synchronous": args.synchronous,
+            "messages": args.messages, "rate": args.rate,
+            "client_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 2), "seconds": round(elapsed, 3),
+            "msgs_per_s": round(args.messages / elapsed), "batches": stats["batches"], "retries": stats["retries"],
+            "avg_batch": round(stats["committed"] / max(stats["batches"], 1), 1),
+            "avg_commit_ms": round(1000 * stats["commit_seconds_sum"] / max(stats["commit_count"], 1), 2),
+            "ack_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+            "ack_p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 1),
+        }).decode())
+    finally:
+        store.close()
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""PostgreSQL-only behaviour: outages, several nodes on one database, retention."""
+
+import itertools
+
+import gevent
+import psycopg
+import pytest
+
+from imd.store.base import StoreFull, StoreUnavailable
+from imd.store.postgresql import PostgresStore
+
+from .backends import PostgresBackend
+from .tcp_proxy import TcpProxy
+from .test_contract import Acks, send, wait_until
+
+
+@pytest.fixture
+def pg(tmp_path):
+    backend = PostgresBackend(tmp_path)
+    yield backend
+    backend.cleanup()
+
+
+def test_outage_queues_refuses_at_limit_and_drains_after(pg):
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    store = PostgresStore(pg.dsn_via(proxy.server), writers=2, queue_size=40,
+                                batch_max=10, connect_timeout=2)
+    store.open()
+    try:
+        acks = Acks()
+        for i in range(10):
+            send(store, acks, "s%d" % (i % 3), "r", "before%d" % i)
+        assert store.flush(10) and len(acks.items) == 10
+        proxy.cut()
+        queued = 0
+        with pytest.raises(StoreFull):
+            for i in range(1000):
+                send(store, acks, "s%d" % (i % 3), "r", "during%d" % i)
+                queued += 1
+        assert queued == 40
+        assert wait_until(lambda: store.stats()["retries"] >= 2)
+        assert len(acks.items) == 10 and store.stats()["queue"] == 40
+        with pytest.raises(StoreUnavailable):
+            store.inbox("r", 0, 10)
+        proxy.restore()
+        assert store.flush(60)
+        assert all(e is None for _, _, e in acks.items) and len(acks.items) == 50
+        for s in range(3):
+            mine = [r.sender_seq for tag, r, _ in acks.items if r.entries[0].user == "s%d" % s]
+            assert mine == list(range(1, len(mine) + 1))
+        stored = store.inbox("r", 0, 100)
+        assert [e.seq for e in stored] == list(range(1, 51))
+        assert sorted(e.mid for e in stored) == sorted(r.mid for _, r, _ in acks.items)
+    finally:
+        store.close()
+        proxy.stop()
+
+
+def test_read_after_a_blip_replaces_the_dead_pooled_connection(pg):
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    store = PostgresStore(pg.dsn_via(proxy.server), connect_timeout=2)
+    store.open()
+    try:
+        assert store.last_seq("x") == 0            # leaves an idle read connection
+        proxy.cut()
+        proxy.restore()
+        assert store.last_seq("x") == 0            # dead pooled connection replaced, no error
+    finally:
+        store.close()
+        proxy.stop()
+
+
+def test_terminated_connections_under_load_lose_nothing_acked(pg):
+    store = pg.make(writers=4, batch_max=20)
+    store.open()
+    acks = Acks()
+    stop = []
+
+    def load():
+        for i in itertools.count():
+            if stop:
+                return
+            try:
+                send(store, acks, "u%d" % (i % 8), "hub", "c%d" % i)
+            except StoreFull:
+                pass
+            if i % 10 == 0:
+                gevent.sleep(0.002)
+
+    def terminate():
+        with psycopg.connect(pg.server_dsn, autocommit=True) as con:
+            con.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                        "AND application_name = ''")
+
+    try:
+        loader = gevent.spawn(load)
+        for _ in range(4):
+            assert wait_until(lambda: store.stats()["committed"] > 0)
+            gevent.sleep(0.2)
+            terminate()
+        assert wait_until(lambda: store.stats()["retries"] >= 1)
+        stop.append(True)
+        loader.join()
+        assert store.flush(60)
+        assert all(e is None for _, _, e in acks.items)
+        stored = store.inbox("hub", 0, 100000)
+        assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
+        by_mid = {e.mid: e.seq for e in stored}
+        assert len(by_mid) == len(stored)
+        for _, result, _ in acks.items:
+            if not result.duplicate:
+                assert by_mid[result.mid] == result.recipient_seq
+    finally:
+        store.close()
+
+
+def test_two_nodes_share_one_database(pg):
+    nodes = [pg.make(writers=3, batch_max=25) for _ in range(2)]
+    for node in nodes:
+        node.open()
+    try:
+        acks = Acks()
+        for i in range(400):
+            send(nodes[i % 2], acks, "n%d-u%d" % (i % 2, i % 5), "popular", "c%d" % i)
+            if i % 50 == 0:
+                gevent.sleep(0)
+        assert all(node.flush(30) for node in nodes)
+        results = acks.results()
+        assert sorted(r.recipient_seq for r in results) == list(range(1, 401))
+        stored = nodes[0].inbox("popular", 0, 1000)
+        assert [(e.seq, e.mid) for e in stored] == sorted((r.recipient_seq, r.mid) for r in results)
+        assert nodes[1].last_seq("popular") == 400
+    finally:
+        for node in nodes:
+            node.close()
+
+
+def test_open_fails_clearly_when_unreachable(pg):
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    proxy.cut()
+    store = PostgresStore(pg.dsn_via(proxy.server), connect_timeout=2)
+    with pytest.raises(StoreUnavailable):
+        store.open()
+
+
+def test_close_during_outage_fails_the_queued_ops_without_hanging(pg):
+    proxy = TcpProxy(("127.0.0.1", 5432)).start()
+    store = PostgresStore(pg.dsn_via(proxy.server), writers=2, connect_timeout=2)
+    store.open()
+    acks = Acks()
+    try:
+        proxy.cut()
+        for i in range(5):
+            send(store, acks, "a%d" % i, "b", "c%d" % i)
+        assert wait_until(lambda: store.stats()["retries"] >= 1)
+        store.close(timeout=0.5)
+        assert len(acks.items) == 5
+        assert all(r is None and isinstance(e, StoreUnavailable) for _, r, e in acks.items)
+        with pytest.raises(StoreUnavailable):
+            send(store, acks, "a", "b", "late")
+    finally:
+        store.close()
+        proxy.stop()

@@ -1,0 +1,111 @@
+"""Envelope validation (DESIGN.md §3): every field's type, size and syntax."""
+
+import orjson
+import pytest
+
+from imd import envelope
+from imd.envelope import EnvelopeError, Out
+
+MAX_BODY = 1000
+
+
+def parse(obj):
+    return envelope.parse(orjson.dumps(obj), MAX_BODY)
+
+
+GOOD = [
+    {"type": "auth", "token": "t", "platform": "ios", "device": "iphone-1"},
+    {"type": "auth", "token": "t", "platform": "h5", "device": "d:1", "since": 0},
+    {"type": "msg", "id": "c.1", "to": "guest_9", "body": "hi"},
+    {"type": "msg", "id": "c-2", "to": "g", "body": {"text": "hi", "img": None}, "ctx": {"listing": "L1", "n": 2}},
+    {"type": "ack", "seq": 0},
+    {"type": "read", "peer": "bob", "seq": 12},
+    {"type": "sync", "since": 5},
+    {"type": "sync", "since": 5, "limit": 500},
+    {"type": "ping"}, {"type": "pong"}, {"type": "close"},
+    {"type": "presence", "status": "away"},
+    {"type": "ping", "unknown": "fields are ignored"},
+]
+
+
+@pytest.mark.parametrize("env", GOOD, ids=lambda e: e["type"])
+def test_valid(env):
+    assert parse(env) == env
+
+
+BAD = [
+    ("not an object", [1], 400),
+    ("no type", {"seq": 1}, 400),
+    ("type not str", {"type": 5}, 400),
+    ("unknown type", {"type": "hack"}, 400),
+    ("auth no token", {"type": "auth", "platform": "ios", "device": "d"}, 400),
+    ("auth long token", {"type": "auth", "token": "t" * 5000, "platform": "ios", "device": "d"}, 400),
+    ("auth bad platform", {"type": "auth", "token": "t", "platform": "symbian", "device": "d"}, 400),
+    ("auth bad device", {"type": "auth", "token": "t", "platform": "ios", "device": "a b"}, 400),
+    ("auth since str", {"type": "auth", "token": "t", "platform": "ios", "device": "d", "since": "1"}, 400),
+    ("msg no id", {"type": "msg", "to": "b", "body": "x"}, 400),
+    ("msg id too long", {"type": "msg", "id": "x" * 65, "to": "b", "body": "x"}, 400),
+    ("msg bad to", {"type": "msg", "id": "1", "to": "b@c", "body": "x"}, 400),
+    ("msg to too long", {"type": "msg", "id": "1", "to": "b" * 65, "body": "x"}, 400),
+    ("msg empty body", {"type": "msg", "id": "1", "to": "b", "body": ""}, 400),
+    ("msg list body", {"type": "msg", "id": "1", "to": "b", "body": [1]}, 400),
+    ("msg number body", {"type": "msg", "id": "1", "to": "b", "body": 7}, 400),
+    ("msg big body", {"type": "msg", "id": "1", "to": "b", "body": "é" * 501}, 413),
+    ("msg big object body", {"type": "msg", "id": "1", "to": "b", "body": {"t": "x" * 1000}}, 413),
+    ("msg ctx list", {"type": "msg", "id": "1", "to": "b", "body": "x", "ctx": []}, 400),
+    ("msg ctx nested", {"type": "msg", "id": "1", "to": "b", "body": "x", "ctx": {"a": {"b": 1}}}, 400),
+    ("msg ctx bad key", {"type": "msg", "id": "1", "to": "b", "body": "x", "ctx": {"a b": 1}}, 400),
+    ("msg ctx many keys", {"type": "msg", "id": "1", "to": "b", "body": "x",
+                           "ctx": {f"k{i}": i for i in range(17)}}, 400),
+    ("ack bool", {"type": "ack", "seq": True}, 400),
+    ("ack negative", {"type": "ack", "seq": -1}, 400),
+    ("ack float", {"type": "ack", "seq": 1.5}, 400),
+    ("ack huge", {"type": "ack", "seq": 2 ** 60}, 400),
+    ("read bad peer", {"type": "read", "peer": "", "seq": 1}, 400),
+    ("sync limit 0", {"type": "sync", "since": 1, "limit": 0}, 400),
+    ("sync limit big", {"type": "sync", "since": 1, "limit": 501}, 400),
+    ("presence offline", {"type": "presence", "status": "offline"}, 400),
+]
+
+
+@pytest.mark.parametrize("name,env,code", BAD, ids=[b[0] for b in BAD])
+def test_invalid(name, env, code):
+    with pytest.raises(EnvelopeError) as e:
+        parse(env)
+    assert e.value.code == code and e.value.reason
+    assert e.value.envelope()["type"] == "error"
+
+
+def test_error_echoes_a_sane_client_id_only():
+    with pytest.raises(EnvelopeError) as e:
+        parse({"type": "msg", "id": "ok-1", "to": "b", "body": 5})
+    assert e.value.envelope()["id"] == "ok-1"
+    with pytest.raises(EnvelopeError) as e:
+        parse({"type": "msg", "id": "<script>", "to": "b", "body": 5})
+    assert "id" not in e.value.envelope()
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"\xff\xfe", b'{"type":"ping"}garbage', b"nan", b"[" * 5000])
+def test_malformed_json(raw):
+    with pytest.raises(EnvelopeError) as e:
+        envelope.parse(raw, MAX_BODY)
+    assert e.value.code == 400 and e.value.fatal
+
+
+def test_oversized_body_is_not_fatal():
+    with pytest.raises(EnvelopeError) as e:
+        parse({"type": "msg", "id": "1", "to": "b", "body": "x" * 2000})
+    assert not e.value.fatal
+
+
+def test_out_encodes_once_and_frames_once_per_codec():
+    calls = []
+
+    def codec(j):
+        calls.append(j)
+        return b"<" + j + b">"
+
+    o = Out({"type": "pong"})
+    assert o.json() is o.json()
+    assert o.frame(codec) == b'<{"type":"pong"}>' and o.frame(codec) == b'<{"type":"pong"}>'
+    assert len(calls) == 1
