@@ -657,10 +657,11 @@ class Worker:
             return encode_frame({"type": "msg", "id": mid, "to": partner, "body": body})
         return xmpp_message(f"{partner}@{s['domain']}", body)
 
-    def traffic(self, rate, window, duration):
+    def traffic(self, rate, window, duration, drain=30.0):
         """Send chat messages for `duration` s: `rate` per second over this worker's connections
-        (0 = closed loop: keep `window` unacked per connection, tcp only). Then wait up to 3 s for
-        the answers. Returns (sent, answered, elapsed)."""
+        (0 = closed loop: keep `window` unacked per connection, tcp only). Then wait up to `drain`
+        s for the answers, so that the next phase does not start behind the server's backlog.
+        Returns (sent, answered, elapsed)."""
         conns = [c for c in self.ready if c.state == READY]
         if not conns:
             return 0, 0, 0.0
@@ -701,7 +702,7 @@ class Worker:
                         sent += 1
             self.poll(0.001 if rate else 0.01)
         elapsed = time.monotonic() - t0
-        drain_end = time.monotonic() + 3
+        drain_end = time.monotonic() + drain
         while time.monotonic() < drain_end and len(self.latencies) < sent:
             self.poll(0.01)
         for c in conns:

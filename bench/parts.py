@@ -415,22 +415,29 @@ RATES = [250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000
 
 
 def sweep(label, fleet, pids, rates, step_seconds, limit_ms):
-    """Offer each rate in turn (open loop) until p99 passes limit_ms or deliveries fall behind.
+    """Offer each rate in turn (open loop). A rate holds when its p99 is within limit_ms and every
+    message was answered; a rate that fails is tried once more (one stall of a shared machine is
+    not saturation), and the sweep ends at the first rate that fails twice.
     Returns (best rate that held, its note, [(rate, p99 ms)])."""
     best, note, series = None, "", []
     for rate in rates:
-        cpu0 = peers.cpu_seconds(pids)
-        sent, got, wall, lat = fleet.traffic(rate, 0, step_seconds)
-        cpu = peers.cpu_seconds(pids) - cpu0
-        lat = sorted(lat)
-        p50, p99 = lg.quantile(lat, .5) / 1000, lg.quantile(lat, .99) / 1000
-        say(f"{label}: offered {rate:,}/s: {got:,}/{sent:,} answered, p50 {p50:.1f} ms p99 {p99:.1f} ms, "
-            f"server CPU {cpu / wall:.0%}, busiest load-generator process {fleet.client_load:.0%}")
+        for attempt in (1, 2):
+            cpu0 = peers.cpu_seconds(pids)
+            sent, got, wall, lat = fleet.traffic(rate, 0, step_seconds)
+            cpu = peers.cpu_seconds(pids) - cpu0
+            lat = sorted(lat)
+            p50, p99 = lg.quantile(lat, .5) / 1000, lg.quantile(lat, .99) / 1000
+            held = p99 <= limit_ms and got >= sent and sent >= 0.9 * rate * step_seconds
+            say(f"{label}: offered {rate:,}/s: {got:,}/{sent:,} answered, p50 {p50:.1f} ms "
+                f"p99 {p99:.1f} ms, server CPU {cpu / wall:.0%}, busiest load-generator process "
+                f"{fleet.client_load:.0%}" + ("" if held else f" -> over the limit (try {attempt})"))
+            time.sleep(0.5)
+            if held:
+                break
         series.append((rate, p99))
-        if p99 > limit_ms or got < 0.99 * sent or sent < 0.9 * rate * step_seconds:
+        if not held:
             break
         best, note = rate, f"p50 {p50:.1f} ms, p99 {p99:.1f} ms at {rate:,}/s, server CPU {cpu / wall:.0%}"
-        time.sleep(0.5)
     return best, note, series
 
 
