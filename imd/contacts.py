@@ -15,6 +15,7 @@ import time
 from collections import deque
 
 RECENT_SECONDS = 120.0
+EMPTY = frozenset()       # the cached list of a user without contacts (no set per user)
 
 
 class Contacts:
@@ -26,7 +27,8 @@ class Contacts:
     def cached(self, user: str):
         return self._cache.get(user)
 
-    def get(self, user: str) -> set:
+    def get(self, user: str):
+        """The user's contacts (a set, or the shared empty frozenset); do not mutate it."""
         s = self._cache.get(user)
         if s is None:
             s = set(self.store.contacts(user))
@@ -38,7 +40,7 @@ class Contacts:
             cur = self._cache.get(user)       # a change may have loaded it meanwhile
             if cur is not None:
                 return cur
-            self._cache[user] = s
+            s = self._cache[user] = s or EMPTY
         return s
 
     def drop(self, user: str) -> None:
@@ -50,10 +52,16 @@ class Contacts:
         changed = False
         for x, y in ((user, contact), (contact, user)):
             s = self._cache.get(x)
-            if s is not None:
-                before = len(s)
-                (s.add if op == "add" else s.discard)(y)
-                changed |= len(s) != before
+            if s is None:
+                continue
+            if op == "add":
+                if s is EMPTY:
+                    s = self._cache[x] = set()
+                changed |= y not in s
+                s.add(y)
+            elif y in s:
+                s.discard(y)
+                changed = True
         return changed
 
     def add(self, user: str, contact: str) -> bool:
