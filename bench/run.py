@@ -35,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--also-imd-python", metavar="PYTHON",
                     help="run imd's side of the parts a second time under this interpreter "
                          "(e.g. .venv-debian/bin/python); its rows are labelled imd/<name>")
+    ap.add_argument("--imd-only", action="store_true", help="skip the peers (imd's side only)")
     ap.add_argument("--imd-repo", default=REPO, help="source tree of imd (default: this one)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--idle-conns", type=int, help="connections per subject in `idle` (15000)")
@@ -61,7 +62,7 @@ def main(argv=None):
     if args.also_imd_python and os.sep in args.also_imd_python:
         args.also_imd_python = os.path.abspath(args.also_imd_python)
     ctx = parts.Context(os.path.abspath(args.imd_repo), args.imd_python, quick=args.quick,
-                        profile_dir=args.imd_profile)
+                        profile_dir=args.imd_profile, imd_only=args.imd_only)
     if not ctx.imd_available():
         print("note: imd daemon not in this tree yet: imd rows are n/a", file=sys.stderr)
     started = report.now_utc()
