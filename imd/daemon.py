@@ -37,8 +37,11 @@ from .control import ControlServer
 from .engine.memory import MemoryEngine
 from .fastpath import IMPL
 from .metrics import Metrics, max_fds, open_fds, rss_bytes
+from .net.admission import Admission
 from .net.listener import Listener, bind_socket
 from .node import Node
+from .proto.admin import AdminProtocol
+from .proto.comet.front import CometProtocol
 from .proto.tcp import TcpProtocol
 from .router import Router
 
@@ -82,6 +85,7 @@ class Daemon:
         self.cfg = cfg
         self.metrics = Metrics()
         self.listeners: list[Listener] = []
+        self._protocols: dict = {}
         self.control: ControlServer | None = None
         self.store = None
         self.node = None
@@ -108,12 +112,14 @@ class Daemon:
         self.router = Router(cfg, self.node, self.store, self.metrics)
         self.router.start()
         self._register_gauges()
-        for name, proto in self.protocols().items():
+        self.admission = Admission(cfg.limits, self.metrics)
+        self._protocols = self.protocols()
+        for name, proto in self._protocols.items():
             addr = cfg.addr("listen." + name)
             if addr is None:
                 continue
             sock = bind_socket(addr[0], addr[1], reuse_port=cfg.node.workers > 1)
-            listener = Listener(name, sock, proto.handle)
+            listener = Listener(name, sock, proto.handle, self.admission, getattr(proto, "refuse", None))
             listener.start()
             self.listeners.append(listener)
             host, port = listener.address
@@ -127,8 +133,12 @@ class Daemon:
         log.info("ready node=%s", cfg.node.id)
 
     def protocols(self) -> dict:
-        """Listener name → protocol object with a ``handle(sock, addr)`` hook."""
-        return {"tcp": TcpProtocol(self.router, self.cfg.node.id)}
+        """Listener name → protocol object with a ``handle(sock, addr)`` hook (and,
+        optionally, ``refuse(sock, code, reason)`` and ``stop()``)."""
+        node_id = self.cfg.node.id
+        front = CometProtocol(self.router, node_id)
+        return {"tcp": TcpProtocol(self.router, node_id), "comet": front,
+                "admin": AdminProtocol(self.router, self.node, front)}
 
     def _register_gauges(self) -> None:
         """Metrics read at scrape time (docs/operations.md lists them with alerts)."""
@@ -312,6 +322,9 @@ class Daemon:
         sdnotify.notify("STOPPING=1", "STATUS=" + self.status_line())
         for listener in self.listeners:
             listener.stop()
+        for proto in self._protocols.values():
+            if hasattr(proto, "stop"):
+                proto.stop()
         self._flush_store(min(STOP_TIMEOUT, timeout / 2))
         sessions = list(self.node.all_sessions())
         log.info("closing sessions count=%d reconnect=%s", len(sessions), reconnect)

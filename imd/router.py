@@ -34,6 +34,7 @@ log = logging.getLogger("imd.router")
 REPLAY_PAGE = 200
 OFFLINE_MAX = 10000
 MAX_BACKLOG = 64          # envelopes a client may pipeline behind its auth
+RATED = frozenset(("msg", "read", "sync"))   # envelope types under limits.msg_rate
 
 
 class Router:
@@ -92,6 +93,10 @@ class Router:
             return
         if st is CLOSED:
             return
+        if t in RATED and not self._allow(s):
+            self.metrics.inc("imd_rate_limited_total", (("type", t),))
+            s.send(error(429, f"rate limit: at most {self.limits.msg_rate:g} per second", env.get("id")))
+            return
         handler = getattr(self, "on_" + t)
         try:
             handler(s, env)
@@ -102,6 +107,25 @@ class Router:
         except Exception:
             log.exception("handler failed conn=%s type=%s", s.id, t)
             s.send(error(500, "internal error", env.get("id")))
+
+    def _allow(self, s) -> bool:
+        """The session's token bucket (limits.msg_rate per second, limits.msg_burst deep)."""
+        rate = self.limits.msg_rate
+        if not rate:
+            return True
+        burst = self.limits.msg_burst
+        now = time.monotonic()
+        b = s.bucket
+        if b is None:
+            s.bucket = [burst - 1.0, now]
+            return True
+        tokens = min(burst, b[0] + (now - b[1]) * rate)
+        b[1] = now
+        if tokens < 1.0:
+            b[0] = tokens
+            return False
+        b[0] = tokens - 1.0
+        return True
 
     def refuse(self, s, code: int, reason: str, id: Optional[str] = None) -> None:
         """Answer with ``error`` and end the connection."""

@@ -36,7 +36,7 @@ AUTH, AUTHING, SYNC, LIVE, CLOSED = "auth", "authing", "sync", "live", "closed"
 
 class Session:
     __slots__ = ("id", "user", "role", "platform", "device", "status", "state", "last_seq",
-                 "held", "backlog", "router", "opened", "last_rx", "pinged")
+                 "held", "backlog", "router", "opened", "last_rx", "pinged", "bucket")
 
     protocol = "base"
 
@@ -52,6 +52,7 @@ class Session:
         self.opened = time.time()
         self.last_rx = time.monotonic()
         self.pinged = False
+        self.bucket = None            # [tokens, time] once the session sends (limits.msg_rate)
 
     # -- identity --------------------------------------------------------------
     @property

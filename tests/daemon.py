@@ -67,6 +67,7 @@ def write_config(path: str, data_dir: str, overrides: dict | None = None) -> str
         "auth": {"secret": SECRET},
         "listen": {"tcp": "127.0.0.1:0", "comet": "", "xmpp": "", "admin": "", "control": ""},
         "presence": {"grace": 0.3},
+        "limits": {"msg_rate": 0},        # tests send as fast as they can; test_limits sets it
         "log": {"level": "info"},
     }
     for sec, vals in (overrides or {}).items():
@@ -210,6 +211,7 @@ class DaemonProcess:
             "node": {"data_dir": str(self.workdir / "var")},
             "auth": {"secret": SECRET},
             "listen": {"xmpp": "", "comet": "", "admin": "", "tcp": "127.0.0.1:0", "control": self.control},
+            "limits": {"msg_rate": 0},
         }, config)
         self.write_config()
         self.env = env

@@ -14,6 +14,7 @@ def start(tmp_path, overrides: dict | None = None) -> Daemon:
         "auth": {"secret": SECRET},
         "listen": {"tcp": "127.0.0.1:0", "comet": "", "xmpp": "", "admin": "", "control": ""},
         "presence": {"grace": 0.3},
+        "limits": {"msg_rate": 0},
     }
     for sec, vals in (overrides or {}).items():
         data.setdefault(sec, {}).update(vals)

@@ -30,6 +30,7 @@ log = logging.getLogger("imd.net")
 
 RECV_SIZE = 65536
 CLOSE_LINGER = 5.0      # seconds a closing connection may take to drain its output
+on_release = None          # set by imd.net.admission: called with the fd of every closed Conn
 _DEAD = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT, errno.EBADF)
 
 
@@ -75,6 +76,8 @@ def flusher() -> Flusher:
 class Conn:
     """A non-blocking socket with a read watcher, an output buffer and a limit."""
 
+    open_count = 0            # Conns of this process not yet shut down
+
     __slots__ = ("sock", "handler", "limit", "_rw", "_ww", "_out", "_outlen", "_dirty",
                  "_closing", "_drained", "_timer", "closed")
 
@@ -91,6 +94,7 @@ class Conn:
         self._timer = None
         self._ww = None
         self.closed = False
+        Conn.open_count += 1
         loop = gevent.get_hub().loop
         self._rw = loop.io(sock.fileno(), 1)
         self._rw.start(self._on_readable)
@@ -221,6 +225,9 @@ class Conn:
         if self.closed:
             return
         self.closed = True
+        Conn.open_count -= 1
+        if on_release is not None:
+            on_release(self.sock.fileno())
         self._rw.stop()
         self._rw.close()
         if self._ww is not None:

@@ -41,12 +41,20 @@ def bind_socket(host: str, port: int, backlog: int = 4096, reuse_port: bool = Fa
 
 
 class Listener:
-    """Accepts connections on one socket and hands them to ``handle``."""
+    """Accepts connections on one socket and hands them to ``handle``.
 
-    def __init__(self, name: str, sock: socket.socket, handle) -> None:
+    With an ``admission`` (imd.net.admission.Admission), a connection over a
+    limit is given to ``refuse(sock, code, reason)`` (the protocol's error, best
+    effort, non-blocking) and closed before ``handle`` ever sees it.
+    """
+
+    def __init__(self, name: str, sock: socket.socket, handle, admission=None, refuse=None) -> None:
         self.name = name
         self.sock = sock
         self.handle = handle
+        self.admission = admission
+        self.refuse = refuse
+        self.refused = 0
         self.accepted = 0
         self._watcher = None
         self._backoff = BACKOFF_MIN
@@ -93,6 +101,11 @@ class Listener:
             self.accepted += 1
             ls = self.sock
             sock = _socket.socket(ls.family, ls.type, ls.proto, fileno=fd)
+            if self.admission is not None and isinstance(addr, tuple):
+                verdict = self.admission.admit(fd, addr[0])
+                if verdict is not None:
+                    self._refuse(sock, *verdict)
+                    continue
             try:
                 sock.setblocking(False)
                 if sock.family != socket.AF_UNIX:
@@ -100,10 +113,23 @@ class Listener:
                 self.handle(sock, addr)
             except Exception:
                 log.exception("connection setup failed listener=%s peer=%s", self.name, addr)
+                if self.admission is not None:
+                    self.admission.release(fd)
                 try:
                     sock.close()
                 except OSError:
                     pass
+
+    def _refuse(self, sock, code: int, reason: str) -> None:
+        self.refused += 1
+        try:
+            sock.setblocking(False)
+            if self.refuse is not None:
+                self.refuse(sock, code, reason)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
     def _pause(self, err: OSError) -> None:
         """Out of descriptors: stop accepting for a while instead of spinning."""

@@ -80,3 +80,8 @@ class TcpProtocol:
     def handle(self, sock, addr) -> None:
         s = TcpSession(self.router, sock, addr, self.node_id)
         self.router.opened(s)
+
+    @staticmethod
+    def refuse(sock, code: int, reason: str) -> None:
+        """A connection over a limit: one ``error`` frame, then the listener closes it."""
+        sock.send(encode_frame(envelope.dumps(envelope.error(code, reason))))

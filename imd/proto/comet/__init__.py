@@ -1,0 +1,1 @@
+"""iComet-compatible comet for imd: channel model, encodings, HTTP, WebSocket handshake, ports."""

@@ -1,0 +1,226 @@
+"""The sessions of the comet port's users: WebSocket, SSE and long-poll.
+
+Each is a :class:`imd.session.Session` (identity, ``send``, ``close``, inbox
+ordering) whose protocol part turns envelopes into its framing: a text frame
+(:class:`WsSession`), an SSE event with ``id: <seq>`` for inbox entries
+(:class:`SseSession`), or an item of the next long-poll answer
+(:class:`PollSession`). The endpoints that create them are in users.py.
+Everything runs in the hub and never blocks (``drain`` blocks its caller,
+a replay greenlet).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import gevent
+
+from imd import envelope
+from imd.envelope import EnvelopeError
+from imd.fastpath import WSDecoder, WSError, ws_close_payload, ws_encode
+from imd.proto.comet import formats as fmt
+from imd.session import CLOSED, Session
+
+log = logging.getLogger("imd.comet")
+
+JSON = "application/json; charset=utf-8"
+JS = "text/javascript; charset=utf-8"
+
+
+def ws_text(data: bytes) -> bytes:
+    return ws_encode(1, data)
+
+
+def sse_data(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+class WsSession(Session):
+    """A user session over a WebSocket (the Conn's handler after the upgrade)."""
+
+    __slots__ = ("conn", "decoder", "max_body")
+    protocol = "ws"
+
+    def __init__(self, router, conn, node_id: str) -> None:
+        super().__init__(router, node_id)
+        self.conn = conn
+        self.decoder = WSDecoder(router.limits.max_frame)
+        self.max_body = router.limits.max_body
+
+    def on_data(self, data: bytes) -> None:
+        self.touch()
+        try:
+            frames = self.decoder.feed(data)
+        except WSError as e:
+            self._close_frame(e.code, e.reason)
+            return
+        for op, payload in frames:
+            if self.state is CLOSED or self.conn.closed:
+                return
+            if op == 1:
+                try:
+                    env = envelope.parse(payload, self.max_body)
+                except EnvelopeError as e:
+                    self.send(e.envelope())
+                    if e.fatal:
+                        self.end(e.reason)
+                        return
+                    continue
+                self.router.receive(self, env)
+            elif op == 9:
+                self.conn.write(ws_encode(10, payload))
+            elif op == 8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
+                self._close_frame(code if code in (1000, 1001) else 1000, "bye")
+                return
+            elif op == 2:
+                self._close_frame(1003, "binary frames are not accepted")
+                return
+
+    def on_close(self, reason: str) -> None:
+        self.closed(reason)
+
+    def write_out(self, out) -> None:
+        self.conn.write(out.frame(ws_text))
+
+    def end(self, reason: str) -> None:
+        self._close_frame(1000, reason)
+
+    def _close_frame(self, code: int, reason: str) -> None:
+        self.conn.write(ws_encode(8, ws_close_payload(code, reason)))
+        self.conn.close(reason)
+
+    def drain(self) -> None:
+        self.conn.wait_drained(self.conn.limit // 2)
+
+
+class SseSession(Session):
+    """A user session over one SSE response (``/im/events``)."""
+
+    __slots__ = ("http", "users")
+    protocol = "sse"
+
+    def __init__(self, router, http, users, node_id: str) -> None:
+        super().__init__(router, node_id)
+        self.http = http
+        self.users = users
+
+    def write_out(self, out) -> None:
+        data = out.frame(sse_data)
+        if out.seq:
+            data = b"id: %d\n" % out.seq + data
+        self.http.send(data)
+
+    def end(self, reason: str) -> None:
+        self.http.end_stream()
+        self.closed(reason)
+
+    def gone(self) -> None:
+        self.closed("client left")
+
+    def closed(self, reason: str) -> None:
+        self.users.sessions.pop(self.id, None)
+        super().closed(reason)
+
+    def drain(self) -> None:
+        self.http.conn.wait_drained(self.http.conn.limit // 2)
+
+    def on_deadline(self, now: float):
+        """The stream itself shows liveness (a dead client fails the write):
+        only ping every ``heartbeat`` seconds, never time out on silence."""
+        if self.state is CLOSED:
+            return None
+        self.send_ping()
+        return now + self.router.limits.heartbeat
+
+
+class PollSession(Session):
+    """A user session spread over long-poll requests (``/im/poll``)."""
+
+    __slots__ = ("users", "queue", "queued", "waiter", "cb", "since_poll", "_scheduled")
+    protocol = "poll"
+
+    def __init__(self, router, users, node_id: str) -> None:
+        super().__init__(router, node_id)
+        self.users = users
+        self.queue: list = []
+        self.queued = 0
+        self.waiter = None          # HttpConn of the poll being held
+        self.cb = ""
+        self.since_poll = time.monotonic()
+        self._scheduled = False
+
+    def write_out(self, out) -> None:
+        data = out.json()
+        self.queue.append(data)
+        self.queued += len(data)
+        if self.queued > self.router.limits.send_buffer:
+            log.info("slow consumer cut off session=%s user=%s", self.id, self.user)
+            self.queue.clear()
+            self.closed("slow consumer")
+            return
+        if self.waiter is not None and not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        """Loop callback: answer the held poll with what was queued this iteration."""
+        self._scheduled = False
+        if self.queue and self.waiter is not None:
+            self._answer()
+
+    def attach(self, http, cb: str) -> None:
+        """A poll request arrived for this session: answer now or hold it."""
+        if self.waiter is not None:
+            self._answer()                  # a newer poll replaces the held one
+        self.waiter = http
+        self.cb = cb
+        self.since_poll = time.monotonic()
+        http.hold(self)
+        if self.queue and not self._scheduled:
+            self._scheduled = True
+            gevent.get_hub().loop.run_callback(self._flush)
+
+    def _answer(self) -> None:
+        """Answer the held poll now with everything queued (maybe ``[]``)."""
+        http, self.waiter = self.waiter, None
+        if http is None:
+            return
+        body = b"[" + b",".join(self.queue) + b"]"
+        self.queue = []
+        self.queued = 0
+        self.since_poll = time.monotonic()
+        if self.cb:
+            http.reply(200, self.cb.encode() + b"(" + fmt.js_safe(body) + b");\n", JS,
+                       self.users.no_cache)
+        else:
+            http.reply(200, body, JSON, self.users.no_cache)
+
+    def gone(self) -> None:
+        self.waiter = None
+
+    def end(self, reason: str) -> None:
+        if self.waiter is not None:
+            self._answer()
+        self.closed(reason)
+
+    def closed(self, reason: str) -> None:
+        self.users.sessions.pop(self.id, None)
+        if self.waiter is not None:
+            self._answer()
+        super().closed(reason)
+
+    def on_deadline(self, now: float):
+        if self.state is CLOSED:
+            return None
+        limits = self.router.limits
+        if self.waiter is not None:
+            if now - self.since_poll >= limits.heartbeat:
+                self._answer()
+                return now + limits.idle_timeout
+            return self.since_poll + limits.heartbeat
+        if now - self.since_poll >= limits.idle_timeout:
+            self.closed("not polled")
+            return None
+        return self.since_poll + limits.idle_timeout
