@@ -90,7 +90,8 @@ def _spec_for(kind, peer, **extra):
         if port not in peer.ports:
             raise peers.PeerError(f"imd has no {port} listener")
         spec["port"] = peer.ports[port]
-        spec.setdefault("path", {"sse": "/im/events?token={token}", "ws": "/ws?token={token}"}.get(kind))
+        spec.setdefault("path", {"sse": "/im/events?token={token}&platform=web&device=d{i}",
+                                 "ws": "/ws?token={token}&platform=web&device=d{i}"}.get(kind))
         spec.setdefault("domain", "localhost")
         spec.pop("password", None)          # imd takes the token as the XMPP PLAIN password
     else:
@@ -241,7 +242,11 @@ class Publisher:
         if resp.status >= 300:
             raise peers.PeerError(f"publish answered {resp.status}")
 
+    PIPELINE = 8      # requests per connection in a burst (imd answers 429 past some depth)
+
     def burst(self, payload, n):
+        """n publications at once: QoS 0 PUBLISHes in one write, or HTTP requests pipelined
+        PIPELINE deep over ceil(n / PIPELINE) connections written one right after the other."""
         if self.kind == "mqtt":
             self.sock.sendall(lg.mqtt_publish(self.channel, payload) * n)
             return
@@ -251,14 +256,26 @@ class Publisher:
         if body is not None:
             head.append(f"Content-Length: {len(body)}")
         one = ("\r\n".join(head) + "\r\n\r\n").encode() + (body or b"")
-        self.sock.sendall(one * n)
-        answered, tail = 0, b""
-        while answered < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise peers.PeerError(f"publisher closed after {answered} answers")
-            k, tail = lg.count_marks(tail, chunk, b"HTTP/1.1 ")
-            answered += k
+        host, port = self.sock.getpeername()
+        shares = [min(self.PIPELINE, n - i) for i in range(0, n, self.PIPELINE)]
+        conns = [socket.create_connection((host, port)) for _ in shares]
+        try:
+            for c, k in zip(conns, shares):
+                c.sendall(one * k)
+            for c, k in zip(conns, shares):
+                c.settimeout(60)
+                answered, tail = 0, b""
+                while answered < k:
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        raise peers.PeerError(f"publisher closed after {answered} answers")
+                    if b" 200 " not in chunk and b" 201 " not in chunk and b" 202 " not in chunk:
+                        raise peers.PeerError(f"publish answered {chunk[:60]!r}")
+                    m, tail = lg.count_marks(tail, chunk, b"HTTP/1.1 ")
+                    answered += m
+        finally:
+            for c in conns:
+                c.close()
 
     def close(self):
         self.sock.close()

@@ -361,6 +361,9 @@ backend = "{self.engine}"
 [comet]
 max_subscribers_per_channel = 100000
 
+[limits]
+msg_rate = 0                   # the bench measures capacity, not the per-session policy
+
 [xmpp]
 tls = "disabled"
 
