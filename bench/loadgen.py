@@ -28,6 +28,7 @@ import resource
 import select
 import socket
 import struct
+import sys
 import time
 from array import array
 
@@ -813,6 +814,46 @@ def _worker_main(spec, ctrl):
         pass
 
 
+class _Duplex:
+    """Two one-way pipes used as one duplex channel. multiprocessing's duplex Pipe is a
+    socketpair, and in a gevent-patched parent (the test suite) that socketpair is non-blocking;
+    os.pipe()-based one-way pipes stay plain blocking fds either way."""
+
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+
+    def send(self, obj):
+        self.writer.send(obj)
+
+    def recv(self):
+        return self.reader.recv()
+
+    def poll(self, timeout=0.0):
+        return self.reader.poll(timeout)
+
+    def fileno(self):
+        return self.reader.fileno()
+
+    def close(self):
+        self.reader.close()
+        self.writer.close()
+
+
+def _duplex_pair(ctx):
+    down_r, down_w = ctx.Pipe(duplex=False)
+    up_r, up_w = ctx.Pipe(duplex=False)
+    return _Duplex(up_r, down_w), _Duplex(down_r, up_w)
+
+
+def _mp_context():
+    """fork, unless gevent has patched this process (then the children start clean: spawn)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_anything_patched():
+        return multiprocessing.get_context("spawn")
+    return multiprocessing.get_context("fork")
+
+
 class Fleet:
     """Several worker processes sharing one spec (see Worker); connection indices are global and
     consecutive per worker (pairs 2k, 2k+1 always land in the same worker).
@@ -828,9 +869,9 @@ class Fleet:
         self.client_load = 0.0
 
     def start(self):
-        ctx = multiprocessing.get_context("fork")
+        ctx = _mp_context()
         for i in range(self.processes):
-            parent, child = ctx.Pipe()
+            parent, child = _duplex_pair(ctx)
             spec = dict(self.spec, base=self.spec.get("base", 0) + i * MAX_PER_PROCESS,
                         deadline=time.time() + self.deadline)
             p = ctx.Process(target=_worker_main, args=(spec, child), daemon=True)
