@@ -93,6 +93,11 @@ def peer_versions():
     return ", ".join(out)
 
 
+def run_record(command, parts, started, finished, imd_pythons):
+    return {"command": command, "parts": list(parts), "started": started, "finished": finished,
+            "load": loadavg(), "imd_python": [interpreter(p) for p in imd_pythons]}
+
+
 def interpreter(python):
     if python == sys.executable:
         return f"`{python}` (Python {platform.python_version()})"
@@ -151,7 +156,7 @@ TARGETS = [
     ("chat", "acked messages per second", ("imd tcp",), "min", 20000),
     ("chat", "ack latency p99", ("imd tcp",), "max", 20),
     ("chat", "sustained acked msgs/s", ("imd tcp",), "min", 10000),
-    ("xmpp", "sustained 1:1 msgs/s", ("imd xmpp",), "xprosody xmpp", 5.0),
+    ("xmpp", "sustained 1:1 msgs/s", ("imd xmpp",), "xprosody xmpp|saturation", 5.0),
     ("logins", "logins per second (wall)", ("imd tcp",), "min", 10000),
 ]
 
@@ -166,8 +171,12 @@ def target_rows(results):
         for subject in subjects:
             r = found.get(subject)
             if kind.startswith("x"):
-                peer = found.get(kind[1:])
-                text = f"{subject} {prefix} >= {want:g}x {kind[1:]}"
+                peer_name, _, peer_metric = kind[1:].partition("|")
+                peer_metric = peer_metric or prefix
+                peer = next((p for p in results if p.part == part and p.subject == peer_name
+                             and p.metric.startswith(peer_metric)), None)
+                text = f"{subject} {prefix} >= {want:g}x {peer_name}" + (
+                    f" ({peer_metric})" if peer_metric != prefix else "")
                 if r is None or r.value is None or peer is None or peer.value is None:
                     rows.append((text, "n/a", "not measured"))
                     continue
@@ -203,7 +212,29 @@ def loadavg():
         return " ".join(f.read().split()[:3])
 
 
-def write_markdown(path, results, command, imd_python, started, finished, notes=()):
+def save_json(path, runs, results):
+    """The results beside the markdown (PATH.json): runs = [{"command", "parts", "started",
+    "finished", "load", "imd_python"}], so a later run of some parts can keep the others."""
+    import dataclasses
+    import json
+    with open(path, "w") as f:
+        json.dump({"runs": runs, "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+
+
+def load_json(path):
+    """(runs, results) saved by save_json, or ([], []) if there is none."""
+    import json
+    from bench.parts import Result
+    if not os.path.exists(path):
+        return [], []
+    with open(path) as f:
+        data = json.load(f)
+    results = [Result(**{**r, "series": [tuple(x) for x in r["series"]]}) for r in data["results"]]
+    return data["runs"], results
+
+
+def write_markdown(path, results, runs, notes=()):
+    """docs/benchmarks.md from `results`; `runs` says which command measured which parts."""
     kept = _kept_notes(path)
     outdir = os.path.dirname(os.path.abspath(path))
     os.makedirs(outdir, exist_ok=True)
@@ -212,17 +243,19 @@ def write_markdown(path, results, command, imd_python, started, finished, notes=
     lines = [
         "# Benchmarks",
         "",
-        "Written by `bench/run.py` from one run on this machine; every figure below was measured in",
-        "that run (servers and load generator side by side on the same cores, loopback only).",
+        "Written by `bench/run.py` on this machine; every figure below was measured by the runs",
+        "listed (servers and load generator side by side on the same cores, loopback only). Other",
+        "work on the machine shows in wall-clock rates and latencies, less in per-CPU-second figures.",
         "",
-        f"- command: `{command}`",
-        f"- run: {started} – {finished} UTC (load average at the end: {loadavg()}; other work on",
-        "  the machine shows in wall-clock rates and latencies, less in per-CPU-second figures)",
         f"- machine: {machine()}",
         f"- bench interpreter: {interpreter(sys.executable)}",
-        f"- imd interpreter: {interpreter(imd_python[0])}" + "".join(
-            f"; rows labelled imd/…: {interpreter(p)}" for p in imd_python[1:]),
         f"- peers (Debian packages, run by the bench with generated configs): {peer_versions()}",
+    ]
+    for run in runs:
+        lines += [f"- `{run['command']}` — parts {', '.join(run['parts'])}; {run['started']} – "
+                  f"{run['finished']} UTC, load average at the end {run['load']}; imd ran on "
+                  + "; rows labelled imd/…: ".join(run["imd_python"])]
+    lines += [
         "",
         "Method: server memory is the VmRSS delta of the server's processes (nginx: its worker) between",
         "a baseline (after 200 warm-up connections were opened and closed) and N idle connections;",

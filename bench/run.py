@@ -50,6 +50,8 @@ def main(argv=None):
                     help="run imd under cProfile; DIR/imd-NN.prof(.txt) per imd start")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
     ap.add_argument("--no-write", action="store_true", help="print the table only")
+    ap.add_argument("--keep-other-parts", action="store_true",
+                    help="keep the results of the parts not run now from the previous run (OUT.json)")
     args = ap.parse_args(argv)
 
     chosen = args.parts or list(parts.PARTS)
@@ -83,6 +85,17 @@ def main(argv=None):
             kwargs = {"conns": args.c1m_conns, "mode": args.c1m_mode, "engine": args.c1m_engine,
                       "heartbeat": args.heartbeat or 30.0}
         results += runners[name](pass_ctx, **kwargs)
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    pythons = [args.imd_python] + ([args.also_imd_python] if args.also_imd_python else [])
+    runs = [report.run_record(command.strip(), chosen, started, report.now_utc(), pythons)]
+    if args.keep_other_parts:
+        old_runs, old_results = report.load_json(json_path)
+        kept = [r for r in old_results if r.part not in chosen]
+        results = kept + results
+        runs = [r for r in old_runs if set(r["parts"]) - set(chosen)] + runs
+    order = list(parts.PARTS) + list(EXTRA_PARTS)
+    results.sort(key=lambda r: order.index(r.part))
     print()
     report.print_table(results)
     targets = report.target_rows(results)
@@ -91,10 +104,8 @@ def main(argv=None):
         for text, measured, verdict in targets:
             print(f"  {verdict:<18} {text}: {measured}")
     if not args.no_write:
-        command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        pythons = [args.imd_python] + ([args.also_imd_python] if args.also_imd_python else [])
-        images = report.write_markdown(args.out, results, command.strip(), pythons,
-                                       started, report.now_utc())
+        report.save_json(json_path, runs, results)
+        images = report.write_markdown(args.out, results, runs)
         print(f"\nwrote {args.out}" + (f" and {', '.join(images)}" if images else ""))
     return 0
 
