@@ -103,6 +103,8 @@ SETTINGS = [
     S("engine", "backend", "memory", c.choice("memory", "redis"),
       '"memory" (single node) or "redis" (cluster bus)'),
     S("engine", "url", "redis://127.0.0.1:6379/0", c.redis_url(), "Redis URL for the redis engine"),
+    S("engine", "prefix", "imd:", c.string(),
+      "prefix of every Redis key and pub/sub channel; clusters sharing one Redis need different ones"),
     S("engine", "presence_ttl", 30, c.integer(2, 3600),
       "seconds a node's presence records live in Redis unless refreshed"),
     S("presence", "grace", 5, c.number(0),

@@ -43,6 +43,7 @@ from .node import Node
 from .proto.admin import AdminProtocol
 from .proto.comet.front import CometProtocol
 from .proto.tcp import TcpProtocol
+from .proto.xmpp.listener import XmppProtocol
 from .router import Router
 
 log = logging.getLogger("imd.daemon")
@@ -71,7 +72,7 @@ def make_engine(cfg):
     if cfg.engine.backend == "memory":
         return MemoryEngine()
     from .engine.redis import RedisEngine
-    return RedisEngine(cfg.engine.url, presence_ttl=cfg.engine.presence_ttl)
+    return RedisEngine(cfg.engine.url, presence_ttl=cfg.engine.presence_ttl, prefix=cfg.engine.prefix)
 
 
 class Daemon:
@@ -98,6 +99,7 @@ class Daemon:
         self._deadline = 0.0
         self._notifier = None
         self.log_handler = None
+        self.overrides = None       # a worker's own settings (imd/master.py), kept across reloads
 
     # -- boot -------------------------------------------------------------------
     def start(self) -> None:
@@ -138,7 +140,8 @@ class Daemon:
         node_id = self.cfg.node.id
         front = CometProtocol(self.router, node_id)
         return {"tcp": TcpProtocol(self.router, node_id), "comet": front,
-                "admin": AdminProtocol(self.router, self.node, front)}
+                "admin": AdminProtocol(self.router, self.node, front),
+                "xmpp": XmppProtocol(self.router, self.cfg)}
 
     def _register_gauges(self) -> None:
         """Metrics read at scrape time (docs/operations.md lists them with alerts)."""
@@ -166,6 +169,8 @@ class Daemon:
         m.counter_fn("imd_store_failed_total", "store operations that failed for good", store_stat("failed"))
         m.gauge("imd_engine_connected", "1 while the engine (bus) is connected",
                 lambda: {(): int(bool(self.node.engine.state().get("connected")))})
+        m.gauge("imd_engine_channels", "bus channels this node subscribes to",
+                lambda: {(): self.node.engine.state().get("channels", 0)})
         m.counter_fn("imd_accepted_total", "connections accepted by listener",
                      lambda: {(("listener", l.name),): l.accepted for l in self.listeners})
         m.gauge("imd_info", "version, node and fast path of this process",
@@ -258,6 +263,9 @@ class Daemon:
         try:
             try:
                 new = config_mod.load(self.cfg.source)
+                if self.overrides:
+                    from .master import apply_overrides
+                    new = apply_overrides(new, self.overrides)
                 _check_log_file(self.cfg, new)
             except config_mod.ConfigError as e:
                 log.error("reload refused, keeping the running config: %s", e)
@@ -380,10 +388,31 @@ def _check_log_file(old, new) -> None:
 
 
 def run(cfg) -> int:
-    """Entry point used by imd.cli: start, serve until a stop signal, exit code."""
+    """Entry point used by imd.cli: start, serve until a stop signal, exit code.
+    With ``node.workers`` > 1 this process becomes the master (imd/master.py)."""
     handler = log_mod.setup(cfg.log.level, cfg.log.format, cfg.log.file)
+    if cfg.node.workers > 1:
+        if cfg.engine.backend != "redis":
+            log.error('cannot start: node.workers = %d needs engine.backend = "redis" '
+                      "(workers talk to each other only through the redis engine)", cfg.node.workers)
+            return 2
+        from .master import run_master
+        return run_master(cfg)
+    return serve(cfg, handler)
+
+
+def run_worker(cfg, overrides: dict) -> int:
+    """Entry point of a worker forked by the master (logging is already set up);
+    ``overrides`` are the worker's own settings, applied again on every reload."""
+    handlers = logging.getLogger().handlers
+    return serve(cfg, handlers[0] if handlers else None, overrides)
+
+
+def serve(cfg, handler, overrides=None) -> int:
+    """Run one node in this process until a stop signal; the exit code."""
     d = Daemon(cfg)
     d.log_handler = handler
+    d.overrides = overrides
     d.install_signals()           # before start: a TERM during boot waits in the queue
     try:
         d.start()

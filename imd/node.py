@@ -22,7 +22,8 @@ from .contacts import Contacts
 from .engine.base import Event, user_channel
 from .envelope import Out
 from .presence import Presence
-from .store.base import Entry
+from .session import LIVE
+from .store.base import Entry, StoreError
 
 log = logging.getLogger("imd.node")
 
@@ -163,6 +164,39 @@ class Node:
             out = Out({"type": "contacts", "op": d["op"], "contact": d["contact"]})
             for s in list(sessions):
                 s.send(out)
+
+    # -- events the engine makes locally (see imd/engine/base.py) ------------------------
+    def on_resync(self, channel: str, d: dict) -> None:
+        """The bus was down: publications may be lost; bring every live session
+        up to its inbox's top from the store (in a greenlet, a user at a time)."""
+        gevent.spawn(self._resync)
+
+    def _resync(self) -> None:
+        users = list(self.sessions)
+        caught = 0
+        for i, user in enumerate(users):
+            sessions = self.sessions.get(user)
+            if not sessions:
+                continue
+            try:
+                top = self.store.last_seq(user)
+            except StoreError as e:
+                log.warning("resync: store unavailable (%s); gaps wait for the next entry", e)
+                return
+            for s in list(sessions):
+                if s.state is LIVE and s.last_seq < top:
+                    caught += 1
+                    s.router.catch_up(s, top)
+            if i % 100 == 99:
+                gevent.sleep(0)
+        log.info("resync done users=%d sessions_behind=%d", len(users), caught)
+
+    def on_nodes_lost(self, channel: str, d: dict) -> None:
+        log.warning("nodes lost %s: %d users lost their presence there", d["nodes"], len(d["users"]))
+        self.presence.lost(d["users"])
+
+    def on_presence_restore(self, channel: str, d: dict) -> None:
+        self.presence.restore(d["users"])
 
     def on_comet(self, channel: str, d: dict) -> None:
         handler = self.comet_handlers.get(channel)

@@ -8,7 +8,9 @@ engine (``presence`` events on each contact's user channel), and to local
 presence listeners (``/psub``-style callbacks).
 
 Recomputations are queued and run in one worker greenlet, because reading the
-cluster view (``engine.presence_get``) may block. ``changed`` never blocks.
+cluster view (``engine.presence_get``) may block; the worker takes up to
+``BATCH`` queued users per cluster read, so a login storm costs one Redis
+round trip per batch, not per user. ``changed`` never blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from gevent.event import Event as GEvent
 from .engine.base import Event, user_channel
 
 log = logging.getLogger("imd.presence")
+
+BATCH = 500         # users recomputed per cluster read
 
 
 def aggregate(records: list) -> tuple[str, list]:
@@ -41,6 +45,7 @@ class Presence:
         self._announced: dict[str, tuple] = {}  # user → (status, platforms) last announced here
         self._offline_timers: dict[str, object] = {}
         self._queue: dict[str, None] = {}
+        self._lost: dict[str, None] = {}        # users whose node died (engine ``nodes_lost``)
         self._wake = GEvent()
         self._worker = None
 
@@ -57,6 +62,21 @@ class Presence:
     def changed(self, user: str) -> None:
         """The user's local sessions changed (opened, closed, status)."""
         self._queue[user] = None
+        self._wake.set()
+
+    def lost(self, users) -> None:
+        """Another node died with these users' sessions: announce the ones left
+        with no session anywhere as offline (no grace: they are gone already)."""
+        for u in users:
+            self._lost[u] = None
+        self._wake.set()
+
+    def restore(self, users) -> None:
+        """Our records had been removed by another node (which announced these
+        users offline): announce them again."""
+        for u in users:
+            self._announced.pop(u, None)
+            self._queue[u] = None
         self._wake.set()
 
     def local_state(self, user: str):
@@ -97,30 +117,63 @@ class Presence:
         while True:
             self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                user = next(iter(self._queue))
-                del self._queue[user]
-                try:
-                    self._recompute(user)
-                except Exception:
-                    log.exception("presence recompute failed user=%s", user)
+            while self._queue or self._lost:
+                if self._queue:
+                    users = self._take(self._queue)
+                    try:
+                        self._recompute(users)
+                    except Exception:
+                        log.exception("presence recompute failed users=%d first=%s", len(users), users[0])
+                else:
+                    users = self._take(self._lost)
+                    try:
+                        self._offline_elsewhere(users)
+                    except Exception:
+                        log.exception("presence of a lost node's users failed users=%d", len(users))
 
-    def _recompute(self, user: str) -> None:
+    @staticmethod
+    def _take(queue: dict) -> list:
+        """Up to BATCH users off a queue: one cluster read serves them all."""
+        users = []
+        for user in queue:
+            users.append(user)
+            if len(users) == BATCH:
+                break
+        for user in users:
+            del queue[user]
+        return users
+
+    def _recompute(self, users: list) -> None:
         engine = self.node.engine
-        engine.presence_set(user, self.local_state(user))
-        status, platforms = aggregate(engine.presence_get([user]).get(user, []))
-        if status == "offline":
-            if user in self._announced and user not in self._offline_timers:
-                t = gevent.get_hub().loop.timer(self.grace)
-                self._offline_timers[user] = t
-                t.start(self._grace_over, user)
-            return
-        t = self._offline_timers.pop(user, None)
-        if t is not None:
-            t.stop()
-        if self._announced.get(user) != (status, platforms):
-            self._announced[user] = (status, platforms)
-            self._announce(user, status, platforms, None)
+        for user in users:
+            engine.presence_set(user, self.local_state(user))
+        records = engine.presence_get(users)
+        for user in users:
+            status, platforms = aggregate(records.get(user, []))
+            if status == "offline":
+                if user in self._announced and user not in self._offline_timers:
+                    t = gevent.get_hub().loop.timer(self.grace)
+                    self._offline_timers[user] = t
+                    t.start(self._grace_over, user)
+                continue
+            t = self._offline_timers.pop(user, None)
+            if t is not None:
+                t.stop()
+            if self._announced.get(user) != (status, platforms):
+                self._announced[user] = (status, platforms)
+                self._announce(user, status, platforms, None)
+
+    def _offline_elsewhere(self, users: list) -> None:
+        users = [u for u in users if u not in self.node.sessions]
+        records = self.node.engine.presence_get(users) if users else {}
+        now = int(time.time() * 1000)
+        for user in users:
+            if aggregate(records.get(user, []))[0] != "offline":
+                continue
+            self._announced.pop(user, None)
+            self.node.store.touch_user(user, None, None, now)
+            self._announce(user, "offline", [], now)
+            self.node.contacts.drop(user)
 
     def _grace_over(self, user: str) -> None:
         self._offline_timers.pop(user, None)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import gevent
 from gevent.event import AsyncResult
 
-from . import auth, envelope
+from . import auth
 from .envelope import EnvelopeError, Out, error
 from .ids import MidGen, now_ms
 from .metrics import Metrics
@@ -33,6 +33,7 @@ log = logging.getLogger("imd.router")
 
 REPLAY_PAGE = 200
 OFFLINE_MAX = 10000
+PUBLISH_SLICE = 1000      # entries published between yields by a bulk operation
 MAX_BACKLOG = 64          # envelopes a client may pipeline behind its auth
 RATED = frozenset(("msg", "read", "sync"))   # envelope types under limits.msg_rate
 
@@ -232,6 +233,29 @@ class Router:
                 s.last_seq = target
             gap = s.end_sync()
 
+    def catch_up(self, s, top: int) -> None:
+        """Send a live session the entries after its ``last_seq`` up to ``top``
+        from the store (the bus may have lost them; blocks: call from a greenlet).
+        Live entries arriving meanwhile are held and released in order."""
+        if s.state is not LIVE:
+            return
+        s.state = SYNC
+        s.held = []
+        try:
+            while s.last_seq < top and s.state is not CLOSED:
+                page = self.store.inbox(s.user, s.last_seq, min(REPLAY_PAGE, top - s.last_seq))
+                if not page:
+                    break
+                for e in page:
+                    if e.seq > s.last_seq:
+                        s.last_seq = e.seq
+                        s.send(Out(e.envelope(), e.seq))
+        except StoreError as e:
+            log.warning("catch-up failed session=%s error=%s", s.id, e)
+            s.close(503, "store unavailable", reconnect=True)
+            return
+        self._release(s)
+
     def fill_gap(self, s) -> None:
         """Called by a live session that saw a seq gap (the bus lost something)."""
         self.metrics.inc("imd_gaps_total")
@@ -336,8 +360,10 @@ class Router:
         self.store.add_notices(users, role, kind, body, self.mids, now_ms(),
                                lambda r, e: res.set_exception(e) if e else res.set(r))
         entries = res.get(timeout=timeout)
-        for e in entries:
+        for i, e in enumerate(entries, 1):
             self.node.publish_entry(e)
+            if i % PUBLISH_SLICE == 0:
+                gevent.sleep(0)     # let the bus drain a reminder to many users as it goes
         self.metrics.inc("imd_notices_total", value=len(entries))
         return entries
 

@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Optional
 
+from . import envelope
 from .envelope import Out, close as close_env
 
 log = logging.getLogger("imd.session")
@@ -74,6 +75,23 @@ class Session:
         """Close the transport (after flushing what was written); the protocol
         then calls :meth:`closed`."""
         raise NotImplementedError
+
+    # -- what protocols call -------------------------------------------------------
+    def receive_json(self, data: bytes) -> bool:
+        """Parse one client envelope and hand it to the router (non-blocking).
+
+        A malformed one is answered with ``error`` (and, when fatal, ends the
+        session). Returns False once the session has ended."""
+        try:
+            env = envelope.parse(data, self.router.limits.max_body)
+        except envelope.EnvelopeError as e:
+            self.send(e.envelope())
+            if e.fatal:
+                self.end(e.reason)
+                return False
+            return True
+        self.router.receive(self, env)
+        return self.state is not CLOSED
 
     # -- what upper layers call ---------------------------------------------------
     def send(self, out) -> None:

@@ -70,6 +70,9 @@ def write_config(path: str, data_dir: str, overrides: dict | None = None) -> str
         "limits": {"msg_rate": 0},        # tests send as fast as they can; test_limits sets it
         "log": {"level": "info"},
     }
+    if os.environ.get("IMD_TEST_ENGINE") == "redis":     # the same tests over the cluster bus
+        cfg["engine"] = {"backend": "redis", "url": os.environ.get("IMD_TEST_REDIS", "redis://127.0.0.1:6379/13"),
+                         "prefix": "t%d:" % os.getpid()}
     for sec, vals in (overrides or {}).items():
         cfg.setdefault(sec, {}).update(vals)
     with open(path, "w") as f:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from imd import confdoc
-from imd.config import SETTINGS, Config, ConfigError, changes, defaults, load, load_dict, parse_addr
+from imd.config import SETTINGS, ConfigError, changes, defaults, load, load_dict, parse_addr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

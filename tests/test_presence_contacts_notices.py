@@ -1,9 +1,7 @@
 """Presence over sessions (contacts only, debounced), contacts, reminders — through
 a node in this process with real raw-TCP clients (issue 2, DESIGN.md §5)."""
 
-import time
 
-import gevent
 import pytest
 
 from imd.client import Client

@@ -43,6 +43,13 @@ class Event:
     ``presence`` (a user's aggregate presence changed), ``read`` (read receipt),
     ``kick`` (close the user's sessions), ``contacts`` (a contact was added or
     removed), ``comet`` (a message on a comet channel), ``broadcast``.
+
+    Kinds an engine makes locally and hands to its own handler on channel
+    ``all`` (never published): ``resync`` (the bus was down and is back: some
+    publications may be lost, fetch from the store), ``nodes_lost`` (``nodes``
+    died; ``users`` lost their presence records there), ``presence_restore``
+    (this node's records had been removed by another node; ``users`` must be
+    announced again).
     """
 
     __slots__ = ("kind", "data", "origin", "_wire")
@@ -87,7 +94,13 @@ class Engine:
     def unsubscribe(self, channel: str) -> None:
         raise NotImplementedError
 
-    def publish(self, channel: str, event: Event) -> None:
+    def publish(self, channel: str, event: Event, applied=None) -> None:
+        """Publish ``event`` on ``channel`` (never blocks). ``applied(ok)``, if
+        given, is called from the hub once this node's handler has received the
+        event (``ok`` True), at once when this node does not subscribe to the
+        channel, or with False when the publication is known lost. It lets a
+        caller answer only after its own node has applied what it published
+        (read-your-writes on channels whose order comes from the bus)."""
         raise NotImplementedError
 
     # -- cluster presence: one record per (user, node) -----------------------
@@ -100,6 +113,16 @@ class Engine:
 
     def presence_get(self, users: Iterable[str]) -> dict[str, list[dict]]:
         """For each user, the live presence records of every node (possibly empty)."""
+        raise NotImplementedError
+
+    # -- cluster comet channel counts: one record per (channel, node) ----------
+    def channel_count_set(self, cname: str, count: int) -> None:
+        """Record how many subscribers comet channel ``cname`` has on this node
+        (0 removes the record). Never blocks."""
+        raise NotImplementedError
+
+    def channel_counts(self, cnames: Iterable[str]) -> dict[str, int]:
+        """Subscribers of each comet channel summed over the live nodes (blocks)."""
         raise NotImplementedError
 
     def state(self) -> dict:

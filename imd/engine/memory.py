@@ -24,6 +24,7 @@ class MemoryEngine(Engine):
         self._queue: deque = deque()
         self._scheduled = False
         self._presence: dict[str, dict] = {}
+        self._counts: dict[str, int] = {}
         self.node_id = ""
         self.published = 0
 
@@ -41,11 +42,11 @@ class MemoryEngine(Engine):
     def unsubscribe(self, channel: str) -> None:
         self._subs.discard(channel)
 
-    def publish(self, channel: str, event: Event) -> None:
+    def publish(self, channel: str, event: Event, applied=None) -> None:
         self.published += 1
         if not event.origin:
             event.origin = self.node_id
-        self._queue.append((channel, event))
+        self._queue.append((channel, event, applied))
         if not self._scheduled:
             self._scheduled = True
             gevent.get_hub().loop.run_callback(self._drain)
@@ -54,9 +55,11 @@ class MemoryEngine(Engine):
         self._scheduled = False
         q, handler, subs = self._queue, self._handler, self._subs
         while q and handler is not None:
-            channel, event = q.popleft()
+            channel, event, applied = q.popleft()
             if channel in subs:
                 handler(channel, event)
+            if applied is not None:
+                applied(True)
 
     def presence_set(self, user: str, state: Optional[dict]) -> None:
         if state is None:
@@ -67,6 +70,15 @@ class MemoryEngine(Engine):
     def presence_get(self, users: Iterable[str]) -> dict[str, list[dict]]:
         p = self._presence
         return {u: ([p[u]] if u in p else []) for u in users}
+
+    def channel_count_set(self, cname: str, count: int) -> None:
+        if count > 0:
+            self._counts[cname] = count
+        else:
+            self._counts.pop(cname, None)
+
+    def channel_counts(self, cnames: Iterable[str]) -> dict[str, int]:
+        return {c: self._counts.get(c, 0) for c in cnames}
 
     def state(self) -> dict:
         return {"backend": self.name, "connected": self._handler is not None,

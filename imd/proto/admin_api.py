@@ -4,8 +4,7 @@ Each request runs in its own greenlet (the handlers wait for the store) and
 answers through the connection, which stays ``busy`` meanwhile. Bodies are
 JSON objects; errors are ``{"error": reason}`` with a 4xx/5xx status: 400 bad
 input, 404 unknown path, 405 wrong method, 413 body too large (the parser's
-limit: ``limits.max_frame``), 501 password logins unavailable, 503 the store
-is unavailable or full.
+limit: ``limits.max_frame``), 503 the store is unavailable or full.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import orjson
 from imd import auth, envelope
 from imd.envelope import USER_RE, EnvelopeError
 from imd.proto.comet import formats as fmt
+from imd.proto.xmpp.sasl import scram_credentials
 from imd.store.base import StoreError, StoreFull
 
 log = logging.getLogger("imd.admin")
@@ -187,10 +187,6 @@ class Api:
         password = self._body(req).get("password")
         if not isinstance(password, str) or not 1 <= len(password) <= 1024:
             raise ApiError(400, "'password' must be a string of 1-1024 characters")
-        try:
-            from imd.proto.xmpp.sasl import scram_credentials
-        except ImportError:
-            raise ApiError(501, "password logins are not available in this build") from None
         self.store.set_password(user, scram_credentials(password))
         return {"ok": True}
 

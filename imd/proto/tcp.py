@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 
 from .. import envelope
-from ..envelope import EnvelopeError
 from ..fastpath import FrameDecoder, FrameError, encode_frame
 from ..net.conn import Conn
 from ..session import CLOSED, Session
@@ -21,14 +20,13 @@ log = logging.getLogger("imd.tcp")
 
 
 class TcpSession(Session):
-    __slots__ = ("conn", "decoder", "max_body")
+    __slots__ = ("conn", "decoder")
 
     protocol = "tcp"
 
     def __init__(self, router, sock, peer, node_id: str) -> None:
         super().__init__(router, node_id)
         limits = router.limits
-        self.max_body = limits.max_body
         self.decoder = FrameDecoder(limits.max_frame)
         self.conn = Conn(sock, self, limits.send_buffer)
 
@@ -40,19 +38,9 @@ class TcpSession(Session):
         except FrameError as e:
             self.router.refuse(self, e.code, e.reason)
             return
-        receive = self.router.receive
         for frame in frames:
-            if self.state is CLOSED:
+            if self.state is CLOSED or not self.receive_json(frame):
                 return
-            try:
-                env = envelope.parse(frame, self.max_body)
-            except EnvelopeError as e:
-                self.send(e.envelope())
-                if e.fatal:
-                    self.end(e.reason)
-                    return
-                continue
-            receive(self, env)
 
     def on_close(self, reason: str) -> None:
         self.closed(reason)

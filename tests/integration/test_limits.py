@@ -64,7 +64,7 @@ def test_connections_per_process(tmp_path):
     d = Imd(tmp_path, {"limits": {"max_connections": 2}}).start()
     try:
         a = d.login("p1")
-        b = d.login("p2")
+        d.login("p2")
         env = refused(d.addr["tcp"], "127.0.0.5")
         assert env["code"] == 503 and "full" in env["reason"]
         assert a.ping() == {"type": "pong"}

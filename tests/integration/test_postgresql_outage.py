@@ -16,7 +16,6 @@ import time
 import psycopg
 import pytest
 
-from imd.client import ClientError
 from tests.daemon import ROOT, Imd
 
 PG = "host=127.0.0.1 port=5432 user=postgres"

@@ -3,7 +3,6 @@ other sessions notice nothing (issue 2)."""
 
 import socket
 import struct
-import time
 
 import orjson
 import pytest

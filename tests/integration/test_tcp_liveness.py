@@ -2,11 +2,10 @@
 
 import socket
 import struct
-import time
 
 import orjson
 
-from imd.client import Client, ClientError
+
 from tests.daemon import Imd, token
 
 

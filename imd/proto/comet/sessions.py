@@ -16,8 +16,6 @@ import time
 
 import gevent
 
-from imd import envelope
-from imd.envelope import EnvelopeError
 from imd.fastpath import WSDecoder, WSError, ws_close_payload, ws_encode
 from imd.proto.comet import formats as fmt
 from imd.session import CLOSED, Session
@@ -39,14 +37,13 @@ def sse_data(data: bytes) -> bytes:
 class WsSession(Session):
     """A user session over a WebSocket (the Conn's handler after the upgrade)."""
 
-    __slots__ = ("conn", "decoder", "max_body")
+    __slots__ = ("conn", "decoder")
     protocol = "ws"
 
     def __init__(self, router, conn, node_id: str) -> None:
         super().__init__(router, node_id)
         self.conn = conn
         self.decoder = WSDecoder(router.limits.max_frame)
-        self.max_body = router.limits.max_body
 
     def on_data(self, data: bytes) -> None:
         self.touch()
@@ -59,15 +56,8 @@ class WsSession(Session):
             if self.state is CLOSED or self.conn.closed:
                 return
             if op == 1:
-                try:
-                    env = envelope.parse(payload, self.max_body)
-                except EnvelopeError as e:
-                    self.send(e.envelope())
-                    if e.fatal:
-                        self.end(e.reason)
-                        return
-                    continue
-                self.router.receive(self, env)
+                if not self.receive_json(payload):
+                    return
             elif op == 9:
                 self.conn.write(ws_encode(10, payload))
             elif op == 8:

@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import http.client
 import os
-import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 
 from tests import daemon
 from tests.daemon import SECRET, token  # noqa: F401  (re-exported for the comet tests)

@@ -1,0 +1,106 @@
+"""Core envelopes ↔ XMPP stanzas (pure functions, nothing blocks).
+
+Outgoing: an inbox entry ``msg`` becomes ``<message type='chat'>`` from the
+sender's bare JID with ``<body>``; a ``notice`` (reminder) becomes
+``<message type='headline'>`` from the server domain with ``<subject>`` = kind;
+a ``presence`` envelope (a contact's aggregated presence) becomes
+``<presence>`` from ``contact@domain/imd`` (one resource stands for all of the
+contact's devices). Offline deliveries carry an XEP-0203 ``<delay>``. The
+message ``id`` is the inbox entry's ``mid``.
+
+Message bodies may be JSON objects (from web or app clients): the XMPP body
+is then the object's ``text`` string if it has one, else the compact JSON,
+and the object itself travels in ``<json xmlns='urn:xmpp:json:0'>``
+(XEP-0335). ``ctx`` (listing, booking…) travels in ``<ctx xmlns='urn:imd:ctx'>``
+as attributes, both ways.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import orjson
+
+from .stanza import Element
+
+PRESENCE_RESOURCE = "imd"
+CTX_NS = "urn:imd:ctx"
+JSON_NS = "urn:xmpp:json:0"
+DELAY_NS = "urn:xmpp:delay"
+
+
+def stamp(ts_ms: int) -> str:
+    """XEP-0082 UTC timestamp with milliseconds."""
+    secs, ms = divmod(int(ts_ms), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
+
+
+def body_text(body: Any) -> str:
+    if isinstance(body, str):
+        return body
+    if isinstance(body, dict) and isinstance(body.get("text"), str):
+        return body["text"]
+    return orjson.dumps(body).decode()
+
+
+def ctx_element(ctx: dict) -> Element:
+    return Element("ctx", CTX_NS, {k: ("" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
+                                   for k, v in ctx.items()})
+
+
+def ctx_from(stanza: Element) -> Optional[dict]:
+    el = stanza.find("ctx", CTX_NS)
+    return dict(el.attrs) if el is not None and el.attrs else None
+
+
+def message(env: dict, domain: str, to: str, delayed: bool) -> Element:
+    """``<message>`` for an inbox entry envelope (``msg`` or ``notice``) addressed to ``to``."""
+    if env["type"] == "notice":
+        msg = Element("message", attrs={"type": "headline", "from": domain, "to": to, "id": env["mid"]})
+        msg.add("subject", text=str(env.get("kind") or ""))
+    else:
+        msg = Element("message", attrs={"type": "chat", "from": f"{env['from']}@{domain}", "to": to,
+                                        "id": env["mid"]})
+    body = env["body"]
+    msg.add("body", text=body_text(body))
+    if not isinstance(body, str):
+        msg.add("json", JSON_NS, text=orjson.dumps(body).decode())
+    if env.get("ctx"):
+        msg.append(ctx_element(env["ctx"]))
+    if delayed:
+        msg.add("delay", DELAY_NS, {"from": domain, "stamp": stamp(env["ts"])})
+    return msg
+
+
+def presence(env: dict, domain: str, to: str) -> Element:
+    """``<presence>`` for a contact's aggregated presence envelope."""
+    attrs = {"from": f"{env['user']}@{domain}/{PRESENCE_RESOURCE}", "to": to}
+    status = env["status"]
+    if status == "offline":
+        attrs["type"] = "unavailable"
+    pres = Element("presence", attrs=attrs)
+    if status == "away":
+        pres.add("show", text="away")
+    if status != "offline" and env.get("platforms"):
+        pres.add("status", text=",".join(env["platforms"]))
+    if status == "offline" and env.get("last_seen"):
+        pres.add("delay", DELAY_NS, {"from": domain, "stamp": stamp(env["last_seen"])})
+    return pres
+
+
+def show_status(pres: Element) -> str:
+    """The core status (``online``/``away``) an XMPP ``<show>`` maps to."""
+    return "away" if pres.findtext("show") in ("away", "xa", "dnd") else "online"
+
+
+CARBONS_NS = "urn:xmpp:carbons:2"
+FORWARD_NS = "urn:xmpp:forward:0"
+
+
+def sent_carbon(env: dict, domain: str, to: str) -> Element:
+    """XEP-0280 ``<sent>`` copy of a message this user sent from another device."""
+    inner = message(env, domain, f"{env['to']}@{domain}", False)
+    outer = Element("message", attrs={"from": f"{env['from']}@{domain}", "to": to, "type": "chat"})
+    outer.add("sent", CARBONS_NS).add("forwarded", FORWARD_NS).append(inner)
+    return outer

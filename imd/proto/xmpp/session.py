@@ -1,0 +1,414 @@
+"""XmppSession: one XMPP c2s connection as a core Session.
+
+The session is the connection's handler (``on_data``/``on_close`` from
+:class:`imd.net.conn.Conn`, io watchers, no greenlet while idle), drives the
+:class:`StreamParser`, negotiates the stream (:class:`Negotiation`), then maps
+stanzas onto the core and core envelopes onto stanzas:
+
+* ``<message>`` chat/normal with a body → a core ``msg`` (stored, in the
+  recipient's inbox, delivered to all their devices whatever the protocol);
+  body-less messages (chat states, receipts, markers) and headlines go to the
+  recipient's XMPP resources on this node only (:meth:`XmppProtocol.route`);
+* ``<presence/>`` → core presence (``online``/``away``); it is also sent to
+  the user's own XMPP resources; subscription requests are answered from the
+  contact list (contacts are managed by the web tier);
+* ``<iq>`` → server answers (:mod:`imd.proto.xmpp.iq`) or routing to a full
+  JID on this node;
+* an XEP-0333 ``<displayed/>`` for a message it got from the inbox → a core
+  ``read``; a core ``read`` → ``<displayed/>``.
+
+Until the client sends initial presence (RFC 6121 §4.2) with priority ≥ 0,
+inbox entries and contacts' presence are held; then offline entries go out
+with an XEP-0203 delay stamp, and every entry written counts as received
+(an ``ack`` for the device, XEP-0160 semantics without stream management).
+
+Everything runs in the hub and never blocks, except the greenlets spawned by
+negotiation and by IQs that read the store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import gevent
+
+from ...envelope import CLIENT_ID_RE, EnvelopeError, validate
+from ...net.conn import Conn
+from ...session import CLOSED, Session
+from . import iq as iqmod
+from . import jid as jidmod
+from . import render
+from .negotiate import Negotiation
+from .parser import StreamError, StreamParser
+from .sm import MOD, SM_NS, StreamManagement
+from .stanza import STREAM_CLOSE, Element, error_reply
+
+log = logging.getLogger("imd.xmpp")
+
+_stanza_ids = itertools.count(1)
+MAX_HELD = 10000          # entries held before initial presence (the router sends at most this many offline)
+MAX_PENDING = 256         # messages awaiting the store's ack, for error replies
+MAX_RECENT = 8            # messages remembered for read markers (the newest ones get marked)
+MARKERS_NS = "urn:xmpp:chat-markers:0"
+
+_CLOSE_CONDITIONS = {408: "connection-timeout", 4001: "policy-violation", 1001: "system-shutdown",
+                     503: "internal-server-error", 500: "internal-server-error"}
+
+
+class XmppSession(StreamManagement, Negotiation, Session):
+    __slots__ = ("proto", "conn", "parser", "lang", "header_sent", "secure", "ident", "token_ident",
+                 "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
+                 "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
+                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent")
+
+    protocol = "xmpp"
+
+    def __init__(self, proto, sock) -> None:
+        super().__init__(proto.router, proto.node_id)
+        self.proto = proto
+        self.parser = StreamParser(self.on_stream_start, self.on_stanza, self.on_stream_end)
+        self.lang = "en"
+        self.header_sent = False
+        self.secure = False
+        self.ident = self.token_ident = self.mech = None
+        self.failures = 0
+        self.resource = self.full_jid = None
+        self.available = False
+        self.priority = 0
+        self.interested = False
+        self.waiting = []             # inbox Outs held until initial presence
+        self.presences = {}           # contact → latest presence envelope, until initial presence
+        self.attached_top = None      # the user's inbox seq at attach: entries up to it are "offline"
+        self.acked = self.ack_to = 0
+        self.ack_scheduled = False
+        self.pending = {}             # core client id → (stanza id, to) of messages not yet acked
+        self.sm_queue = None          # XEP-0198: unacked (bytes, seq), once enabled
+        self.sm_id = self.sm_timer = None
+        self.sm_in = self.sm_out = 0
+        self.sm_asking = False
+        self.carbons = False          # XEP-0280 enabled on this resource
+        self.recent = None            # mid → inbox seq of the last messages written (read markers)
+        self.conn = Conn(sock, self, proto.router.limits.send_buffer)
+
+    # -- Conn's handler protocol ------------------------------------------------------
+    def on_data(self, data: bytes) -> None:
+        self.touch()
+        try:
+            self.parser.feed(data)
+        except StreamError as e:
+            self.stream_error(e.condition, e.text)
+
+    def on_close(self, reason: str) -> None:
+        if self.resource is not None and self.sm_detach():
+            return                                # XEP-0198: wait for a resume
+        self.finish(reason)
+
+    def finish(self, reason: str) -> None:
+        """The session ends: leave the resource table, tell own resources, detach from the core."""
+        if self.sm_id is not None:
+            self.proto.resumable.pop(self.sm_id, None)
+            self.sm_id = None
+        if self.resource is not None:
+            self.proto.unbound(self)
+            if self.available:
+                self.available = False
+                self.to_own_resources(Element("presence", attrs={"type": "unavailable", "from": self.full_jid}))
+        self.closed(reason)
+
+    # -- parser callbacks ------------------------------------------------------------------
+    def on_stream_end(self) -> None:
+        self.proto.resumable.pop(self.sm_id, None)
+        self.sm_id = None                         # a clean close: no resumption
+        self.conn.write(STREAM_CLOSE)
+        self.conn.close("stream closed by client")
+
+    def on_stanza(self, el: Element) -> None:
+        if self.resource is None:
+            self.negotiate(el)
+            return
+        if self.state is CLOSED:
+            return
+        tag = el.tag
+        if el.ns == SM_NS:
+            self.sm_nonza(el)
+            return
+        if self.sm_queue is not None and tag in ("message", "presence", "iq"):
+            self.sm_in = (self.sm_in + 1) % MOD
+        if tag == "message":
+            self.on_message(el)
+        elif tag == "presence":
+            self.on_presence(el)
+        elif tag == "iq":
+            iqmod.handle(self, el)
+        elif el.ns == "urn:xmpp:csi:0":
+            pass                                  # XEP-0352 accepted; nothing is held back
+        else:
+            raise StreamError("unsupported-stanza-type", f"<{tag}> is not supported")
+
+    def bare(self) -> str:
+        return f"{self.user}@{self.proto.domain}"
+
+    # -- Session's protocol part ----------------------------------------------------------------
+    def write_out(self, out) -> None:
+        env = out.env
+        t = env["type"]
+        if t == "msg" or t == "notice":
+            if not self.receiving():
+                if len(self.waiting) < MAX_HELD:
+                    self.waiting.append(out)
+                return
+            self.write_entry(out)
+        elif t == "presence":
+            if not self.available:
+                self.presences[env["user"]] = env
+                return
+            self.write(render.presence(env, self.proto.domain, self.full_jid))
+        elif t == "auth":
+            self.attached_top = env["seq"]
+            if self.receiving():
+                gevent.get_hub().loop.run_callback(self.release_waiting)
+        elif t == "ack":
+            self.pending.pop(env["id"], None)
+        elif t == "error":
+            self.on_core_error(env)
+        elif t == "contacts":
+            iqmod.roster_push(self, env["op"], env["contact"])
+        elif t == "read":
+            self.write_read(env)
+        elif t == "close":
+            cond = _CLOSE_CONDITIONS.get(env.get("code"), "policy-violation")
+            self.stream_error(cond, env.get("reason", ""))
+        elif t == "ping":
+            ping = Element("iq", attrs={"type": "get", "id": f"ping-{next(_stanza_ids)}",
+                                        "from": self.proto.domain, "to": self.full_jid})
+            ping.add("ping", iqmod.PING_NS)
+            self.write(ping)
+        # pong, sync, and any other envelope type: nothing to render
+
+    def end(self, reason: str) -> None:
+        if self.sm_timer is not None:
+            self.sm_finish(reason)
+        elif not self.conn.closed:
+            self.conn.write(STREAM_CLOSE)
+            self.conn.close(reason)
+
+    def drain(self) -> None:
+        self.conn.wait_drained(self.conn.limit // 2)
+
+    def on_deadline(self, now: float):
+        """The wheel's periodic check (heartbeats); an idle bound stream also frees
+        its expat parser until the next read (``StreamParser.hibernate``)."""
+        nxt = super().on_deadline(now)
+        if nxt is not None and self.resource is not None:
+            self.parser.hibernate()
+        return nxt
+
+    # -- inbox entries ---------------------------------------------------------------------------
+    def receiving(self) -> bool:
+        """Whether inbox entries go out now: available with priority ≥ 0 (RFC 6121 §8.5.2)."""
+        return self.available and self.priority >= 0 and self.attached_top is not None
+
+    def write_entry(self, out) -> None:
+        env = out.env
+        if env["type"] == "msg" and env["from"] == self.user:    # sent from another device of this user
+            if self.carbons:
+                self.write(render.sent_carbon(env, self.proto.domain, self.full_jid), out.seq)
+            else:
+                self.note_written(out.seq)
+            return
+        top = self.attached_top
+        delayed = top is not None and 0 < out.seq <= top
+        self.write(render.message(env, self.proto.domain, self.bare(), delayed), out.seq)
+        if env["type"] == "msg":
+            recent = self.recent
+            if recent is None:
+                recent = self.recent = {}
+            elif len(recent) >= MAX_RECENT:
+                del recent[next(iter(recent))]
+            recent[env["mid"]] = out.seq
+
+    def release_waiting(self) -> None:
+        if not self.receiving() or self.state is CLOSED:
+            return
+        waiting, self.waiting = self.waiting, []
+        for out in sorted(waiting, key=lambda o: o.seq):
+            self.write_entry(out)
+
+    def note_written(self, seq: int) -> None:
+        """An entry reached this device: acknowledge it once per loop iteration."""
+        if seq > self.ack_to:
+            self.ack_to = seq
+            if not self.ack_scheduled:
+                self.ack_scheduled = True
+                gevent.get_hub().loop.run_callback(self.send_ack)
+
+    def send_ack(self) -> None:
+        self.ack_scheduled = False
+        seq = min(self.ack_to, self.last_seq)
+        if seq > self.acked and self.state is not CLOSED:
+            self.acked = seq
+            self.router.receive(self, {"type": "ack", "seq": seq})
+
+    # -- messages ----------------------------------------------------------------------------------
+    def on_message(self, msg: Element) -> None:
+        mtype = msg.get("type", "normal")
+        if mtype == "error":
+            return
+        to = self.target(msg)
+        if to is None:
+            return
+        user = jidmod.local_user(to, self.proto.domain)
+        if user is None:
+            if mtype != "headline":
+                self.write(error_reply(msg, "service-unavailable", by=self.proto.domain))
+            return
+        if mtype == "groupchat":
+            self.write(error_reply(msg, "service-unavailable", "no group chat here", by=self.proto.domain))
+            return
+        msg.attrs["from"] = self.full_jid
+        body = msg.findtext("body")
+        if not body and self.read_marker(msg, user):
+            return
+        if not body or mtype == "headline" or user == self.user:
+            self.proto.route(user, to.resource, msg, self)
+            return
+        sid = msg.get("id", "")
+        cid = sid if CLIENT_ID_RE.fullmatch(sid) else f"x.{self.id}.{next(_stanza_ids)}"
+        env = {"type": "msg", "id": cid, "to": user, "body": body}
+        ctx = render.ctx_from(msg)
+        if ctx:
+            env["ctx"] = ctx
+        try:
+            validate(env, self.router.limits.max_body)
+        except EnvelopeError as e:
+            self.write(error_reply(msg, "not-acceptable" if e.code == 413 else "bad-request", e.reason,
+                                   by=self.proto.domain))
+            return
+        if len(self.pending) < MAX_PENDING:
+            self.pending[cid] = (sid, msg.get("to"))
+        self.router.receive(self, env)
+
+    def target(self, stanza: Element):
+        """The parsed ``to`` (own bare JID when absent); None after answering jid-malformed."""
+        to = stanza.get("to")
+        if not to:
+            return jidmod.JID(self.user, self.proto.domain, "")
+        try:
+            return jidmod.parse(to)
+        except jidmod.JIDError:
+            if stanza.get("type") not in ("error", "result"):
+                self.write(error_reply(stanza, "jid-malformed", by=self.proto.domain))
+            return None
+
+    def on_core_error(self, env: dict) -> None:
+        """The router refused one of our messages (e.g. 503 store busy, 403 not a contact)."""
+        sent = self.pending.pop(env.get("id"), None)
+        if sent is None:
+            log.debug("core error for session %s: %s", self.id, env)
+            return
+        sid, to = sent
+        code = env.get("code", 500)
+        cond = {403: "forbidden", 413: "not-acceptable", 400: "bad-request", 429: "policy-violation",
+                503: "resource-constraint"}.get(code, "internal-server-error")
+        self.write(_message_error(sid, to, self.full_jid, cond, env.get("reason", "")))
+
+    def read_marker(self, msg: Element, peer: str) -> bool:
+        """An XEP-0333 ``<displayed/>`` for a message this resource got from the inbox
+        becomes a core ``read`` (the peer sees it on any protocol). True if it did."""
+        marker = msg.find("displayed", MARKERS_NS)
+        seq = self.recent.get(marker.get("id")) if marker is not None and self.recent else None
+        if seq is None or peer == self.user:
+            return False
+        self.router.receive(self, {"type": "read", "peer": peer, "seq": seq})
+        return True
+
+    def write_read(self, env: dict) -> None:
+        """A read receipt from a peer → XEP-0333 ``<displayed/>`` for the newest message read."""
+        if not env.get("mid") or not self.available:
+            return
+        msg = Element("message", attrs={"type": "chat", "from": f"{env['by']}@{self.proto.domain}",
+                                        "to": self.full_jid})
+        msg.add("displayed", MARKERS_NS, {"id": env["mid"]})
+        self.write(msg)
+
+    # -- presence ------------------------------------------------------------------------------------
+    def on_presence(self, pres: Element) -> None:
+        ptype = pres.get("type")
+        to = pres.get("to")
+        if to:
+            target = self.target(pres)
+            if target is None:
+                return
+            user = jidmod.local_user(target, self.proto.domain)
+            if ptype in ("subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe"):
+                if user is not None:
+                    iqmod.subscription(self, user, ptype)
+                return
+            if user is not None and ptype in (None, "unavailable"):
+                pres.attrs["from"] = self.full_jid
+                self.proto.route(user, target.resource, pres, self)     # directed presence
+            return
+        if ptype not in (None, "unavailable"):
+            return
+        pres.attrs["from"] = self.full_jid
+        if ptype == "unavailable":
+            self.available = False
+            self.to_own_resources(pres)
+            self.status = "away"
+            self.router.receive(self, {"type": "presence", "status": "away"})
+            return
+        try:
+            self.priority = max(-128, min(127, int(pres.findtext("priority") or 0)))
+        except ValueError:
+            self.priority = 0
+        initial = not self.available
+        self.available = True
+        self.to_own_resources(pres, include_self=True)
+        self.router.receive(self, {"type": "presence", "status": render.show_status(pres)})
+        if initial:
+            for other in self.proto.resources(self.user):
+                if other is not self and other.available and other.last_presence is not None:
+                    self.write(other.last_presence)
+            held, self.presences = self.presences, {}
+            for env in held.values():
+                self.write(render.presence(env, self.proto.domain, self.full_jid))
+        self.release_waiting()
+
+    def to_own_resources(self, pres: Element, include_self: bool = False) -> None:
+        """Presence of this resource to the user's other available XMPP resources here."""
+        for other in self.proto.resources(self.user):
+            if other is self and not include_self:
+                continue
+            if other.available or other is self:
+                pres.attrs["to"] = other.full_jid
+                other.write(pres)
+        pres.attrs.pop("to", None)
+
+    def discard(self) -> None:
+        """This stream resumed an older session, which took its connection."""
+        self.state = CLOSED
+
+    def state_closed(self) -> bool:
+        return self.state is CLOSED
+
+    @property
+    def last_presence(self):
+        """A fresh available presence of this resource (for the user's other resources)."""
+        if not self.available:
+            return None
+        pres = Element("presence", attrs={"from": self.full_jid})
+        if self.status == "away":
+            pres.add("show", text="away")
+        pres.add("priority", text=str(self.priority))
+        return pres
+
+
+def _message_error(sid: str, to, me: str, condition: str, text: str) -> Element:
+    """A message error for a message of ours the core refused."""
+    original = Element("message", attrs={"from": me})
+    if sid:
+        original.attrs["id"] = sid
+    if to:
+        original.attrs["to"] = to
+    return error_reply(original, condition, text)

@@ -1,0 +1,98 @@
+"""XMPP against an in-process node, for the web tier's Python API: contact changes
+become roster pushes and presence, reminders arrive as headline messages, a kick
+ends the stream. (slixmpp's asyncio loop and the gevent hub share this thread:
+the process is gevent-patched, so asyncio's selector yields to the hub.)"""
+
+import asyncio
+
+import pytest
+
+from imd import daemon as daemon_mod
+from imd.proto.xmpp.listener import XmppProtocol
+from tests import inproc
+
+from .harness import client, login, logout, run
+
+pytestmark = pytest.mark.imd_only("the web tier's Python API is imd's")
+
+
+@pytest.fixture
+def node(tmp_path, monkeypatch):
+    original = daemon_mod.Daemon.protocols
+
+    def protocols(self):
+        found = original(self)
+        found.setdefault("xmpp", XmppProtocol(self.router, self.cfg))
+        return found
+    monkeypatch.setattr(daemon_mod.Daemon, "protocols", protocols)
+    d = inproc.start(tmp_path, {"listen": {"xmpp": "127.0.0.1:0"}, "xmpp": {"tls": "disabled"}})
+    d.port = inproc.addr(d, "xmpp")[1]
+    yield d
+    d.stop(reconnect=False, timeout=5)
+
+
+async def until(c, event: str, timeout: float = 10):
+    return await asyncio.wait_for(c.wait_until(event), timeout)
+
+
+async def eventually(condition, timeout: float = 10) -> None:
+    """Wait (polling) until ``condition()`` holds; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+def test_contact_changes_are_roster_pushes_with_presence(node):
+    async def scenario():
+        a = client("u_host", resource="phone")
+        await login(a, node)
+        assert "u_guest@localhost" not in a.client_roster
+        node.router.add_contact("u_host", "u_guest")
+        await eventually(lambda: "u_guest@localhost" in a.client_roster)
+        assert a.client_roster["u_guest@localhost"]["subscription"] == "both"
+        g = client("u_guest")
+        await login(g, node)
+        p = await harness_presence(a, "u_guest@localhost")       # offline first (added while away)
+        while p["type"] != "available":
+            p = await harness_presence(a, "u_guest@localhost")
+        assert p["from"].full == "u_guest@localhost/imd"
+        node.router.remove_contact("u_host", "u_guest")
+        await eventually(lambda: "u_guest@localhost" not in a.client_roster)
+        await logout(a, g)
+    run(scenario())
+
+
+async def harness_presence(c, jid):
+    while True:
+        p = await asyncio.wait_for(c.presences.get(), 10)
+        if p["from"].bare == jid:
+            return p
+
+
+def test_reminders_arrive_as_headlines(node):
+    async def scenario():
+        a = client("u_notified")
+        await login(a, node)
+        node.router.post_notices(["u_notified"], None, "booking.confirmed", {"text": "Booking B9 confirmed"})
+        m = await asyncio.wait_for(a.raw_messages.get(), 10)
+        while m["type"] != "headline":
+            m = await asyncio.wait_for(a.raw_messages.get(), 10)
+        assert (m["from"], m["subject"], m["body"]) == ("localhost", "booking.confirmed", "Booking B9 confirmed")
+        await logout(a)
+    run(scenario())
+
+
+def test_kick_ends_the_stream(node):
+    async def scenario():
+        a = client("u_kicked")
+        await login(a, node)
+        gone = asyncio.ensure_future(until(a, "disconnected"))
+        errors = []
+        a.add_event_handler("stream_error", errors.append)
+        assert node.router.kick("u_kicked", "account suspended") == 1
+        await gone
+        assert errors and errors[0]["condition"] == "policy-violation"
+        assert "suspended" in errors[0]["text"]
+    run(scenario())

@@ -1,0 +1,58 @@
+"""Envelope → stanza rendering (pure)."""
+
+from imd.proto.xmpp import render
+from imd.proto.xmpp.stanza import Element, tostring
+
+
+def test_chat_message_with_ctx_and_delay():
+    env = {"type": "msg", "mid": "m1", "seq": 3, "from": "host1", "to": "guest2", "body": "hi <3",
+           "ctx": {"listing": "L1", "paid": True, "n": 2}, "ts": 1764806400123}
+    el = render.message(env, "localhost", "guest2@localhost", True)
+    assert tostring(el) == (
+        "<message type='chat' from='host1@localhost' to='guest2@localhost' id='m1'><body>hi &lt;3</body>"
+        "<ctx xmlns='urn:imd:ctx' listing='L1' paid='true' n='2'/>"
+        "<delay xmlns='urn:xmpp:delay' from='localhost' stamp='2025-12-04T00:00:00.123Z'/></message>")
+
+
+def test_notice_is_a_headline_from_the_domain():
+    env = {"type": "notice", "mid": "n1", "seq": 9, "kind": "booking.confirmed",
+           "body": {"text": "Booking B9 confirmed", "booking": "B9"}, "ts": 0}
+    el = render.message(env, "localhost", "guest2@localhost", False)
+    assert el.attrs == {"type": "headline", "from": "localhost", "to": "guest2@localhost", "id": "n1"}
+    assert el.findtext("subject") == "booking.confirmed"
+    assert el.findtext("body") == "Booking B9 confirmed"
+    assert el.find("json", render.JSON_NS).text == '{"text":"Booking B9 confirmed","booking":"B9"}'
+
+
+def test_object_body_without_text_is_json():
+    assert render.body_text({"a": [1, 2]}) == '{"a":[1,2]}'
+
+
+def test_presence_states():
+    base = {"user": "bob", "platforms": ["ios", "web"], "last_seen": None}
+    online = render.presence(dict(base, status="online"), "localhost", "a@localhost/r")
+    assert tostring(online) == ("<presence from='bob@localhost/imd' to='a@localhost/r'>"
+                                "<status>ios,web</status></presence>")
+    away = render.presence(dict(base, status="away"), "localhost", "a@localhost/r")
+    assert away.findtext("show") == "away"
+    off = render.presence(dict(base, status="offline", platforms=[], last_seen=1000), "localhost", "a@localhost/r")
+    assert off.get("type") == "unavailable" and off.find("delay", render.DELAY_NS) is not None
+
+
+def test_show_status_and_ctx_from():
+    pres = Element("presence")
+    assert render.show_status(pres) == "online"
+    pres.add("show", text="xa")
+    assert render.show_status(pres) == "away"
+    msg = Element("message")
+    assert render.ctx_from(msg) is None
+    msg.append(Element("ctx", render.CTX_NS, {"booking": "B9"}))
+    assert render.ctx_from(msg) == {"booking": "B9"}
+
+
+def test_sent_carbon_wraps_the_original():
+    env = {"type": "msg", "mid": "m2", "seq": 4, "from": "alice", "to": "bob", "body": "x", "ts": 0}
+    el = render.sent_carbon(env, "localhost", "alice@localhost/r2")
+    inner = el.children[0].children[0].children[0]
+    assert (el.get("from"), el.get("to")) == ("alice@localhost", "alice@localhost/r2")
+    assert (inner.get("from"), inner.get("to"), inner.findtext("body")) == ("alice@localhost", "bob@localhost", "x")
