@@ -27,3 +27,13 @@ def test_target_verdicts():
     assert verdicts["imd sse deliveries per server CPU-second >= 2x nchan sse"] == "missed by 1.33x"
     assert verdicts["imd tcp deliveries per server CPU-second >= 2x nchan sse"] == "not measured"
     assert verdicts["imd tcp logins per second (wall) >= 10,000/s"] == "missed by 2.00x"
+
+
+def test_results_json_roundtrip(tmp_path):
+    rs = [Result("idle", "server RSS per idle connection", "imd tcp", 900.5, "B", "lower",
+                 note="n", series=[(0, 0.0), (100, 1.5)])]
+    runs = [report.run_record("python bench/run.py idle", ["idle"], "a", "b", ["/usr/bin/python3"])]
+    path = tmp_path / "b.json"
+    report.save_json(path, runs, rs)
+    got_runs, got = report.load_json(path)
+    assert got == rs and got_runs[0]["parts"] == ["idle"]
