@@ -1,8 +1,9 @@
-"""Where imd's memory per idle raw-TCP connection goes: runs imd's Daemon in this process under
-tracemalloc, opens N authenticated connections from load-generator processes, and prints the
-allocation sites that grew, per connection, next to the RSS growth per connection.
+"""Where imd's memory per idle connection goes: runs imd's Daemon in this process under
+tracemalloc, opens N authenticated connections (raw TCP, WebSocket, SSE or XMPP) from
+load-generator processes, and prints the allocation sites that grew, per connection, next to the
+RSS growth per connection.
 
-    python bench/memprofile.py [--conns 5000] [--top 25]
+    python bench/memprofile.py [--kind tcp|ws|sse|xmpp] [--conns 5000] [--top 25]
 
 What it prints is Python-level allocation (tracemalloc); RSS also holds what tracemalloc cannot
 see (libev watchers, the allocator's slack), so the two totals differ.
@@ -24,13 +25,19 @@ from bench.parts import SECRET  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", choices=("tcp", "ws", "sse", "xmpp"), default="tcp")
     ap.add_argument("--conns", type=int, default=5000)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
 
     port = peers.free_port()
     # the load generator forks before gevent is imported and the daemon starts
-    fleet = lg.Fleet({"kind": "tcp", "port": port, "secret": SECRET, "window": 256},
+    listener = {"tcp": "tcp", "ws": "comet", "sse": "comet", "xmpp": "xmpp"}[args.kind]
+    path = {"ws": "/ws?token={token}&platform=web&device=d{i}",
+            "sse": "/im/events?token={token}&platform=web&device=d{i}"}.get(args.kind)
+    fleet = lg.Fleet({"kind": args.kind, "port": port, "secret": SECRET, "host": "127.0.0.1",
+                      "path": path, "domain": "localhost", "roster": True,
+                      "window": 64 if args.kind == "xmpp" else 256},
                      processes=1, deadline=600).start()
     from gevent import monkey
     monkey.patch_all()
@@ -40,8 +47,9 @@ def main(argv=None):
 
     tmp = tempfile.mkdtemp(prefix="imdbench-mem-")
     cfg = load_dict({"node": {"data_dir": tmp}, "auth": {"secret": SECRET},
-                     "listen": {"tcp": f"127.0.0.1:{port}", "comet": "", "xmpp": "", "admin": "",
-                                "control": ""}})
+                     "listen": {**{name: "" for name in ("tcp", "comet", "xmpp", "admin", "control")},
+                                listener: f"127.0.0.1:{port}"},
+                     "xmpp": {"tls": "disabled"}, "limits": {"msg_rate": 0}})
     tracemalloc.start(8)
     daemon = Daemon(cfg)
     daemon.start()
