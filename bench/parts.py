@@ -1,0 +1,575 @@
+"""The benchmark parts. Each part starts its own servers (imd and the peers), drives them with
+bench.loadgen, stops them, and returns a list of Result rows (plus plot series).
+
+Server figures come from /proc: RSS from /proc/<pid>/status VmRSS, CPU from /proc/<pid>/stat
+utime+stime, kernel memory from the Slab line of /proc/meminfo (it counts both ends of each
+loopback connection). Every part is bounded in connections and time.
+"""
+import http.client
+import math
+import socket
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+from bench import loadgen as lg
+from bench import peers
+
+SECRET = "imd-bench-secret-0123456789abcdef"
+
+
+@dataclass
+class Result:
+    part: str
+    metric: str          # what is measured, e.g. "RSS per idle connection"
+    subject: str         # "imd tcp", "nchan sse", "mosquitto", ...
+    value: float | None  # None = not available (n/a)
+    unit: str
+    better: str          # "lower" | "higher"
+    note: str = ""
+    series: list = field(default_factory=list)   # [(x, y), ...] for plots
+
+    @property
+    def is_imd(self):
+        return self.subject.startswith("imd")
+
+
+def say(msg):
+    print(f"  {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+class Context:
+    """What every part needs: the imd source tree and interpreter, sizes, and imd availability."""
+
+    def __init__(self, repo, imd_python, quick=False, profile_dir=None, label="imd",
+                 imd_only=False):
+        self.repo = repo
+        self.label = label          # "imd", or e.g. "imd/debian-py" for a second interpreter
+        self.imd_only = imd_only    # skip the peers (a second pass with another interpreter)
+        self.imd_python = imd_python
+        self.quick = quick
+        self.profile_dir = profile_dir
+        self.started = 0
+
+    def name(self, subject):
+        """The subject as shown: imd's subjects carry this context's label."""
+        return self.label + subject[3:] if subject.startswith("imd") else subject
+
+    def imd_available(self):
+        import os
+        return all(os.path.exists(os.path.join(self.repo, p))
+                   for p in ("imd/daemon.py", "imd/proto/tcp.py", "imd/__main__.py"))
+
+    def imd(self, **options):
+        """A started imd (PeerError if it is not in the tree or does not start); options go to
+        peers.Imd (engine, workers, synchronous)."""
+        if not self.imd_available():
+            raise peers.PeerError("imd daemon not in this tree yet")
+        self.started += 1
+        if self.profile_dir:
+            import os
+            os.makedirs(self.profile_dir, exist_ok=True)
+            options["profile"] = os.path.join(self.profile_dir, f"imd-{self.started:02d}.prof")
+            say(f"profiling imd into {options['profile']}")
+        return peers.Imd(self.repo, python=self.imd_python, secret=SECRET, **options).start()
+
+
+def processes_for(n):
+    return max(1, math.ceil(n / lg.MAX_PER_PROCESS))
+
+
+def _spec_for(kind, peer, **extra):
+    """The load-generator spec for one subject."""
+    # handshakes in flight per load-generator process: prosody resets connections when hundreds of
+    # XMPP logins queue at once; 64 is also what a reconnect storm through a load balancer sees
+    spec = {"kind": kind, "host": "127.0.0.1", "secret": SECRET, "window": 64 if kind == "xmpp" else 256}
+    spec.update(extra)
+    if isinstance(peer, peers.Imd):
+        port = {"tcp": "tcp", "sse": "comet", "ws": "comet", "xmpp": "xmpp"}[kind]
+        if port not in peer.ports:
+            raise peers.PeerError(f"imd has no {port} listener")
+        spec["port"] = peer.ports[port]
+        spec.setdefault("path", {"sse": "/im/events?token={token}&platform=web&device=d{i}",
+                                 "ws": "/ws?token={token}&platform=web&device=d{i}"}.get(kind))
+        spec.setdefault("domain", "localhost")
+        spec.pop("password", None)          # imd takes the token as the XMPP PLAIN password
+    else:
+        spec["port"] = peer.port
+    return spec
+
+
+def _warm_up(spec, peer):
+    """Open and close 200 connections so that lazy imports and pools exist before the baseline."""
+    with lg.Fleet(dict(spec, base=10_000_000 if spec["kind"] != "xmpp" else 0), deadline=60) as f:
+        f.connect(200, timeout=30)
+    time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- idle
+
+def idle_one(subject, start_peer, kind, n, steps=5, heartbeat=0, **spec_extra):
+    """RSS and slab per idle connection for one subject at n connections (sampled at `steps`)."""
+    say(f"idle: {subject}: starting")
+    try:
+        peer = start_peer()
+    except peers.PeerError as e:
+        say(f"idle: {subject}: n/a ({str(e)[:120]})")
+        return [Result("idle", "server RSS per idle connection", subject, None, "B", "lower",
+                       note=str(e).splitlines()[0][:80])]
+    try:
+        try:
+            spec = _spec_for(kind, peer, **spec_extra)
+        except peers.PeerError as e:
+            say(f"idle: {subject}: n/a ({e})")
+            return [Result("idle", "server RSS per idle connection", subject, None, "B", "lower",
+                           note=str(e)[:80])]
+        _warm_up(spec, peer)
+        pids = peer.pids()
+        rss0, slab0 = peers.rss_bytes(pids), peers.slab_bytes()
+        series = [(0, 0.0)]
+        with lg.Fleet(spec, processes=processes_for(n), deadline=900) as fleet:
+            if heartbeat:
+                fleet.heartbeat(heartbeat)
+            done = 0
+            connect_s = 0.0
+            for k in range(steps):
+                want = n * (k + 1) // steps - done
+                ok, failed, secs = fleet.connect(want, timeout=300)
+                done += ok
+                connect_s += secs
+                time.sleep(1.0)
+                rss = peers.rss_bytes(pids)
+                series.append((done, (rss - rss0) / 1e6))
+                say(f"idle: {subject}: {done}/{n} connected, {failed} failed, server RSS +{(rss - rss0) / 1e6:.1f} MB")
+                if failed:
+                    say(f"idle: {subject}: errors {fleet.errors()[:2]}")
+                    break
+            time.sleep(2.0)
+            rss1, slab1 = peers.rss_bytes(pids), peers.slab_bytes()
+            alive = fleet.count()[1]
+        per_conn = (rss1 - rss0) / max(done, 1)
+        slab = (slab1 - slab0) / max(done, 1)
+        note = f"{done} conns" + ("" if done == n else f" of {n}") + (f", heartbeat {heartbeat}s" if heartbeat else "")
+        if alive != done:
+            note += f", {done - alive} dropped by the server"
+        return [Result("idle", "server RSS per idle connection", subject, per_conn, "B", "lower",
+                       note=note, series=series),
+                Result("idle", "kernel slab per connection (both ends)", subject, slab, "B", "lower",
+                       note=f"connect {done / connect_s:,.0f}/s")]
+    finally:
+        peer.stop()
+
+
+def part_idle(ctx, n=None, heartbeat=0):
+    n = n or (2000 if ctx.quick else 15000)
+    nx = n
+    pairs = [f"u{i}" for i in range(nx)]
+    accounts = {u: "pw" for u in pairs}
+    rosters = {f"u{i}": [f"u{i ^ 1}"] for i in range(nx)}
+    out = []
+    for kind in ("tcp", "ws", "sse", "xmpp"):
+        out += idle_one(ctx.name(f"imd {kind}"), ctx.imd, kind, n, heartbeat=heartbeat,
+                        password="pw", roster=True)
+    if ctx.imd_only:
+        return out
+    out += idle_one("mosquitto", peers.Mosquitto().start, "mqtt", n, heartbeat=heartbeat)
+    out += idle_one("nchan sse", peers.Nchan().start, "sse", n, heartbeat=heartbeat,
+                    path="/sub?id=idle")
+    out += idle_one("nchan ws", peers.Nchan().start, "ws", n, heartbeat=heartbeat,
+                    path="/sub?id=idle")
+    out += idle_one("prosody xmpp", peers.Prosody(accounts, rosters).start, "xmpp", nx,
+                    heartbeat=heartbeat, password="pw", domain="localhost", roster=True)
+    return out
+
+
+# ---------------------------------------------------------------- fanout
+
+def _admin_port(peer):
+    if "admin" not in peer.ports:
+        raise peers.PeerError("imd has no admin listener")
+    return peer.ports["admin"]
+
+
+class Publisher:
+    """Publishes to one channel. `publish` sends one message and waits for the server's answer
+    (HTTP response or MQTT PUBACK), so every server sees the same pacing; `burst` writes n messages
+    at once (pipelined HTTP requests, QoS 0 PUBLISH) and waits for the n HTTP answers."""
+
+    def __init__(self, kind, port, channel):
+        self.kind = kind
+        self.channel = channel
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.settimeout(60)
+        self.packet_id = 0
+        self.host = f"127.0.0.1:{port}"
+        if kind == "mqtt":
+            self.sock.sendall(lg.mqtt_connect("bench-publisher"))
+            if self._read(4) != lg.MQTT_CONNACK_OK:
+                raise peers.PeerError("publisher CONNACK refused")
+        else:
+            self.http = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def _read(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise peers.PeerError("publisher connection closed")
+            data += chunk
+        return data
+
+    def _request(self, payload):
+        """(method, path, body, headers) of one publication."""
+        if self.kind == "nchan":
+            return "POST", f"/pub?id={self.channel}", payload, {}
+        if self.kind == "imd-comet":
+            q = urllib.parse.urlencode({"cname": self.channel, "content": payload.decode()})
+            return "GET", f"/pub?{q}", None, {}
+        body = lg.orjson.dumps({"from": "publisher", "to": self.channel, "body": payload.decode()})
+        return "POST", "/api/v1/messages", body, {"Content-Type": "application/json"}
+
+    def publish(self, payload):
+        if self.kind == "mqtt":
+            self.packet_id = self.packet_id % 65535 + 1
+            self.sock.sendall(lg.mqtt_publish(self.channel, payload, qos=1, packet_id=self.packet_id))
+            self._read(4)
+            return
+        method, path, body, headers = self._request(payload)
+        self.http.request(method, path, body=body, headers=headers)
+        resp = self.http.getresponse()
+        resp.read()
+        if resp.status >= 300:
+            raise peers.PeerError(f"publish answered {resp.status}")
+
+    PIPELINE = 8      # requests per connection in a burst (imd answers 429 past some depth)
+
+    def burst(self, payload, n):
+        """n publications at once: QoS 0 PUBLISHes in one write, or HTTP requests pipelined
+        PIPELINE deep over ceil(n / PIPELINE) connections written one right after the other."""
+        if self.kind == "mqtt":
+            self.sock.sendall(lg.mqtt_publish(self.channel, payload) * n)
+            return
+        method, path, body, headers = self._request(payload)
+        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}"]
+        head += [f"{k}: {v}" for k, v in headers.items()]
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}")
+        one = ("\r\n".join(head) + "\r\n\r\n").encode() + (body or b"")
+        host, port = self.sock.getpeername()
+        shares = [min(self.PIPELINE, n - i) for i in range(0, n, self.PIPELINE)]
+        conns = [socket.create_connection((host, port)) for _ in shares]
+        try:
+            for c, k in zip(conns, shares):
+                c.sendall(one * k)
+            for c, k in zip(conns, shares):
+                c.settimeout(60)
+                answered, tail = 0, b""
+                while answered < k:
+                    chunk = c.recv(65536)
+                    if not chunk:
+                        raise peers.PeerError(f"publisher closed after {answered} answers")
+                    if b" 200 " not in chunk and b" 201 " not in chunk and b" 202 " not in chunk:
+                        raise peers.PeerError(f"publish answered {chunk[:60]!r}")
+                    m, tail = lg.count_marks(tail, chunk, b"HTTP/1.1 ")
+                    answered += m
+        finally:
+            for c in conns:
+                c.close()
+
+    def close(self):
+        self.sock.close()
+        if self.kind != "mqtt":
+            self.http.close()
+
+
+def fanout_one(subject, start_peer, kind, pub_kind, subscribers, messages, sub_extra, channel,
+               pub_port=None, burst=False):
+    say(f"fanout: {subject}: {subscribers} subscribers")
+    try:
+        peer = start_peer()
+    except peers.PeerError as e:
+        return None, str(e).splitlines()[0][:80]
+    try:
+        spec = _spec_for(kind, peer, **sub_extra)
+        with lg.Fleet(spec, processes=max(2, processes_for(subscribers)), deadline=600) as fleet:
+            ok, failed, _ = fleet.connect(subscribers, timeout=120)
+            if failed:
+                return None, f"{failed} subscribers failed: {fleet.errors()[:1]}"
+            time.sleep(0.5)
+            port = pub_port(peer) if pub_port else peer.port
+            pub = Publisher(pub_kind, port, channel)
+            pids = peer.pids()
+            payload = b'{"kind":"bench","body":"' + b"x" * 60 + b' ' + lg.MARK + b'"}'
+            expected = ok * messages
+            cpu0, t0 = peers.cpu_seconds(pids), time.monotonic()
+            if burst:
+                pub.burst(payload, messages)
+            else:
+                for _ in range(messages):
+                    pub.publish(payload)
+            got = 0
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                got = fleet.count()[0]
+                if got >= expected:
+                    break
+                time.sleep(0.01)
+            cpu, wall = peers.cpu_seconds(pids) - cpu0, time.monotonic() - t0
+            pub.close()
+        note = f"{got:,}/{expected:,} delivered, {wall:.1f}s wall"
+        say(f"fanout: {subject}: {note}, server CPU {cpu:.2f}s -> {got / max(cpu, 1e-9):,.0f}/CPU-s")
+        if got < expected:
+            return None, note
+        return got / max(cpu, 0.01), note
+    except peers.PeerError as e:
+        return None, str(e)[:80]
+    finally:
+        peer.stop()
+
+
+def fanout_subjects(ctx):
+    imd = [
+        (ctx.name("imd tcp"), ctx.imd, "tcp", "imd-user", {"user_fmt": "fan", "device_fmt": "d{}"},
+         "fan", _admin_port),
+        (ctx.name("imd sse"), ctx.imd, "sse", "imd-comet", {"path": "/sse?cname=bench"}, "bench",
+         _admin_port)]
+    if ctx.imd_only:
+        return imd
+    return imd + [
+        ("nchan sse", lambda: peers.Nchan().start(), "sse", "nchan", {"path": "/sub?id=bench"},
+         "bench", None),
+        ("mosquitto", lambda: peers.Mosquitto().start(), "mqtt", "mqtt", {"topic": "bench"},
+         "bench", None),
+        ("mosquitto dup", lambda: peers.Mosquitto(duplicates=True).start(), "mqtt", "mqtt",
+         {"topic": "bench"}, "bench", None),
+    ]
+
+
+def part_fanout(ctx, subscribers=None, messages=None):
+    """One message at a time, at several subscriber counts (for the plot)."""
+    subscribers = subscribers or (2000 if ctx.quick else 10000)
+    messages = messages or (50 if ctx.quick else 200)
+    sizes = sorted({max(500, subscribers // 5), subscribers // 2, subscribers})
+    out = []
+    for subject, start, kind, pub_kind, extra, channel, pub_port in fanout_subjects(ctx):
+        series = []
+        value, note = None, ""
+        for n in sizes:
+            v, note = fanout_one(subject, start, kind, pub_kind, n, messages, extra, channel, pub_port)
+            if v is None:
+                break
+            series.append((n, v))
+            value = v if n == subscribers else None
+        out.append(Result("fanout", f"deliveries per server CPU-second ({subscribers:,} subs x "
+                          f"{messages} msgs)", subject, value, "/CPU-s", "higher", note=note,
+                          series=series))
+    return out
+
+
+def part_burst(ctx, subscribers=None, messages=None):
+    """All messages written at once (pipelined publications): what write coalescing can do."""
+    subscribers = subscribers or (2000 if ctx.quick else 10000)
+    messages = messages or (50 if ctx.quick else 200)
+    out = []
+    for subject, start, kind, pub_kind, extra, channel, pub_port in fanout_subjects(ctx):
+        v, note = fanout_one(subject, start, kind, pub_kind, subscribers, messages, extra, channel,
+                             pub_port, burst=True)
+        out.append(Result("burst", f"deliveries per server CPU-second, {messages} msgs in one burst "
+                          f"({subscribers:,} subs)", subject, v, "/CPU-s", "higher", note=note))
+    return out
+
+
+# ---------------------------------------------------------------- logins
+
+def logins_one(subject, start_peer, kind, seconds, **extra):
+    say(f"logins: {subject}")
+    try:
+        peer = start_peer()
+    except peers.PeerError as e:
+        return [Result("logins", "logins per second (wall)", subject, None, "/s", "higher",
+                       note=str(e).splitlines()[0][:80])]
+    try:
+        try:
+            spec = _spec_for(kind, peer, user_pool=1000, **extra)
+        except peers.PeerError as e:
+            return [Result("logins", "logins per second (wall)", subject, None, "/s", "higher",
+                           note=str(e)[:80])]
+        pids = peer.pids()
+        with lg.Fleet(spec, processes=2, deadline=120) as fleet:
+            cpu0 = peers.cpu_seconds(pids)
+            ok, failed, wall = fleet.logins(64, seconds)
+            cpu = peers.cpu_seconds(pids) - cpu0
+            errors = fleet.errors()[:1] if failed else []
+        note = f"{ok:,} logins in {wall:.1f}s, {failed} failed" + (f" {errors}" if errors else "")
+        say(f"logins: {subject}: {note}, server CPU {cpu:.2f}s")
+        if not ok:
+            return [Result("logins", "logins per second (wall)", subject, None, "/s", "higher",
+                           note=note[:120])]
+        return [Result("logins", "logins per second (wall)", subject, ok / wall, "/s", "higher",
+                       note=note),
+                Result("logins", "logins per server CPU-second", subject, ok / max(cpu, 0.01),
+                       "/CPU-s", "higher")]
+    finally:
+        peer.stop()
+
+
+def part_logins(ctx, seconds=None):
+    seconds = seconds or (3 if ctx.quick else 8)
+    accounts = {f"u{i}": "pw" for i in list(range(1000)) + list(range(lg.MAX_PER_PROCESS, lg.MAX_PER_PROCESS + 1000))}
+    out = (logins_one(ctx.name("imd tcp"), ctx.imd, "tcp", seconds)
+           + logins_one(ctx.name("imd xmpp"), ctx.imd, "xmpp", seconds, password="pw"))
+    if ctx.imd_only:
+        return out
+    return out + (logins_one("prosody xmpp", peers.Prosody(accounts).start, "xmpp", seconds,
+                         password="pw", domain="localhost")
+            + logins_one("mosquitto", peers.Mosquitto().start, "mqtt", seconds))
+
+
+# ---------------------------------------------------------------- chat and xmpp (1:1 traffic)
+
+RATES = [250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000, 32000, 48000]
+
+
+def sweep(label, fleet, pids, rates, step_seconds, limit_ms):
+    """Offer each rate in turn (open loop) and find two rates:
+    - held: the highest rate up to which every step had p99 within limit_ms (latency target);
+    - saturation: the highest rate at which everything was answered with p50 within limit_ms
+      (the server keeps up, whatever its tail).
+    A step that misses is tried once more (one stall of a shared machine is not saturation); the
+    sweep ends at the first rate that saturates twice.
+    Returns (held, held_note, saturation, [(rate, p99 ms)])."""
+    held, held_note, saturation, series = None, "", None, []
+    p99_streak = True
+    for rate in rates:
+        for attempt in (1, 2):
+            cpu0 = peers.cpu_seconds(pids)
+            sent, got, wall, lat = fleet.traffic(rate, 0, step_seconds)
+            cpu = peers.cpu_seconds(pids) - cpu0
+            lat = sorted(lat)
+            p50, p99 = lg.quantile(lat, .5) / 1000, lg.quantile(lat, .99) / 1000
+            keeps_up = got >= sent and sent >= 0.9 * rate * step_seconds and p50 <= limit_ms
+            in_limit = keeps_up and p99 <= limit_ms
+            say(f"{label}: offered {rate:,}/s: {got:,}/{sent:,} answered, p50 {p50:.1f} ms "
+                f"p99 {p99:.1f} ms, server CPU {cpu / wall:.0%}, busiest load-generator process "
+                f"{fleet.client_load:.0%}" + ("" if in_limit else
+                                              f" -> {'p99 over' if keeps_up else 'saturated'} (try {attempt})"))
+            time.sleep(0.5)
+            if in_limit or (keeps_up and not p99_streak):
+                break
+        series.append((rate, p99))
+        if p99_streak and in_limit:
+            held = rate
+            held_note = f"p50 {p50:.1f} ms, p99 {p99:.1f} ms at {rate:,}/s, server CPU {cpu / wall:.0%}"
+        else:
+            p99_streak = False
+        if not keeps_up:
+            break
+        saturation = rate
+    return held, held_note, saturation, series
+
+
+def part_chat(ctx, pairs=None, seconds=None, window=8):
+    """imd raw TCP with the SQLite store as configured by default (synchronous = full), and again
+    with synchronous = normal to show what the fsync per commit costs."""
+    return (chat_one(ctx, ctx.name("imd tcp"), "full", pairs, seconds, window)
+            + chat_one(ctx, ctx.name("imd tcp sqlite-normal"), "normal", pairs, seconds, window))
+
+
+def chat_one(ctx, subject, synchronous, pairs=None, seconds=None, window=8):
+    """imd raw TCP, pairs of users sending `msg` to each other: the closed-loop maximum (window
+    unacked per connection), ack latency at half of it, and the highest open-loop rate whose ack
+    p99 stays within 20 ms."""
+    pairs = pairs or (100 if ctx.quick else 500)
+    seconds = seconds or (3 if ctx.quick else 10)
+    say(f"chat: {subject}: {pairs} pairs")
+    try:
+        peer = ctx.imd(synchronous=synchronous)
+    except peers.PeerError as e:
+        note = str(e).splitlines()[0][:80]
+        return [Result("chat", "acked messages per second", subject, None, "/s", "higher", note=note)]
+    try:
+        spec = _spec_for("tcp", peer, pairs=True)
+        pids = peer.pids()
+        with lg.Fleet(spec, processes=2, deadline=600) as fleet:
+            ok, failed, _ = fleet.connect(2 * pairs, timeout=60)
+            if failed:
+                raise peers.PeerError(f"{failed} chat clients failed: {fleet.errors()[:1]}")
+            cpu0 = peers.cpu_seconds(pids)
+            sent, acked, wall, lat = fleet.traffic(0, window, seconds)
+            cpu = peers.cpu_seconds(pids) - cpu0
+            rate = acked / wall
+            lat = sorted(lat)
+            say(f"chat: {subject}: closed loop window {window}: {acked:,}/{sent:,} acked, {rate:,.0f}/s, "
+                f"p50 {lg.quantile(lat, .5) / 1000:.1f} ms p99 {lg.quantile(lat, .99) / 1000:.1f} ms, "
+                f"server CPU {cpu / wall:.0%}, busiest load-generator process {fleet.client_load:.0%}")
+            time.sleep(1)
+            half = rate / 2
+            sent2, acked2, wall2, lat2 = fleet.traffic(half, 0, seconds)
+            lat2 = sorted(lat2)
+            p50, p99 = lg.quantile(lat2, .5) / 1000, lg.quantile(lat2, .99) / 1000
+            say(f"chat: {subject}: at {half:,.0f}/s: {acked2:,}/{sent2:,} acked, p50 {p50:.1f} ms p99 {p99:.1f} ms, "
+                f"busiest load-generator process {fleet.client_load:.0%}")
+            time.sleep(1)
+            best, note, _, series = sweep(f"chat: {subject}", fleet, pids, RATES, 3 if ctx.quick else 5, 20)
+        return [Result("chat", "acked messages per second (closed loop)", subject, rate, "/s",
+                       "higher", note=f"{pairs} pairs, window {window}, {acked / max(cpu, .01):,.0f}/CPU-s"),
+                Result("chat", "ack latency p50 at half that rate", subject, p50, "ms", "lower",
+                       note=f"{acked2:,}/{sent2:,} acked at {half:,.0f}/s"),
+                Result("chat", "ack latency p99 at half that rate", subject, p99, "ms", "lower"),
+                Result("chat", "sustained acked msgs/s with p99 <= 20 ms (open loop)", subject, best,
+                       "/s", "higher", note=note, series=series)]
+    except peers.PeerError as e:
+        return [Result("chat", "acked messages per second", subject, None, "/s", "higher",
+                       note=str(e)[:80])]
+    finally:
+        peer.stop()
+
+
+def xmpp_one(subject, start_peer, clients, step_seconds):
+    """Returns (held, note, saturation, series) of the sweep, or Nones and the reason."""
+    say(f"xmpp: {subject}: {clients} clients")
+    try:
+        peer = start_peer()
+    except peers.PeerError as e:
+        return None, str(e).splitlines()[0][:80], None, []
+    try:
+        spec = _spec_for("xmpp", peer, pairs=True, password="pw", domain="localhost", roster=True)
+        with lg.Fleet(spec, processes=2, deadline=900) as fleet:
+            ok, failed, _ = fleet.connect(clients, timeout=180)
+            if failed:
+                return None, f"{failed} clients failed: {fleet.errors()[:1]}", None, []
+            time.sleep(1)
+            return sweep(f"xmpp: {subject}", fleet, peer.pids(), RATES, step_seconds, 100)
+    except peers.PeerError as e:
+        return None, str(e)[:80], None, []
+    finally:
+        peer.stop()
+
+
+def part_xmpp(ctx, clients=None, step_seconds=None):
+    """XMPP 1:1 chat in pairs (roster = the partner), open loop at rising rates: the highest rate
+    whose delivery p99 stays within 100 ms, and the rate at which the server stops keeping up.
+    Prosody also runs with Lua's generational GC."""
+    clients = clients or (200 if ctx.quick else 2000)
+    step_seconds = step_seconds or (2 if ctx.quick else 5)
+    users = range(clients + lg.MAX_PER_PROCESS)   # the second worker starts at MAX_PER_PROCESS
+    accounts = {f"u{i}": "pw" for i in users}
+    rosters = {f"u{i}": [f"u{i ^ 1}"] for i in users}
+    subjects = [(ctx.name("imd xmpp"), ctx.imd)]
+    if not ctx.imd_only:
+        subjects += [("prosody xmpp", peers.Prosody(accounts, rosters).start),
+                     ("prosody-gengc xmpp", peers.Prosody(accounts, rosters, generational_gc=True).start)]
+    out = []
+    for subject, start in subjects:
+        held, note, saturation, series = xmpp_one(subject, start, clients, step_seconds)
+        out.append(Result("xmpp", f"sustained 1:1 msgs/s with p99 <= 100 ms ({clients:,} clients)",
+                          subject, held, "/s", "higher", note=note, series=series))
+        out.append(Result("xmpp", f"saturation: highest rate fully delivered with p50 <= 100 ms "
+                          f"({clients:,} clients)", subject, saturation, "/s", "higher"))
+    return out
+
+
+PARTS = {"idle": part_idle, "fanout": part_fanout, "burst": part_burst, "logins": part_logins,
+         "chat": part_chat,
+         "xmpp": part_xmpp}
