@@ -24,6 +24,9 @@ Definitions (per device = (user, device)):
   (the device saw a later entry before an earlier one).
 * **conflicts** — one seq carrying two different mids for one device (a seq
   reused), or one client id acked with two different mids (stored twice).
+* **stored_twice** — one client id delivered under two mids (the sender
+  re-sent after a restart and the server stored it again instead of
+  answering with the first ack). Needs ``received(..., cid=)``.
 * **unacked_delivered** — delivered but its sender never saw an ack (the
   daemon died between storing and acking): allowed, counted for information.
 
@@ -47,22 +50,24 @@ class Report:
     redelivered: int = 0
     reordered: list = field(default_factory=list)     # (user, device, seq, previous seq)
     conflicts: list = field(default_factory=list)     # descriptions
+    stored_twice: list = field(default_factory=list)  # (cid, mid, other mid)
     unacked_delivered: int = 0
 
     @property
     def ok(self) -> bool:
         """None lost, none duplicated, none reordered, no conflict."""
-        return not (self.lost or self.duplicated or self.reordered or self.conflicts)
+        return not (self.lost or self.duplicated or self.reordered or self.conflicts or self.stored_twice)
 
     def summary(self) -> str:
         return (f"sent={self.sent} acked={self.acked} refused={self.refused} received={self.received} "
                 f"lost={len(self.lost)} duplicated={len(self.duplicated)} redelivered={self.redelivered} "
                 f"reordered={len(self.reordered)} conflicts={len(self.conflicts)} "
+                f"stored_twice={len(self.stored_twice)} "
                 f"unacked_delivered={self.unacked_delivered}")
 
     def __str__(self) -> str:
         lines = [self.summary()]
-        for name in ("lost", "duplicated", "reordered", "conflicts"):
+        for name in ("lost", "duplicated", "reordered", "conflicts", "stored_twice"):
             items = getattr(self, name)
             if items:
                 lines.append(f"  {name} (first 10): {items[:10]}")
@@ -95,6 +100,8 @@ class Checker:
         self._conflicts: list = []
         self._redelivered = 0
         self._received = 0
+        self._cid_mid: dict = {}       # client id seen in a delivery -> mid
+        self._twice: list = []
 
     # -- senders ------------------------------------------------------------------
     def sent(self, sender: str, cid: str, to: str) -> None:
@@ -132,11 +139,16 @@ class Checker:
             d.epoch += 1
             d.epoch_last = 0
 
-    def received(self, user: str, device: str, env: dict) -> None:
-        """Record one inbox entry (``msg`` or ``notice``) this device got."""
+    def received(self, user: str, device: str, env: dict, cid: str | None = None) -> None:
+        """Record one inbox entry (``msg`` or ``notice``) this device got; ``cid``, when
+        the caller can tell it (e.g. from the body), is the sender's client id."""
         mid, seq = env["mid"], env["seq"]
         with self._lock:
             self._received += 1
+            if cid is not None:
+                first = self._cid_mid.setdefault(cid, mid)
+                if first != mid:
+                    self._twice.append((cid, first, mid))
             d = self._devices.setdefault((user, device), _Device())
             if seq <= d.epoch_last:
                 self._reorders.append((user, device, seq, d.epoch_last))
@@ -174,7 +186,8 @@ class Checker:
         with self._lock:
             rep = Report(sent=len(self._sent), acked=len(self._acks), refused=self._refused,
                          received=self._received, duplicated=list(self._dups), redelivered=self._redelivered,
-                         reordered=list(self._reorders), conflicts=list(self._conflicts))
+                         reordered=list(self._reorders), conflicts=list(self._conflicts),
+                         stored_twice=sorted(set(self._twice)))
             for mid, to in self._acked_to.items():
                 for (user, device) in self._expected:
                     if user == to and mid not in self._devices[(user, device)].seen:
