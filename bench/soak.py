@@ -41,6 +41,16 @@ from tests.faults.checker import Checker  # noqa: E402
 from tests.faults.load import Receiver, Sender  # noqa: E402
 
 
+PG = "host=127.0.0.1 port=5432 user=postgres"
+
+
+def admin_sql(statement: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG + " dbname=test", autocommit=True) as con:
+        con.execute(statement)
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -84,12 +94,18 @@ def main() -> int:
     ap.add_argument("--sample", type=float, default=10.0, help="seconds between RSS samples")
     ap.add_argument("--flat", type=float, default=2.0, help="MiB/hour: the 'memory flat' threshold")
     ap.add_argument("--store", default="sqlite", choices=("sqlite", "postgresql"))
-    ap.add_argument("--dsn", default="host=127.0.0.1 port=5432 user=postgres dbname=test")
+    ap.add_argument("--dsn", default="", help="postgresql: default a fresh database imd_soak_PID "
+                    "on 127.0.0.1:5432, dropped at the end")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="imd-soak-")
     overrides = {}
+    scratch_db = None
     if args.store == "postgresql":
+        if not args.dsn:
+            scratch_db = f"imd_soak_{os.getpid()}"
+            admin_sql(f"CREATE DATABASE {scratch_db}")
+            args.dsn = f"{PG} dbname={scratch_db}"
         overrides["store"] = {"backend": "postgresql", "dsn": args.dsn}
     d = Imd(tmp, overrides).start()
     pid = d.proc.pid
@@ -136,6 +152,8 @@ def main() -> int:
         t.join(10)
     rss_end = rss_kib(pid)
     d.stop()
+    if scratch_db:
+        admin_sql(f"DROP DATABASE IF EXISTS {scratch_db} WITH (FORCE)")
 
     rep = chk.report()
     third = [p for p in samples if p[0] >= samples[-1][0] * 2 / 3]
