@@ -150,21 +150,22 @@ class Checker:
                 if first != mid:
                     self._twice.append((cid, first, mid))
             d = self._devices.setdefault((user, device), _Device())
-            if seq <= d.epoch_last:
-                self._reorders.append((user, device, seq, d.epoch_last))
-            d.epoch_last = max(d.epoch_last, seq)
             other = d.by_seq.get(seq)
             if other is not None and other != mid:
                 self._conflicts.append(f"{user}/{device}: seq {seq} carried {other} and {mid}")
             if mid in d.seen:
                 if d.first_epoch[mid] < d.epoch and d.seen[mid] == seq:
                     self._redelivered += 1
+                    if seq <= d.epoch_last:          # a replay must be in order too
+                        self._reorders.append((user, device, seq, d.epoch_last))
+                    d.epoch_last = max(d.epoch_last, seq)
                 else:
                     self._dups.append((user, device, mid, seq))
                 d.first_epoch[mid] = d.epoch     # a third copy in this epoch is a duplicate
                 return
-            if seq < d.max_seq:
-                self._reorders.append((user, device, seq, d.max_seq))
+            if seq <= d.epoch_last or seq < d.max_seq:
+                self._reorders.append((user, device, seq, max(d.epoch_last, d.max_seq)))
+            d.epoch_last = max(d.epoch_last, seq)
             d.seen[mid] = seq
             d.by_seq[seq] = mid
             d.first_epoch[mid] = d.epoch
