@@ -35,6 +35,19 @@ def rss_kib() -> int:
         return int(next(line for line in f if line.startswith("VmRSS")).split()[1])
 
 
+def sqlite_memory_kib() -> int:
+    """SQLite's own heap (sqlite3_memory_used) in this process, or -1 if not reachable."""
+    import ctypes
+    import ctypes.util
+    import sqlite3  # noqa: F401  (loads the library the store uses)
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+        lib.sqlite3_memory_used.restype = ctypes.c_int64
+        return lib.sqlite3_memory_used() // 1024
+    except (OSError, AttributeError):
+        return -1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", default="sqlite", choices=("sqlite", "postgresql"))
@@ -71,17 +84,19 @@ def main() -> int:
         return tracemalloc.take_snapshot().filter_traces([
             tracemalloc.Filter(False, "*/tests/faults/*", all_frames=True),
             tracemalloc.Filter(False, "*/imd/client.py", all_frames=True),
-            tracemalloc.Filter(False, tracemalloc.__file__)]), rss_kib(), chk.report().acked
+            tracemalloc.Filter(False, tracemalloc.__file__)]), rss_kib(), chk.report().acked, sqlite_memory_kib()
 
+    sqlite_memory_kib()                     # imports ctypes now, not between the snapshots
     time.sleep(args.warmup)
-    s1, r1, n1 = snapshot()
+    s1, r1, n1, q1 = snapshot()
     time.sleep(args.span)
-    s2, r2, n2 = snapshot()
+    s2, r2, n2, q2 = snapshot()
     heap1, heap2 = (sum(t.size for t in s.traces) for s in (s1, s2))
     print(f"messages acked in the span: {n2 - n1}")
     print(f"imd Python heap: {heap1 // 1024} KiB -> {heap2 // 1024} KiB ({(heap2 - heap1) / 1024:+.1f} KiB, "
           f"{(heap2 - heap1) / max(1, n2 - n1):+.2f} B/message)")
     print(f"process RSS (includes the load generator): {r1} -> {r2} KiB")
+    print(f"SQLite's own heap (sqlite3_memory_used): {q1} -> {q2} KiB")
     for stat in s2.compare_to(s1, "traceback")[:8]:
         print(stat)
         for line in stat.traceback.format()[-4:]:
