@@ -1,0 +1,198 @@
+"""Sustained raw-TCP load that survives daemon restarts, recorded by a Checker.
+
+``Sender`` keeps a window of messages in flight to random recipients; on a lost
+connection it reconnects and re-sends its unacknowledged messages with the same
+client ids (the server answers a repeated id with the original ack and stores
+nothing new). ``Receiver`` follows one device's inbox: it records every entry,
+acknowledges them, and on a lost connection reconnects with ``since`` = the
+highest seq up to which it holds everything. Both run until ``stop`` is set,
+retrying connections while the daemon is away.
+
+Plain blocking sockets (imd.client.Client): use threads, or greenlets under
+gevent's monkey patching. ``addr`` is a callable returning the current
+(host, port), because a restarted daemon listens on a new port.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+from imd.client import Client, ClientError
+
+from .checker import Checker
+
+ERRORS = (OSError, ClientError, TimeoutError, ValueError)
+
+
+def connect(addr, token_for, user: str, role: str, device: str, since, stop: threading.Event,
+            timeout: float = 10.0):
+    """Log in, retrying every 50 ms while the daemon is away; None once ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            c = Client(*addr(), timeout=timeout)
+        except (OSError, KeyError):              # KeyError: a restarting daemon has no address yet
+            time.sleep(0.05)
+            continue
+        try:
+            c.auth(token_for(user, role), platform="android", device=device, since=since)
+            return c
+        except ERRORS:
+            c.close()
+            time.sleep(0.05)
+    return None
+
+
+def client_id(env: dict):
+    """The sender's client id, which Sender puts first in every body."""
+    body = env.get("body")
+    return body.split(" ", 1)[0] if isinstance(body, str) and env.get("type") == "msg" else None
+
+
+def audit(addr, token_for, users, checker: Checker, device: str = "audit", timeout: float = 30.0) -> None:
+    """Read every user's whole inbox from the store with a fresh device (``since`` = 0),
+    as an expected device of the checker: a message acked but not stored shows as lost."""
+    for user in users:
+        checker.expect(user, device)
+        checker.connected(user, device)
+        with Client(*addr(), timeout=timeout) as c:
+            top = c.auth(token_for(user, "guest"), platform="android", device=device, since=0)["seq"]
+            deadline = time.monotonic() + timeout
+            got = 0
+            while got < top and time.monotonic() < deadline:
+                env = c.recv(timeout=max(0.1, deadline - time.monotonic()))
+                if env.get("type") in ("msg", "notice"):
+                    checker.received(user, device, env, client_id(env))
+                    got += 1
+
+
+class Sender(threading.Thread):
+    def __init__(self, name: str, recipients: list, addr, token_for, checker: Checker,
+                 stop: threading.Event, window: int = 20, rate: float = 0.0, body_size: int = 40) -> None:
+        super().__init__(daemon=True, name=f"sender-{name}")
+        self.user = name
+        self.recipients = recipients
+        self.addr = addr
+        self.token_for = token_for
+        self.chk = checker
+        self.stop = stop
+        self.window = window
+        self.interval = 1.0 / rate if rate else 0.0
+        self.body = "x" * body_size
+        self.n = 0
+        self.reconnects = 0
+        self.pending: dict = {}       # cid -> envelope sent, not yet answered
+
+    def _new(self) -> dict:
+        self.n += 1
+        cid = f"{self.user}-{self.n}"
+        to = random.choice(self.recipients)
+        self.chk.sent(self.user, cid, to)
+        return {"type": "msg", "id": cid, "to": to, "body": f"{cid} {self.body}"}
+
+    def run(self) -> None:
+        c = None
+        next_at = time.monotonic()
+        while True:
+            if self.stop.is_set() and not self.pending:
+                break
+            if c is None:
+                c = connect(self.addr, self.token_for, self.user, "host", "s", None, self.stop)
+                if c is None:
+                    break
+                self.reconnects += 1
+                try:
+                    for env in self.pending.values():    # same ids: answered with the original ack
+                        c.send(env)
+                except ERRORS:
+                    c.close()
+                    c = None
+                    continue
+            try:
+                while not self.stop.is_set() and len(self.pending) < self.window:
+                    if self.interval:
+                        now = time.monotonic()
+                        if now < next_at:
+                            if self.pending:
+                                break
+                            time.sleep(next_at - now)
+                        next_at = max(next_at + self.interval, time.monotonic() - 1.0)
+                    env = self._new()
+                    self.pending[env["id"]] = env
+                    c.send(env)
+                if not self.pending:
+                    continue
+                reply = c.wait_for(lambda e: e.get("type") in ("ack", "error") and e.get("id") in self.pending,
+                                   timeout=2.0 if self.stop.is_set() else 10.0)
+            except ERRORS:
+                c.close()
+                c = None
+                if self.stop.is_set():
+                    time.sleep(0.05)
+                continue
+            cid = reply["id"]
+            if reply["type"] == "ack":
+                self.chk.acked(self.user, cid, reply["mid"], reply["seq"])
+                del self.pending[cid]
+            else:
+                self.chk.refused(self.user, cid, reply["code"])
+                del self.pending[cid]
+                time.sleep(0.05)
+        if c is not None:
+            c.close()
+
+
+class Receiver(threading.Thread):
+    def __init__(self, user: str, device: str, addr, token_for, checker: Checker,
+                 stop: threading.Event, churn: float = 0.0) -> None:
+        """``churn`` > 0: drop and re-open the connection every ``churn`` seconds."""
+        super().__init__(daemon=True, name=f"receiver-{user}-{device}")
+        self.user = user
+        self.device = device
+        self.addr = addr
+        self.token_for = token_for
+        self.chk = checker
+        self.stop = stop
+        self.churn = churn
+        self.reconnects = 0
+        checker.expect(user, device)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            since = self.chk.contiguous(self.user, self.device)
+            c = connect(self.addr, self.token_for, self.user, "guest", self.device, since, self.stop)
+            if c is None:
+                return
+            self.chk.connected(self.user, self.device)
+            self.reconnects += 1
+            until = time.monotonic() + self.churn if self.churn else None
+            try:
+                self._follow(c, until)
+            except ERRORS:
+                pass
+            c.close()
+
+    def _follow(self, c: Client, until) -> None:
+        last_ack = 0
+        while not self.stop.is_set() and (until is None or time.monotonic() < until):
+            try:
+                env = c.recv(timeout=0.5)
+            except TimeoutError:
+                continue
+            if env.get("type") in ("msg", "notice"):
+                self.chk.received(self.user, self.device, env, client_id(env))
+                if env["seq"] - last_ack >= 20:
+                    c.ack(env["seq"])
+                    last_ack = env["seq"]
+            elif env.get("type") == "close":
+                return
+
+    def catch_up(self, top_for, timeout: float = 30.0) -> bool:
+        """After the load: wait until this device holds its whole inbox (``top_for(user)``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.chk.contiguous(self.user, self.device) >= top_for(self.user):
+                return True
+            time.sleep(0.1)
+        return False

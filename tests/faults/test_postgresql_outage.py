@@ -1,0 +1,106 @@
+"""PostgreSQL unavailable for 5 s under sustained load: 503s, recovery, nothing acked lost.
+
+imd reaches PostgreSQL through a cuttable TCP proxy (tests/store/tcp_proxy.py,
+run as a subprocess: SIGUSR1 cuts every connection and refuses new ones,
+SIGUSR2 restores). Four senders keep 20 messages each in flight against a
+write queue of 40, so while the database is gone the queue fills and senders
+must get error 503 (never an ack for something not stored); receivers keep
+following their inboxes, and a churning device reconnects (and is refused
+with 503 while the store is down). After the restore the daemon must recover
+by itself; the checker, with every inbox read back from the store, must
+report none lost, none duplicated, none reordered.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+
+from tests.daemon import ROOT, Imd, token
+from tests.faults.checker import Checker
+from tests.faults.load import Receiver, Sender, audit
+
+PG = "host=127.0.0.1 port=5432 user=postgres"
+USERS = [f"r{i}" for i in range(4)]
+
+
+@pytest.fixture
+def database():
+    name = "imd_fault_%d" % os.getpid()
+    try:
+        with psycopg.connect(PG + " dbname=test", autocommit=True, connect_timeout=5) as con:
+            con.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+            con.execute("CREATE DATABASE %s" % name)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {e}")
+    yield name
+    with psycopg.connect(PG + " dbname=test", autocommit=True) as con:
+        con.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
+
+
+@pytest.fixture
+def proxy():
+    proc = subprocess.Popen([sys.executable, "-m", "tests.store.tcp_proxy", "5432"], cwd=ROOT,
+                            stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
+    proc.port = int(proc.stdout.readline())
+    yield proc
+    proc.terminate()
+    proc.wait(10)
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_postgresql_cut_for_5s_under_load(tmp_path, database, proxy):
+    dsn = "host=127.0.0.1 port=%d user=postgres dbname=%s connect_timeout=2" % (proxy.port, database)
+    d = Imd(tmp_path, {"store": {"backend": "postgresql", "dsn": dsn, "queue_size": 40, "writers": 2}}).start()
+    addr = lambda: d.addr["tcp"]  # noqa: E731
+    chk = Checker()
+    stop_send, stop_recv = threading.Event(), threading.Event()
+    receivers = [Receiver(u, "phone", addr, token, chk, stop_recv) for u in USERS]
+    receivers.append(Receiver(USERS[0], "tablet", addr, token, chk, stop_recv, churn=1.0))
+    senders = [Sender(f"s{i}", USERS, addr, token, chk, stop_send, window=20) for i in range(4)]
+    try:
+        for t in receivers + senders:
+            t.start()
+        wait_for(lambda: chk.report().acked >= 300, 30, "no load before the cut")
+        proxy.send_signal(signal.SIGUSR1)                      # PostgreSQL gone
+        time.sleep(5)
+        during = chk.report()
+        assert during.refused > 0, "senders should get 503 while the write queue is full"
+        proxy.send_signal(signal.SIGUSR2)                      # back
+        wait_for(lambda: chk.report().acked >= during.acked + 300, 45, "imd did not recover by itself")
+        stop_send.set()
+        for s in senders:
+            s.join(30)
+            assert not s.is_alive()
+        tops = {}
+        for u in USERS:
+            with d.client() as c:
+                tops[u] = c.auth(token(u), device="probe")["seq"]
+        for r in receivers:
+            assert r.catch_up(lambda u: tops[u], 30), f"{r.name} did not catch up"
+        stop_recv.set()
+        for r in receivers:
+            r.join(10)
+        audit(addr, token, USERS, chk)
+    finally:
+        stop_send.set()
+        stop_recv.set()
+        d.stop()
+    rep = chk.report()
+    print(rep)
+    assert not rep.lost, rep
+    assert not rep.reordered, rep
+    assert not rep.duplicated, rep
+    assert not rep.conflicts and not rep.stored_twice, rep
+    assert rep.unacked_delivered == 0, "a message refused with 503 was stored anyway"
