@@ -46,6 +46,7 @@ TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
 SESSION_NS = "urn:ietf:params:xml:ns:xmpp-session"
+ROSTERVER_NS = "urn:xmpp:features:rosterver"
 LIMITS_NS = "urn:xmpp:stream-limits:0"
 MAX_SASL_FAILURES = 3
 FAILURE_DELAY = 0.25          # seconds, times the failures so far on this stream
@@ -125,6 +126,7 @@ class Negotiation:
         else:
             feats.add("bind", BIND_NS)
             feats.add("session", SESSION_NS).add("optional")
+            feats.add("ver", ROSTERVER_NS)             # RFC 6121 §2.6: iq.roster_version
             feats.add("sm", SM_NS)
             limits = feats.add("limits", LIMITS_NS)
             limits.add("max-bytes", text=str(MAX_STANZA))

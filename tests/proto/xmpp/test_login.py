@@ -109,6 +109,7 @@ def raw_login(imd, user="u_raw", resource="raw"):
 def test_session_iq_and_features(imd):
     r = raw_login(imd)
     assert b"<session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>" in r.buf
+    assert b"<ver xmlns='urn:xmpp:features:rosterver'/>" in r.buf       # roster versioning offered
     assert b"<jid>u_raw@localhost/raw</jid>" in r.buf
     r.buf = b""
     r.send(b"<iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>")
