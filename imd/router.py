@@ -170,6 +170,7 @@ class Router:
             self.node.add_session(s)
             store = self.store
             top = store.last_seq(s.user)
+            self.node.contacts.get(s.user)   # cached before the auth answer: policy checks read it
             store.touch_user(s.user, s.role, s.platform, now_ms())
             if s.state is CLOSED:
                 return
