@@ -67,6 +67,25 @@ def audit(addr, token_for, users, checker: Checker, device: str = "audit", timeo
                     got += 1
 
 
+def wind_down(d, token_for, users, senders, receivers, stop_send: threading.Event,
+              stop_recv: threading.Event, timeout: float = 30.0) -> None:
+    """Stop the senders, then let every receiver catch up to its inbox's top (read by a
+    probe device of each user), then stop the receivers."""
+    stop_send.set()
+    for s in senders:
+        s.join(timeout)
+        assert not s.is_alive()
+    tops = {}
+    for u in users:
+        with Client(*d.addr["tcp"]) as c:
+            tops[u] = c.auth(token_for(u), device="probe")["seq"]
+    for r in receivers:
+        assert r.catch_up(lambda u: tops[u], timeout), f"{r.name} did not catch up"
+    stop_recv.set()
+    for r in receivers:
+        r.join(10)
+
+
 class Sender(threading.Thread):
     def __init__(self, name: str, recipients: list, addr, token_for, checker: Checker,
                  stop: threading.Event, window: int = 20, rate: float = 0.0, body_size: int = 40) -> None:

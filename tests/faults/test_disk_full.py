@@ -20,7 +20,7 @@ import pytest
 
 from tests.daemon import Imd, token
 from tests.faults.checker import Checker
-from tests.faults.load import Receiver, Sender, audit
+from tests.faults.load import Receiver, Sender, audit, wind_down
 
 USERS = [f"r{i}" for i in range(4)]
 SIZE = "24m"
@@ -91,19 +91,7 @@ def test_sqlite_disk_full_under_load(tmp_path, small_fs):
         full = chk.report()
         os.unlink(small_fs / "filler")                         # space returns
         wait_for(lambda: chk.report().acked >= full.acked + 300, 45, "imd did not recover by itself")
-        stop_send.set()
-        for s in senders:
-            s.join(30)
-            assert not s.is_alive()
-        tops = {}
-        for u in USERS:
-            with d.client() as c:
-                tops[u] = c.auth(token(u), device="probe")["seq"]
-        for r in receivers:
-            assert r.catch_up(lambda u: tops[u], 30), f"{r.name} did not catch up"
-        stop_recv.set()
-        for r in receivers:
-            r.join(10)
+        wind_down(d, token, USERS, senders, receivers, stop_send, stop_recv)
         d.kill()
         d.start()
         audit(addr, token, USERS, chk)

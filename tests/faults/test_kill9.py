@@ -15,7 +15,7 @@ import time
 
 from tests.daemon import Imd, token
 from tests.faults.checker import Checker
-from tests.faults.load import Receiver, Sender, audit
+from tests.faults.load import Receiver, Sender, audit, wind_down
 
 USERS = [f"r{i}" for i in range(6)]
 
@@ -44,19 +44,7 @@ def test_kill9_twice_under_load_nothing_lost(tmp_path):
             time.sleep(0.3)
             d.start()
         wait_acked(chk, chk.report().acked + 400)
-        stop_send.set()
-        for s in senders:
-            s.join(30)
-            assert not s.is_alive()
-        tops = {}
-        for u in USERS:
-            with d.client() as c:
-                tops[u] = c.auth(token(u), device="probe")["seq"]
-        for r in receivers:
-            assert r.catch_up(lambda u: tops[u], 30), f"{r.name} did not catch up"
-        stop_recv.set()
-        for r in receivers:
-            r.join(10)
+        wind_down(d, token, USERS, senders, receivers, stop_send, stop_recv)
         d.kill()                          # and once more, idle, before reading everything back
         d.start()
         audit(addr, token, USERS, chk)

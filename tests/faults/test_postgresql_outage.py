@@ -23,7 +23,7 @@ import pytest
 
 from tests.daemon import ROOT, Imd, token
 from tests.faults.checker import Checker
-from tests.faults.load import Receiver, Sender, audit
+from tests.faults.load import Receiver, Sender, audit, wind_down
 
 PG = "host=127.0.0.1 port=5432 user=postgres"
 USERS = [f"r{i}" for i in range(4)]
@@ -79,19 +79,7 @@ def test_postgresql_cut_for_5s_under_load(tmp_path, database, proxy):
         assert during.refused > 0, "senders should get 503 while the write queue is full"
         proxy.send_signal(signal.SIGUSR2)                      # back
         wait_for(lambda: chk.report().acked >= during.acked + 300, 45, "imd did not recover by itself")
-        stop_send.set()
-        for s in senders:
-            s.join(30)
-            assert not s.is_alive()
-        tops = {}
-        for u in USERS:
-            with d.client() as c:
-                tops[u] = c.auth(token(u), device="probe")["seq"]
-        for r in receivers:
-            assert r.catch_up(lambda u: tops[u], 30), f"{r.name} did not catch up"
-        stop_recv.set()
-        for r in receivers:
-            r.join(10)
+        wind_down(d, token, USERS, senders, receivers, stop_send, stop_recv)
         audit(addr, token, USERS, chk)
     finally:
         stop_send.set()
