@@ -13,17 +13,16 @@ report none lost, none duplicated, none reordered.
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import psycopg
 import pytest
 
-from tests.daemon import ROOT, Imd, token
+from tests.daemon import Imd, token
 from tests.faults.checker import Checker
 from tests.faults.load import Receiver, Sender, audit, wind_down
+from tests.store import tcp_proxy
 
 PG = "host=127.0.0.1 port=5432 user=postgres"
 USERS = [f"r{i}" for i in range(4)]
@@ -45,9 +44,7 @@ def database():
 
 @pytest.fixture
 def proxy():
-    proc = subprocess.Popen([sys.executable, "-m", "tests.store.tcp_proxy", "5432"], cwd=ROOT,
-                            stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
-    proc.port = int(proc.stdout.readline())
+    proc = tcp_proxy.spawn(5432)
     yield proc
     proc.terminate()
     proc.wait(10)

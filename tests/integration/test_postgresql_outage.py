@@ -8,15 +8,14 @@ connection and refuses new ones (tests/store/tcp_proxy.py, run as a subprocess).
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import psycopg
 import pytest
 
-from tests.daemon import ROOT, Imd
+from tests.daemon import Imd
+from tests.store import tcp_proxy
 
 PG = "host=127.0.0.1 port=5432 user=postgres"
 WINDOW = 60           # messages in flight per sender
@@ -35,9 +34,7 @@ def database():
 
 @pytest.fixture
 def proxy():
-    proc = subprocess.Popen([sys.executable, "-m", "tests.store.tcp_proxy", "5432"], cwd=ROOT,
-                            stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
-    proc.port = int(proc.stdout.readline())
+    proc = tcp_proxy.spawn(5432)
     yield proc
     proc.terminate()
     proc.wait(10)

@@ -78,6 +78,20 @@ class TcpProxy:
         self.cut()
 
 
+def spawn(upstream_port: int = 5432):
+    """Run the proxy in a subprocess (for tests whose daemon is another process);
+    ``proc.port`` is where it listens. SIGUSR1 cuts, SIGUSR2 restores."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.store.tcp_proxy", str(upstream_port)], cwd=root,
+                            stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=root))
+    proc.port = int(proc.stdout.readline())
+    return proc
+
+
 def main() -> None:
     """``python -m tests.store.tcp_proxy UPSTREAM_PORT``: print the port, then forward;
     SIGUSR1 cuts, SIGUSR2 restores, SIGTERM ends."""
