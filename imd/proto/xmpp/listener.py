@@ -1,8 +1,11 @@
 """The XMPP c2s listener hook and this node's table of bound XMPP resources.
 
-:class:`XmppProtocol` is what the daemon registers for ``listen.xmpp``: its
-``handle(sock, addr)`` runs in the hub for each accepted socket and creates an
-:class:`XmppSession` (no greenlet). It also keeps, per user, the XMPP
+:class:`XmppProtocol` is what the daemon registers for ``listen.xmpp`` and the
+direct-TLS port ``listen.xmpps`` (XEP-0368): its ``handle(sock, addr)`` runs in
+the hub for each accepted socket (a :class:`imd.net.tls.TlsSocket` on the
+direct-TLS port, which makes the stream secure from the start) and creates an
+:class:`XmppSession` (no greenlet). ``tls`` is the STARTTLS side (None when
+not offered), reloaded by the daemon on HUP like every listener's. It also keeps, per user, the XMPP
 resources bound on this node, for what the core's per-user routing does not
 carry: bind conflicts, IQs and body-less messages to a full JID, presence
 among a user's own resources; plus the XEP-0198 sessions waiting for a resume
@@ -22,6 +25,7 @@ import secrets
 from typing import Optional
 
 from ...envelope import DEVICE_RE
+from ...net.tls import TlsServer, cert_pair
 from .negotiate import AuthGuard
 from .session import XmppSession
 from .stanza import STREAM_CLOSE, stream_error, stream_header, tostring
@@ -37,10 +41,11 @@ class XmppProtocol:
         self.node_id = cfg.node.id
         x = cfg.xmpp
         self.domain = x.domain.lower()
-        self.tls_context = None
-        if x.tls != "disabled" and x.cert and x.key:
-            from .tls import server_context
-            self.tls_context = server_context(cfg.path(x.cert), cfg.path(x.key))
+        self.tls = None                 # STARTTLS (imd.net.tls.TlsServer), when offered
+        pair = cert_pair(cfg, "xmpp")
+        if x.tls != "disabled" and pair is not None:
+            self.tls = TlsServer("xmpp", self.plaintext_refusal())
+            self.tls.load(*pair)
         self.tls_required = x.tls == "required"
         self._bound: dict[str, dict[str, XmppSession]] = {}
         self.resumable: dict[str, XmppSession] = {}     # XEP-0198 stream id → session
@@ -49,6 +54,12 @@ class XmppProtocol:
     def handle(self, sock, addr) -> None:
         s = XmppSession(self, sock)
         self.router.opened(s)
+
+    def plaintext_refusal(self) -> bytes:
+        """What a plaintext client of the direct-TLS port (XEP-0368) gets before it is closed."""
+        return (stream_header(self.domain, "plaintext")
+                + tostring(stream_error("policy-violation", "this port speaks TLS only (XEP-0368); "
+                                        "use STARTTLS on the c2s port")).encode() + STREAM_CLOSE)
 
     def refuse(self, sock, code: int, reason: str) -> None:
         """A connection over a limit (imd.net.admission): our header and a stream

@@ -7,7 +7,7 @@ so stanzas are still handled in order:
 
 * STARTTLS: ``<proceed/>`` is flushed, the bytes received after
   ``<starttls/>`` are dropped, then the connection's socket is replaced by a
-  :class:`TlsSocket` (handshake driven by the read watcher);
+  :class:`imd.net.tls.TlsSocket` (handshake driven by the read watcher);
 * SASL steps: checking a token is CPU only, but stored keys are a store read.
 
 Policies: with ``xmpp.tls = "required"`` only ``<starttls>`` is offered before
@@ -115,7 +115,7 @@ class Negotiation:
         proto = self.proto
         feats = Element("features", STREAM_NS)
         if self.ident is None:
-            if proto.tls_context is not None and not self.secure:
+            if proto.tls is not None and not self.secure:
                 tls = feats.add("starttls", TLS_NS)
                 if proto.tls_required:
                     tls.add("required")
@@ -158,8 +158,8 @@ class Negotiation:
 
     # -- STARTTLS --------------------------------------------------------------------
     def starttls(self) -> None:
-        ctx = self.proto.tls_context
-        if ctx is None or self.secure:
+        tls = self.proto.tls
+        if tls is None or self.secure:
             self.conn.write(b"<failure xmlns='" + TLS_NS.encode() + b"'/></stream:stream>")
             self.conn.close("starttls refused")
             return
@@ -167,15 +167,14 @@ class Negotiation:
         self.parser.restart(drop=True)          # plaintext after <starttls/> is never used
         self.parser.pause()
         self.conn.pause_reading()
-        gevent.spawn(self._wrap_tls, ctx)
+        gevent.spawn(self._wrap_tls, tls)
 
-    def _wrap_tls(self, ctx) -> None:
-        from .tls import TlsSocket
+    def _wrap_tls(self, tls) -> None:
         conn = self.conn
         if not conn.wait_drained(1, timeout=10) or conn.closed:
             conn.close("starttls: proceed not sent", flush=False)
             return
-        conn.sock = TlsSocket(conn.sock, ctx)
+        conn.sock = tls.wrap(conn.sock)
         self.secure = True
         self.parser.resume()
         conn.resume_reading()

@@ -35,6 +35,7 @@ import gevent
 
 from ...envelope import CLIENT_ID_RE, EnvelopeError, validate
 from ...net.conn import Conn
+from ...net.tls import TlsSocket
 from ...session import CLOSED, Session
 from . import iq as iqmod
 from . import jid as jidmod
@@ -70,7 +71,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.parser = StreamParser(self.on_stream_start, self.on_stanza, self.on_stream_end)
         self.lang = "en"
         self.header_sent = False
-        self.secure = False
+        self.secure = isinstance(sock, TlsSocket)     # accepted on the direct-TLS port
         self.ident = self.token_ident = self.mech = None
         self.failures = 0
         self.resource = self.full_jid = None
