@@ -129,6 +129,7 @@ class Daemon:
             if addr is None:
                 continue
             handle, refuse = proto.handle, getattr(proto, "refuse", None)
+            mode = "starttls" if name == "xmpp" and xmpp_starttls is not None else "no"
             if name == "xmpps" or (name in TLS_SWITCHES and cfg.get("tls." + name)):
                 tls = self.tls[name] = TlsServer(name, getattr(proto, "plaintext_refusal", b"")
                                                  if name != "xmpps" else proto.plaintext_refusal())
@@ -136,12 +137,13 @@ class Daemon:
                 # a refused connection on a TLS port is just closed: a plaintext error
                 # would be garbage to a TLS client, and a handshake costs what a flood wants
                 handle, refuse = tls.handle(proto.handle), None
+                mode = "yes"
             sock = bind_socket(addr[0], addr[1], reuse_port=cfg.node.workers > 1)
             listener = Listener(name, sock, handle, self.admission, refuse)
             listener.start()
             self.listeners.append(listener)
             host, port = listener.address
-            log.info("listening name=%s addr=%s:%d tls=%s", name, host, port, "yes" if name in self.tls else "no")
+            log.info("listening name=%s addr=%s:%d tls=%s", name, host, port, mode)
         if cfg.listen.control:
             self.control = ControlServer(self, cfg.path(cfg.listen.control))
             self.control.start()
