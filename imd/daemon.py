@@ -55,6 +55,7 @@ SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
 DRAIN_TIMEOUT = 30.0           # keep below TimeoutStopSec in init/imd.service
 STOP_TIMEOUT = 5.0
 TLS_SWITCHES = ("tcp", "comet", "admin")     # listeners that speak TLS when tls.<name> = true
+TLS_KEYS = ("tls.cert", "tls.key", "xmpp.cert", "xmpp.key")
 STATUS_EVERY = 10.0            # seconds between STATUS= updates when no watchdog is asked for
 
 
@@ -303,6 +304,8 @@ class Daemon:
                 _check_log_file(self.cfg, new)
             except config_mod.ConfigError as e:
                 log.error("reload refused, keeping the running config: %s", e)
+                if e.key in TLS_KEYS:
+                    self.tls_reload_failures += 1
                 status = "reload refused (bad config)"
                 raise
             diff = self._apply(new)

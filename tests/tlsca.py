@@ -24,6 +24,7 @@ class TestCA:
 
     def __init__(self, path) -> None:
         self.dir = str(path)
+        os.makedirs(self.dir, exist_ok=True)
         self.cert = os.path.join(self.dir, "ca.pem")
         self.key = os.path.join(self.dir, "ca.key")
         _run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
