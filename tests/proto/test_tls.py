@@ -321,3 +321,21 @@ def test_handshake_metrics(imd, ca):
     for listener in ("tcp", "comet", "admin"):
         assert metric(text, "imd_tls_handshakes_total", listener=listener) >= 1
     assert "imd_tls_reload_failures_total 0" in text
+
+
+def test_a_reader_that_lags_gets_everything_in_order(imd, ca):
+    """Partial TLS writes: the kernel takes part of the ciphertext, the rest waits for the
+    write watcher, nothing is lost or reordered."""
+    with tls_client(imd, ca) as alice, tls_client(imd, ca) as bob:
+        bob.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        alice.auth(token("lag_alice"), device="la")
+        bob.auth(token("lag_bob"), device="lb")
+        bodies = [f"{i:03d}" + "z" * 50000 for i in range(12)]      # ~600 KB, under limits.send_buffer
+        for body in bodies:
+            alice.msg("lag_bob", body, wait=False)
+        for _ in bodies:
+            alice.wait_for(lambda e: e.get("type") == "ack")
+        time.sleep(0.5)                                             # the server meets a full socket
+        got = [bob.wait_for(lambda e: e.get("type") == "msg")["body"] for _ in bodies]
+        assert got == bodies
+        assert bob.ping()["type"] == "pong"
