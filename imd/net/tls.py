@@ -195,10 +195,11 @@ class TlsSocket:
                 chunk = self.tls.read(65536)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:       # close_notify from the peer
+            except ssl.SSLZeroReturnError:
                 eof = True
                 break
-            if not chunk:
+            if not chunk:                        # close_notify from the peer
+                eof = True
                 break
             chunks.append(chunk)
         self._push()                             # e.g. TLS 1.3 key updates
