@@ -40,7 +40,7 @@ from .fastpath import IMPL
 from .metrics import Metrics, max_fds, open_fds, rss_bytes
 from .net.admission import Admission
 from .net.listener import Listener, bind_socket
-from .net.tls import TlsServer, cert_pair, server_context
+from .net.tls import TlsServer, cert_pair
 from .node import Node
 from .proto.admin import AdminProtocol
 from .proto.comet.front import CometProtocol
@@ -132,8 +132,7 @@ class Daemon:
             handle, refuse = proto.handle, getattr(proto, "refuse", None)
             mode = "starttls" if name == "xmpp" and xmpp_starttls is not None else "no"
             if name == "xmpps" or (name in TLS_SWITCHES and cfg.get("tls." + name)):
-                tls = self.tls[name] = TlsServer(name, getattr(proto, "plaintext_refusal", b"")
-                                                 if name != "xmpps" else proto.plaintext_refusal())
+                tls = self.tls[name] = TlsServer(name, proto.plaintext_refusal)
                 tls.load(*cert_pair(cfg, name))
                 # a refused connection on a TLS port is just closed: a plaintext error
                 # would be garbage to a TLS client, and a handshake costs what a flood wants
@@ -357,14 +356,14 @@ class Daemon:
                             "its old one until a restart", name)
                 continue
             try:
-                loaded[name] = (server_context(*pair, tls.alpn), pair)
+                loaded[name] = (tls.context_for(*pair), pair)
             except (OSError, ValueError) as e:        # ssl.SSLError is an OSError
                 self.tls_reload_failures += 1
                 log.error("tls reload refused, keeping the old certificate listener=%s cert=%s: %s",
                           name, pair[0], e)
                 return False
         for name, (ctx, pair) in loaded.items():
-            self.tls[name].context, self.tls[name].source = ctx, pair
+            self.tls[name].use(ctx, pair)
         log.info("tls certificates reloaded listeners=%s", ",".join(sorted(loaded)))
         return True
 

@@ -115,11 +115,17 @@ class TlsServer:
     def load(self, cert: str, key: str) -> None:
         """Use the certificate and key in these files for new handshakes; raises
         (OSError, ssl.SSLError) and keeps the current context if they are unusable."""
-        ctx = server_context(cert, key, self.alpn)
-        self.context = ctx
-        self.source = (cert, key)
-        st = os.stat(cert)
-        log.info("tls certificate loaded listener=%s cert=%s mtime=%d", self.name, cert, int(st.st_mtime))
+        self.use(self.context_for(cert, key), (cert, key))
+
+    def context_for(self, cert: str, key: str) -> ssl.SSLContext:
+        """A context for this listener from these files (raises as :func:`server_context`)."""
+        return server_context(cert, key, self.alpn)
+
+    def use(self, context: ssl.SSLContext, source: tuple[str, str]) -> None:
+        """Handshakes that start from now on use ``context``; established connections keep theirs."""
+        self.context, self.source = context, source
+        log.info("tls certificate loaded listener=%s cert=%s mtime=%d", self.name, source[0],
+                 int(os.stat(source[0]).st_mtime))
 
     def wrap(self, sock) -> "TlsSocket":
         return TlsSocket(sock, self)

@@ -5,9 +5,9 @@ direct-TLS port ``listen.xmpps`` (XEP-0368): its ``handle(sock, addr)`` runs in
 the hub for each accepted socket (a :class:`imd.net.tls.TlsSocket` on the
 direct-TLS port, which makes the stream secure from the start) and creates an
 :class:`XmppSession` (no greenlet). ``tls`` is the STARTTLS side (None when
-not offered), reloaded by the daemon on HUP like every listener's. It also keeps, per user, the XMPP
-resources bound on this node, for what the core's per-user routing does not
-carry: bind conflicts, IQs and body-less messages to a full JID, presence
+not offered), reloaded by the daemon on HUP like every listener's. It
+also keeps, per user, the XMPP resources bound on this node, for what the
+core's per-user routing does not carry: bind conflicts, IQs and body-less messages to a full JID, presence
 among a user's own resources; plus the XEP-0198 sessions waiting for a resume
 and the per-address login throttle.
 
@@ -41,10 +41,15 @@ class XmppProtocol:
         self.node_id = cfg.node.id
         x = cfg.xmpp
         self.domain = x.domain.lower()
+        # what a plaintext client of the direct-TLS port (XEP-0368) gets before it is closed
+        self.plaintext_refusal = (
+            stream_header(self.domain, "plaintext")
+            + tostring(stream_error("policy-violation", "this port speaks TLS only (XEP-0368); "
+                                    "use STARTTLS on the c2s port")).encode() + STREAM_CLOSE)
         self.tls = None                 # STARTTLS (imd.net.tls.TlsServer), when offered
         pair = cert_pair(cfg, "xmpp")
         if x.tls != "disabled" and pair is not None:
-            self.tls = TlsServer("xmpp", self.plaintext_refusal())
+            self.tls = TlsServer("xmpp")
             self.tls.load(*pair)
         self.tls_required = x.tls == "required"
         self._bound: dict[str, dict[str, XmppSession]] = {}
@@ -54,12 +59,6 @@ class XmppProtocol:
     def handle(self, sock, addr) -> None:
         s = XmppSession(self, sock)
         self.router.opened(s)
-
-    def plaintext_refusal(self) -> bytes:
-        """What a plaintext client of the direct-TLS port (XEP-0368) gets before it is closed."""
-        return (stream_header(self.domain, "plaintext")
-                + tostring(stream_error("policy-violation", "this port speaks TLS only (XEP-0368); "
-                                        "use STARTTLS on the c2s port")).encode() + STREAM_CLOSE)
 
     def refuse(self, sock, code: int, reason: str) -> None:
         """A connection over a limit (imd.net.admission): our header and a stream
