@@ -4,6 +4,7 @@ old one stays in use."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -115,7 +116,6 @@ def test_broken_certificate_is_refused_and_the_old_one_stays(setup, breakage):
         shutil.copy(other[1], live_key)
         expect = r"reload refused, keeping the running config: config error: tls\.key: .* does not match"
     else:
-        import os
         os.unlink(live_key)
         expect = r"reload refused, keeping the running config: config error: tls\.key: cannot read"
     hup(d, expect)
