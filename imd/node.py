@@ -32,7 +32,8 @@ log = logging.getLogger("imd.node")
 def entry_data(entry: Entry) -> dict:
     return {"user": entry.user, "seq": entry.seq, "mid": entry.mid, "kind": entry.kind,
             "body": entry.body, "ts": entry.ts, "sender": entry.sender,
-            "recipient": entry.recipient, "ctx": entry.ctx, "notice_kind": entry.notice_kind}
+            "recipient": entry.recipient, "ctx": entry.ctx, "notice_kind": entry.notice_kind,
+            "client_id": entry.client_id}
 
 
 class Node:
@@ -127,7 +128,7 @@ class Node:
         if not sessions:
             return
         entry = Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
-                      d.get("recipient"), d.get("ctx"), d.get("notice_kind"))
+                      d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"))
         out = Out(entry.envelope(), entry.seq, d.get("origin", ""))
         for s in list(sessions):
             s.deliver(out)

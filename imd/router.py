@@ -322,7 +322,9 @@ class Router:
         except StoreError:
             last = None
         if last is not None:
-            ev["peer_seq"], ev["mid"] = last
+            ev["peer_seq"], ev["mid"], cid = last
+            if cid is not None:
+                ev["id"] = cid
         self.node.publish_transient(peer, ev)
 
     def on_sync(self, s, env: dict) -> None:
@@ -347,7 +349,7 @@ class Router:
             raise EnvelopeError(400, "cannot send a message to oneself", fatal=False)
         mid = self.mids()
         res = AsyncResult()
-        self.store.send_message(sender, to, client_id or "api." + mid, body, ctx, mid, now_ms(),
+        self.store.send_message(sender, to, client_id, body, ctx, mid, now_ms(),
                                 lambda r, e: res.set_exception(e) if e else res.set(r))
         r = res.get(timeout=timeout)
         for e in r.entries:

@@ -88,7 +88,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.sm_in = self.sm_out = 0
         self.sm_asking = False
         self.carbons = False          # XEP-0280 enabled on this resource
-        self.recent = None            # mid → inbox seq of the last messages written (read markers)
+        self.recent = None            # (sender, stanza id) → inbox seq of the last messages written (markers)
         self.conn = Conn(sock, self, proto.router.limits.send_buffer)
 
     # -- Conn's handler protocol ------------------------------------------------------
@@ -219,14 +219,14 @@ class XmppSession(StreamManagement, Negotiation, Session):
             return
         top = self.attached_top
         delayed = top is not None and 0 < out.seq <= top
-        self.write(render.message(env, self.proto.domain, self.bare(), delayed), out.seq)
+        self.write(render.message(env, self.proto.domain, self.bare(), delayed, receipt=True), out.seq)
         if env["type"] == "msg":
             recent = self.recent
             if recent is None:
                 recent = self.recent = {}
             elif len(recent) >= MAX_RECENT:
                 del recent[next(iter(recent))]
-            recent[env["mid"]] = out.seq
+            recent[(env["from"], render.stanza_id(env))] = out.seq
 
     def release_waiting(self) -> None:
         if not self.receiving() or self.state is CLOSED:
@@ -317,19 +317,20 @@ class XmppSession(StreamManagement, Negotiation, Session):
         """An XEP-0333 ``<displayed/>`` for a message this resource got from the inbox
         becomes a core ``read`` (the peer sees it on any protocol). True if it did."""
         marker = msg.find("displayed", MARKERS_NS)
-        seq = self.recent.get(marker.get("id")) if marker is not None and self.recent else None
+        seq = self.recent.get((peer, marker.get("id"))) if marker is not None and self.recent else None
         if seq is None or peer == self.user:
             return False
         self.router.receive(self, {"type": "read", "peer": peer, "seq": seq})
         return True
 
     def write_read(self, env: dict) -> None:
-        """A read receipt from a peer → XEP-0333 ``<displayed/>`` for the newest message read."""
+        """A read receipt from a peer → XEP-0333 ``<displayed/>`` for the newest message
+        read, named by the id this user's client gave it (else its mid)."""
         if not env.get("mid") or not self.available:
             return
         msg = Element("message", attrs={"type": "chat", "from": f"{env['by']}@{self.proto.domain}",
                                         "to": self.full_jid})
-        msg.add("displayed", MARKERS_NS, {"id": env["mid"]})
+        msg.add("displayed", MARKERS_NS, {"id": render.stanza_id(env)})
         self.write(msg)
 
     # -- presence ------------------------------------------------------------------------------------
