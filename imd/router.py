@@ -374,6 +374,17 @@ class Router:
     def kick(self, user: str, reason: str = "kicked") -> int:
         return self.node.kick(user, reason)
 
+    # -- for protocols: what the core does not carry, and reads (see each docstring) -------------
+    def publish_transient(self, user: str, env: dict, device: Optional[str] = None,
+                          protocol: Optional[str] = None) -> None:
+        """Send a non-stored envelope to ``user``'s sessions on every node (optionally
+        one device, one protocol); at most once, never blocks."""
+        self.node.publish_transient(user, env, device, protocol)
+
+    def device_elsewhere(self, user: str, device: str) -> bool:
+        """Whether ``user``'s ``device`` is connected to another node (blocks)."""
+        return self.node.device_elsewhere(user, device)
+
     def add_contact(self, user: str, contact: str) -> None:
         self.node.contact_changed("add", user, contact)
 
