@@ -21,7 +21,7 @@ from typing import Any, Optional
 import gevent
 from gevent.event import AsyncResult
 
-from . import auth
+from . import auth, passwords
 from .envelope import EnvelopeError, Out, error
 from .ids import MidGen, now_ms
 from .metrics import Metrics
@@ -384,6 +384,42 @@ class Router:
     def device_elsewhere(self, user: str, device: str) -> bool:
         """Whether ``user``'s ``device`` is connected to another node (blocks)."""
         return self.node.device_elsewhere(user, device)
+
+    def credentials(self, user: str) -> Optional[dict]:
+        """The user's stored SCRAM credentials (:mod:`imd.passwords`), None when no
+        password is set. Blocks (a store read); raises StoreError."""
+        return self.store.password(user)
+
+    def check_password(self, user: str, password: str) -> bool:
+        """Whether ``password`` is the one set for ``user``. Blocks (a store read,
+        then a PBKDF2 run); raises StoreError."""
+        return passwords.verify_plain(self.store.password(user), password)
+
+    def set_password(self, user: str, password: str) -> None:
+        """Store the SCRAM keys of ``password`` for ``user`` (never the password);
+        costs the CPU a few ms, then written in a batch like every fire-and-forget write."""
+        self.store.set_password(user, passwords.scram_credentials(password))
+
+    def role_of(self, user: str) -> Optional[str]:
+        """The role the store has seen ``user`` log in with, None if unknown. Blocks."""
+        info = self.store.users_info([user]).get(user)
+        return info.role if info is not None else None
+
+    def history(self, user: str, since: int, limit: int) -> list:
+        """The user's inbox entries after ``since`` (at most ``limit``). Blocks."""
+        return self.store.inbox(user, since, limit)
+
+    def last_seq(self, user: str) -> int:
+        """The top of the user's inbox. Blocks."""
+        return self.store.last_seq(user)
+
+    def contacts_of(self, user: str) -> set:
+        """The user's contacts (loaded from the store if not in memory). Blocks."""
+        return self.node.contacts.get(user)
+
+    def cached_contacts(self, user: str) -> Optional[set]:
+        """The user's contacts if they are in memory (a connected user's are), else None."""
+        return self.node.contacts.cached(user)
 
     def add_contact(self, user: str, contact: str) -> None:
         self.node.contact_changed("add", user, contact)

@@ -16,7 +16,7 @@ from slixmpp.exceptions import IqError
 from tests.proto.xmpp.harness import barrier, client, login, logout, next_message, run
 
 from .cluster import admin, token
-from .test_cluster import Cluster, cluster, db  # noqa: F401  (fixtures)
+from .test_cluster import cluster, db  # noqa: F401  (fixtures)
 
 CHATSTATES = "http://jabber.org/protocol/chatstates"
 DISCO_INFO = "http://jabber.org/protocol/disco#info"

@@ -109,7 +109,7 @@ def roster_version(contacts) -> str:
 
 def _roster_get(s, iq: Element) -> None:
     try:
-        contacts = s.router.node.contacts.get(s.user)
+        contacts = s.router.contacts_of(s.user)
     except StoreError as e:
         log.warning("roster: contacts unavailable user=%s error=%s", s.user, e)
         s.write(error_reply(iq, "internal-server-error", by=s.proto.domain))
@@ -130,7 +130,7 @@ def roster_push(s, op: str, contact: str) -> None:
     if not s.interested:
         return
     attrs = {}
-    cached = s.router.node.contacts.cached(s.user)
+    cached = s.router.cached_contacts(s.user)
     if cached is not None:
         attrs["ver"] = roster_version(cached)
     query = Element("query", ROSTER_NS, attrs)
@@ -145,6 +145,6 @@ def subscription(s, user: str, ptype: str) -> None:
     """Answer a subscription request from the contact list (never forwarded)."""
     if ptype != "subscribe":
         return
-    contacts = s.router.node.contacts.cached(s.user) or ()
+    contacts = s.router.cached_contacts(s.user) or ()
     answer = "subscribed" if user in contacts else "unsubscribed"
     s.write(Element("presence", attrs={"type": answer, "from": f"{user}@{s.proto.domain}", "to": s.bare()}))

@@ -284,10 +284,10 @@ class Negotiation:
                 return False
             self.token_ident = ident
             return True
-        return sasl.verify_plain(self.router.store.password(user), password)
+        return self.router.check_password(user, password)
 
     def lookup_scram(self, user: str):
-        return self.router.store.password(user) if jidmod.valid_localpart(user) else None
+        return self.router.credentials(user) if jidmod.valid_localpart(user) else None
 
     def identity_of(self, user: str):
         """(user, role, token platform) once SASL succeeded; blocks (a store read)."""
@@ -295,10 +295,10 @@ class Negotiation:
         if tok is not None and tok.user == user:
             return (user, tok.role, tok.platform)
         try:
-            info = self.router.store.users_info([user]).get(user)
+            role = self.router.role_of(user)
         except StoreError:
             return None
-        return (user, (info.role if info is not None and info.role else "guest"), None)
+        return (user, role or "guest", None)
 
     # -- bind ------------------------------------------------------------------------------
     def bind(self, iq: Element) -> None:
