@@ -8,7 +8,7 @@ node, Redis in a cluster, the very same code path), to the addressed user's
 XMPP sessions on every node. The envelope::
 
     {"type": "xmpp", "op": OP, "sid": sending session id, "res": resource or "",
-     "xml": serialized stanza, "ts": time (bind only)}
+     "xml": serialized stanza, "ts": when the binding connection opened (bind only)}
 
 Ops, as each receiving session (:func:`deliver`) applies them:
 
@@ -21,7 +21,8 @@ Ops, as each receiving session (:func:`deliver`) applies them:
   answers with its current presence (a ``stanza`` to ``res``);
 * ``bind``: session ``sid`` bound resource ``res`` on a connection opened at
   ``ts``; a session of that resource opened no later gets a ``<conflict/>``
-  stream error (the newest connection wins, whichever node it is on).
+  stream error: the newest connection wins, whichever node it is on, also
+  when two nodes bind the same resource at the same moment.
 
 A publication is at most once (DESIGN.md §7): like stanzas between federated
 servers, a transient stanza may be lost when the bus is; nothing stored is.
@@ -30,7 +31,6 @@ Everything here runs in the hub and never blocks.
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 from . import jid as jidmod
@@ -40,10 +40,7 @@ TYPE = "xmpp"
 
 
 def envelope(op: str, sid: str, res: str = "", xml: str = "") -> dict:
-    env = {"type": TYPE, "op": op, "sid": sid, "res": res, "xml": xml}
-    if op == "bind":
-        env["ts"] = time.time()
-    return env
+    return {"type": TYPE, "op": op, "sid": sid, "res": res, "xml": xml}
 
 
 def publish(proto, user: str, env: dict) -> None:
@@ -68,7 +65,9 @@ def probe(s) -> None:
 
 
 def bound(s) -> None:
-    publish(s.proto, s.user, envelope("bind", s.id, s.resource))
+    env = envelope("bind", s.id, s.resource)
+    env["ts"] = s.opened
+    publish(s.proto, s.user, env)
 
 
 def _with_to(xml: str, to: str) -> str:
