@@ -8,7 +8,10 @@ reads the store (replay after auth, sync, gap fill, read receipts). It knows
 no protocol: it talks to sessions through ``send``/``close``/``deliver``.
 
 The web tier's operations (notices, messages, contacts, kick, inbox) are here
-too, as methods that block the calling greenlet until committed.
+too, as methods that block the calling greenlet until committed; so are what
+protocols need beyond envelopes (transient envelopes to a user's sessions on
+every node, credentials, roles, history, contacts): protocol code never
+reads the store or the engine itself.
 """
 
 from __future__ import annotations
