@@ -49,6 +49,7 @@ log = logging.getLogger("imd.xmpp")
 _stanza_ids = itertools.count(1)
 MAX_HELD = 10000          # entries held before initial presence (the router sends at most this many offline)
 MAX_PENDING = 256         # messages awaiting the store's ack, for error replies
+PARSER_IDLE_SECONDS = 1.0  # a stream silent this long frees its expat parser (~13 KB)
 MAX_RECENT = 8            # messages remembered for read markers (the newest ones get marked)
 MARKERS_NS = "urn:xmpp:chat-markers:0"
 
@@ -60,7 +61,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
     __slots__ = ("proto", "conn", "parser", "lang", "header_sent", "secure", "ident", "token_ident",
                  "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
                  "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
-                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent")
+                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent",
+                 "parser_filed")
 
     protocol = "xmpp"
 
@@ -89,11 +91,15 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.sm_asking = False
         self.carbons = False          # XEP-0280 enabled on this resource
         self.recent = None            # mid → inbox seq of the last messages written (read markers)
+        self.parser_filed = False     # in proto.parser_wheel (its expat parser is live)
         self.conn = Conn(sock, self, proto.router.limits.send_buffer)
 
     # -- Conn's handler protocol ------------------------------------------------------
     def on_data(self, data: bytes) -> None:
         self.touch()
+        if not self.parser_filed:
+            self.parser_filed = True
+            self.proto.parser_wheel.add(self, self.last_rx + PARSER_IDLE_SECONDS)
         try:
             self.parser.feed(data)
         except StreamError as e:
@@ -196,13 +202,21 @@ class XmppSession(StreamManagement, Negotiation, Session):
     def drain(self) -> None:
         self.conn.wait_drained(self.conn.limit // 2)
 
-    def on_deadline(self, now: float):
-        """The wheel's periodic check (heartbeats); an idle bound stream also frees
-        its expat parser until the next read (``StreamParser.hibernate``)."""
-        nxt = super().on_deadline(now)
-        if nxt is not None and self.resource is not None:
-            self.parser.hibernate()
-        return nxt
+    def on_parser_idle(self, now: float):
+        """``proto.parser_wheel``'s check: a bound stream silent for PARSER_IDLE_SECONDS
+        frees its expat parser until the next read (``StreamParser.hibernate``); the
+        next ``on_data`` files the session again. Returns the next check time or None."""
+        if self.state is CLOSED:
+            self.parser_filed = False
+            return None
+        due = self.last_rx + PARSER_IDLE_SECONDS
+        if due > now:
+            return due
+        if self.parser.asleep or self.parser.hibernate():
+            self.parser_filed = False
+            self.proto.parser_freed += 1
+            return None
+        return now + PARSER_IDLE_SECONDS          # negotiating, or partial input pending
 
     # -- inbox entries ---------------------------------------------------------------------------
     def receiving(self) -> bool:

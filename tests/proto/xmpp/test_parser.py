@@ -313,6 +313,39 @@ def test_no_hibernation_mid_stanza_or_while_negotiating():
     assert [s.findtext("body") for s in rec.stanzas()] == ["partial", None]
 
 
+@pytest.mark.parametrize("pending", [
+    b"<message to='a>",                  # a '>' inside the value of an unfinished start tag
+    b"<presence to='a>b'",               # the same, after the '>'
+    b"<",
+    b"</stream:str",
+])
+def test_no_hibernation_with_a_partial_tag_after_a_stanza(pending):
+    rec = Recorder()
+    rec.parser.negotiating = False
+    rec.parser.feed(HEADER + b"<presence/>")
+    rec.parser.feed(b"<message><body>x</body></message> \n" + pending)
+    assert not rec.parser.hibernate()
+
+
+@pytest.mark.parametrize("stanza", [
+    b"<message to='a>b'><body>x</body></message >",
+    b"<presence to='a>b'/>",
+    b"<iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq>",
+])
+def test_hibernation_after_each_byte_of_a_complete_stanza(stanza):
+    """Fed one byte at a time, the parser may sleep exactly when a stanza (and only
+    whitespace after it) is complete, and sleeping there loses nothing."""
+    rec = Recorder()
+    rec.parser.negotiating = False
+    rec.parser.feed(HEADER)
+    data = stanza + b" " + stanza
+    for i in range(len(data)):
+        rec.parser.feed(data[i:i + 1])
+        complete = data[:i + 1].rstrip() in (stanza, stanza + b" " + stanza)
+        assert rec.parser.hibernate() == complete
+    assert [tostring(s) for s in rec.stanzas()] == [tostring(rec.stanzas()[0])] * 2
+
+
 def test_hostile_input_after_wake_is_still_refused():
     rec = Recorder()
     rec.parser.negotiating = False
