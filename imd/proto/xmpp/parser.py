@@ -1,7 +1,7 @@
 """Incremental, namespace-aware XMPP stream parser on expat, hardened.
 
 One :class:`StreamParser` per connection. ``feed(data)`` parses bytes as they
-arrive (one byte at a time works) and calls back, synchronously:
+arrive (one byte at a time works) and calls its ``handler``'s methods, synchronously:
 
 * ``on_stream_start(attrs)`` for the stream header; ``attrs`` holds the
   header's attributes (``xml:lang`` under ``XML_LANG``);
@@ -33,7 +33,7 @@ Not thread-safe; a parser belongs to one connection and never blocks.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 from xml.parsers import expat
 
 from .stanza import CLIENT_NS, STREAM_NS, XML_NS, Element, escape_attr
@@ -92,17 +92,14 @@ class StreamParser:
     """See the module docstring. ``max_stanza`` may be changed between feeds
     (e.g. raised from the pre-auth limit after SASL success)."""
 
-    __slots__ = ("on_stream_start", "on_stanza", "on_stream_end", "max_stanza", "max_depth",
+    __slots__ = ("handler", "max_stanza", "max_depth",
                  "negotiating", "_parser", "_stack", "_depth", "_fed", "_mark", "_restart",
                  "_ns_decls", "_closed", "_error", "_paused", "_backlog", "_feeding", "_chunks",
                  "_text_el", "_text_tail", "_root", "_clean", "_ended", "_replaying")
 
-    def __init__(self, on_stream_start: Callable[[dict], None], on_stanza: Callable[[Element], None],
-                 on_stream_end: Callable[[], None], max_stanza: int = MAX_STANZA_PREAUTH,
+    def __init__(self, handler, max_stanza: int = MAX_STANZA_PREAUTH,
                  max_depth: int = MAX_DEPTH) -> None:
-        self.on_stream_start = on_stream_start
-        self.on_stanza = on_stanza
-        self.on_stream_end = on_stream_end
+        self.handler = handler                 # on_stream_start / on_stanza / on_stream_end
         self.max_stanza = max_stanza
         self.max_depth = max_depth
         self.negotiating = True
@@ -110,7 +107,6 @@ class StreamParser:
         self._paused = False
         self._backlog = b""
         self._feeding = False
-        self._chunks: list[str] = []       # character data of the element being filled
         self._text_el: Optional[Element] = None
         self._text_tail = False
         self._replaying = False
@@ -207,7 +203,7 @@ class StreamParser:
         if (self._parser is None or self._depth != 1 or self.negotiating or self._paused
                 or not self._clean or self._root is None or self._error is not None):
             return False
-        self._parser = None
+        self._parser = self._stack = self._chunks = None
         return True
 
     def _wake(self) -> None:
@@ -251,6 +247,7 @@ class StreamParser:
         p.CharacterDataHandler = self._text
         self._parser = p
         self._stack: list[Element] = []
+        self._chunks: list[str] = []       # character data of the element being filled
         self._depth = 0
         self._fed = 0          # bytes given to this expat parser
         self._mark = 0         # byte index where the current stanza (or the gap) began
@@ -296,7 +293,7 @@ class StreamParser:
             if self._ns_decls.get("", "") != CLIENT_NS:
                 raise StreamError("invalid-namespace", "default namespace must be jabber:client")
             self._mark = self._fed
-            self.on_stream_start({_attr_key(k): v for k, v in attrs.items()})
+            self.handler.on_stream_start({_attr_key(k): v for k, v in attrs.items()})
             return
         el = Element(tag, ns, {_attr_key(k): v for k, v in attrs.items()} if attrs else {})
         if depth == 2:
@@ -312,13 +309,13 @@ class StreamParser:
             self._flush_text()
         if depth == 1:
             self._closed = True
-            self.on_stream_end()
+            self.handler.on_stream_end()
             return
         el = self._stack.pop()
         if depth == 2:
             self._mark = self._fed
             self._ended = self._parser.CurrentByteIndex   # at "</", or just after "/>"
-            self.on_stanza(el)
+            self.handler.on_stanza(el)
 
     def _text(self, data: str) -> None:
         depth = self._depth

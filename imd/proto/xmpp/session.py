@@ -69,7 +69,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
     def __init__(self, proto, sock) -> None:
         super().__init__(proto.router, proto.node_id)
         self.proto = proto
-        self.parser = StreamParser(self.on_stream_start, self.on_stanza, self.on_stream_end)
+        self.parser = StreamParser(self)
         self.lang = "en"
         self.header_sent = False
         self.secure = False
@@ -79,12 +79,12 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.available = False
         self.priority = 0
         self.interested = False
-        self.waiting = []             # inbox Outs held until initial presence
-        self.presences = {}           # contact → latest presence envelope, until initial presence
+        self.waiting = None           # inbox Outs held until initial presence (a list once any)
+        self.presences = None         # contact → latest presence envelope, until initial presence
         self.attached_top = None      # the user's inbox seq at attach: entries up to it are "offline"
         self.acked = self.ack_to = 0
         self.ack_scheduled = False
-        self.pending = {}             # core client id → (stanza id, to) of messages not yet acked
+        self.pending = None           # core client id → (stanza id, to) of messages not yet acked
         self.sm_queue = None          # XEP-0198: unacked (bytes, seq), once enabled
         self.sm_id = self.sm_timer = None
         self.sm_in = self.sm_out = 0
@@ -98,8 +98,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
     def on_data(self, data: bytes) -> None:
         self.touch()
         if not self.parser_filed:
-            self.parser_filed = True
-            self.proto.parser_wheel.add(self, self.last_rx + PARSER_IDLE_SECONDS)
+            self.watch_parser()
         try:
             self.parser.feed(data)
         except StreamError as e:
@@ -161,12 +160,16 @@ class XmppSession(StreamManagement, Negotiation, Session):
         t = env["type"]
         if t == "msg" or t == "notice":
             if not self.receiving():
-                if len(self.waiting) < MAX_HELD:
+                if self.waiting is None:
+                    self.waiting = [out]
+                elif len(self.waiting) < MAX_HELD:
                     self.waiting.append(out)
                 return
             self.write_entry(out)
         elif t == "presence":
             if not self.available:
+                if self.presences is None:
+                    self.presences = {}
                 self.presences[env["user"]] = env
                 return
             self.write(render.presence(env, self.proto.domain, self.full_jid))
@@ -175,7 +178,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
             if self.receiving():
                 gevent.get_hub().loop.run_callback(self.release_waiting)
         elif t == "ack":
-            self.pending.pop(env["id"], None)
+            self.forget_pending(env["id"])
         elif t == "error":
             self.on_core_error(env)
         elif t == "contacts":
@@ -201,6 +204,12 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def drain(self) -> None:
         self.conn.wait_drained(self.conn.limit // 2)
+
+    def watch_parser(self) -> None:
+        """File this session in ``proto.parser_wheel`` (once) so that its parser sleeps when idle."""
+        if not self.parser_filed:
+            self.parser_filed = True
+            self.proto.parser_wheel.add(self, self.last_rx + PARSER_IDLE_SECONDS)
 
     def on_parser_idle(self, now: float):
         """``proto.parser_wheel``'s check: a bound stream silent for PARSER_IDLE_SECONDS
@@ -245,8 +254,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
     def release_waiting(self) -> None:
         if not self.receiving() or self.state is CLOSED:
             return
-        waiting, self.waiting = self.waiting, []
-        for out in sorted(waiting, key=lambda o: o.seq):
+        waiting, self.waiting = self.waiting, None
+        for out in sorted(waiting or (), key=lambda o: o.seq):
             self.write_entry(out)
 
     def note_written(self, seq: int) -> None:
@@ -299,9 +308,22 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.write(error_reply(msg, "not-acceptable" if e.code == 413 else "bad-request", e.reason,
                                    by=self.proto.domain))
             return
-        if len(self.pending) < MAX_PENDING:
-            self.pending[cid] = (sid, msg.get("to"))
+        pending = self.pending
+        if pending is None:
+            self.pending = {cid: (sid, msg.get("to"))}
+        elif len(pending) < MAX_PENDING:
+            pending[cid] = (sid, msg.get("to"))
         self.router.receive(self, env)
+
+    def forget_pending(self, cid):
+        """The (stanza id, to) kept for client id ``cid``, removed; None if none."""
+        pending = self.pending
+        if pending is None:
+            return None
+        sent = pending.pop(cid, None)
+        if not pending:
+            self.pending = None           # an idle session keeps no empty dict
+        return sent
 
     def target(self, stanza: Element):
         """The parsed ``to`` (own bare JID when absent); None after answering jid-malformed."""
@@ -317,7 +339,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def on_core_error(self, env: dict) -> None:
         """The router refused one of our messages (e.g. 503 store busy, 403 not a contact)."""
-        sent = self.pending.pop(env.get("id"), None)
+        sent = self.forget_pending(env.get("id"))
         if sent is None:
             log.debug("core error for session %s: %s", self.id, env)
             return
@@ -384,8 +406,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
             for other in self.proto.resources(self.user):
                 if other is not self and other.available and other.last_presence is not None:
                     self.write(other.last_presence)
-            held, self.presences = self.presences, {}
-            for env in held.values():
+            held, self.presences = self.presences, None
+            for env in (held or {}).values():
                 self.write(render.presence(env, self.proto.domain, self.full_jid))
         self.release_waiting()
 

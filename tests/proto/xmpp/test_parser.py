@@ -12,18 +12,18 @@ HEADER = (b"<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xml
 class Recorder:
     def __init__(self, **kw):
         self.events = []
-        self.parser = StreamParser(self.start, self.stanza, self.end, **kw)
+        self.parser = StreamParser(self, **kw)
         self.on_stanza_hook = None
 
-    def start(self, attrs):
+    def on_stream_start(self, attrs):
         self.events.append(("start", attrs))
 
-    def stanza(self, el):
+    def on_stanza(self, el):
         self.events.append(("stanza", el))
         if self.on_stanza_hook:
             self.on_stanza_hook(el)
 
-    def end(self):
+    def on_stream_end(self):
         self.events.append(("end",))
 
     def stanzas(self):
@@ -240,7 +240,7 @@ def test_callback_error_propagates():
 
     def refuse(attrs):
         raise StreamError("host-unknown", "no such domain")
-    rec.parser.on_stream_start = refuse
+    rec.on_stream_start = refuse
     with pytest.raises(StreamError) as info:
         rec.parser.feed(HEADER)
     assert info.value.condition == "host-unknown"
