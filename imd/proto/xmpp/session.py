@@ -8,12 +8,12 @@ stanzas onto the core and core envelopes onto stanzas:
 * ``<message>`` chat/normal with a body → a core ``msg`` (stored, in the
   recipient's inbox, delivered to all their devices whatever the protocol);
   body-less messages (chat states, receipts, markers) and headlines go to the
-  recipient's XMPP resources on this node only (:meth:`XmppProtocol.route`);
+  recipient's XMPP resources on every node, unstored (:mod:`relay`);
 * ``<presence/>`` → core presence (``online``/``away``); it is also sent to
-  the user's own XMPP resources; subscription requests are answered from the
-  contact list (contacts are managed by the web tier);
+  the user's own XMPP resources on every node; subscription requests are
+  answered from the contact list (contacts are managed by the web tier);
 * ``<iq>`` → server answers (:mod:`imd.proto.xmpp.iq`) or routing to a full
-  JID on this node;
+  JID on any node;
 * an XEP-0333 ``<displayed/>`` for a message it got from the inbox → a core
   ``read``; a core ``read`` → ``<displayed/>``.
 
@@ -38,7 +38,7 @@ from ...net.conn import Conn
 from ...session import CLOSED, Session
 from . import iq as iqmod
 from . import jid as jidmod
-from . import render
+from . import relay, render
 from .negotiate import Negotiation
 from .parser import StreamError, StreamParser
 from .sm import MOD, SM_NS, StreamManagement
@@ -90,7 +90,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.sm_in = self.sm_out = 0
         self.sm_asking = False
         self.carbons = False          # XEP-0280 enabled on this resource
-        self.recent = None            # mid → inbox seq of the last messages written (read markers)
+        self.recent = None            # (sender, stanza id) → inbox seq of the last messages written (markers)
         self.parser_filed = False     # in proto.parser_wheel (its expat parser is live)
         self.conn = Conn(sock, self, proto.router.limits.send_buffer)
 
@@ -118,7 +118,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.proto.unbound(self)
             if self.available:
                 self.available = False
-                self.to_own_resources(Element("presence", attrs={"type": "unavailable", "from": self.full_jid}))
+                relay.own_presence(self, Element("presence", attrs={"type": "unavailable", "from": self.full_jid}))
         self.closed(reason)
 
     # -- parser callbacks ------------------------------------------------------------------
@@ -185,6 +185,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
             iqmod.roster_push(self, env["op"], env["contact"])
         elif t == "read":
             self.write_read(env)
+        elif t == relay.TYPE:
+            relay.deliver(self, env)
         elif t == "close":
             cond = _CLOSE_CONDITIONS.get(env.get("code"), "policy-violation")
             self.stream_error(cond, env.get("reason", ""))
@@ -242,14 +244,14 @@ class XmppSession(StreamManagement, Negotiation, Session):
             return
         top = self.attached_top
         delayed = top is not None and 0 < out.seq <= top
-        self.write(render.message(env, self.proto.domain, self.bare(), delayed), out.seq)
+        self.write(render.message(env, self.proto.domain, self.bare(), delayed, receipt=True), out.seq)
         if env["type"] == "msg":
             recent = self.recent
             if recent is None:
                 recent = self.recent = {}
             elif len(recent) >= MAX_RECENT:
                 del recent[next(iter(recent))]
-            recent[env["mid"]] = out.seq
+            recent[(env["from"], render.stanza_id(env))] = out.seq
 
     def release_waiting(self) -> None:
         if not self.receiving() or self.state is CLOSED:
@@ -353,19 +355,20 @@ class XmppSession(StreamManagement, Negotiation, Session):
         """An XEP-0333 ``<displayed/>`` for a message this resource got from the inbox
         becomes a core ``read`` (the peer sees it on any protocol). True if it did."""
         marker = msg.find("displayed", MARKERS_NS)
-        seq = self.recent.get(marker.get("id")) if marker is not None and self.recent else None
+        seq = self.recent.get((peer, marker.get("id"))) if marker is not None and self.recent else None
         if seq is None or peer == self.user:
             return False
         self.router.receive(self, {"type": "read", "peer": peer, "seq": seq})
         return True
 
     def write_read(self, env: dict) -> None:
-        """A read receipt from a peer → XEP-0333 ``<displayed/>`` for the newest message read."""
+        """A read receipt from a peer → XEP-0333 ``<displayed/>`` for the newest message
+        read, named by the id this user's client gave it (else its mid)."""
         if not env.get("mid") or not self.available:
             return
         msg = Element("message", attrs={"type": "chat", "from": f"{env['by']}@{self.proto.domain}",
                                         "to": self.full_jid})
-        msg.add("displayed", MARKERS_NS, {"id": env["mid"]})
+        msg.add("displayed", MARKERS_NS, {"id": render.stanza_id(env)})
         self.write(msg)
 
     # -- presence ------------------------------------------------------------------------------------
@@ -390,7 +393,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         pres.attrs["from"] = self.full_jid
         if ptype == "unavailable":
             self.available = False
-            self.to_own_resources(pres)
+            relay.own_presence(self, pres)
             self.status = "away"
             self.router.receive(self, {"type": "presence", "status": "away"})
             return
@@ -400,26 +403,16 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.priority = 0
         initial = not self.available
         self.available = True
-        self.to_own_resources(pres, include_self=True)
+        relay.own_presence(self, pres)
+        pres.attrs["to"] = self.full_jid          # RFC 6121 §4.2.2: the broadcast reaches the sender too
+        self.write(pres)
         self.router.receive(self, {"type": "presence", "status": render.show_status(pres)})
         if initial:
-            for other in self.proto.resources(self.user):
-                if other is not self and other.available and other.last_presence is not None:
-                    self.write(other.last_presence)
+            relay.probe(self)                     # the user's other resources answer with their presence
             held, self.presences = self.presences, None
             for env in (held or {}).values():
                 self.write(render.presence(env, self.proto.domain, self.full_jid))
         self.release_waiting()
-
-    def to_own_resources(self, pres: Element, include_self: bool = False) -> None:
-        """Presence of this resource to the user's other available XMPP resources here."""
-        for other in self.proto.resources(self.user):
-            if other is self and not include_self:
-                continue
-            if other.available or other is self:
-                pres.attrs["to"] = other.full_jid
-                other.write(pres)
-        pres.attrs.pop("to", None)
 
     def discard(self) -> None:
         """This stream resumed an older session, which took its connection."""

@@ -159,7 +159,10 @@ class StreamManagement:
 
     def write(self, el: Element, seq: int = 0) -> None:
         """Write a stanza (kept for XEP-0198 when enabled)."""
-        data = tostring(el).encode()
+        self.write_bytes(tostring(el).encode(), seq)
+
+    def write_bytes(self, data: bytes, seq: int = 0) -> None:
+        """Write a serialized stanza (kept for XEP-0198 when enabled)."""
         self.conn.write(data)
         if self.sm_queue is not None:
             self.sm_sent(data, seq)

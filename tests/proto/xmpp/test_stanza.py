@@ -50,6 +50,15 @@ def test_escaping_and_forbidden_characters_round_trip():
     assert back.children[0].attrs[XML_LANG] == "fr"
 
 
+def test_line_breaks_and_tabs_survive_byte_exact():
+    msg = Element("message", attrs={"id": "a\tb\nc\rd"})
+    msg.add("body", text="line1\r\nline2\r\tend\n")
+    data = tostring(msg)
+    assert data == "<message id='a&#9;b&#10;c&#13;d'><body>line1&#13;\nline2&#13;\tend\n</body></message>"
+    (back,) = reparse(data.encode())
+    assert back.attrs["id"] == "a\tb\nc\rd" and back.findtext("body") == "line1\r\nline2\r\tend\n"
+
+
 def test_mixed_content_round_trip():
     data = b"<message><html xmlns='http://jabber.org/protocol/xhtml-im'><p>a <b>b</b> c <i>d</i></p></html></message>"
     (back,) = reparse(data)
