@@ -244,7 +244,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
             return
         top = self.attached_top
         delayed = top is not None and 0 < out.seq <= top
-        self.write(render.message(env, self.proto.domain, self.bare(), delayed, receipt=True), out.seq)
+        self.write_bytes(render.message_bytes(env, self.proto.domain, self.bare(), delayed, receipt=True), out.seq)
         if env["type"] == "msg":
             recent = self.recent
             if recent is None:
