@@ -9,6 +9,8 @@ long token without ``>`` is refused within about two max_stanza of input;
 valid stanzas (random element trees) come back exactly (compared serialized).
 """
 
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,9 +28,10 @@ MAX_STANZA = 2048
 def run(pieces, negotiating: bool, max_stanza: int = MAX_STANZA):
     """(serialized stanzas, stream started, stream ended, error condition or None)."""
     got, state = [], {"start": 0, "end": 0}
-    p = parser.StreamParser(lambda attrs: state.__setitem__("start", state["start"] + 1),
-                            lambda el: got.append(stanza.tostring(el)),
-                            lambda: state.__setitem__("end", state["end"] + 1), max_stanza=max_stanza)
+    p = parser.StreamParser(SimpleNamespace(
+        on_stream_start=lambda attrs: state.__setitem__("start", state["start"] + 1),
+        on_stanza=lambda el: got.append(stanza.tostring(el)),
+        on_stream_end=lambda: state.__setitem__("end", state["end"] + 1)), max_stanza=max_stanza)
     p.negotiating = negotiating
     for piece in pieces:
         try:
@@ -110,7 +113,8 @@ def test_oversized_stanzas_are_refused_early(n, tail, draw, negotiating):
     (or not-well-formed) within max_stanza + one read of it (a stanza that begins in
     the read that carried the stream header is counted from that read's end)."""
     body = b"<message" + tail * (n // len(tail))
-    p = parser.StreamParser(lambda attrs: None, lambda el: None, lambda: None, max_stanza=MAX_STANZA)
+    p = parser.StreamParser(SimpleNamespace(on_stream_start=lambda attrs: None, on_stanza=lambda el: None,
+                                        on_stream_end=lambda: None), max_stanza=MAX_STANZA)
     p.negotiating = negotiating
     fed = 0
     with pytest.raises(parser.StreamError) as err:
@@ -142,6 +146,7 @@ def test_carriage_returns_and_attribute_whitespace_survive_a_round_trip():
     el.add("body", text="line1\r\nline2\r")
     got = run([HEADER + serialized(el).encode()], False)[0]
     assert got == [serialized(el)]
-    p = parser.StreamParser(lambda a: None, lambda e: got.append(e), lambda: None)
+    p = parser.StreamParser(SimpleNamespace(on_stream_start=lambda a: None, on_stanza=got.append,
+                                        on_stream_end=lambda: None))
     p.feed(HEADER + serialized(el).encode())
     assert got[-1].attrs["id"] == "a\tb\nc\rd" and got[-1].children[0].text == "line1\r\nline2\r"

@@ -23,13 +23,17 @@ from typing import Optional
 
 import gevent
 
+from ... import memtrim
 from ...envelope import DEVICE_RE
+from ...net.wheel import Wheel
 from . import relay
 from .negotiate import AuthGuard
 from .session import XmppSession
 from .stanza import STREAM_CLOSE, error_reply, stream_error, stream_header, tostring
 
 log = logging.getLogger("imd.xmpp")
+
+TRIM_AFTER_FREED = 1024      # expat parsers (~13 KB each, malloc'd) freed before a heap trim
 
 
 class XmppProtocol:
@@ -48,6 +52,19 @@ class XmppProtocol:
         self._bound: dict[str, dict[str, XmppSession]] = {}
         self.resumable: dict[str, XmppSession] = {}     # XEP-0198 stream id → session
         self.auth_guard = AuthGuard()
+        # sessions with a live expat parser, checked once a second (XmppSession.on_parser_idle)
+        self.parser_wheel = Wheel("on_parser_idle", after=self._after_parser_tick)
+        self.parser_freed = 0         # parsers freed since the heap was last trimmed
+        self.parser_wheel.start()
+
+    def stop(self) -> None:
+        self.parser_wheel.stop()
+
+    def _after_parser_tick(self) -> None:
+        """Once many idle parsers were freed, give their heap pages back to the OS."""
+        if self.parser_freed >= TRIM_AFTER_FREED:
+            self.parser_freed = 0
+            memtrim.trim()
 
     def handle(self, sock, addr) -> None:
         s = XmppSession(self, sock)

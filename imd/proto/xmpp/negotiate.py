@@ -309,6 +309,7 @@ class Negotiation:
             return
         resource = requested or "imd-" + secrets.token_hex(6)
         user, role, token_platform = self.ident
+        self.token_ident = None                   # the decoded token is not needed any more
         old = self.proto.bound(user, resource, self)
         if old is not None:
             old.stream_error("conflict", "replaced by a new connection")

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import orjson
 
-from .stanza import Element
+from .stanza import Element, escape_attr, escape_text, tostring
 
 PRESENCE_RESOURCE = "imd"
 CTX_NS = "urn:imd:ctx"
@@ -84,6 +84,21 @@ def message(env: dict, domain: str, to: str, delayed: bool, receipt: bool = Fals
     if delayed:
         msg.add("delay", DELAY_NS, {"from": domain, "stamp": stamp(env["ts"])})
     return msg
+
+
+def message_bytes(env: dict, domain: str, to: str, delayed: bool, receipt: bool = False) -> bytes:
+    """``tostring(message(...)).encode()``, built as one string without an element
+    tree for the common case (a live ``msg`` with a text body and no ctx)."""
+    body = env["body"]
+    if env["type"] != "msg" or delayed or env.get("ctx") or not isinstance(body, str):
+        return tostring(message(env, domain, to, delayed, receipt)).encode()
+    text = "<body>" + escape_text(body) + "</body>" if body else "<body/>"
+    return ("<message type='chat' from='" + escape_attr(f"{env['from']}@{domain}") + "' to='"
+            + escape_attr(to) + "' id='" + escape_attr(stanza_id(env)) + "'>" + text
+            + (_RECEIPT_REQUEST if receipt else "") + "</message>").encode()
+
+
+_RECEIPT_REQUEST = f"<request xmlns='{RECEIPTS_NS}'/>"
 
 
 def presence(env: dict, domain: str, to: str) -> Element:

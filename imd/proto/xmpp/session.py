@@ -49,6 +49,7 @@ log = logging.getLogger("imd.xmpp")
 _stanza_ids = itertools.count(1)
 MAX_HELD = 10000          # entries held before initial presence (the router sends at most this many offline)
 MAX_PENDING = 256         # messages awaiting the store's ack, for error replies
+PARSER_IDLE_SECONDS = 1.0  # a stream silent this long frees its expat parser (~13 KB)
 MAX_RECENT = 8            # messages remembered for read markers (the newest ones get marked)
 MARKERS_NS = "urn:xmpp:chat-markers:0"
 
@@ -60,14 +61,15 @@ class XmppSession(StreamManagement, Negotiation, Session):
     __slots__ = ("proto", "conn", "parser", "lang", "header_sent", "secure", "ident", "token_ident",
                  "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
                  "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
-                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent")
+                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent",
+                 "parser_filed")
 
     protocol = "xmpp"
 
     def __init__(self, proto, sock) -> None:
         super().__init__(proto.router, proto.node_id)
         self.proto = proto
-        self.parser = StreamParser(self.on_stream_start, self.on_stanza, self.on_stream_end)
+        self.parser = StreamParser(self)
         self.lang = "en"
         self.header_sent = False
         self.secure = False
@@ -77,23 +79,26 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.available = False
         self.priority = 0
         self.interested = False
-        self.waiting = []             # inbox Outs held until initial presence
-        self.presences = {}           # contact → latest presence envelope, until initial presence
+        self.waiting = None           # inbox Outs held until initial presence (a list once any)
+        self.presences = None         # contact → latest presence envelope, until initial presence
         self.attached_top = None      # the user's inbox seq at attach: entries up to it are "offline"
         self.acked = self.ack_to = 0
         self.ack_scheduled = False
-        self.pending = {}             # core client id → (stanza id, to) of messages not yet acked
+        self.pending = None           # core client id → (stanza id, to) of messages not yet acked
         self.sm_queue = None          # XEP-0198: unacked (bytes, seq), once enabled
         self.sm_id = self.sm_timer = None
         self.sm_in = self.sm_out = 0
         self.sm_asking = False
         self.carbons = False          # XEP-0280 enabled on this resource
         self.recent = None            # (sender, stanza id) → inbox seq of the last messages written (markers)
+        self.parser_filed = False     # in proto.parser_wheel (its expat parser is live)
         self.conn = Conn(sock, self, proto.router.limits.send_buffer)
 
     # -- Conn's handler protocol ------------------------------------------------------
     def on_data(self, data: bytes) -> None:
         self.touch()
+        if not self.parser_filed:
+            self.watch_parser()
         try:
             self.parser.feed(data)
         except StreamError as e:
@@ -155,12 +160,16 @@ class XmppSession(StreamManagement, Negotiation, Session):
         t = env["type"]
         if t == "msg" or t == "notice":
             if not self.receiving():
-                if len(self.waiting) < MAX_HELD:
+                if self.waiting is None:
+                    self.waiting = [out]
+                elif len(self.waiting) < MAX_HELD:
                     self.waiting.append(out)
                 return
             self.write_entry(out)
         elif t == "presence":
             if not self.available:
+                if self.presences is None:
+                    self.presences = {}
                 self.presences[env["user"]] = env
                 return
             self.write(render.presence(env, self.proto.domain, self.full_jid))
@@ -169,7 +178,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
             if self.receiving():
                 gevent.get_hub().loop.run_callback(self.release_waiting)
         elif t == "ack":
-            self.pending.pop(env["id"], None)
+            self.forget_pending(env["id"])
         elif t == "error":
             self.on_core_error(env)
         elif t == "contacts":
@@ -198,13 +207,27 @@ class XmppSession(StreamManagement, Negotiation, Session):
     def drain(self) -> None:
         self.conn.wait_drained(self.conn.limit // 2)
 
-    def on_deadline(self, now: float):
-        """The wheel's periodic check (heartbeats); an idle bound stream also frees
-        its expat parser until the next read (``StreamParser.hibernate``)."""
-        nxt = super().on_deadline(now)
-        if nxt is not None and self.resource is not None:
-            self.parser.hibernate()
-        return nxt
+    def watch_parser(self) -> None:
+        """File this session in ``proto.parser_wheel`` (once) so that its parser sleeps when idle."""
+        if not self.parser_filed:
+            self.parser_filed = True
+            self.proto.parser_wheel.add(self, self.last_rx + PARSER_IDLE_SECONDS)
+
+    def on_parser_idle(self, now: float):
+        """``proto.parser_wheel``'s check: a bound stream silent for PARSER_IDLE_SECONDS
+        frees its expat parser until the next read (``StreamParser.hibernate``); the
+        next ``on_data`` files the session again. Returns the next check time or None."""
+        if self.state is CLOSED:
+            self.parser_filed = False
+            return None
+        due = self.last_rx + PARSER_IDLE_SECONDS
+        if due > now:
+            return due
+        if self.parser.asleep or self.parser.hibernate():
+            self.parser_filed = False
+            self.proto.parser_freed += 1
+            return None
+        return now + PARSER_IDLE_SECONDS          # negotiating, or partial input pending
 
     # -- inbox entries ---------------------------------------------------------------------------
     def receiving(self) -> bool:
@@ -221,7 +244,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
             return
         top = self.attached_top
         delayed = top is not None and 0 < out.seq <= top
-        self.write(render.message(env, self.proto.domain, self.bare(), delayed, receipt=True), out.seq)
+        self.write_bytes(render.message_bytes(env, self.proto.domain, self.bare(), delayed, receipt=True), out.seq)
         if env["type"] == "msg":
             recent = self.recent
             if recent is None:
@@ -233,8 +256,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
     def release_waiting(self) -> None:
         if not self.receiving() or self.state is CLOSED:
             return
-        waiting, self.waiting = self.waiting, []
-        for out in sorted(waiting, key=lambda o: o.seq):
+        waiting, self.waiting = self.waiting, None
+        for out in sorted(waiting or (), key=lambda o: o.seq):
             self.write_entry(out)
 
     def note_written(self, seq: int) -> None:
@@ -287,9 +310,22 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.write(error_reply(msg, "not-acceptable" if e.code == 413 else "bad-request", e.reason,
                                    by=self.proto.domain))
             return
-        if len(self.pending) < MAX_PENDING:
-            self.pending[cid] = (sid, msg.get("to"))
+        pending = self.pending
+        if pending is None:
+            self.pending = {cid: (sid, msg.get("to"))}
+        elif len(pending) < MAX_PENDING:
+            pending[cid] = (sid, msg.get("to"))
         self.router.receive(self, env)
+
+    def forget_pending(self, cid):
+        """The (stanza id, to) kept for client id ``cid``, removed; None if none."""
+        pending = self.pending
+        if pending is None:
+            return None
+        sent = pending.pop(cid, None)
+        if not pending:
+            self.pending = None           # an idle session keeps no empty dict
+        return sent
 
     def target(self, stanza: Element):
         """The parsed ``to`` (own bare JID when absent); None after answering jid-malformed."""
@@ -305,7 +341,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def on_core_error(self, env: dict) -> None:
         """The router refused one of our messages (e.g. 503 store busy, 403 not a contact)."""
-        sent = self.pending.pop(env.get("id"), None)
+        sent = self.forget_pending(env.get("id"))
         if sent is None:
             log.debug("core error for session %s: %s", self.id, env)
             return
@@ -373,8 +409,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.router.receive(self, {"type": "presence", "status": render.show_status(pres)})
         if initial:
             relay.probe(self)                     # the user's other resources answer with their presence
-            held, self.presences = self.presences, {}
-            for env in held.values():
+            held, self.presences = self.presences, None
+            for env in (held or {}).values():
                 self.write(render.presence(env, self.proto.domain, self.full_jid))
         self.release_waiting()
 

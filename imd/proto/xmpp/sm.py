@@ -144,12 +144,12 @@ class StreamManagement:
             self.conn.close("resumed elsewhere", flush=False)
         conn, parser = new.conn, new.parser
         conn.handler = self
-        parser.on_stream_start, parser.on_stanza, parser.on_stream_end = (
-            self.on_stream_start, self.on_stanza, self.on_stream_end)
+        parser.handler = self
         parser.negotiating = False
         self.conn, self.parser, self.secure = conn, parser, new.secure
         new.discard()
         self.touch()
+        self.watch_parser()
         self.sm_acked(h)
         conn.write(f"<resumed xmlns='{SM_NS}' h='{self.sm_in}' previd='{self.sm_id}'/>".encode())
         for data, _ in self.sm_queue:

@@ -1,5 +1,7 @@
 """Envelope → stanza rendering (pure)."""
 
+import pytest
+
 from imd.proto.xmpp import render
 from imd.proto.xmpp.stanza import Element, tostring
 
@@ -69,3 +71,23 @@ def test_sent_carbon_wraps_the_original():
     inner = el.children[0].children[0].children[0]
     assert (el.get("from"), el.get("to")) == ("alice@localhost", "alice@localhost/r2")
     assert (inner.get("from"), inner.get("to"), inner.findtext("body")) == ("alice@localhost", "bob@localhost", "x")
+
+
+MESSAGE_ENVS = [
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": "hi", "ts": 0},
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": "", "ts": 0, "id": "c-1"},
+    {"type": "msg", "mid": "m'1", "from": "u1", "to": "u2", "body": "a & b < c > d 'q' \"dq\"", "ts": 0},
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": "line\r\nnext\ttab\x00\x01 é ☺ \ud800", "ts": 0,
+     "id": "id\twith\nspace&<"},
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": {"text": "json"}, "ts": 0},
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": "ctx", "ctx": {"listing": "L1"}, "ts": 0},
+    {"type": "notice", "mid": "n1", "kind": "k", "body": "b", "ts": 0},
+]
+
+
+@pytest.mark.parametrize("env", MESSAGE_ENVS)
+@pytest.mark.parametrize("delayed, receipt", [(False, False), (False, True), (True, True)])
+def test_message_bytes_equals_the_serialized_element(env, delayed, receipt):
+    to = "u2@localhost/r'1"
+    assert render.message_bytes(env, "localhost", to, delayed, receipt) == \
+        tostring(render.message(env, "localhost", to, delayed, receipt)).encode()

@@ -1,5 +1,7 @@
 """Element serializer: no prefixes for jabber:client, escaping, xml:lang, errors."""
 
+from types import SimpleNamespace
+
 from imd.proto.xmpp.parser import StreamParser
 from imd.proto.xmpp.stanza import (STREAM_NS, XML_LANG, Element, error_reply, iq_result,
                                    stream_error, stream_header, tostring)
@@ -7,7 +9,7 @@ from imd.proto.xmpp.stanza import (STREAM_NS, XML_LANG, Element, error_reply, iq
 
 def reparse(data: bytes):
     out = []
-    p = StreamParser(lambda a: None, out.append, lambda: None)
+    p = StreamParser(SimpleNamespace(on_stream_start=lambda a: None, on_stanza=out.append, on_stream_end=lambda: None))
     p.feed(stream_header("localhost", "id1") + data)
     return out
 
