@@ -100,7 +100,7 @@ def main(argv=None):
     report.print_table(results)
     targets = report.target_rows(results)
     if targets:
-        print("\ntargets (issue 9):")
+        print("\ntargets (issues 9 and 5):")
         for text, measured, verdict in targets:
             print(f"  {verdict:<18} {text}: {measured}")
     if not args.no_write:
