@@ -509,6 +509,17 @@ def pg_backend_pids(database):
                                           (database,))]
 
 
+def _db_cpu(pids):
+    """CPU seconds of the database backends still alive (a backend that ended is skipped)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += peers.cpu_seconds([pid])
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def _per_1k(cpu, n):
     return f"{1000 * cpu / max(n, 1):.3f}"
 
@@ -537,9 +548,9 @@ def chat_one(ctx, subject, store, pairs=None, seconds=None, window=8, part="chat
             # one message per pair first, so that the database connections exist when counted
             fleet.traffic(0, 1, 0.5)
             db_pids = pg_backend_pids(pg_database) if pg_database else []
-            cpu0, db0 = peers.cpu_seconds(pids), peers.cpu_seconds(db_pids)
+            cpu0, db0 = peers.cpu_seconds(pids), _db_cpu(db_pids)
             sent, acked, wall, lat = fleet.traffic(0, window, seconds)
-            cpu, db = peers.cpu_seconds(pids) - cpu0, peers.cpu_seconds(db_pids) - db0
+            cpu, db = peers.cpu_seconds(pids) - cpu0, _db_cpu(db_pids) - db0
             rate = acked / wall
             lat = sorted(lat)
             cost = f"imd {_per_1k(cpu, acked)}" + (f" + postgres {_per_1k(db, acked)}" if db_pids else "")
@@ -550,9 +561,9 @@ def chat_one(ctx, subject, store, pairs=None, seconds=None, window=8, part="chat
                 f"{fleet.client_load:.0%}, load average {load}")
             time.sleep(1)
             half = rate / 2
-            cpu0, db0 = peers.cpu_seconds(pids), peers.cpu_seconds(db_pids)
+            cpu0, db0 = peers.cpu_seconds(pids), _db_cpu(db_pids)
             sent2, acked2, wall2, lat2 = fleet.traffic(half, 0, seconds)
-            cpu2, db2 = peers.cpu_seconds(pids) - cpu0, peers.cpu_seconds(db_pids) - db0
+            cpu2, db2 = peers.cpu_seconds(pids) - cpu0, _db_cpu(db_pids) - db0
             lat2 = sorted(lat2)
             p50, p99 = lg.quantile(lat2, .5) / 1000, lg.quantile(lat2, .99) / 1000
             slip = fleet.client_slip
