@@ -323,8 +323,10 @@ class Imd(Peer):
                             r"(?:addr=)?(127\.0\.0\.1|0\.0\.0\.0|localhost):(\d+)")
 
     def __init__(self, repo, python=None, secret="bench-secret", extra="", engine="memory",
-                 workers=1, synchronous="full", profile=None):
+                 workers=1, synchronous="full", profile=None, engine_url=None, limits=None):
         super().__init__()
+        self.engine_url = engine_url        # redis URL (None: imd's default)
+        self.limits = limits or {}          # extra [limits] settings
         self.profile = profile
         self.synchronous = synchronous
         self.repo = repo
@@ -338,6 +340,8 @@ class Imd(Peer):
         t = self.tmp
         self.conf = os.path.join(t, "imd.toml")
         listen = "\n".join(f'{n} = "127.0.0.1:0"' for n in self.LISTENERS)
+        engine_url = f'url = "{self.engine_url}"' if self.engine_url else ""
+        limits = "\n".join(f"{k} = {v!r}" for k, v in self.limits.items())
         with open(self.conf, "w") as f:
             f.write(f"""[node]
 id = "bench-{os.path.basename(t)[-8:]}"
@@ -357,12 +361,14 @@ synchronous = "{self.synchronous}"
 
 [engine]
 backend = "{self.engine}"
+{engine_url}
 
 [comet]
 max_subscribers_per_channel = 100000
 
 [limits]
 msg_rate = 0                   # the bench measures capacity, not the per-session policy
+{limits}
 
 [xmpp]
 tls = "disabled"

@@ -43,9 +43,12 @@ def main(argv=None):
     ap.add_argument("--subscribers", type=int, help="`fanout` subscribers (10000)")
     ap.add_argument("--messages", type=int, help="`fanout` messages (200)")
     ap.add_argument("--c1m-conns", type=int, help="`c1m` connections (1000000)")
-    ap.add_argument("--c1m-mode", choices=("nodes", "workers"), default="nodes",
-                    help="`c1m`: independent imd processes, or one imd with node.workers")
-    ap.add_argument("--c1m-engine", choices=("memory", "redis"), default="memory")
+    ap.add_argument("--c1m-mode", choices=("nodes", "workers"), default="workers",
+                    help="`c1m`: one imd with node.workers (default), or independent imd processes")
+    ap.add_argument("--c1m-engine", choices=("memory", "redis"), default="redis",
+                    help="`c1m`: redis (a private redis-server) or memory (nodes mode only)")
+    ap.add_argument("--c1m-budget", type=int, default=1500,
+                    help="`c1m`: seconds after which everything is stopped (default 1500)")
     ap.add_argument("--imd-profile", metavar="DIR",
                     help="run imd under cProfile; DIR/imd-NN.prof(.txt) per imd start")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
@@ -83,7 +86,7 @@ def main(argv=None):
             kwargs = {"subscribers": args.subscribers, "messages": args.messages}
         elif name == "c1m":
             kwargs = {"conns": args.c1m_conns, "mode": args.c1m_mode, "engine": args.c1m_engine,
-                      "heartbeat": args.heartbeat or 30.0}
+                      "heartbeat": args.heartbeat or 120.0, "budget": args.c1m_budget}
         results += runners[name](pass_ctx, **kwargs)
     json_path = os.path.splitext(args.out)[0] + ".json"
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
