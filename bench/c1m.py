@@ -286,6 +286,10 @@ def part_c1m(ctx, conns=None, mode="workers", engine="redis", heartbeat=120.0, i
             Result("c1m", metric, "imd tcp", (rss1 - rss0) / n, "B", "lower",
                    note=f"RSS of every imd process: {rss0 / 2**30:.2f} GiB idle, {rss1 / 2**30:.2f} GiB "
                         f"with {done:,} connections", series=series),
+            Result("c1m", "server RSS per idle connection, marginal (after the first step)", "imd tcp",
+                   ((rss1 - rss0) - series[1][1] * 1e6) / max(done - series[1][0], 1) if len(series) > 2 else None,
+                   "B", "lower", note="without the workers' own growth in their first connections "
+                                      "(imports, buffers, caches)"),
             Result("c1m", "kernel slab per connection at scale (both ends)", "imd tcp",
                    (slab1 - slab0) / n, "B", "lower"),
             Result("c1m", "machine memory per connection (MemAvailable drop, everything)", "imd tcp",
