@@ -18,15 +18,35 @@ import time
 from typing import Optional
 
 import gevent
+from gevent.event import Event as GEvent
 
 from .contacts import Contacts
 from .engine.base import Event, user_channel
 from .envelope import Out
 from .presence import Presence
 from .session import LIVE
-from .store.base import Entry, StoreError
+from .store.base import LAST_SEQS_MAX, Entry, StoreError
 
 log = logging.getLogger("imd.node")
+
+KICK_WAIT = 2.0          # seconds a kick waits for the other nodes' counts
+
+
+def node_channel(node_id: str) -> str:
+    """The bus channel only node ``node_id`` subscribes to (answers meant for it)."""
+    return "node:" + node_id
+
+
+class _KickTally:
+    """The answers to one cluster-wide kick: sessions closed elsewhere, the nodes
+    still expected to answer, and an event set once none is."""
+
+    __slots__ = ("closed", "waiting", "done")
+
+    def __init__(self, waiting: set) -> None:
+        self.closed = 0
+        self.waiting = waiting
+        self.done = GEvent()
 
 
 def entry_data(entry: Entry) -> dict:
@@ -46,9 +66,12 @@ class Node:
         self.presence = Presence(self, grace)
         self.comet_handlers = {}          # channel → callable(event), for comet channels
         self.delivery_latency = None      # a metrics Histogram, set by the router
+        self._kicks: dict[str, _KickTally] = {}
+        self._kick_n = 0
 
     def start(self) -> None:
         self.engine.start(self.id, self.on_event)
+        self.engine.subscribe(node_channel(self.id))
         self.presence.start()
 
     def stop(self) -> None:
@@ -106,11 +129,29 @@ class Node:
         return any(r.get("node") != self.id and device in r.get("devices", ())
                    for r in self.engine.presence_get([user]).get(user, ()))
 
-    def kick(self, user: str, reason: str = "kicked") -> int:
-        """Close the user's sessions on every node; returns how many were here."""
-        n = len(self.sessions.get(user, ()))
-        self.engine.publish(user_channel(user), Event("kick", {"user": user, "reason": reason}))
-        return n
+    def kick(self, user: str, reason: str = "kicked", wait: float = KICK_WAIT) -> int:
+        """Close the user's sessions on every node; returns how many were closed in
+        the cluster. Blocks the calling greenlet: one presence read (the nodes that
+        hold the user's sessions), then until each of those nodes has answered
+        with its count, at most ``wait`` seconds (a node that answers later is
+        not counted; its sessions are closed all the same)."""
+        here = len(self.sessions.get(user, ()))
+        others = {rec["node"] for rec in self.engine.presence_get([user]).get(user, ())
+                  if rec.get("node") and rec["node"] != self.id}
+        self._kick_n += 1
+        ref = f"{self.id}:{self._kick_n}"
+        tally = self._kicks[ref] = _KickTally(others)
+        try:
+            self.engine.publish(user_channel(user), Event("kick", {"user": user, "reason": reason,
+                                                                   "ref": ref, "reply_to": self.id}))
+            if others:
+                tally.done.wait(wait)
+                if tally.waiting:
+                    log.warning("kick user=%s: no count from nodes %s within %.0fs",
+                                user, sorted(tally.waiting), wait)
+        finally:
+            del self._kicks[ref]
+        return here + tally.closed
 
     def contact_changed(self, op: str, user: str, contact: str) -> None:
         """Add or remove a mutual contact: memory at once, store in a batch, other
@@ -169,8 +210,23 @@ class Node:
             s.send(out)
 
     def on_kick(self, channel: str, d: dict) -> None:
-        for s in list(self.sessions.get(d["user"], ())):
+        sessions = list(self.sessions.get(d["user"], ()))
+        for s in sessions:
             s.close(4001, d.get("reason") or "kicked", reconnect=False)
+        reply_to = d.get("reply_to")
+        if reply_to and reply_to != self.id:
+            self.engine.publish(node_channel(reply_to),
+                                Event("kicked", {"ref": d["ref"], "node": self.id, "closed": len(sessions)}))
+
+    def on_kicked(self, channel: str, d: dict) -> None:
+        """Another node's count for a kick this node asked for."""
+        tally = self._kicks.get(d["ref"])
+        if tally is None:
+            return                  # answered after the kick stopped waiting
+        tally.closed += d["closed"]
+        tally.waiting.discard(d["node"])
+        if not tally.waiting:
+            tally.done.set()
 
     def on_contacts(self, channel: str, d: dict) -> None:
         self.contacts.apply(d["op"], d["user"], d["contact"])
@@ -183,28 +239,31 @@ class Node:
     # -- events the engine makes locally (see imd/engine/base.py) ------------------------
     def on_resync(self, channel: str, d: dict) -> None:
         """The bus was down: publications may be lost; bring every live session
-        up to its inbox's top from the store (in a greenlet, a user at a time)."""
+        up to its inbox's top from the store (in a greenlet)."""
         gevent.spawn(self._resync)
 
     def _resync(self) -> None:
+        """Read the inbox tops of the local users LAST_SEQS_MAX at a time (one store
+        query each) and catch up every live session that is behind (blocks)."""
         users = list(self.sessions)
-        caught = 0
-        for i, user in enumerate(users):
-            sessions = self.sessions.get(user)
-            if not sessions:
+        caught = queries = 0
+        for i in range(0, len(users), LAST_SEQS_MAX):
+            batch = [u for u in users[i:i + LAST_SEQS_MAX] if u in self.sessions]
+            if not batch:
                 continue
             try:
-                top = self.store.last_seq(user)
+                tops = self.store.last_seqs(batch)
             except StoreError as e:
                 log.warning("resync: store unavailable (%s); gaps wait for the next entry", e)
                 return
-            for s in list(sessions):
-                if s.state is LIVE and s.last_seq < top:
-                    caught += 1
-                    s.router.catch_up(s, top)
-            if i % 100 == 99:
-                gevent.sleep(0)
-        log.info("resync done users=%d sessions_behind=%d", len(users), caught)
+            queries += 1
+            for user, top in tops.items():
+                for s in list(self.sessions.get(user, ())):
+                    if s.state is LIVE and s.last_seq < top:
+                        caught += 1
+                        s.router.catch_up(s, top)
+            gevent.sleep(0)
+        log.info("resync done users=%d sessions_behind=%d store_queries=%d", len(users), caught, queries)
 
     def on_nodes_lost(self, channel: str, d: dict) -> None:
         log.warning("nodes lost %s: %d users lost their presence there", d["nodes"], len(d["users"]))

@@ -360,9 +360,13 @@ class Router:
         return {"mid": r.mid, "seq": r.sender_seq, "ts": r.ts}
 
     def post_notices(self, users, role: Optional[str], kind: str, body: Any,
-                     timeout: float = 60.0) -> list:
+                     timeout: Optional[float] = None) -> list:
         """Append a reminder to the inboxes of ``users`` (or of a role, or of everyone
-        when both are None) and deliver it; returns the stored entries."""
+        when both are None) and deliver it; returns the stored entries. Waits for the
+        store up to ``timeout`` s: by default 60 for a list of users, 600 for a role or
+        everyone (a row per user: a million take ~40 s in SQLite here)."""
+        if timeout is None:
+            timeout = 60.0 if users is not None else 600.0
         res = AsyncResult()
         self.store.add_notices(users, role, kind, body, self.mids, now_ms(),
                                lambda r, e: res.set_exception(e) if e else res.set(r))

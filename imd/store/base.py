@@ -39,6 +39,8 @@ USER_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 Callback = Callable[[Any, Optional[BaseException]], None]
 
+LAST_SEQS_MAX = 1000         # users per Store.last_seqs call (one query)
+
 
 class StoreError(Exception):
     """Base of store errors."""
@@ -182,6 +184,11 @@ class Store:
 
     def last_seq(self, user: str) -> int:
         """The highest seq in ``user``'s inbox (0 if empty)."""
+        raise NotImplementedError
+
+    def last_seqs(self, users: list) -> dict:
+        """``{user: last_seq}`` for many users in one query (0 for a user without
+        an inbox); at most LAST_SEQS_MAX users per call."""
         raise NotImplementedError
 
     def cursor(self, user: str, device: str) -> int:

@@ -45,7 +45,7 @@ import gevent
 import psycopg
 from gevent.lock import BoundedSemaphore
 
-from .base import Store, StoreUnavailable, UserInfo
+from .base import LAST_SEQS_MAX, Store, StoreUnavailable, UserInfo
 from .batch import ROW_COLUMNS, BatchPlan, client_keys
 from .migrations import migrations
 from .retention import purge_loop
@@ -237,6 +237,15 @@ class PostgresStore(WriterStore, Store):
 
     def last_seq(self, user: str) -> int:
         return self._scalar("SELECT last_seq FROM users WHERE id = %s", (user,))
+
+    def last_seqs(self, users: list) -> dict:
+        users = list(users)
+        if len(users) > LAST_SEQS_MAX:
+            raise ValueError(f"last_seqs: more than {LAST_SEQS_MAX} users")
+        out = dict.fromkeys(users, 0)
+        if users:
+            out.update(self._rows("SELECT id, last_seq FROM users WHERE id = ANY(%s)", (users,)))
+        return out
 
     def cursor(self, user: str, device: str) -> int:
         return self._scalar("SELECT seq FROM cursors WHERE user_id = %s AND device = %s",

@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 import gevent
 from gevent.monkey import get_original
 
-from .base import Store, StoreUnavailable, UserInfo
+from .base import LAST_SEQS_MAX, Store, StoreUnavailable, UserInfo
 from .batch import BatchPlan, client_keys
 from .migrations import migrations
 from .retention import purge_loop
@@ -218,6 +218,19 @@ class SqliteStore(WriterStore, Store):
 
     def last_seq(self, user: str) -> int:
         return self._read(lambda con: _scalar(con, "SELECT last_seq FROM users WHERE id = ?", user))
+
+    def last_seqs(self, users: list) -> dict:
+        users = list(users)
+        if len(users) > LAST_SEQS_MAX:
+            raise ValueError(f"last_seqs: more than {LAST_SEQS_MAX} users")
+
+        def q(con):
+            out = dict.fromkeys(users, 0)
+            if users:
+                out.update(con.execute("SELECT id, last_seq FROM users WHERE id IN (%s)"
+                                       % ",".join("?" * len(users)), users).fetchall())
+            return out
+        return self._read(q)
 
     def cursor(self, user: str, device: str) -> int:
         return self._read(lambda con: _scalar(

@@ -70,6 +70,17 @@ def test_seqs_start_at_one_dense_unique(store):
     assert [e.seq for e in store.inbox("alice", 0, 100)] == list(range(1, 31))
     assert store.last_seq("alice") == 30 and store.last_seq("bob") == 15
     assert store.last_seq("nobody") == 0
+    assert store.last_seqs(["alice", "bob", "carol", "nobody"]) == {"alice": 30, "bob": 15, "carol": 15,
+                                                                    "nobody": 0}
+    assert store.last_seqs([]) == {}
+
+
+def test_last_seqs_is_bounded(store):
+    from imd.store.base import LAST_SEQS_MAX
+    users = [f"u{i}" for i in range(LAST_SEQS_MAX)]
+    assert store.last_seqs(users) == dict.fromkeys(users, 0)
+    with pytest.raises(ValueError):
+        store.last_seqs(users + ["one-too-many"])
 
 
 def test_message_lands_in_both_inboxes(store):
