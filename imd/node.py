@@ -1,6 +1,8 @@
 """Node: the sessions connected to this process, and the engine's handler.
 
-The node knows no protocol. It keeps the local sessions by user, subscribes
+The node knows no protocol. It keeps the local sessions by user (the session
+itself for a user with one, a list for a user with several: most users have
+one, and a one-element list would cost 80 bytes each), subscribes
 the engine to a user's bus channel while that user has a session here, and
 turns bus events into deliveries: inbox entries (in seq order, through
 :meth:`Session.deliver`), presence, read receipts, transient envelopes and
@@ -40,7 +42,7 @@ class Node:
         self.id = node_id
         self.engine = engine
         self.store = store
-        self.sessions: dict[str, list] = {}
+        self.sessions: dict = {}          # user → Session, or a list of 2+ Sessions; see sessions_of
         self.contacts = Contacts(store)
         self.presence = Presence(self, grace)
         self.comet_handlers = {}          # channel → callable(event), for comet channels
@@ -55,31 +57,48 @@ class Node:
         self.engine.stop()
 
     # -- local sessions ---------------------------------------------------------
+    def sessions_of(self, user: str) -> tuple:
+        """The user's local sessions (a snapshot: safe to iterate while they close)."""
+        v = self.sessions.get(user)
+        if v is None:
+            return ()
+        return tuple(v) if type(v) is list else (v,)
+
     def add_session(self, s) -> None:
-        lst = self.sessions.get(s.user)
-        if lst is None:
-            self.sessions[s.user] = [s]
-            self.engine.subscribe(user_channel(s.user))
+        user = s.user
+        v = self.sessions.get(user)
+        if v is None:
+            self.sessions[user] = s
+            self.engine.subscribe_user(user)
+        elif type(v) is list:
+            v.append(s)
         else:
-            lst.append(s)
-        self.presence.changed(s.user)
+            self.sessions[user] = [v, s]
+        self.presence.changed(user)
 
     def remove_session(self, s) -> None:
-        lst = self.sessions.get(s.user)
-        if not lst or s not in lst:
+        user = s.user
+        v = self.sessions.get(user)
+        if v is s:
+            del self.sessions[user]
+            self.engine.unsubscribe_user(user)
+        elif type(v) is list and s in v:
+            v.remove(s)
+            if len(v) == 1:
+                self.sessions[user] = v[0]
+        else:
             return
-        lst.remove(s)
-        if not lst:
-            del self.sessions[s.user]
-            self.engine.unsubscribe(user_channel(s.user))
-        self.presence.changed(s.user)
+        self.presence.changed(user)
 
     def all_sessions(self):
-        for lst in self.sessions.values():
-            yield from lst
+        for v in self.sessions.values():
+            if type(v) is list:
+                yield from v
+            else:
+                yield v
 
     def count(self) -> int:
-        return sum(len(v) for v in self.sessions.values())
+        return sum(len(v) if type(v) is list else 1 for v in self.sessions.values())
 
     # -- publishing (never blocks) ------------------------------------------------
     def publish_entry(self, entry: Entry, origin: str = "") -> None:
@@ -97,7 +116,7 @@ class Node:
 
     def kick(self, user: str, reason: str = "kicked") -> int:
         """Close the user's sessions on every node; returns how many were here."""
-        n = len(self.sessions.get(user, ()))
+        n = len(self.sessions_of(user))
         self.engine.publish(user_channel(user), Event("kick", {"user": user, "reason": reason}))
         return n
 
@@ -123,30 +142,30 @@ class Node:
             log.exception("bus event failed kind=%s channel=%s", event.kind, channel)
 
     def on_entry(self, channel: str, d: dict) -> None:
-        sessions = self.sessions.get(d["user"])
+        sessions = self.sessions_of(d["user"])
         if not sessions:
             return
         entry = Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
                       d.get("recipient"), d.get("ctx"), d.get("notice_kind"))
         out = Out(entry.envelope(), entry.seq, d.get("origin", ""))
-        for s in list(sessions):
+        for s in sessions:
             s.deliver(out)
         if self.delivery_latency is not None:
             self.delivery_latency.observe(max(0.0, time.time() - entry.ts / 1000.0))
 
     def on_transient(self, channel: str, d: dict) -> None:
-        sessions = self.sessions.get(d["user"])
+        sessions = self.sessions_of(d["user"])
         if not sessions:
             return
         out = Out(d["env"])
         device = d.get("device")
-        for s in list(sessions):
+        for s in sessions:
             if device is None or s.device == device:
                 s.send(out)
 
     def on_presence(self, channel: str, d: dict) -> None:
         user = channel[2:]
-        sessions = self.sessions.get(user)
+        sessions = self.sessions_of(user)
         if not sessions:
             return
         contacts = self.contacts.cached(user)
@@ -154,19 +173,19 @@ class Node:
             return              # removed meanwhile
         out = Out({"type": "presence", "user": d["user"], "status": d["status"],
                    "platforms": d["platforms"], "last_seen": d["last_seen"]})
-        for s in list(sessions):
+        for s in sessions:
             s.send(out)
 
     def on_kick(self, channel: str, d: dict) -> None:
-        for s in list(self.sessions.get(d["user"], ())):
+        for s in self.sessions_of(d["user"]):
             s.close(4001, d.get("reason") or "kicked", reconnect=False)
 
     def on_contacts(self, channel: str, d: dict) -> None:
         self.contacts.apply(d["op"], d["user"], d["contact"])
-        sessions = self.sessions.get(d["user"])
+        sessions = self.sessions_of(d["user"])
         if sessions:
             out = Out({"type": "contacts", "op": d["op"], "contact": d["contact"]})
-            for s in list(sessions):
+            for s in sessions:
                 s.send(out)
 
     # -- events the engine makes locally (see imd/engine/base.py) ------------------------
@@ -179,7 +198,7 @@ class Node:
         users = list(self.sessions)
         caught = 0
         for i, user in enumerate(users):
-            sessions = self.sessions.get(user)
+            sessions = self.sessions_of(user)
             if not sessions:
                 continue
             try:
@@ -187,7 +206,7 @@ class Node:
             except StoreError as e:
                 log.warning("resync: store unavailable (%s); gaps wait for the next entry", e)
                 return
-            for s in list(sessions):
+            for s in sessions:
                 if s.state is LIVE and s.last_seq < top:
                     caught += 1
                     s.router.catch_up(s, top)

@@ -40,6 +40,24 @@ def test_no_delivery_without_or_after_subscription(factory):
     assert rec.got == []
 
 
+def test_subscribe_user_is_the_user_channel(factory):
+    e, rec = factory.make("n1")
+    e.subscribe_user("alice")
+    e.subscribe_user("bob")
+    assert factory.ready(e)
+    e.unsubscribe_user("bob")
+    e.publish("u:bob", entry("bob", 1))
+    e.publish("u:alice", entry("alice", 1))
+    assert rec.wait(lambda got: len(got) == 1)
+    gevent.sleep(0.2)
+    assert [(c, ev.data["seq"]) for c, ev in rec.got] == [("u:alice", 1)]
+    e.unsubscribe("u:alice")                # the channel form undoes the user form
+    e.publish("u:alice", entry("alice", 2))
+    assert factory.ready(e)
+    gevent.sleep(0.2)
+    assert len(rec.got) == 1
+
+
 def test_several_channels(factory):
     e, rec = factory.make("n1")
     for u in ("a", "b", "c"):

@@ -43,15 +43,17 @@ class WsSession(Session):
     def __init__(self, router, conn, node_id: str) -> None:
         super().__init__(router, node_id)
         self.conn = conn
-        self.decoder = WSDecoder(router.limits.max_frame)
+        self.decoder = None           # only while a frame or message is incomplete
 
     def on_data(self, data: bytes) -> None:
         self.touch()
+        decoder = self.decoder or WSDecoder(self.router.limits.max_frame)
         try:
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
         except WSError as e:
             self._close_frame(e.code, e.reason)
             return
+        self.decoder = None if decoder.idle else decoder
         for op, payload in frames:
             if self.state is CLOSED or self.conn.closed:
                 return
@@ -110,7 +112,7 @@ class SseSession(Session):
         self.closed("client left")
 
     def closed(self, reason: str) -> None:
-        self.users.sessions.pop(self.id, None)
+        self.users.sessions.pop(self.serial, None)
         super().closed(reason)
 
     def drain(self) -> None:
@@ -196,7 +198,7 @@ class PollSession(Session):
         self.closed(reason)
 
     def closed(self, reason: str) -> None:
-        self.users.sessions.pop(self.id, None)
+        self.users.sessions.pop(self.serial, None)
         if self.waiter is not None:
             self._answer()
         super().closed(reason)

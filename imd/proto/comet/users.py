@@ -52,7 +52,7 @@ class Users:
         self.front = front
         self.router = router
         self.node_id = node_id
-        self.sessions: dict = {}        # id → SseSession | PollSession
+        self.sessions: dict = {}        # serial → SseSession | PollSession (see session())
         self.no_cache = (("Cache-Control", "no-cache"),)
 
     def dispatch(self, http, req: Request) -> None:
@@ -101,6 +101,16 @@ class Users:
         envelope.validate(env, self.router.limits.max_body)
         return env
 
+    def session(self, sid: str):
+        """The SSE or long-poll session whose ``id`` is ``sid`` (``<node id>.<hex serial>``), or None."""
+        node, _, serial = sid.rpartition(".")
+        if node != self.node_id or not 0 < len(serial) <= 16:
+            return None
+        try:
+            return self.sessions.get(int(serial, 16))
+        except ValueError:
+            return None
+
     def verify(self, token: str):
         cfg = self.router.cfg.auth
         return auth.verify(token, cfg.secret, cfg.leeway)
@@ -139,7 +149,7 @@ class Users:
             self.error(http, 401 if isinstance(e, auth.AuthError) else 400, e.reason, headers)
             return
         s = SseSession(self.router, http, self, self.node_id)
-        self.sessions[s.id] = s
+        self.sessions[s.serial] = s
         http.start_stream(req, s, "text/event-stream; charset=utf-8",
                           self.no_cache + headers + (("X-Accel-Buffering", "no"),))
         http.send(b"retry: 3000\n\n")
@@ -161,7 +171,7 @@ class Users:
         except auth.AuthError as e:
             self.error(http, 401, e.reason, headers)
             return
-        s = self.sessions.get(p.get("session", ""))
+        s = self.session(p.get("session", ""))
         if isinstance(s, PollSession) and s.user == ident.user and s.state is not CLOSED:
             ack = _since(p.get("ack"))
             if ack is not None and s.state is not CLOSED and 0 < ack <= s.last_seq:
@@ -175,7 +185,7 @@ class Users:
             self.error(http, 400, e.reason, headers)
             return
         s = PollSession(self.router, self, self.node_id)
-        self.sessions[s.id] = s
+        self.sessions[s.serial] = s
         self.router.opened(s)
         s.attach(http, cb)
         self.router.receive(s, env)
@@ -191,7 +201,7 @@ class Users:
         except auth.AuthError as e:
             self.error(http, 401, e.reason, headers)
             return
-        s = self.sessions.get(p.get("session", ""))
+        s = self.session(p.get("session", ""))
         if s is None or s.user != ident.user or s.state is CLOSED:
             self.error(http, 404, "no such session (open /im/events or /im/poll first)", headers)
             return
