@@ -21,37 +21,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from typing import Optional
 
 from . import envelope
+from .clock import mono_now, wall_now
 from .envelope import Out, close as close_env
 
 log = logging.getLogger("imd.session")
 
 _ids = itertools.count(1)
-_CLOCK_SHARE = 0.01     # seconds within which sessions share one timestamp object
-_mono = _wall = -1.0
-
-
-def mono_now() -> float:
-    """``time.monotonic()``, but the same float object for every call within
-    ``_CLOCK_SHARE`` seconds (at most that much earlier): a float costs 24
-    bytes, and every idle session holds one."""
-    global _mono
-    t = time.monotonic()
-    if t - _mono >= _CLOCK_SHARE:
-        _mono = t
-    return _mono
-
-
-def wall_now() -> float:
-    """``time.time()`` shared like :func:`mono_now`."""
-    global _wall
-    t = time.time()
-    if t - _wall >= _CLOCK_SHARE or t < _wall:
-        _wall = t
-    return _wall
 
 # states
 AUTH, AUTHING, SYNC, LIVE, CLOSED = "auth", "authing", "sync", "live", "closed"

@@ -202,6 +202,16 @@ class Conn:
                 return False
         return not self.closed
 
+    # -- deadlines -----------------------------------------------------------
+    def on_deadline(self, now: float):
+        """A deadline filed under the connection (imd.net.wheel) is the current
+        handler's ``on_conn_deadline(now)``; it drops out once the connection is
+        closed or handed to a handler without one (a protocol that took it over)."""
+        fn = getattr(self.handler, "on_conn_deadline", None)
+        if fn is None or self.closed:
+            return None
+        return fn(now)
+
     # -- closing -------------------------------------------------------------
     def close(self, reason: str = "closed", flush: bool = True) -> None:
         """Close; with ``flush``, after what is buffered reaches the kernel.

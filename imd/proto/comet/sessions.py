@@ -90,13 +90,12 @@ class WsSession(Session):
 class SseSession(Session):
     """A user session over one SSE response (``/im/events``)."""
 
-    __slots__ = ("http", "users")
+    __slots__ = ("http",)
     protocol = "sse"
 
-    def __init__(self, router, http, users, node_id: str) -> None:
+    def __init__(self, router, http, node_id: str) -> None:
         super().__init__(router, node_id)
         self.http = http
-        self.users = users
 
     def write_out(self, out) -> None:
         data = out.frame(sse_data)
@@ -110,10 +109,6 @@ class SseSession(Session):
 
     def gone(self) -> None:
         self.closed("client left")
-
-    def closed(self, reason: str) -> None:
-        self.users.sessions.pop(self.serial, None)
-        super().closed(reason)
 
     def drain(self) -> None:
         self.http.conn.wait_drained(self.http.conn.limit // 2)
@@ -198,7 +193,6 @@ class PollSession(Session):
         self.closed(reason)
 
     def closed(self, reason: str) -> None:
-        self.users.sessions.pop(self.serial, None)
         if self.waiter is not None:
             self._answer()
         super().closed(reason)
