@@ -201,6 +201,20 @@ class HttpConn:
             self.keep = False
         self._done()
 
+    def hand_over_stream(self, req: Request, handler, content_type: str,
+                         headers: Iterable[Tuple[str, str]] = ()) -> bool:
+        """Begin an open-ended answer that ``handler`` writes from now on, straight
+        to the Conn (it becomes the Conn's handler): no HTTP state is kept for a
+        stream that lasts as long as the connection, and the connection ends with
+        it (requests pipelined behind it are not answered). Returns whether the
+        body is chunked (HTTP/1.1: each piece then goes through :func:`chunk` and
+        :data:`LAST_CHUNK` ends it)."""
+        chunked = req.version == "1.1"
+        self.keep = False
+        self.conn.write(stream_head(content_type, (SERVER, *headers, ("Connection", "close")), chunked))
+        self.take_over(handler)
+        return chunked
+
     def take_over(self, handler) -> Optional[bytes]:
         """Hand the socket to another protocol (WebSocket): returns the bytes
         received after the upgrade request."""

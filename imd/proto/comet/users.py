@@ -154,10 +154,10 @@ class Users:
         except (EnvelopeError, auth.AuthError) as e:
             self.error(http, 401 if isinstance(e, auth.AuthError) else 400, e.reason, headers)
             return
-        s = SseSession(self.router, http, self.node_id)
-        http.start_stream(req, s, "text/event-stream; charset=utf-8",
-                          self.no_cache + headers + (("X-Accel-Buffering", "no"),))
-        http.send(b"retry: 3000\n\n")
+        s = SseSession(self.router, http.conn, self.node_id)
+        s.chunked = http.hand_over_stream(req, s, "text/event-stream; charset=utf-8",
+                                          self.no_cache + headers + (("X-Accel-Buffering", "no"),))
+        s.write(b"retry: 3000\n\n")
         self.router.opened(s)
         self.router.receive(s, env)
 
