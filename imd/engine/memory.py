@@ -2,8 +2,9 @@
 
 Publishing delivers the very same :class:`Event` to the node's handler if the
 channel is subscribed, from a loop callback (not re-entrantly from inside
-``publish``), as a remote bus would. Presence records live in a dict, one
-shared ``(status, platforms)`` tuple per user (see ``shared_state``).
+``publish``), as a remote bus would. Presence records live in two dicts: one
+shared ``(status, platforms)`` tuple per user (see ``shared_state``), and the
+user's devices (the one device string itself, or a tuple of several).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class MemoryEngine(Engine):
         self._queue: deque = deque()
         self._scheduled = False
         self._presence: dict[str, tuple] = {}   # user → shared (status, platforms)
+        self._devices: dict = {}                # user → device, or a tuple of 2+ devices
         self._counts: dict[str, int] = {}
         self.node_id = ""
         self.published = 0
@@ -78,15 +80,28 @@ class MemoryEngine(Engine):
     def presence_set(self, user: str, state: Optional[dict]) -> None:
         if state is None:
             self._presence.pop(user, None)
+            self._devices.pop(user, None)
+            return
+        self._presence[user] = shared_state(state["status"], state["platforms"])
+        devices = state.get("devices")
+        if devices:
+            self._devices[user] = devices[0] if len(devices) == 1 else tuple(devices)
         else:
-            self._presence[user] = shared_state(state["status"], state["platforms"])
+            self._devices.pop(user, None)
 
     def presence_get(self, users: Iterable[str]) -> dict[str, list[dict]]:
-        p, node = self._presence, self.node_id
+        p, devs, node = self._presence, self._devices, self.node_id
         out = {}
         for u in users:
-            rec = p.get(u)
-            out[u] = [] if rec is None else [{"status": rec[0], "platforms": list(rec[1]), "node": node}]
+            shared = p.get(u)
+            if shared is None:
+                out[u] = []
+                continue
+            rec = {"status": shared[0], "platforms": list(shared[1]), "node": node}
+            d = devs.get(u)
+            if d is not None:
+                rec["devices"] = [d] if type(d) is str else list(d)
+            out[u] = [rec]
         return out
 
     def channel_count_set(self, cname: str, count: int) -> None:

@@ -95,6 +95,19 @@ def test_presence_set_get_remove(factory):
     assert e.presence_get(["alice"]) == {"alice": []}
 
 
+def test_presence_records_keep_devices(factory):
+    e, _ = factory.make("n1")
+    assert factory.ready(e)
+    e.presence_set("alice", {"status": "online", "platforms": ["ios"], "devices": ["phone"]})
+    e.presence_set("bob", {"status": "online", "platforms": ["ios", "web"], "devices": ["pad", "pc"]})
+    got = e.presence_get(["alice", "bob"])
+    assert got["alice"] == [{"status": "online", "platforms": ["ios"], "devices": ["phone"], "node": "n1"}]
+    assert got["bob"] == [{"status": "online", "platforms": ["ios", "web"], "devices": ["pad", "pc"],
+                           "node": "n1"}]
+    e.presence_set("bob", {"status": "away", "platforms": ["web"]})
+    assert e.presence_get(["bob"])["bob"] == [{"status": "away", "platforms": ["web"], "node": "n1"}]
+
+
 def test_channel_counts(factory):
     e, _ = factory.make("n1")
     assert factory.ready(e)
