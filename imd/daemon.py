@@ -192,6 +192,10 @@ class Daemon:
         m.counter_fn("imd_store_retries_total", "store transactions retried after a transient error",
                      store_stat("retries"))
         m.counter_fn("imd_store_failed_total", "store operations that failed for good", store_stat("failed"))
+        m.counter_fn("imd_store_commit_seconds_total", "time spent in store transactions (sum)",
+                     store_stat("commit_seconds_sum"))
+        m.gauge("imd_store_last_batch", "operations in the last committed store transaction",
+                store_stat("last_batch"))
         m.gauge("imd_engine_connected", "1 while the engine (bus) is connected",
                 lambda: {(): int(bool(self.node.engine.state().get("connected")))})
         m.gauge("imd_engine_channels", "bus channels this node subscribes to",
