@@ -90,8 +90,10 @@ def _spec_for(kind, peer, **extra):
         if port not in peer.ports:
             raise peers.PeerError(f"imd has no {port} listener")
         spec["port"] = peer.ports[port]
-        spec.setdefault("path", {"sse": "/im/events?token={token}&platform=web&device=d{i}",
-                                 "ws": "/ws?token={token}&platform=web&device=d{i}"}.get(kind))
+        if kind in ("sse", "ws") and "path" not in spec:
+            spec["path"] = {"sse": "/im/events?token={token}&platform=web&device=d{i}",
+                            "ws": "/ws?token={token}&platform=web&device=d{i}"}[kind]
+            spec["await_auth"] = True       # a user session counts once authenticated, as on tcp
         spec.setdefault("domain", "localhost")
         spec.pop("password", None)          # imd takes the token as the XMPP PLAIN password
     else:

@@ -1,6 +1,8 @@
 """Node: the sessions connected to this process, and the engine's handler.
 
-The node knows no protocol. It keeps the local sessions by user, subscribes
+The node knows no protocol. It keeps the local sessions by user (the session
+itself for a user with one, a list for a user with several: most users have
+one, and a one-element list would cost 80 bytes each), subscribes
 the engine to a user's bus channel while that user has a session here, and
 turns bus events into deliveries: inbox entries (in seq order, through
 :meth:`Session.deliver`), presence, read receipts, transient envelopes and
@@ -61,7 +63,7 @@ class Node:
         self.id = node_id
         self.engine = engine
         self.store = store
-        self.sessions: dict[str, list] = {}
+        self.sessions: dict = {}          # user → Session, or a list of 2+ Sessions; see sessions_of
         self.contacts = Contacts(store)
         self.presence = Presence(self, grace)
         self.comet_handlers = {}          # channel → callable(event), for comet channels
@@ -79,31 +81,48 @@ class Node:
         self.engine.stop()
 
     # -- local sessions ---------------------------------------------------------
+    def sessions_of(self, user: str) -> tuple:
+        """The user's local sessions (a snapshot: safe to iterate while they close)."""
+        v = self.sessions.get(user)
+        if v is None:
+            return ()
+        return tuple(v) if type(v) is list else (v,)
+
     def add_session(self, s) -> None:
-        lst = self.sessions.get(s.user)
-        if lst is None:
-            self.sessions[s.user] = [s]
-            self.engine.subscribe(user_channel(s.user))
+        user = s.user
+        v = self.sessions.get(user)
+        if v is None:
+            self.sessions[user] = s
+            self.engine.subscribe_user(user)
+        elif type(v) is list:
+            v.append(s)
         else:
-            lst.append(s)
-        self.presence.changed(s.user)
+            self.sessions[user] = [v, s]
+        self.presence.changed(user)
 
     def remove_session(self, s) -> None:
-        lst = self.sessions.get(s.user)
-        if not lst or s not in lst:
+        user = s.user
+        v = self.sessions.get(user)
+        if v is s:
+            del self.sessions[user]
+            self.engine.unsubscribe_user(user)
+        elif type(v) is list and s in v:
+            v.remove(s)
+            if len(v) == 1:
+                self.sessions[user] = v[0]
+        else:
             return
-        lst.remove(s)
-        if not lst:
-            del self.sessions[s.user]
-            self.engine.unsubscribe(user_channel(s.user))
-        self.presence.changed(s.user)
+        self.presence.changed(user)
 
     def all_sessions(self):
-        for lst in self.sessions.values():
-            yield from lst
+        for v in self.sessions.values():
+            if type(v) is list:
+                yield from v
+            else:
+                yield v
 
     def count(self) -> int:
-        return sum(len(v) for v in self.sessions.values())
+        return sum(len(v) if type(v) is list else 1 for v in self.sessions.values())
 
     # -- publishing (never blocks) ------------------------------------------------
     def publish_entry(self, entry: Entry, origin: str = "") -> None:
@@ -135,7 +154,7 @@ class Node:
         hold the user's sessions), then until each of those nodes has answered
         with its count, at most ``wait`` seconds (a node that answers later is
         not counted; its sessions are closed all the same)."""
-        here = len(self.sessions.get(user, ()))
+        here = len(self.sessions_of(user))
         others = {rec["node"] for rec in self.engine.presence_get([user]).get(user, ())
                   if rec.get("node") and rec["node"] != self.id}
         self._kick_n += 1
@@ -175,30 +194,30 @@ class Node:
             log.exception("bus event failed kind=%s channel=%s", event.kind, channel)
 
     def on_entry(self, channel: str, d: dict) -> None:
-        sessions = self.sessions.get(d["user"])
+        sessions = self.sessions_of(d["user"])
         if not sessions:
             return
         entry = Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
                       d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"))
         out = Out(entry.envelope(), entry.seq, d.get("origin", ""))
-        for s in list(sessions):
+        for s in sessions:
             s.deliver(out)
         if self.delivery_latency is not None:
             self.delivery_latency.observe(max(0.0, time.time() - entry.ts / 1000.0))
 
     def on_transient(self, channel: str, d: dict) -> None:
-        sessions = self.sessions.get(d["user"])
+        sessions = self.sessions_of(d["user"])
         if not sessions:
             return
         out = Out(d["env"])
         device, protocol = d.get("device"), d.get("protocol")
-        for s in list(sessions):
+        for s in sessions:
             if (device is None or s.device == device) and (protocol is None or s.protocol == protocol):
                 s.send(out)
 
     def on_presence(self, channel: str, d: dict) -> None:
         user = channel[2:]
-        sessions = self.sessions.get(user)
+        sessions = self.sessions_of(user)
         if not sessions:
             return
         contacts = self.contacts.cached(user)
@@ -206,11 +225,11 @@ class Node:
             return              # removed meanwhile
         out = Out({"type": "presence", "user": d["user"], "status": d["status"],
                    "platforms": d["platforms"], "last_seen": d["last_seen"]})
-        for s in list(sessions):
+        for s in sessions:
             s.send(out)
 
     def on_kick(self, channel: str, d: dict) -> None:
-        sessions = list(self.sessions.get(d["user"], ()))
+        sessions = self.sessions_of(d["user"])
         for s in sessions:
             s.close(4001, d.get("reason") or "kicked", reconnect=False)
         reply_to = d.get("reply_to")
@@ -230,10 +249,10 @@ class Node:
 
     def on_contacts(self, channel: str, d: dict) -> None:
         self.contacts.apply(d["op"], d["user"], d["contact"])
-        sessions = self.sessions.get(d["user"])
+        sessions = self.sessions_of(d["user"])
         if sessions:
             out = Out({"type": "contacts", "op": d["op"], "contact": d["contact"]})
-            for s in list(sessions):
+            for s in sessions:
                 s.send(out)
 
     # -- events the engine makes locally (see imd/engine/base.py) ------------------------
@@ -258,7 +277,7 @@ class Node:
                 return
             queries += 1
             for user, top in tops.items():
-                for s in list(self.sessions.get(user, ())):
+                for s in self.sessions_of(user):
                     if s.state is LIVE and s.last_seq < top:
                         caught += 1
                         s.router.catch_up(s, top)

@@ -1,7 +1,8 @@
-"""A connection driven by libev io watchers, with writes coalesced per loop iteration.
+"""A connection driven by the event loop, with writes coalesced per loop iteration.
 
-No greenlet exists per idle connection (DESIGN.md §1): a read watcher calls
-``handler.on_data(bytes)`` in the hub; writes append to a per-connection
+No greenlet and no libev watcher exist per idle connection (DESIGN.md §1): the
+process's :class:`imd.net.poller.Poller` (one epoll set for every connection's
+read side) calls ``handler.on_data(bytes)`` in the hub; writes append to a per-connection
 buffer and mark the connection dirty; one :class:`Flusher` callback per loop
 iteration writes every dirty buffer with as few ``send()`` calls as possible
 and arms a write watcher only for the connections the kernel did not take
@@ -25,6 +26,8 @@ import socket
 
 import gevent
 from gevent.event import Event
+
+from .poller import poller
 
 log = logging.getLogger("imd.net")
 
@@ -74,11 +77,11 @@ def flusher() -> Flusher:
 
 
 class Conn:
-    """A non-blocking socket with a read watcher, an output buffer and a limit."""
+    """A non-blocking socket read through the poller, with an output buffer and a limit."""
 
     open_count = 0            # Conns of this process not yet shut down
 
-    __slots__ = ("sock", "handler", "limit", "_rw", "_ww", "_out", "_outlen", "_dirty",
+    __slots__ = ("sock", "handler", "limit", "_ww", "_out", "_outlen", "_dirty",
                  "_closing", "_drained", "_timer", "closed")
 
     def __init__(self, sock: socket.socket, handler, limit: int) -> None:
@@ -95,9 +98,7 @@ class Conn:
         self._ww = None
         self.closed = False
         Conn.open_count += 1
-        loop = gevent.get_hub().loop
-        self._rw = loop.io(sock.fileno(), 1)
-        self._rw.start(self._on_readable)
+        poller().add(sock.fileno(), self)
 
     @property
     def peer(self) -> str:
@@ -127,11 +128,11 @@ class Conn:
             self._shutdown("internal error")
 
     def pause_reading(self) -> None:
-        self._rw.stop()
+        poller().pause(self.sock.fileno())
 
     def resume_reading(self) -> None:
         if not self.closed and not self._closing:
-            self._rw.start(self._on_readable)
+            poller().resume(self.sock.fileno())
 
     # -- writing -------------------------------------------------------------
     @property
@@ -201,6 +202,16 @@ class Conn:
                 return False
         return not self.closed
 
+    # -- deadlines -----------------------------------------------------------
+    def on_deadline(self, now: float):
+        """A deadline filed under the connection (imd.net.wheel) is the current
+        handler's ``on_conn_deadline(now)``; it drops out once the connection is
+        closed or handed to a handler without one (a protocol that took it over)."""
+        fn = getattr(self.handler, "on_conn_deadline", None)
+        if fn is None or self.closed:
+            return None
+        return fn(now)
+
     # -- closing -------------------------------------------------------------
     def close(self, reason: str = "closed", flush: bool = True) -> None:
         """Close; with ``flush``, after what is buffered reaches the kernel.
@@ -212,7 +223,7 @@ class Conn:
             return
         if flush and self._out:
             self._closing = reason
-            self._rw.stop()
+            poller().pause(self.sock.fileno())
             self._timer = gevent.get_hub().loop.timer(CLOSE_LINGER)
             self._timer.start(self._shutdown, reason)
             if not self._dirty and self._ww is None:
@@ -226,10 +237,10 @@ class Conn:
             return
         self.closed = True
         Conn.open_count -= 1
+        fd = self.sock.fileno()
         if on_release is not None:
-            on_release(self.sock.fileno())
-        self._rw.stop()
-        self._rw.close()
+            on_release(fd)
+        poller().remove(fd)
         if self._ww is not None:
             self._ww.stop()
             self._ww.close()
