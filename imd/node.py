@@ -22,6 +22,7 @@ import gevent
 from .contacts import Contacts
 from .engine.base import Event, user_channel
 from .envelope import Out
+from .net.conn import bulk_writes
 from .presence import Presence
 from .session import LIVE
 from .store.base import Entry, StoreError
@@ -129,8 +130,9 @@ class Node:
         entry = Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
                       d.get("recipient"), d.get("ctx"), d.get("notice_kind"))
         out = Out(entry.envelope(), entry.seq, d.get("origin", ""))
-        for s in list(sessions):
-            s.deliver(out)
+        with bulk_writes(len(sessions)):
+            for s in list(sessions):
+                s.deliver(out)
         if self.delivery_latency is not None:
             self.delivery_latency.observe(max(0.0, time.time() - entry.ts / 1000.0))
 
@@ -140,9 +142,10 @@ class Node:
             return
         out = Out(d["env"])
         device = d.get("device")
-        for s in list(sessions):
-            if device is None or s.device == device:
-                s.send(out)
+        with bulk_writes(len(sessions)):
+            for s in list(sessions):
+                if device is None or s.device == device:
+                    s.send(out)
 
     def on_presence(self, channel: str, d: dict) -> None:
         user = channel[2:]
@@ -154,8 +157,9 @@ class Node:
             return              # removed meanwhile
         out = Out({"type": "presence", "user": d["user"], "status": d["status"],
                    "platforms": d["platforms"], "last_seen": d["last_seen"]})
-        for s in list(sessions):
-            s.send(out)
+        with bulk_writes(len(sessions)):
+            for s in list(sessions):
+                s.send(out)
 
     def on_kick(self, channel: str, d: dict) -> None:
         for s in list(self.sessions.get(d["user"], ())):
