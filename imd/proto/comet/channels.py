@@ -239,14 +239,16 @@ class Registry:
         if ch.subs:
             follow = (Message("next_seq", ch.name, ch.seq_next),) if type == "broadcast" else ()
             batch = [msg, *follow]
+            idle_until = self.clock() + self.polling_timeout
             for sub in list(ch.subs):
                 if counted:
                     sub.seq_next = ch.seq_next
-                self._deliver(sub, batch, bool(follow))
+                self._deliver(sub, batch, bool(follow), idle_until)
         return msg
 
-    def _deliver(self, sub: Subscriber, batch: List[Message], array: bool) -> None:
-        sub.idle_until = self.clock() + self.polling_timeout
+    def _deliver(self, sub: Subscriber, batch: List[Message], array: bool,
+                 idle_until: Optional[float] = None) -> None:
+        sub.idle_until = self.clock() + self.polling_timeout if idle_until is None else idle_until
         sub.push(batch, array)
         if sub.oneshot and sub.channel is not None:
             self._detach(sub)
