@@ -240,15 +240,19 @@ class Registry:
             follow = (Message("next_seq", ch.name, ch.seq_next),) if type == "broadcast" else ()
             batch = [msg, *follow]
             idle_until = self.clock() + self.polling_timeout
-            for sub in list(ch.subs):
+            array, seq_next = bool(follow), ch.seq_next
+            for sub in list(ch.subs):        # _deliver, inlined: this loop is the fan-out
                 if counted:
-                    sub.seq_next = ch.seq_next
-                self._deliver(sub, batch, bool(follow), idle_until)
+                    sub.seq_next = seq_next
+                sub.idle_until = idle_until
+                sub.push(batch, array)
+                if sub.oneshot and sub.channel is not None:
+                    self._detach(sub)
+                    sub.end()
         return msg
 
-    def _deliver(self, sub: Subscriber, batch: List[Message], array: bool,
-                 idle_until: Optional[float] = None) -> None:
-        sub.idle_until = self.clock() + self.polling_timeout if idle_until is None else idle_until
+    def _deliver(self, sub: Subscriber, batch: List[Message], array: bool) -> None:
+        sub.idle_until = self.clock() + self.polling_timeout
         sub.push(batch, array)
         if sub.oneshot and sub.channel is not None:
             self._detach(sub)
