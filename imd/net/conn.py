@@ -10,7 +10,7 @@ A connection whose unsent bytes pass ``limit`` is cut off as a slow consumer.
 
 Two kinds of writes (see :class:`Flusher`): ordinary writes (answers, acks,
 1:1 deliveries) go out at the end of the loop iteration that made them;
-writes made inside ``with bulk_writes():`` (one event delivered to many
+writes made inside ``with bulk_writes(n):`` (one event delivered to n >= 16
 connections) may wait a little so that the deliveries of several publications
 share one ``send()`` per connection.
 
@@ -62,7 +62,7 @@ class Flusher:
 
     Ordinary writes are flushed by a loop callback, at the end of the loop
     iteration that made them. Bulk writes (made while ``bulk`` > 0, i.e. inside
-    ``with bulk_writes():``) are flushed by their own flush, which runs at most
+    ``with bulk_writes(n):``) are flushed by their own flush, which runs at most
     once per "duty cycle": after a bulk flush that took T seconds, the next one
     waits until min(T, BULK_DELAY_MAX) seconds after it ended. An isolated
     fan-out therefore goes out in the iteration that made it; under a stream of
