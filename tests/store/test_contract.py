@@ -342,6 +342,9 @@ def test_attach_states_read_what_a_login_needs_in_one_call(store):
     assert (b.top, b.contacts, b.offline) == (2, None, [])          # everything received
     assert (nobody.top, nobody.contacts, nobody.offline) == (0, set(), None)
     assert [e.mid for e in store.attach_states([("a", False, 1)])[0].offline] == ["in1"]
+    twice = store.attach_states([("a", True, 1), ("b", False, 5), ("a", False, 100)])   # two devices of a
+    assert [[e.mid for e in st.offline] for st in twice] == [["in1"], [], ["in1"]]
+    assert [st.contacts for st in twice] == [{"b"}, None, None] and [st.top for st in twice] == [2, 2, 2]
 
 
 def test_cursors_are_monotonic(store):
