@@ -465,6 +465,7 @@ class Worker:
         c.marks += n
 
     timestamps = False
+    slip = 0.0
 
     def on_ws(self, c, data):
         """WebSocket frames after the handshake: answer pings (control frames and imd's ping
@@ -675,6 +676,7 @@ class Worker:
                 c.sent = {}
                 c.inflight = 0
         sent = 0
+        self.slip = 0.0                   # the most this worker fell behind its rate schedule (s)
         t0 = time.monotonic()
         end = t0 + duration
         rr = 0
@@ -686,6 +688,8 @@ class Worker:
                 break
             if rate:
                 due = int((now - t0) * rate) - sent
+                if due > 1:
+                    self.slip = max(self.slip, (due - 1) / rate)
                 tries = 0
                 while due > 0 and tries < ncon:
                     c = conns[rr % ncon]
@@ -784,7 +788,8 @@ class Worker:
             elif cmd == "traffic":
                 cpu0 = _cpu_self()
                 sent, answered, elapsed = self.traffic(*args)
-                reply = (sent, answered, elapsed, self.latencies.tobytes(), _cpu_self() - cpu0)
+                reply = (sent, answered, elapsed, self.latencies.tobytes(), _cpu_self() - cpu0,
+                         self.slip)
             elif cmd == "logins":
                 reply = self.logins(*args)
             elif cmd == "count":
@@ -867,6 +872,7 @@ class Fleet:
         self.deadline = deadline
         self.workers = []
         self.client_load = 0.0
+        self.client_slip = 0.0
 
     def start(self):
         ctx = _mp_context()
@@ -904,13 +910,15 @@ class Fleet:
         """Chat traffic at `rate` msgs/s in total (0 = closed loop with `window`).
         Returns (sent, answered, seconds, latencies_us as array); the busiest worker's CPU share
         over the run is left in `self.client_load` (near 1.0 = the load generator may be the
-        bottleneck)."""
+        bottleneck), and in `self.client_slip` the most any worker fell behind its rate schedule
+        (seconds; send times are taken when a message is written, so slip is not latency)."""
         k = len(self.workers)
         res = self._all("traffic", [(rate / k, window, duration)] * k)
         lat = array("I")
         for r in res:
             lat.frombytes(r[3])
         self.client_load = max(r[4] / max(r[2], 1e-9) for r in res)
+        self.client_slip = max(r[5] for r in res)
         return sum(r[0] for r in res), sum(r[1] for r in res), max(r[2] for r in res), lat
 
     def logins(self, window, duration):

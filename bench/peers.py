@@ -10,6 +10,7 @@ Peers: nginx + nchan (pub/sub locations: EventSource, long-poll and WebSocket su
 mosquitto (anonymous listener; optional allow_duplicate_messages), prosody (c2s without TLS, PLAIN
 allowed, accounts and rosters written straight into its data files) and imd itself.
 """
+import json
 import os
 import re
 import shutil
@@ -323,8 +324,9 @@ class Imd(Peer):
                             r"(?:addr=)?(127\.0\.0\.1|0\.0\.0\.0|localhost):(\d+)")
 
     def __init__(self, repo, python=None, secret="bench-secret", extra="", engine="memory",
-                 workers=1, synchronous="full", profile=None):
+                 workers=1, synchronous="full", profile=None, store=None):
         super().__init__()
+        self.store = dict(store or {})
         self.profile = profile
         self.synchronous = synchronous
         self.repo = repo
@@ -352,8 +354,7 @@ secret = "{self.secret}"
 control = "{t}/var/imd.sock"
 
 [store]
-backend = "sqlite"
-synchronous = "{self.synchronous}"
+{self._store_toml()}
 
 [engine]
 backend = "{self.engine}"
@@ -372,6 +373,11 @@ allow = ["127.0.0.1"]
 dev_tokens = true
 {self.extra}
 """)
+
+    def _store_toml(self):
+        """The [store] section: SQLite with `synchronous` unless `store` says otherwise."""
+        store = dict({"backend": "sqlite", "synchronous": self.synchronous}, **self.store)
+        return "\n".join(f"{k} = {json.dumps(v)}" for k, v in store.items())
 
     def _command(self):
         prof = ["-m", "cProfile", "-o", self.profile] if self.profile else []

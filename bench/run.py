@@ -1,4 +1,4 @@
-"""Runs the benchmark suite: `python bench/run.py [part ...]` (parts: idle fanout burst logins chat xmpp;
+"""Runs the benchmark suite: `python bench/run.py [part ...]` (parts: idle fanout burst logins chat chat-pg xmpp;
 none = all). Shows progress on stderr, prints a table of imd against each peer, and writes
 docs/benchmarks.md (with PNG plots beside it) unless --no-write.
 
@@ -45,7 +45,7 @@ def fastpath_of(repo, python):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | burst | logins | chat | xmpp (default: all of these) | c1m")
+    ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | burst | logins | chat | chat-pg | xmpp (default: all of these) | c1m")
     ap.add_argument("--imd-python", default=sys.executable, help="interpreter that runs imd")
     ap.add_argument("--also-imd-python", metavar="PYTHON",
                     help="run imd's side of the parts a second time under this interpreter "
@@ -118,7 +118,7 @@ def main(argv=None):
     report.print_table(results)
     targets = report.target_rows(results)
     if targets:
-        print("\ntargets (issue 9):")
+        print("\ntargets (issues 9 and 5):")
         for text, measured, verdict in targets:
             print(f"  {verdict:<18} {text}: {measured}")
     if not args.no_write:

@@ -76,8 +76,8 @@ class BatchPlan:
             kind = plan[0]
             if kind == "new":
                 sender_seq, recipient_seq = base[op.sender] + plan[1], base[op.recipient] + plan[2]
-                out.append(MessageResult(op.mid, op.ts, sender_seq, recipient_seq,
-                                         entries=message_entries(op, sender_seq, recipient_seq)))
+                out.append(MessageResult(op.mid, op.ts, sender_seq, recipient_seq, False,
+                                         message_entries(op, sender_seq, recipient_seq)))
             elif kind == "notice":
                 out.append([notice_entry(op, user, base[user] + k, mid) for user, k, mid in plan[1]])
             elif kind == "again":

@@ -37,3 +37,13 @@ def test_results_json_roundtrip(tmp_path):
     report.save_json(path, runs, rs)
     got_runs, got = report.load_json(path)
     assert got == rs and got_runs[0]["parts"] == ["idle"]
+
+
+def test_postgresql_chat_targets_of_issue_5():
+    rs = [Result("chat-pg", "acked messages per second (closed loop)", "imd tcp postgresql", 15_000,
+                 "/s", "higher"),
+          Result("chat-pg", "ack latency p99 at half that rate", "imd tcp postgresql", 40.0, "ms",
+                 "lower")]
+    verdicts = {t: v for t, m, v in report.target_rows(rs)}
+    assert verdicts["imd tcp postgresql acked messages per second >= 30,000/s"] == "missed by 2.00x"
+    assert verdicts["imd tcp postgresql ack latency p99 <= 50.0 ms"] == "met"
