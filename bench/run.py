@@ -9,6 +9,7 @@ not in the tree yet print "n/a" for imd and still measure the peers.
 import argparse
 import os
 import shlex
+import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,20 @@ def interpreter_label(python):
     if len(parts_) >= 3 and parts_[-2] == "bin":
         return parts_[-3].lstrip(".").replace("venv-", "") or parts_[-1]
     return parts_[-1]
+
+
+def build_fastpath(repo, python):
+    """Build imd's Cython extension in place in `repo` (as tests/conftest.py does; a failed build
+    leaves the pure-Python twin) and return the fast path `python` will run imd with."""
+    subprocess.run([python, "setup.py", "-q", "build_ext", "--inplace"], cwd=repo, capture_output=True)
+    return fastpath_of(repo, python)
+
+
+def fastpath_of(repo, python):
+    """"cython" or "python": what imd.fastpath picks under `python` with `repo` first on the path."""
+    out = subprocess.run([python, "-c", "from imd.fastpath import IMPL; print(IMPL)"], cwd=repo,
+                         env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
 
 
 def main(argv=None):
@@ -72,6 +87,10 @@ def main(argv=None):
                         profile_dir=args.imd_profile, imd_only=args.imd_only)
     if not ctx.imd_available():
         print("note: imd daemon not in this tree yet: imd rows are n/a", file=sys.stderr)
+    pythons = [args.imd_python] + ([args.also_imd_python] if args.also_imd_python else [])
+    fastpaths = [build_fastpath(ctx.repo, args.imd_python)] + [fastpath_of(ctx.repo, p) for p in pythons[1:]]
+    for python, impl in zip(pythons, fastpaths):
+        print(f"imd fast path under {python}: {impl}", file=sys.stderr)
     started = report.now_utc()
     passes = [ctx]
     if args.also_imd_python:
@@ -94,8 +113,7 @@ def main(argv=None):
         results += runners[name](pass_ctx, **kwargs)
     json_path = os.path.splitext(args.out)[0] + ".json"
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    pythons = [args.imd_python] + ([args.also_imd_python] if args.also_imd_python else [])
-    runs = [report.run_record(command.strip(), chosen, started, report.now_utc(), pythons)]
+    runs = [report.run_record(command.strip(), chosen, started, report.now_utc(), pythons, fastpaths)]
     if args.keep_other_parts:
         old_runs, old_results = report.load_json(json_path)
         kept = [r for r in old_results if r.part not in chosen]

@@ -25,6 +25,7 @@ from gevent.event import Event as GEvent
 from .contacts import Contacts
 from .engine.base import Event, user_channel
 from .envelope import Out
+from .net.conn import bulk_writes
 from .presence import Presence
 from .session import LIVE
 from .store.base import LAST_SEQS_MAX, Entry, StoreError
@@ -200,8 +201,9 @@ class Node:
         entry = Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
                       d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"))
         out = Out(entry.envelope(), entry.seq, d.get("origin", ""))
-        for s in sessions:
-            s.deliver(out)
+        with bulk_writes(len(sessions)):
+            for s in sessions:
+                s.deliver(out)
         if self.delivery_latency is not None:
             self.delivery_latency.observe(max(0.0, time.time() - entry.ts / 1000.0))
 
@@ -211,9 +213,10 @@ class Node:
             return
         out = Out(d["env"])
         device, protocol = d.get("device"), d.get("protocol")
-        for s in sessions:
-            if (device is None or s.device == device) and (protocol is None or s.protocol == protocol):
-                s.send(out)
+        with bulk_writes(len(sessions)):
+            for s in sessions:
+                if (device is None or s.device == device) and (protocol is None or s.protocol == protocol):
+                    s.send(out)
 
     def on_presence(self, channel: str, d: dict) -> None:
         user = channel[2:]
@@ -225,8 +228,9 @@ class Node:
             return              # removed meanwhile
         out = Out({"type": "presence", "user": d["user"], "status": d["status"],
                    "platforms": d["platforms"], "last_seen": d["last_seen"]})
-        for s in sessions:
-            s.send(out)
+        with bulk_writes(len(sessions)):
+            for s in sessions:
+                s.send(out)
 
     def on_kick(self, channel: str, d: dict) -> None:
         sessions = self.sessions_of(d["user"])

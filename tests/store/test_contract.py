@@ -363,6 +363,23 @@ def test_offline_is_inbound_entries_above_received_seq(store):
     assert [e.mid for e in store.offline("b", 1)] == ["out1"]
 
 
+def test_attach_states_read_what_a_login_needs_in_one_call(store):
+    acks = Acks()
+    send_now(store, acks, "b", "a", "x1", mid="in1")       # a: seq 1 inbound; b: seq 1
+    send_now(store, acks, "a", "b", "y1", mid="out1")      # a: seq 2; b: seq 2 inbound
+    store.add_contact("a", "b")
+    store.set_cursor("b", "phone", 2)
+    assert store.flush(10)
+    a, b, nobody = store.attach_states([("a", True, 100), ("b", False, 100), ("nobody", True, 0)])
+    assert (a.top, a.contacts, [e.mid for e in a.offline]) == (2, {"b"}, ["in1"])
+    assert (b.top, b.contacts, b.offline) == (2, None, [])          # everything received
+    assert (nobody.top, nobody.contacts, nobody.offline) == (0, set(), None)
+    assert [e.mid for e in store.attach_states([("a", False, 1)])[0].offline] == ["in1"]
+    twice = store.attach_states([("a", True, 1), ("b", False, 5), ("a", False, 100)])   # two devices of a
+    assert [[e.mid for e in st.offline] for st in twice] == [["in1"], [], ["in1"]]
+    assert [st.contacts for st in twice] == [{"b"}, None, None] and [st.top for st in twice] == [2, 2, 2]
+
+
 def test_cursors_are_monotonic(store):
     store.set_cursor("u", "d1", 5)
     store.set_cursor("u", "d1", 3)
