@@ -3,8 +3,11 @@
 WAL mode. Writes go through :class:`~imd.store.writer.Writer` (one lane): each
 batch is one ``BEGIN IMMEDIATE`` … ``COMMIT`` on the single writer connection,
 run in a real OS thread of gevent's hub threadpool so the hub never waits on
-SQLite. Reads also run in the threadpool, each thread on its own read-only
-connection (thread-local), and block only the calling greenlet.
+SQLite. Reads also run in the threadpool and block only the calling greenlet;
+each takes a read-only connection from a small pool for its duration, so there
+are never more read connections than reads at once (at most the threadpool's
+size). Not one per thread: gevent retires a pool thread after 5 s idle and
+starts new ones, so per-thread connections piled up (memory and descriptors).
 
 ``synchronous`` is ``"full"`` (durable against power loss) or ``"normal"``
 (in WAL mode durable against a process crash/``kill -9``, not power loss).
@@ -37,7 +40,7 @@ CHUNK = 400                      # rows per IN (...) / VALUES list (bound parame
 # CANTOPEN, PROTOCOL.
 TRANSIENT_CODES = {5, 6, 7, 8, 10, 13, 14, 15}
 
-_thread_local = get_original("threading", "local")
+_os_lock = get_original("threading", "Lock")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -72,8 +75,9 @@ class SqliteStore(WriterStore, Store):
                               batch_max=batch_max, lanes=1, name="sqlite")
         self._wcon: Optional[sqlite3.Connection] = None
         self._job = None                  # the write transaction running in the threadpool
-        self._local = _thread_local()
-        self._read_cons: list = []
+        self._read_cons: list = []        # every open read connection
+        self._idle_reads: list = []       # those not in use by a read now
+        self._read_lock = _os_lock()      # guards both lists; taken in pool threads only
         self._open = False
         self.retention_days = retention_days
         self.purge_interval = purge_interval
@@ -99,8 +103,7 @@ class SqliteStore(WriterStore, Store):
         if self._job is not None:
             self._job.wait()          # a transaction the writer gave up on ends before the close
             self._job = None
-        cons, self._read_cons = self._read_cons, []
-        self._local = _thread_local()     # forget the closed read connections
+        cons, self._read_cons, self._idle_reads = self._read_cons, [], []
         for con in cons + [self._wcon]:
             self._pool.apply(con.close)
 
@@ -183,20 +186,29 @@ class SqliteStore(WriterStore, Store):
                 con.execute("ROLLBACK")
             con.close()
 
-    # -- reads (in a threadpool thread, one read connection per thread) -----
+    # -- reads (in a threadpool thread, on a pooled read connection) --------
     def _read(self, fn, *args):
         if not self._open:
             raise StoreUnavailable("store is not open")
         return self._pool.apply(self._read_sync, (fn, args))
 
     def _read_sync(self, fn, args):
-        con = getattr(self._local, "con", None)
+        """In a pool thread: run ``fn(con, *args)`` on an idle read connection (a
+        new one if none is idle) and give it back afterwards. The checkout is in
+        the thread, so a caller killed while waiting cannot lose or share it."""
+        with self._read_lock:
+            con = self._idle_reads.pop() if self._idle_reads else None
         if con is None:
             con = self._connect()
             con.execute("PRAGMA query_only = ON")
-            self._local.con = con
-            self._read_cons.append(con)
-        return fn(con, *args)
+            with self._read_lock:
+                self._read_cons.append(con)
+        try:
+            return fn(con, *args)
+        finally:
+            with self._read_lock:
+                if con in self._read_cons:          # not closed meanwhile
+                    self._idle_reads.append(con)
 
     def inbox(self, user: str, since: int, limit: int) -> list:
         def q(con):
