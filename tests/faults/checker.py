@@ -7,7 +7,7 @@ by id, and what went wrong with them.
     chk.refused("s1", "c-1", 503)               # ... or an error
     chk.expect("r1", "phone")                   # this device must see r1's whole inbox
     chk.connected("r1", "phone")                # each (re)connection starts an epoch
-    chk.received("r1", "phone", env)            # each msg/notice envelope it got
+    chk.received("r1", "phone", env, cid)       # each msg/notice envelope it got
     rep = chk.report()                          # Report: lost, duplicated, redelivered, reordered, ...
 
 Definitions (per device = (user, device)):
@@ -21,7 +21,11 @@ Definitions (per device = (user, device)):
   apart; not an error.
 * **reordered** — within one epoch, an entry whose seq is not above the
   previous one's; or a first delivery whose seq is below one already seen
-  (the device saw a later entry before an earlier one).
+  (the device saw a later entry before an earlier one). Also per sender →
+  recipient device (needs ``cid`` and the entry's ``from``): a message whose
+  place in its sender's send order is not after the previous one from that
+  sender in this epoch, or, first delivered, before one already seen. This
+  is the only order check for entries without a seq (XMPP: ``seq`` None).
 * **conflicts** — one seq carrying two different mids for one device (a seq
   reused), or one client id acked with two different mids (stored twice).
 * **stored_twice** — one client id delivered under two mids (the sender
@@ -75,7 +79,7 @@ class Report:
 
 
 class _Device:
-    __slots__ = ("epoch", "seen", "by_seq", "max_seq", "epoch_last", "first_epoch")
+    __slots__ = ("epoch", "seen", "by_seq", "max_seq", "epoch_last", "first_epoch", "from_max", "from_epoch")
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -84,12 +88,15 @@ class _Device:
         self.first_epoch: dict = {}    # mid -> epoch of its first delivery
         self.max_seq = 0
         self.epoch_last = 0            # seq of the previous entry in this epoch
+        self.from_max: dict = {}       # sender -> highest send index first delivered
+        self.from_epoch: dict = {}     # sender -> send index of the previous entry in this epoch
 
 
 class Checker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sent: dict = {}          # (sender, cid) -> recipient
+        self._index: dict = {}         # (sender, cid) -> its place in the sender's send order
         self._acks: dict = {}          # (sender, cid) -> mid
         self._acked_to: dict = {}      # mid -> recipient
         self._refused = 0
@@ -106,6 +113,7 @@ class Checker:
     # -- senders ------------------------------------------------------------------
     def sent(self, sender: str, cid: str, to: str) -> None:
         with self._lock:
+            self._index.setdefault((sender, cid), len(self._index))
             self._sent[(sender, cid)] = to
 
     def acked(self, sender: str, cid: str, mid: str, seq: int = 0) -> None:
@@ -138,6 +146,7 @@ class Checker:
             d = self._devices.setdefault((user, device), _Device())
             d.epoch += 1
             d.epoch_last = 0
+            d.from_epoch = {}
 
     def received(self, user: str, device: str, env: dict, cid: str | None = None) -> None:
         """Record one inbox entry (``msg`` or ``notice``) this device got; ``cid``, when
@@ -150,6 +159,24 @@ class Checker:
                 if first != mid:
                     self._twice.append((cid, first, mid))
             d = self._devices.setdefault((user, device), _Device())
+            sender = env.get("from")
+            index = self._index.get((sender, cid))
+            if index is not None:
+                if index <= d.from_epoch.get(sender, -1) or (mid not in d.seen and index < d.from_max.get(sender, -1)):
+                    self._reorders.append((user, device, f"{sender}#{index}",
+                                           f"after #{max(d.from_epoch.get(sender, -1), d.from_max.get(sender, -1))}"))
+                d.from_epoch[sender] = index
+                if mid not in d.seen:
+                    d.from_max[sender] = max(index, d.from_max.get(sender, -1))
+            if seq is None:                         # no seq (XMPP): by mid and by sender order only
+                if mid in d.seen:
+                    if d.first_epoch[mid] < d.epoch:
+                        self._redelivered += 1
+                    else:
+                        self._dups.append((user, device, mid, seq))
+                d.seen.setdefault(mid, None)
+                d.first_epoch[mid] = d.epoch
+                return
             other = d.by_seq.get(seq)
             if other is not None and other != mid:
                 self._conflicts.append(f"{user}/{device}: seq {seq} carried {other} and {mid}")
@@ -170,6 +197,18 @@ class Checker:
             d.by_seq[seq] = mid
             d.first_epoch[mid] = d.epoch
             d.max_seq = max(d.max_seq, seq)
+
+    def received_by(self, user: str, device: str) -> int:
+        """How many distinct entries this device has received."""
+        with self._lock:
+            d = self._devices.get((user, device))
+            return 0 if d is None else len(d.seen)
+
+    def missing(self, user: str, device: str, mids) -> list:
+        """Those of ``mids`` this device has not received."""
+        with self._lock:
+            d = self._devices.get((user, device))
+            return [m for m in mids if d is None or m not in d.seen]
 
     def contiguous(self, user: str, device: str) -> int:
         """The highest seq N such that this device saw every seq 1..N (its ``since``)."""
