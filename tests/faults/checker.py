@@ -48,6 +48,7 @@ class Report:
     sent: int = 0
     acked: int = 0
     refused: int = 0
+    refused_codes: dict = field(default_factory=dict)  # error code -> how many
     received: int = 0
     lost: list = field(default_factory=list)          # (user, device, mid)
     duplicated: list = field(default_factory=list)    # (user, device, mid, seq)
@@ -63,7 +64,8 @@ class Report:
         return not (self.lost or self.duplicated or self.reordered or self.conflicts or self.stored_twice)
 
     def summary(self) -> str:
-        return (f"sent={self.sent} acked={self.acked} refused={self.refused} received={self.received} "
+        return (f"sent={self.sent} acked={self.acked} refused={self.refused} {self.refused_codes or ''} "
+                f"received={self.received} "
                 f"lost={len(self.lost)} duplicated={len(self.duplicated)} redelivered={self.redelivered} "
                 f"reordered={len(self.reordered)} conflicts={len(self.conflicts)} "
                 f"stored_twice={len(self.stored_twice)} "
@@ -100,6 +102,7 @@ class Checker:
         self._acks: dict = {}          # (sender, cid) -> mid
         self._acked_to: dict = {}      # mid -> recipient
         self._refused = 0
+        self._refused_codes: dict = {}
         self._devices: dict = {}       # (user, device) -> _Device
         self._expected: set = set()
         self._dups: list = []
@@ -128,6 +131,7 @@ class Checker:
     def refused(self, sender: str, cid: str, code: int) -> None:
         with self._lock:
             self._refused += 1
+            self._refused_codes[code] = self._refused_codes.get(code, 0) + 1
 
     def is_acked(self, sender: str, cid: str) -> bool:
         with self._lock:
@@ -225,6 +229,7 @@ class Checker:
     def report(self) -> Report:
         with self._lock:
             rep = Report(sent=len(self._sent), acked=len(self._acks), refused=self._refused,
+                         refused_codes=dict(self._refused_codes),
                          received=self._received, duplicated=list(self._dups), redelivered=self._redelivered,
                          reordered=list(self._reorders), conflicts=list(self._conflicts),
                          stored_twice=sorted(set(self._twice)))
