@@ -9,6 +9,11 @@ are never more read connections than reads at once (at most the threadpool's
 size). Not one per thread: gevent retires a pool thread after 5 s idle and
 starts new ones, so per-thread connections piled up (memory and descriptors).
 
+Work in the threadpool never raises there: a failure (disk full, I/O error,
+locked) comes back as a value and is raised again in the calling greenlet
+(:func:`_outcome`), so the writer logs it as one line and retries, instead of
+gevent's hub printing a traceback per attempt.
+
 ``synchronous`` is ``"full"`` (durable against power loss) or ``"normal"``
 (in WAL mode durable against a process crash/``kill -9``, not power loss).
 """
@@ -129,8 +134,8 @@ class SqliteStore(WriterStore, Store):
 
     # -- writes (in a threadpool thread, one batch = one transaction) --------
     def _apply_batch(self, lane: int, ops: list, pending: Optional[Pending]) -> list:
-        self._job = self._pool.spawn(self._apply_sync, ops, pending)
-        return self._job.get()
+        self._job = self._pool.spawn(_outcome, self._apply_sync, ops, pending)
+        return _result(self._job.get())
 
     def _apply_sync(self, ops: list, pending: Optional[Pending]) -> list:
         con = self._wcon
@@ -161,7 +166,7 @@ class SqliteStore(WriterStore, Store):
         greenlet."""
         if not self._open:
             raise StoreUnavailable("store is not open")
-        gone = self._pool.apply(self._purge_sync, (older_than_ms,))
+        gone = _result(self._pool.apply(_outcome, (self._purge_sync, older_than_ms)))
         self.purged += gone
         return gone
 
@@ -190,7 +195,7 @@ class SqliteStore(WriterStore, Store):
     def _read(self, fn, *args):
         if not self._open:
             raise StoreUnavailable("store is not open")
-        return self._pool.apply(self._read_sync, (fn, args))
+        return _result(self._pool.apply(_outcome, (self._read_sync, fn, args)))
 
     def _read_sync(self, fn, args):
         """In a pool thread: run ``fn(con, *args)`` on an idle read connection (a
@@ -269,6 +274,28 @@ class SqliteStore(WriterStore, Store):
                               (sender, recipient, upto_recipient_seq)).fetchone()
             return None if row is None else (row[0], row[1])
         return self._read(q)
+
+
+class _Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+def _outcome(fn, *args):
+    """In a pool thread: ``fn(*args)``, or its exception wrapped in _Failed."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001  (handed to the caller, see _result)
+        return _Failed(exc)
+
+
+def _result(value):
+    """In the calling greenlet: the value of _outcome, its exception raised here."""
+    if isinstance(value, _Failed):
+        raise value.exc
+    return value
 
 
 def _scalar(con, sql: str, *args) -> int:
