@@ -87,6 +87,8 @@ def test_kill9_under_mixed_load_on_every_protocol(tmp_path, request, backend):
             d.kill()
             time.sleep(0.3)
             d.start()
+            wait_until(lambda: all(t.reconnects >= round_ + 2 for t in senders + receivers), 60,
+                       "every client back before the next kill")
         wait_until(lambda: chk.report().acked >= 900, 60, "no load after the restarts")
         settle(d, chk, senders, receivers, stop_send, stop_recv)
         d.kill()                                  # once more, idle, then read every inbox back
