@@ -253,7 +253,7 @@ class SqliteStore(WriterStore, Store):
         def q(con):
             found = {}
             for i in range(0, len(wanted), 500):
-                chunk = wanted[i:i + 500]
+                chunk = _shaped(wanted[i:i + 500], 500)
                 for uid, role, last_seen, platform in con.execute(
                         "SELECT id, role, last_seen, platform FROM users WHERE last_seen IS NOT NULL "
                         "AND id IN (%s)" % ",".join("?" * len(chunk)), chunk):
@@ -298,6 +298,16 @@ def _result(value):
     return value
 
 
+def _shaped(chunk: list, most: int = CHUNK) -> list:
+    """``chunk`` padded (repeating its last item) to the next power of two, at most
+    ``most``: an IN (...) / VALUES list then has a few lengths, not hundreds, and
+    each length is one prepared statement in a connection's statement cache (128
+    of them, up to tens of KiB each; bigger batches under load kept adding new
+    ones). Repeated items change no result here."""
+    size = min(most, 1 << (len(chunk) - 1).bit_length())
+    return chunk + chunk[-1:] * (size - len(chunk))
+
+
 def _scalar(con, sql: str, *args) -> int:
     row = con.execute(sql, args).fetchone()
     return 0 if row is None or row[0] is None else row[0]
@@ -337,7 +347,7 @@ def _stored(con, keys: list) -> dict:
     """(sender, client_id) → (mid, ts, sender_seq, recipient_seq) of those already stored."""
     found = {}
     for i in range(0, len(keys), CHUNK):
-        chunk = keys[i:i + CHUNK]
+        chunk = _shaped(keys[i:i + CHUNK])
         sql = ("SELECT m.sender, m.client_id, m.mid, m.ts, m.sender_seq, m.recipient_seq "
                "FROM (VALUES %s) AS k JOIN messages m ON m.sender = k.column1 AND m.client_id = k.column2"
                % ",".join(["(?, ?)"] * len(chunk)))
@@ -361,7 +371,7 @@ def _reserve(con, taken: dict) -> dict:
     con.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in ids])
     base = {}
     for i in range(0, len(ids), CHUNK):
-        chunk = ids[i:i + CHUNK]
+        chunk = _shaped(ids[i:i + CHUNK])
         base.update(con.execute("SELECT id, last_seq FROM users WHERE id IN (%s)"
                                 % ",".join("?" * len(chunk)), chunk))
     con.executemany("UPDATE users SET last_seq = ? WHERE id = ?",
