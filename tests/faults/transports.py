@@ -75,7 +75,10 @@ class WsConn(_Queued):
         q = f"token={quote(token)}&platform=web&device={device}"
         if since is not None:
             q += f"&since={since}"
-        self.ws = websocket.create_connection(f"ws://{addr[0]}:{addr[1]}/ws?{q}", timeout=10)
+        try:
+            self.ws = websocket.create_connection(f"ws://{addr[0]}:{addr[1]}/ws?{q}", timeout=10)
+        except websocket.WebSocketException as e:
+            raise ClientError(f"ws: {e}") from e
         hello = self.recv(10)
         if hello.get("type") != "auth" or not hello.get("ok"):
             self.close()
@@ -235,10 +238,7 @@ class PollConn(_Queued):
         q = f"/im/poll?token={self.token}&session={self.session}"
         if self.acked is not None:
             q, self.acked = q + f"&ack={self.acked}", None
-        envs = self._get(q)
-        if not envs and time.monotonic() < deadline:
-            time.sleep(0)
-        return envs
+        return self._get(q)               # may block up to limits.heartbeat, past the deadline
 
     def ack(self, seq: int) -> None:
         self.acked = seq                  # sent with the next poll
