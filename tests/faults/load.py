@@ -42,11 +42,8 @@ def connect(addr, token_for, user: str, role: str, device: str, since, stop: thr
     while not stop.is_set():
         try:
             return dial(proto, addr(), token_for(user, role), user, device, since, timeout)
-        except KeyError:                         # a restarting daemon has no address yet
-            pass
-        except ERRORS:
-            pass
-        time.sleep(0.05)
+        except (KeyError, *ERRORS):              # KeyError: a restarting daemon has no address yet
+            time.sleep(0.05)
     return None
 
 
