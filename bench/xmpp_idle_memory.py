@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python bench/xmpp_idle_memory.py [N]     (needs ulimit -n > 2N + 500)
 
-Starts imd (tests/proto/xmpp/harness.Imd, heartbeat 3 s so idle streams
-hibernate their parser), opens 200 warm-up connections, then two batches of N
+Starts imd (tests/proto/xmpp/harness.Imd; a stream silent for a second frees
+its parser), opens 200 warm-up connections, then two batches of N
 pipelined logins (SASL PLAIN with a token, bind, initial presence, each a
 distinct user). The second batch's RSS growth, after its parsers hibernated,
 is the steady-state cost (the first batch's peak memory is reused by then).
@@ -44,7 +44,7 @@ def batch(d: Imd, start: int, n: int, socks: list) -> None:
 
 
 def main(n: int) -> None:
-    d = Imd(pathlib.Path(tempfile.mkdtemp()), limits={"heartbeat": 3, "idle_timeout": 1200})
+    d = Imd(pathlib.Path(tempfile.mkdtemp()), limits={"idle_timeout": 1200})
     d.start()
     socks: list = []
     try:

@@ -5,6 +5,9 @@
     ack = c.msg("guest42", "Is the flat free on Friday?", ctx={"listing": "L1"})
     env = c.recv(timeout=5)          # next server envelope (msg, notice, presence, ...)
 
+    c = Client("chat.example.com", 8900, tls=True)     # tls.tcp = true: verified TLS
+    c = Client(host, port, tls=ssl.create_default_context(cafile="ca.pem"), server_hostname="localhost")
+
 Envelopes other than the one a call waits for are kept, in order, for
 ``recv``. Uses plain sockets (works with or without gevent patching); one
 client is not meant to be shared between threads or greenlets.
@@ -14,10 +17,11 @@ from __future__ import annotations
 
 import itertools
 import socket
+import ssl
 import struct
 import time
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import orjson
 
@@ -31,9 +35,20 @@ class ClientError(Exception):
 
 
 class Client:
-    def __init__(self, host: str = "127.0.0.1", port: int = 8900, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, host: str = "127.0.0.1", port: int = 8900, timeout: float = 10.0,
+                 tls: Union[bool, ssl.SSLContext] = False, server_hostname: Optional[str] = None) -> None:
+        """``tls``: True for TLS verified against the system's CAs, or an SSLContext;
+        ``server_hostname`` is the name the certificate must carry (default ``host``)."""
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            ctx = tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context()
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=server_hostname or host)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         self.timeout = timeout
         self._buf = b""
         self._queue: deque = deque()

@@ -50,7 +50,9 @@ def markdown() -> str:
            "", "Cross-field rules: `node.workers` > 1 needs `engine.backend = \"redis\"`;",
            "`store.backend = \"postgresql\"` needs `store.dsn`; `limits.idle_timeout` must exceed",
            "`limits.heartbeat`; `limits.max_body` must be smaller than `limits.max_frame`;",
-           "`xmpp.cert` and `xmpp.key` go together, and `xmpp.tls = \"required\"` needs them.",
+           "`xmpp.cert`/`xmpp.key` and `tls.cert`/`tls.key` go in pairs; `xmpp.tls = \"required\"` and",
+           "`listen.xmpps` need a certificate (`xmpp.*` or `tls.*`), `tls.tcp`/`comet`/`admin` need `tls.cert`;",
+           "every certificate must be readable PEM and match its key (checked as the listeners load it).",
            "", "*Reload*: yes = applied on reload (`imd-admin reload`, SIGHUP); no = needs a restart."]
     for section, about in SECTIONS.items():
         out += ["", f"## [{section}]", "", about, "",

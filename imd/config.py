@@ -68,6 +68,8 @@ SECTIONS = {
     "presence": "Per-user presence aggregated over sessions.",
     "comet": "The comet port, with iComet's own option names and meanings.",
     "xmpp": "The XMPP c2s listener.",
+    "tls": "TLS on the listeners (docs/security.md, docs/operations.md): one PEM certificate chain and key, "
+           "reloaded on SIGHUP.",
     "admin": "The admin HTTP port (iComet admin API and /api/v1).",
     "limits": "Per-connection limits and timers.",
     "log": "Logging.",
@@ -82,7 +84,9 @@ SETTINGS = [
     S("auth", "secret", "change-me", c.string(), "HS256 key for user tokens", live=True),
     S("auth", "leeway", 30, c.number(0),
       "seconds of clock skew allowed when checking a token's exp", live=True),
-    S("listen", "xmpp", "0.0.0.0:5222", c.address(), "XMPP c2s"),
+    S("listen", "xmpp", "0.0.0.0:5222", c.address(), "XMPP c2s (STARTTLS per xmpp.tls)"),
+    S("listen", "xmpps", "", c.address(),
+      "XMPP c2s with direct TLS (XEP-0368), e.g. \"0.0.0.0:5223\"; needs a certificate; \"\" disables it"),
     S("listen", "comet", "0.0.0.0:8100", c.address(),
       "comet HTTP: iComet front API, WebSocket, SSE, long-poll"),
     S("listen", "tcp", "0.0.0.0:8900", c.address(), "raw TCP protocol of the native apps"),
@@ -126,8 +130,17 @@ SETTINGS = [
     S("xmpp", "domain", "localhost", c.domain(), "the XMPP domain users log in to (user@domain)"),
     S("xmpp", "tls", "optional", c.choice("required", "optional", "disabled"),
       'STARTTLS: "required", "optional" (offered when cert and key are set) or "disabled"'),
-    S("xmpp", "cert", "", c.path(empty=True), "PEM certificate chain for STARTTLS"),
-    S("xmpp", "key", "", c.path(empty=True), "PEM private key for STARTTLS"),
+    S("xmpp", "cert", "", c.path(empty=True),
+      "PEM certificate chain for STARTTLS and listen.xmpps when it differs from tls.cert; \"\" = tls.cert",
+      live=True),
+    S("xmpp", "key", "", c.path(empty=True), "PEM private key going with xmpp.cert", live=True),
+    S("tls", "cert", "", c.path(empty=True),
+      "PEM certificate chain (leaf first) of every TLS listener; re-read on SIGHUP", live=True),
+    S("tls", "key", "", c.path(empty=True), "PEM private key of tls.cert; re-read on SIGHUP", live=True),
+    S("tls", "tcp", False, c.boolean(), "the raw-TCP listener speaks TLS only"),
+    S("tls", "comet", False, c.boolean(), "the comet listener speaks HTTPS and WSS only"),
+    S("tls", "admin", False, c.boolean(),
+      "the admin listener speaks HTTPS only (when the web tier reaches it over a network)"),
     S("admin", "allow", ["127.0.0.1"], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""),
       "client IP prefixes allowed (iComet semantics)", live=True),
     S("admin", "deny", [], c.str_list(c.IP_PREFIX, "an IP prefix, \"all\" or \"*\""),
@@ -184,12 +197,33 @@ def _cross_checks(v: dict) -> None:
     if lim["max_body"] >= lim["max_frame"]:
         raise ConfigError("limits.max_body", f"must be smaller than limits.max_frame ({lim['max_frame']}) "
                           "so that a message carrying it fits in a frame", lim["max_body"])
-    x = v["xmpp"]
-    if bool(x["cert"]) != bool(x["key"]):
-        missing = "xmpp.key" if x["cert"] else "xmpp.cert"
-        raise ConfigError(missing, "xmpp.cert and xmpp.key must be set together", "")
-    if x["tls"] == "required" and not x["cert"]:
-        raise ConfigError("xmpp.tls", '"required" needs xmpp.cert and xmpp.key', x["tls"])
+    _tls_checks(v)
+
+
+def _tls_checks(v: dict) -> None:
+    """Certificates: set in pairs, present where a TLS listener needs them, readable,
+    and each key matching its certificate (loaded as the listeners will load them)."""
+    x, t = v["xmpp"], v["tls"]
+    for sec, pair in (("xmpp", x), ("tls", t)):
+        if bool(pair["cert"]) != bool(pair["key"]):
+            missing = f"{sec}.key" if pair["cert"] else f"{sec}.cert"
+            raise ConfigError(missing, f"{sec}.cert and {sec}.key must be set together", "")
+    xmpp_cert = bool(x["cert"] or t["cert"])
+    if x["tls"] == "required" and not xmpp_cert:
+        raise ConfigError("xmpp.tls", '"required" needs a certificate (tls.cert and tls.key, '
+                          "or xmpp.cert and xmpp.key)", x["tls"])
+    if v["listen"]["xmpps"] and not xmpp_cert:
+        raise ConfigError("listen.xmpps", "direct TLS needs a certificate (tls.cert and tls.key, "
+                          "or xmpp.cert and xmpp.key)", v["listen"]["xmpps"])
+    for name in ("tcp", "comet", "admin"):
+        if t[name] and not t["cert"]:
+            raise ConfigError(f"tls.{name}", "needs tls.cert and tls.key", True)
+    from imd.net.tls import check_pair
+    for sec, pair in (("xmpp", x), ("tls", t)):
+        if pair["cert"]:
+            bad = check_pair(os.path.abspath(pair["cert"]), os.path.abspath(pair["key"]))
+            if bad is not None:
+                raise ConfigError(f"{sec}.{bad[0]}", bad[1])
 
 
 class Section:

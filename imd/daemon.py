@@ -12,6 +12,7 @@ the same queue:
         gives up waiting after DRAIN_TIMEOUT seconds
   INT, QUIT  stop fast (the store queue is still flushed: acked means stored)
   HUP   reload the configuration (validated first; the old one stays on error)
+        and re-read the TLS certificates (imd.net.tls; the old ones stay on error)
   USR1  reopen the log file (after logrotate moved it)
 
 Under systemd with ``WatchdogSec=``, a greenlet sends ``WATCHDOG=1`` every half
@@ -39,6 +40,7 @@ from .fastpath import IMPL
 from .metrics import Metrics, max_fds, open_fds, rss_bytes
 from .net.admission import Admission
 from .net.listener import Listener, bind_socket
+from .net.tls import TlsServer, cert_pair
 from .node import Node
 from .proto.admin import AdminProtocol
 from .proto.comet.front import CometProtocol
@@ -52,6 +54,8 @@ SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
            signal.SIGHUP: "hup", signal.SIGUSR1: "usr1"}
 DRAIN_TIMEOUT = 30.0           # keep below TimeoutStopSec in init/imd.service
 STOP_TIMEOUT = 5.0
+TLS_SWITCHES = ("tcp", "comet", "admin")     # listeners that speak TLS when tls.<name> = true
+TLS_KEYS = ("tls.cert", "tls.key", "xmpp.cert", "xmpp.key")
 STATUS_EVERY = 10.0            # seconds between STATUS= updates when no watchdog is asked for
 
 
@@ -100,6 +104,8 @@ class Daemon:
         self._notifier = None
         self.log_handler = None
         self.overrides = None       # a worker's own settings (imd/master.py), kept across reloads
+        self.tls: dict = {}         # listener name → imd.net.tls.TlsServer (xmpp = STARTTLS)
+        self.tls_reload_failures = 0
 
     # -- boot -------------------------------------------------------------------
     def start(self) -> None:
@@ -116,16 +122,28 @@ class Daemon:
         self._register_gauges()
         self.admission = Admission(cfg.limits, self.metrics)
         self._protocols = self.protocols()
-        for name, proto in self._protocols.items():
+        xmpp_starttls = self._protocols["xmpp"].tls
+        if xmpp_starttls is not None:
+            self.tls["xmpp"] = xmpp_starttls
+        for name, proto in self.listener_protocols():
             addr = cfg.addr("listen." + name)
             if addr is None:
                 continue
+            handle, refuse = proto.handle, getattr(proto, "refuse", None)
+            mode = "starttls" if name == "xmpp" and xmpp_starttls is not None else "no"
+            if name == "xmpps" or (name in TLS_SWITCHES and cfg.get("tls." + name)):
+                tls = self.tls[name] = TlsServer(name, proto.plaintext_refusal)
+                tls.load(*cert_pair(cfg, name))
+                # a refused connection on a TLS port is just closed: a plaintext error
+                # would be garbage to a TLS client, and a handshake costs what a flood wants
+                handle, refuse = tls.handle(proto.handle), None
+                mode = "yes"
             sock = bind_socket(addr[0], addr[1], reuse_port=cfg.node.workers > 1)
-            listener = Listener(name, sock, proto.handle, self.admission, getattr(proto, "refuse", None))
+            listener = Listener(name, sock, handle, self.admission, refuse)
             listener.start()
             self.listeners.append(listener)
             host, port = listener.address
-            log.info("listening name=%s addr=%s:%d", name, host, port)
+            log.info("listening name=%s addr=%s:%d tls=%s", name, host, port, mode)
         if cfg.listen.control:
             self.control = ControlServer(self, cfg.path(cfg.listen.control))
             self.control.start()
@@ -142,6 +160,13 @@ class Daemon:
         return {"tcp": TcpProtocol(self.router, node_id), "comet": front,
                 "admin": AdminProtocol(self.router, self.node, front),
                 "xmpp": XmppProtocol(self.router, self.cfg)}
+
+    def listener_protocols(self) -> list:
+        """(listener name, protocol) for every ``listen.*`` key; the direct-TLS XMPP
+        port (``listen.xmpps``) is served by the XMPP protocol."""
+        p = self._protocols
+        return [("tcp", p["tcp"]), ("comet", p["comet"]), ("admin", p["admin"]),
+                ("xmpp", p["xmpp"]), ("xmpps", p["xmpp"])]
 
     def _register_gauges(self) -> None:
         """Metrics read at scrape time (docs/operations.md lists them with alerts)."""
@@ -178,6 +203,15 @@ class Daemon:
         m.gauge("imd_draining", "1 while the daemon drains or stops", lambda: {(): int(self.state != "running")})
         m.gauge("imd_uptime_seconds", "seconds since this process started",
                 lambda: {(): round(time.time() - self.started, 3)})
+        m.counter_fn("imd_tls_handshakes_total", "TLS handshakes completed by listener (xmpp = STARTTLS)",
+                     lambda: {(("listener", n),): t.handshakes for n, t in self.tls.items()})
+        m.counter_fn("imd_tls_handshake_failures_total",
+                     "TLS connections that never completed a handshake: plaintext (not TLS), "
+                     "protocol (e.g. TLS < 1.2, no shared cipher, garbage), incomplete (closed or timed out)",
+                     lambda: {(("listener", n), ("reason", r)): c
+                              for n, t in self.tls.items() for r, c in t.failures.items()})
+        m.counter_fn("imd_tls_reload_failures_total", "certificate reloads refused (the old one stays)",
+                     lambda: {(): self.tls_reload_failures})
         m.gauge("process_open_fds", "open file descriptors", lambda: {(): open_fds()})
         m.gauge("process_max_fds", "file descriptor limit (RLIMIT_NOFILE)", lambda: {(): max_fds()})
         m.gauge("process_resident_memory_bytes", "resident memory", lambda: {(): rss_bytes()})
@@ -269,6 +303,8 @@ class Daemon:
                 _check_log_file(self.cfg, new)
             except config_mod.ConfigError as e:
                 log.error("reload refused, keeping the running config: %s", e)
+                if e.key in TLS_KEYS:
+                    self.tls_reload_failures += 1
                 status = "reload refused (bad config)"
                 raise
             diff = self._apply(new)
@@ -290,6 +326,7 @@ class Daemon:
             else:
                 log.warning("reload needs a restart key=%s value=%s", key, shown)
         self._apply_components(diff)
+        self.reload_tls()
         if (self.cfg.log.format, self.cfg.log.file) != old_log:
             self.log_handler = log_mod.setup(self.cfg.log.level, self.cfg.log.format, self.cfg.log.file)
         elif any(k == "log.level" for k, *_ in diff):
@@ -303,6 +340,32 @@ class Daemon:
                 self.node.presence.grace = value
             elif key == "store.retention_days" and hasattr(self.store, "retention_days"):
                 self.store.retention_days = value
+
+    def reload_tls(self) -> bool:
+        """Re-read every TLS listener's certificate and key (on each HUP: files renewed
+        in place count). All or nothing: if one pair fails to load, an error is logged
+        and every listener keeps the certificate it had. New handshakes use the new
+        one; established connections keep theirs."""
+        if not self.tls:
+            return True
+        loaded = {}
+        for name, tls in self.tls.items():
+            pair = cert_pair(self.cfg, name)
+            if pair is None:
+                log.warning("tls reload: listener=%s has no certificate set any more; it keeps "
+                            "its old one until a restart", name)
+                continue
+            try:
+                loaded[name] = (tls.context_for(*pair), pair)
+            except (OSError, ValueError) as e:        # ssl.SSLError is an OSError
+                self.tls_reload_failures += 1
+                log.error("tls reload refused, keeping the old certificate listener=%s cert=%s: %s",
+                          name, pair[0], e)
+                return False
+        for name, (ctx, pair) in loaded.items():
+            self.tls[name].use(ctx, pair)
+        log.info("tls certificates reloaded listeners=%s", ",".join(sorted(loaded)))
+        return True
 
     def drain(self, timeout: float) -> None:
         """Stop accepting, send every session ``close`` with reconnect, flush, stop."""

@@ -51,7 +51,7 @@ log = logging.getLogger("imd.master")
 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
            signal.SIGHUP: "hup", signal.SIGUSR1: "usr1"}
-TCP_LISTENERS = ("xmpp", "comet", "tcp", "admin")
+TCP_LISTENERS = ("xmpp", "xmpps", "comet", "tcp", "admin")
 REAP_INTERVAL = 0.5
 STOP_TIMEOUT = 45.0          # a draining worker gets this long before SIGKILL
 YOUNG = 5.0                  # a worker that dies younger than this is restarted later

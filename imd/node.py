@@ -32,7 +32,8 @@ log = logging.getLogger("imd.node")
 def entry_data(entry: Entry) -> dict:
     return {"user": entry.user, "seq": entry.seq, "mid": entry.mid, "kind": entry.kind,
             "body": entry.body, "ts": entry.ts, "sender": entry.sender,
-            "recipient": entry.recipient, "ctx": entry.ctx, "notice_kind": entry.notice_kind}
+            "recipient": entry.recipient, "ctx": entry.ctx, "notice_kind": entry.notice_kind,
+            "client_id": entry.client_id}
 
 
 class Node:
@@ -88,12 +89,22 @@ class Node:
             data["origin"] = origin
         self.engine.publish(user_channel(entry.user), Event("entry", data))
 
-    def publish_transient(self, user: str, env: dict, device: Optional[str] = None) -> None:
-        """A non-stored envelope for the user's sessions (all, or one device)."""
+    def publish_transient(self, user: str, env: dict, device: Optional[str] = None,
+                          protocol: Optional[str] = None) -> None:
+        """A non-stored envelope for the user's sessions on every node: all of them,
+        or only those of one ``device`` and/or one ``protocol`` (``Session.protocol``)."""
         data = {"user": user, "env": env}
         if device is not None:
             data["device"] = device
+        if protocol is not None:
+            data["protocol"] = protocol
         self.engine.publish(user_channel(user), Event("transient", data))
+
+    def device_elsewhere(self, user: str, device: str) -> bool:
+        """Whether another node has a session of ``user``'s ``device`` (per the
+        cluster presence records, which list devices). Blocks: a Redis round trip."""
+        return any(r.get("node") != self.id and device in r.get("devices", ())
+                   for r in self.engine.presence_get([user]).get(user, ()))
 
     def kick(self, user: str, reason: str = "kicked") -> int:
         """Close the user's sessions on every node; returns how many were here."""
@@ -127,7 +138,7 @@ class Node:
         if not sessions:
             return
         entry = Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
-                      d.get("recipient"), d.get("ctx"), d.get("notice_kind"))
+                      d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"))
         out = Out(entry.envelope(), entry.seq, d.get("origin", ""))
         for s in list(sessions):
             s.deliver(out)
@@ -139,9 +150,9 @@ class Node:
         if not sessions:
             return
         out = Out(d["env"])
-        device = d.get("device")
+        device, protocol = d.get("device"), d.get("protocol")
         for s in list(sessions):
-            if device is None or s.device == device:
+            if (device is None or s.device == device) and (protocol is None or s.protocol == protocol):
                 s.send(out)
 
     def on_presence(self, channel: str, d: dict) -> None:

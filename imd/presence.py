@@ -84,7 +84,8 @@ class Presence:
         if not sessions:
             return None
         status = "online" if any(s.status == "online" for s in sessions) else "away"
-        return {"status": status, "platforms": sorted({s.platform for s in sessions})}
+        return {"status": status, "platforms": sorted({s.platform for s in sessions}),
+                "devices": sorted({s.device for s in sessions})}
 
     def lookup(self, users) -> dict:
         """{user: {"status", "platforms", "last_seen"}} for every user asked (blocks)."""

@@ -8,7 +8,10 @@ reads the store (replay after auth, sync, gap fill, read receipts). It knows
 no protocol: it talks to sessions through ``send``/``close``/``deliver``.
 
 The web tier's operations (notices, messages, contacts, kick, inbox) are here
-too, as methods that block the calling greenlet until committed.
+too, as methods that block the calling greenlet until committed; so are what
+protocols need beyond envelopes (transient envelopes to a user's sessions on
+every node, credentials, roles, history, contacts): protocol code never
+reads the store or the engine itself.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, Optional
 import gevent
 from gevent.event import AsyncResult
 
-from . import auth
+from . import auth, passwords
 from .envelope import EnvelopeError, Out, error
 from .ids import MidGen, now_ms
 from .metrics import Metrics
@@ -322,7 +325,9 @@ class Router:
         except StoreError:
             last = None
         if last is not None:
-            ev["peer_seq"], ev["mid"] = last
+            ev["peer_seq"], ev["mid"], cid = last
+            if cid is not None:
+                ev["id"] = cid
         self.node.publish_transient(peer, ev)
 
     def on_sync(self, s, env: dict) -> None:
@@ -347,7 +352,7 @@ class Router:
             raise EnvelopeError(400, "cannot send a message to oneself", fatal=False)
         mid = self.mids()
         res = AsyncResult()
-        self.store.send_message(sender, to, client_id or "api." + mid, body, ctx, mid, now_ms(),
+        self.store.send_message(sender, to, client_id, body, ctx, mid, now_ms(),
                                 lambda r, e: res.set_exception(e) if e else res.set(r))
         r = res.get(timeout=timeout)
         for e in r.entries:
@@ -371,6 +376,53 @@ class Router:
 
     def kick(self, user: str, reason: str = "kicked") -> int:
         return self.node.kick(user, reason)
+
+    # -- for protocols: what the core does not carry, and reads (see each docstring) -------------
+    def publish_transient(self, user: str, env: dict, device: Optional[str] = None,
+                          protocol: Optional[str] = None) -> None:
+        """Send a non-stored envelope to ``user``'s sessions on every node (optionally
+        one device, one protocol); at most once, never blocks."""
+        self.node.publish_transient(user, env, device, protocol)
+
+    def device_elsewhere(self, user: str, device: str) -> bool:
+        """Whether ``user``'s ``device`` is connected to another node (blocks)."""
+        return self.node.device_elsewhere(user, device)
+
+    def credentials(self, user: str) -> Optional[dict]:
+        """The user's stored SCRAM credentials (:mod:`imd.passwords`), None when no
+        password is set. Blocks (a store read); raises StoreError."""
+        return self.store.password(user)
+
+    def check_password(self, user: str, password: str) -> bool:
+        """Whether ``password`` is the one set for ``user``. Blocks (a store read,
+        then a PBKDF2 run); raises StoreError."""
+        return passwords.verify_plain(self.store.password(user), password)
+
+    def set_password(self, user: str, password: str) -> None:
+        """Store the SCRAM keys of ``password`` for ``user`` (never the password);
+        costs the CPU a few ms, then written in a batch like every fire-and-forget write."""
+        self.store.set_password(user, passwords.scram_credentials(password))
+
+    def role_of(self, user: str) -> Optional[str]:
+        """The role the store has seen ``user`` log in with, None if unknown. Blocks."""
+        info = self.store.users_info([user]).get(user)
+        return info.role if info is not None else None
+
+    def history(self, user: str, since: int, limit: int) -> list:
+        """The user's inbox entries after ``since`` (at most ``limit``). Blocks."""
+        return self.store.inbox(user, since, limit)
+
+    def last_seq(self, user: str) -> int:
+        """The top of the user's inbox. Blocks."""
+        return self.store.last_seq(user)
+
+    def contacts_of(self, user: str) -> set:
+        """The user's contacts (loaded from the store if not in memory). Blocks."""
+        return self.node.contacts.get(user)
+
+    def cached_contacts(self, user: str) -> Optional[set]:
+        """The user's contacts if they are in memory (a connected user's are), else None."""
+        return self.node.contacts.cached(user)
 
     def add_contact(self, user: str, contact: str) -> None:
         self.node.contact_changed("add", user, contact)

@@ -140,6 +140,50 @@ def test_cross_field_rules():
     assert error_of({"xmpp": {"cert": "c.pem"}}).startswith("config error: xmpp.key: ")
     assert error_of({"xmpp": {"key": "k.pem"}}).startswith("config error: xmpp.cert: ")
     assert error_of({"xmpp": {"tls": "required"}}).startswith("config error: xmpp.tls: ")
+    assert error_of({"tls": {"cert": "c.pem"}}).startswith("config error: tls.key: ")
+    assert error_of({"tls": {"comet": True}}).startswith("config error: tls.comet: needs tls.cert")
+    assert error_of({"listen": {"xmpps": "127.0.0.1:5223"}}).startswith("config error: listen.xmpps: ")
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    from tests.tlsca import TestCA
+    return TestCA(tmp_path_factory.mktemp("ca"))
+
+
+def test_certificates_are_checked(ca, tmp_path):
+    cert, key = ca.issue("good")
+    other_cert, other_key = ca.issue("other", serial=2)
+    cfg = load_dict({"tls": {"cert": cert, "key": key, "comet": True}, "listen": {"xmpps": "127.0.0.1:5223"},
+                     "xmpp": {"tls": "required"}})
+    assert cfg.tls.comet and cfg.tls.cert == cert
+    assert load_dict({"xmpp": {"cert": other_cert, "key": other_key, "tls": "required"}}).xmpp.cert == other_cert
+    msg = error_of({"tls": {"cert": cert, "key": other_key}})
+    assert msg == f"config error: tls.key: {other_key} does not match the certificate in {cert}"
+    msg = error_of({"tls": {"cert": str(tmp_path / "nope.pem"), "key": key}})
+    assert msg.startswith("config error: tls.cert: cannot read ") and "No such file" in msg
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    msg = error_of({"xmpp": {"cert": str(garbage), "key": key}})
+    assert msg.startswith("config error: xmpp.cert: ") and "not a usable PEM" in msg
+    msg = error_of({"tls": {"cert": key, "key": key}})          # a key where the certificate goes
+    assert msg.startswith("config error: tls.cert: ")
+    if os.geteuid() != 0:                                         # root reads any file
+        unreadable = tmp_path / "k.pem"
+        unreadable.write_bytes(open(key, "rb").read())
+        unreadable.chmod(0)
+        assert error_of({"tls": {"cert": cert, "key": str(unreadable)}}).startswith("config error: tls.key: cannot read")
+
+
+def test_check_config_checks_certificates(ca, tmp_path):
+    cert, key = ca.issue("cli")
+    _, other_key = ca.issue("cli2", serial=3)
+    path = tmp_path / "tls.toml"
+    path.write_text(f'[tls]\ncert = "{cert}"\nkey = "{other_key}"\ncomet = true\n')
+    out = imd("--check-config", "-c", str(path))
+    assert out.returncode == 2 and "tls.key" in out.stderr and "does not match" in out.stderr
+    path.write_text(f'[tls]\ncert = "{cert}"\nkey = "{key}"\ncomet = true\n')
+    assert imd("--check-config", "-c", str(path)).returncode == 0
 
 
 def test_config_pickles():

@@ -132,3 +132,18 @@ def test_web_tier_message(node):
     r = node.router.post_message("wh", "wg", "Your host wrote via the website", {"listing": "L7"})
     m = g.wait_for(lambda e: e["type"] == "msg")
     assert m["from"] == "wh" and m["mid"] == r["mid"] and m["ctx"] == {"listing": "L7"}
+
+
+def test_transient_envelopes_filtered_by_device_and_protocol(node):
+    """Node.publish_transient reaches the user's sessions on the node, all or those of one
+    device and/or protocol; presence records list the devices (XMPP routes IQs by them)."""
+    phone = login(node, "u_tr", device="phone")
+    tab = login(node, "u_tr", device="tab")
+    node.router.publish_transient("u_tr", {"type": "pong"}, device="tab")
+    node.router.publish_transient("u_tr", {"type": "pong", "n": 2}, protocol="xmpp")
+    node.router.publish_transient("u_tr", {"type": "pong", "n": 3}, protocol="tcp")
+    assert [e.get("n") for e in tab.drain() if e["type"] == "pong"] == [None, 3]
+    assert [e.get("n") for e in phone.drain() if e["type"] == "pong"] == [3]
+    records = node.node.engine.presence_get(["u_tr"])["u_tr"]
+    assert records[0]["devices"] == ["phone", "tab"]
+    assert not node.router.device_elsewhere("u_tr", "phone")        # this node's own record

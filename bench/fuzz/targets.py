@@ -16,6 +16,7 @@ module is missing (comet/xmpp not merged) says so instead of failing others.
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 MAX_FRAME = 256
 MAX_MESSAGE = 512
@@ -158,8 +159,9 @@ def _xmpp(chunks, negotiating):
     parser = importlib.import_module("imd.proto.xmpp.parser")
     stanza = importlib.import_module("imd.proto.xmpp.stanza")
     got = []
-    p = parser.StreamParser(lambda a: None, lambda el: got.append(stanza.tostring(el)), lambda: None,
-                            max_stanza=1024)
+    p = parser.StreamParser(SimpleNamespace(on_stream_start=lambda a: None,
+                                        on_stanza=lambda el: got.append(stanza.tostring(el)),
+                                        on_stream_end=lambda: None), max_stanza=1024)
     p.negotiating = negotiating
     for c in chunks:
         try:

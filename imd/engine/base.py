@@ -39,7 +39,8 @@ class Event:
 
     Kinds used by the node (see imd/node.py for their handlers):
     ``entry`` (an inbox entry for the channel's user), ``transient`` (a
-    non-stored payload for the user's sessions, optionally one device),
+    non-stored payload for the user's sessions, optionally of one device and/or
+    one protocol),
     ``presence`` (a user's aggregate presence changed), ``read`` (read receipt),
     ``kick`` (close the user's sessions), ``contacts`` (a contact was added or
     removed), ``comet`` (a message on a comet channel), ``broadcast``.
@@ -107,7 +108,8 @@ class Engine:
     def presence_set(self, user: str, state: Optional[dict]) -> None:
         """Set (or, with None, remove) this node's presence record for ``user``.
 
-        ``state`` is ``{"status": "online"|"away", "platforms": [...]}``.
+        ``state`` is ``{"status": "online"|"away", "platforms": [...], "devices": [...]}``
+        (the node stores and returns it as given).
         """
         raise NotImplementedError
 

@@ -20,9 +20,10 @@ log = logging.getLogger("imd.net")
 
 
 class Wheel:
-    def __init__(self, method: str = "on_deadline", tick: float = 1.0) -> None:
+    def __init__(self, method: str = "on_deadline", tick: float = 1.0, after=None) -> None:
         self.method = method
         self.tick = tick
+        self.after = after            # called with no arguments after each tick's handlers
         self._buckets: dict[int, list] = {}
         self._timer = None
 
@@ -55,3 +56,8 @@ class Wheel:
                     continue
                 if nxt is not None:
                     self.add(obj, nxt)
+        if self.after is not None:
+            try:
+                self.after()
+            except Exception:
+                log.exception("after-tick hook failed")

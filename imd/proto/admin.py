@@ -23,7 +23,7 @@ from imd.proto.comet import formats as fmt
 from imd.proto.comet.channels import Refused, valid_cname
 from imd.proto.comet.http import HTTPError, Request
 from imd.proto.comet.ipfilter import IpFilter
-from imd.proto.comet.server import HttpConn, raw_socket
+from imd.proto.comet.server import PLAINTEXT_REFUSAL, HttpConn, raw_socket
 
 log = logging.getLogger("imd.admin")
 
@@ -71,6 +71,7 @@ class AdminProtocol:
     """The admin port's listener hook and request router."""
 
     name = "admin"
+    plaintext_refusal = PLAINTEXT_REFUSAL    # on an HTTPS port (tls.admin)
 
     def __init__(self, router, node, comet) -> None:
         """``comet``: the comet port's CometProtocol (its registry and bus)."""

@@ -19,7 +19,6 @@ import orjson
 from imd import auth, envelope
 from imd.envelope import USER_RE, EnvelopeError
 from imd.proto.comet import formats as fmt
-from imd.proto.xmpp.sasl import scram_credentials
 from imd.store.base import StoreError, StoreFull
 
 log = logging.getLogger("imd.admin")
@@ -57,7 +56,6 @@ class Api:
     def __init__(self, router, node) -> None:
         self.router = router
         self.node = node
-        self.store = router.store
 
     def health(self) -> dict:
         return {"ok": True, "node": self.node.id, "sessions": self.node.count()}
@@ -127,7 +125,7 @@ class Api:
 
     def contacts(self, req) -> dict:
         user = _user(req.params().get("user"))
-        return {"user": user, "contacts": sorted(self.node.contacts.get(user))}
+        return {"user": user, "contacts": sorted(self.router.contacts_of(user))}
 
     def presence(self, req) -> dict:
         raw = req.params().get("users", "")
@@ -175,8 +173,8 @@ class Api:
         p = req.params()
         since = _int(p.get("since"), 0, 0, envelope.MAX_SEQ, "since")
         limit = _int(p.get("limit"), 100, 1, INBOX_LIMIT, "limit")
-        entries = self.store.inbox(user, since, limit)
-        return {"user": user, "seq": self.store.last_seq(user),
+        entries = self.router.history(user, since, limit)
+        return {"user": user, "seq": self.router.last_seq(user),
                 "entries": [e.envelope() for e in entries]}
 
     def kick(self, req, user: str) -> dict:
@@ -187,7 +185,7 @@ class Api:
         password = self._body(req).get("password")
         if not isinstance(password, str) or not 1 <= len(password) <= 1024:
             raise ApiError(400, "'password' must be a string of 1-1024 characters")
-        self.store.set_password(user, scram_credentials(password))
+        self.router.set_password(user, password)
         return {"ok": True}
 
     def tokens(self, req) -> dict:

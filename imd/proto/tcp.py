@@ -60,6 +60,8 @@ class TcpProtocol:
     """The listener hook: one TcpSession per accepted socket."""
 
     name = "tcp"
+    # What a plaintext client of the port gets when tls.tcp is on (imd.net.tls), before it is closed.
+    plaintext_refusal = encode_frame(envelope.dumps(envelope.error(400, "this port speaks TLS only")))
 
     def __init__(self, router, node_id: str) -> None:
         self.router = router

@@ -60,7 +60,9 @@ class Entry:
     are set and ``user`` is one of them. For a notice, ``notice_kind`` is the
     reminder kind (e.g. ``booking.confirmed``) and ``sender`` is None.
     ``body`` is a str or a dict (JSON object); ``ctx`` a dict or None; ``ts``
-    milliseconds since the epoch.
+    milliseconds since the epoch. ``client_id`` is the id the sender's client
+    gave the message (None for notices and for messages sent without one);
+    it is unique per sender only.
     """
 
     user: str
@@ -73,14 +75,18 @@ class Entry:
     recipient: Optional[str] = None
     ctx: Optional[dict] = None
     notice_kind: Optional[str] = None
+    client_id: Optional[str] = None
 
     def envelope(self) -> dict:
-        """The server→client envelope of this entry (DESIGN.md §3)."""
+        """The server→client envelope of this entry (DESIGN.md §3); a message
+        carries the sender's client id as ``id`` when it had one."""
         if self.kind == "msg":
             env = {"type": "msg", "mid": self.mid, "seq": self.seq, "from": self.sender,
                    "to": self.recipient, "body": self.body, "ts": self.ts}
             if self.ctx is not None:
                 env["ctx"] = self.ctx
+            if self.client_id is not None:
+                env["id"] = self.client_id
             return env
         return {"type": "notice", "mid": self.mid, "seq": self.seq, "kind": self.notice_kind,
                 "body": self.body, "ts": self.ts}
@@ -194,10 +200,11 @@ class Store:
     def password(self, user: str) -> Optional[dict]:
         raise NotImplementedError
 
-    def last_sent_to(self, sender: str, recipient: str, upto_recipient_seq: int) -> Optional[tuple[int, str]]:
+    def last_sent_to(self, sender: str, recipient: str,
+                     upto_recipient_seq: int) -> Optional[tuple[int, str, Optional[str]]]:
         """For read receipts: of the messages ``sender`` sent to ``recipient`` whose
         seq in the recipient's inbox is <= ``upto_recipient_seq``, the newest one's
-        (seq in the sender's inbox, mid); None if there is none."""
+        (seq in the sender's inbox, mid, client id or None); None if there is none."""
         raise NotImplementedError
 
     # -- observability -----------------------------------------------------

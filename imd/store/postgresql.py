@@ -261,10 +261,10 @@ class PostgresStore(WriterStore, Store):
         return load_json(rows[0][0]) if rows else None
 
     def last_sent_to(self, sender: str, recipient: str, upto_recipient_seq: int):
-        rows = self._rows("SELECT sender_seq, mid FROM messages WHERE sender = %s AND recipient = %s "
-                          "AND recipient_seq <= %s ORDER BY recipient_seq DESC LIMIT 1",
+        rows = self._rows("SELECT sender_seq, mid, client_id FROM messages WHERE sender = %s "
+                          "AND recipient = %s AND recipient_seq <= %s ORDER BY recipient_seq DESC LIMIT 1",
                           (sender, recipient, upto_recipient_seq))
-        return (rows[0][0], rows[0][1]) if rows else None
+        return tuple(rows[0]) if rows else None
 
     # -- retention ---------------------------------------------------------------
     def purge(self, older_than_ms: int) -> int:

@@ -9,21 +9,22 @@ import orjson
 from .base import Entry
 
 # The columns every inbox read selects, in this order (``i`` = inbox, ``m`` = messages).
-ENTRY_COLUMNS = "i.seq, m.mid, m.kind, m.sender, m.recipient, m.body, m.ctx, m.ts, m.notice_kind"
+ENTRY_COLUMNS = "i.seq, m.mid, m.kind, m.sender, m.recipient, m.body, m.ctx, m.ts, m.notice_kind, m.client_id"
 
 
 def entry_from_row(user: str, row) -> Entry:
     """An Entry of ``user`` from a row of ENTRY_COLUMNS (body/ctx as JSON text)."""
-    seq, mid, kind, sender, recipient, body, ctx, ts, notice_kind = row
+    seq, mid, kind, sender, recipient, body, ctx, ts, notice_kind, client_id = row
     return Entry(user=user, seq=seq, mid=mid, kind=kind, body=orjson.loads(body), ts=ts,
                  sender=sender, recipient=recipient,
-                 ctx=None if ctx is None else orjson.loads(ctx), notice_kind=notice_kind)
+                 ctx=None if ctx is None else orjson.loads(ctx), notice_kind=notice_kind,
+                 client_id=client_id)
 
 
 def message_entries(op, sender_seq: int, recipient_seq: int) -> list:
     """[sender's Entry, recipient's Entry] of a stored MessageOp."""
     common = dict(mid=op.mid, kind="msg", body=op.body, ts=op.ts, sender=op.sender,
-                  recipient=op.recipient, ctx=op.ctx)
+                  recipient=op.recipient, ctx=op.ctx, client_id=op.client_id)
     return [Entry(user=op.sender, seq=sender_seq, **common),
             Entry(user=op.recipient, seq=recipient_seq, **common)]
 

@@ -269,10 +269,10 @@ class SqliteStore(WriterStore, Store):
 
     def last_sent_to(self, sender: str, recipient: str, upto_recipient_seq: int):
         def q(con):
-            row = con.execute("SELECT sender_seq, mid FROM messages WHERE sender = ? AND recipient = ? "
-                              "AND recipient_seq <= ? ORDER BY recipient_seq DESC LIMIT 1",
+            row = con.execute("SELECT sender_seq, mid, client_id FROM messages WHERE sender = ? "
+                              "AND recipient = ? AND recipient_seq <= ? ORDER BY recipient_seq DESC LIMIT 1",
                               (sender, recipient, upto_recipient_seq)).fetchone()
-            return None if row is None else (row[0], row[1])
+            return None if row is None else tuple(row)
         return self._read(q)
 
 

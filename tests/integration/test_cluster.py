@@ -192,7 +192,7 @@ def test_xmpp_and_tcp_users_on_different_nodes(cluster):
         await asyncio.to_thread(presence_of, t, "xhost", "online")
         ack = await asyncio.to_thread(t.msg, "xhost", "from the app on n2", {"listing": "L7"})
         m = await next_message(x)
-        assert (m["from"].bare, m["body"], m["id"]) == ("tguest@localhost", "from the app on n2", ack["mid"])
+        assert (m["from"].bare, m["body"], m["id"]) == ("tguest@localhost", "from the app on n2", ack["id"])
         x.send_message(mto="tguest@localhost", mbody="from xmpp on n1", mtype="chat")
         env = await asyncio.to_thread(wait_msg, t, lambda e: e["from"] == "xhost")
         assert env["body"] == "from xmpp on n1" and env["to"] == "tguest"

@@ -27,7 +27,7 @@ def test_chat_with_acks_and_ctx(imd):
     got = host.wait_for(lambda e: e["type"] == "msg")
     assert got == {"type": "msg", "mid": ack["mid"], "seq": 1, "from": "guest1", "to": "host1",
                    "body": "Is the flat free on Friday?", "ts": ack["ts"],
-                   "ctx": {"listing": "L1", "booking": "B9"}}
+                   "ctx": {"listing": "L1", "booking": "B9"}, "id": ack["id"]}   # the sender's client id
     ack2 = host.msg("guest1", {"text": "Yes", "price": 120})
     assert ack2["seq"] == 2        # host1's inbox: the received message, then its own
     got2 = guest.wait_for(lambda e: e["type"] == "msg")

@@ -88,7 +88,8 @@ def test_message_lands_in_both_inboxes(store):
     assert stored_s == mine and stored_r == theirs
     assert stored_r.body == body and stored_r.ctx == ctx
     assert stored_r.envelope() == {"type": "msg", "mid": "M1", "seq": 1, "from": "host1",
-                                   "to": "guest1", "body": body, "ctx": ctx, "ts": 1712345678901}
+                                   "to": "guest1", "body": body, "ctx": ctx, "ts": 1712345678901,
+                                   "id": "id-1"}
 
 
 def test_string_body_and_no_ctx_round_trip(store):
@@ -238,6 +239,27 @@ def test_dedupe_in_later_batches_and_per_sender(store):
         ("M1", 10, 1, 1)
     assert not other.duplicate and other.recipient_seq == 2
     assert [e.mid for e in store.inbox("b", 0, 10)] == ["M1", "M3"]
+
+
+def test_entries_carry_the_senders_client_id(store):
+    """Inbox, offline and commit-callback entries all carry messages.client_id (XMPP
+    stanza ids and receipts rely on it); notices and id-less messages have None."""
+    acks = Acks()
+    send_now(store, acks, "a", "b", "cid-1:x", mid="M1")
+    store.send_message("a", "b", None, "no id", None, "M2", 1, acks.cb("none"))
+    assert store.flush(10)
+    store.add_notices(["b"], None, "k", "n", mid_maker(), 2, acks.cb("n"))
+    assert store.flush(10)
+    first, second, notices = acks.results()
+    assert [e.client_id for e in first.entries] == ["cid-1:x", "cid-1:x"]
+    assert [e.client_id for e in second.entries] == [None, None]
+    assert [e.client_id for e in notices] == [None]
+    stored = store.inbox("b", 0, 10)
+    assert [e.client_id for e in stored] == ["cid-1:x", None, None]
+    assert stored[0] == first.entries[1]
+    assert [e.client_id for e in store.offline("b", 10)] == ["cid-1:x", None, None]
+    assert [e.client_id for e in store.inbox("a", 0, 10)] == ["cid-1:x", None]
+    assert stored[0].envelope()["id"] == "cid-1:x" and "id" not in stored[1].envelope()
 
 
 def test_messages_without_client_id_are_not_deduplicated(store):
@@ -398,10 +420,13 @@ def test_last_sent_to(store):
     send_now(store, acks, "a", "b", "3", mid="A2")     # a:3 b:3
     send_now(store, acks, "a", "c", "4", mid="A3")     # a:4 c:1
     assert store.flush(10)
-    assert store.last_sent_to("a", "b", 3) == (3, "A2")
-    assert store.last_sent_to("a", "b", 2) == (1, "A1")
+    store.send_message("b", "a", None, "no id", None, "B2", 1000, acks.cb("none"))   # b:4 a:5
+    assert store.flush(10)
+    assert store.last_sent_to("a", "b", 3) == (3, "A2", "3")
+    assert store.last_sent_to("a", "b", 2) == (1, "A1", "1")
     assert store.last_sent_to("a", "b", 0) is None
-    assert store.last_sent_to("b", "a", 10) == (2, "B1")
+    assert store.last_sent_to("b", "a", 4) == (2, "B1", "2")
+    assert store.last_sent_to("b", "a", 10) == (4, "B2", None)
     assert store.last_sent_to("c", "a", 10) is None
 
 

@@ -24,7 +24,7 @@ from imd.proto.comet import formats as fmt
 from imd.proto.comet.bus import CometBus
 from imd.proto.comet.channels import SEQ_MASK, Refused, Registry, Subscriber, valid_cname
 from imd.proto.comet.http import HTTPError, Request
-from imd.proto.comet.server import HttpConn, raw_socket
+from imd.proto.comet.server import PLAINTEXT_REFUSAL, HttpConn, raw_socket
 from imd.proto.comet.users import Users
 
 log = logging.getLogger("imd.comet")
@@ -121,6 +121,7 @@ class CometProtocol:
     """The comet port's listener hook and request router."""
 
     name = "comet"
+    plaintext_refusal = PLAINTEXT_REFUSAL    # on an HTTPS port (tls.comet)
 
     def __init__(self, router, node_id: str, registry: Registry = None) -> None:
         cfg = router.cfg

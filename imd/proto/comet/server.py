@@ -32,6 +32,8 @@ log = logging.getLogger("imd.http")
 
 MAX_PIPELINE = 16
 SERVER = ("Server", "imd")
+# What a plain-HTTP client of an HTTPS port gets (imd.net.tls) before it is closed.
+PLAINTEXT_REFUSAL = error_response(400, "this port speaks HTTPS only: use https:// (or wss:// for WebSocket)")
 
 
 def raw_socket(sock):

@@ -7,8 +7,8 @@
   the roster, XEP-0280 carbons enable/disable and XEP-0313 queries
   (:mod:`imd.proto.xmpp.mam`); anything else gets ``service-unavailable``
   (RFC 6120 §8.4).
-* To a full JID: routed to that resource on this node (``from`` stamped), or
-  ``service-unavailable`` when it is not connected here.
+* To a full JID: routed to that resource on whichever node it is bound
+  (``from`` stamped), or ``service-unavailable`` when it is bound nowhere.
 * The roster is the user's contact list, server-authoritative: every item has
   ``subscription='both'``; roster sets get ``not-allowed``; the web tier's
   contact changes are pushed (``contacts`` envelopes) to resources that asked
@@ -66,9 +66,7 @@ def handle(s, iq: Element) -> None:
         return
     if user is not None and to.resource and not (user == s.user and to.resource == s.resource):
         iq.attrs["from"] = s.full_jid
-        if not s.proto.route(user, to.resource, iq, s):
-            iq.attrs.pop("from")
-            s.write(error_reply(iq, "service-unavailable", by=domain))
+        s.proto.route_iq(user, to.resource, iq, s)
         return
     child = iq.children[0]
     ns = child.ns
@@ -111,7 +109,7 @@ def roster_version(contacts) -> str:
 
 def _roster_get(s, iq: Element) -> None:
     try:
-        contacts = s.router.node.contacts.get(s.user)
+        contacts = s.router.contacts_of(s.user)
     except StoreError as e:
         log.warning("roster: contacts unavailable user=%s error=%s", s.user, e)
         s.write(error_reply(iq, "internal-server-error", by=s.proto.domain))
@@ -132,7 +130,7 @@ def roster_push(s, op: str, contact: str) -> None:
     if not s.interested:
         return
     attrs = {}
-    cached = s.router.node.contacts.cached(s.user)
+    cached = s.router.cached_contacts(s.user)
     if cached is not None:
         attrs["ver"] = roster_version(cached)
     query = Element("query", ROSTER_NS, attrs)
@@ -147,6 +145,6 @@ def subscription(s, user: str, ptype: str) -> None:
     """Answer a subscription request from the contact list (never forwarded)."""
     if ptype != "subscribe":
         return
-    contacts = s.router.node.contacts.cached(s.user) or ()
+    contacts = s.router.cached_contacts(s.user) or ()
     answer = "subscribed" if user in contacts else "unsubscribed"
     s.write(Element("presence", attrs={"type": answer, "from": f"{user}@{s.proto.domain}", "to": s.bare()}))

@@ -1,17 +1,21 @@
 """The XMPP c2s listener hook and this node's table of bound XMPP resources.
 
-:class:`XmppProtocol` is what the daemon registers for ``listen.xmpp``: its
-``handle(sock, addr)`` runs in the hub for each accepted socket and creates an
-:class:`XmppSession` (no greenlet). It also keeps, per user, the XMPP
-resources bound on this node, for what the core's per-user routing does not
-carry: bind conflicts, IQs and body-less messages to a full JID, presence
-among a user's own resources; plus the XEP-0198 sessions waiting for a resume
-and the per-address login throttle.
+:class:`XmppProtocol` is what the daemon registers for ``listen.xmpp`` and the
+direct-TLS port ``listen.xmpps`` (XEP-0368): its ``handle(sock, addr)`` runs in
+the hub for each accepted socket (a :class:`imd.net.tls.TlsSocket` on the
+direct-TLS port, which makes the stream secure from the start) and creates an
+:class:`XmppSession` (no greenlet). ``tls`` is the STARTTLS side (None when
+not offered), reloaded by the daemon on HUP like every listener's. It also
+keeps, per user, the XMPP resources bound on this node (bind conflicts are
+settled here at once, and an IQ to a resource found here needs no cluster
+read), the XEP-0198 sessions waiting for a resume on this node, and the
+per-address login throttle.
 
-Limitation: that table is per node. In a cluster, stanzas routed through it
-(IQs between clients, chat states, directed presence) reach only resources on
-the same node; stored messages, notices and presence go through the core and
-reach every node.
+Stanzas between resources go through the core's bus (:mod:`relay`), so they
+reach resources on every node. XEP-0198 resumption is per node: a ``<resume/>``
+on another node than the one holding the detached session gets
+``item-not-found``; the client binds again (which ends the detached session
+with a conflict, wherever it is) and gets what it missed from the inbox.
 """
 
 from __future__ import annotations
@@ -21,12 +25,20 @@ import logging
 import secrets
 from typing import Optional
 
+import gevent
+
+from ... import memtrim
 from ...envelope import DEVICE_RE
+from ...net.tls import TlsServer, cert_pair
+from ...net.wheel import Wheel
+from . import relay
 from .negotiate import AuthGuard
 from .session import XmppSession
-from .stanza import STREAM_CLOSE, stream_error, stream_header, tostring
+from .stanza import STREAM_CLOSE, error_reply, stream_error, stream_header, tostring
 
 log = logging.getLogger("imd.xmpp")
+
+TRIM_AFTER_FREED = 1024      # expat parsers (~13 KB each, malloc'd) freed before a heap trim
 
 
 class XmppProtocol:
@@ -37,14 +49,33 @@ class XmppProtocol:
         self.node_id = cfg.node.id
         x = cfg.xmpp
         self.domain = x.domain.lower()
-        self.tls_context = None
-        if x.tls != "disabled" and x.cert and x.key:
-            from .tls import server_context
-            self.tls_context = server_context(cfg.path(x.cert), cfg.path(x.key))
+        # what a plaintext client of the direct-TLS port (XEP-0368) gets before it is closed
+        self.plaintext_refusal = (
+            stream_header(self.domain, "plaintext")
+            + tostring(stream_error("policy-violation", "this port speaks TLS only (XEP-0368); "
+                                    "use STARTTLS on the c2s port")).encode() + STREAM_CLOSE)
+        self.tls = None                 # STARTTLS (imd.net.tls.TlsServer), when offered
+        pair = cert_pair(cfg, "xmpp")
+        if x.tls != "disabled" and pair is not None:
+            self.tls = TlsServer("xmpp")
+            self.tls.load(*pair)
         self.tls_required = x.tls == "required"
         self._bound: dict[str, dict[str, XmppSession]] = {}
         self.resumable: dict[str, XmppSession] = {}     # XEP-0198 stream id → session
         self.auth_guard = AuthGuard()
+        # sessions with a live expat parser, checked once a second (XmppSession.on_parser_idle)
+        self.parser_wheel = Wheel("on_parser_idle", after=self._after_parser_tick)
+        self.parser_freed = 0         # parsers freed since the heap was last trimmed
+        self.parser_wheel.start()
+
+    def stop(self) -> None:
+        self.parser_wheel.stop()
+
+    def _after_parser_tick(self) -> None:
+        """Once many idle parsers were freed, give their heap pages back to the OS."""
+        if self.parser_freed >= TRIM_AFTER_FREED:
+            self.parser_freed = 0
+            memtrim.trim()
 
     def handle(self, sock, addr) -> None:
         s = XmppSession(self, sock)
@@ -76,10 +107,6 @@ class XmppProtocol:
             if not table:
                 del self._bound[s.user]
 
-    def resources(self, user: str) -> list:
-        table = self._bound.get(user)
-        return list(table.values()) if table else []
-
     @staticmethod
     def device_of(resource: str) -> str:
         """The core device id of a resource: itself if it is a valid device id, else a digest."""
@@ -87,18 +114,30 @@ class XmppProtocol:
             return resource
         return "xmpp." + hashlib.sha1(resource.encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
-    def route(self, user: str, resource: str, stanza, sender) -> bool:
-        """Deliver a stanza (``from`` already stamped) to ``user``'s XMPP resources here:
-        the one named, or every available one with priority ≥ 0 for a bare JID.
-        Returns whether any resource got it."""
+    def route(self, user: str, resource: str, stanza, sender) -> None:
+        """Send a stanza (``from`` already stamped) to ``user``'s XMPP resources on
+        every node: the one named, or every available one with priority ≥ 0 for a
+        bare JID. Nobody may get it (no such resource): it is dropped."""
+        relay.stanza(self, user, resource, stanza, sender)
+
+    def route_iq(self, user: str, resource: str, iq, sender) -> None:
+        """An IQ get/set to a full JID: routed if that resource is bound on any node,
+        else answered ``service-unavailable`` (RFC 6121 §8.5.3.2.2). Another node's
+        resources are looked up in the cluster's presence records, in a greenlet."""
         table = self._bound.get(user)
-        if not table:
-            return False
-        if resource:
-            s = table.get(resource)
-            targets = [s] if s is not None else []
+        if table and resource in table:
+            self.route(user, resource, iq, sender)
         else:
-            targets = [s for s in table.values() if s.available and s.priority >= 0 and s is not sender]
-        for s in targets:
-            s.write(stanza)
-        return bool(targets)
+            gevent.spawn(self._route_iq_elsewhere, user, resource, iq, sender)
+
+    def _route_iq_elsewhere(self, user: str, resource: str, iq, sender) -> None:
+        try:
+            found = self.router.device_elsewhere(user, self.device_of(resource))
+        except Exception as e:
+            log.warning("iq routing: cluster lookup failed user=%s error=%s", user, e)
+            found = False
+        if found:
+            self.route(user, resource, iq, sender)
+        elif not sender.state_closed():
+            iq.attrs.pop("from", None)
+            sender.write(error_reply(iq, "service-unavailable", by=self.domain))

@@ -105,14 +105,14 @@ def query(s, iq: Element) -> None:
             return False
         return (start is None or e.ts >= start) and (end is None or e.ts <= end)
 
-    store = s.router.store
+    router = s.router
     try:
         if before is not None:
-            top = store.last_seq(s.user) + 1 if before == -1 else before
-            found = _backward(store, s.user, top, limit, wanted)
+            top = router.last_seq(s.user) + 1 if before == -1 else before
+            found = _backward(router, s.user, top, limit, wanted)
             complete = len(found) < limit
         else:
-            found, complete = _forward(store, s.user, max(after or 0, 0), limit, wanted)
+            found, complete = _forward(router, s.user, max(after or 0, 0), limit, wanted)
     except StoreError as e:
         log.warning("mam: store unavailable: %s", e)
         s.write(error_reply(iq, "internal-server-error", by=s.proto.domain))
@@ -128,10 +128,10 @@ def query(s, iq: Element) -> None:
     s.write(iq_result(iq, fin))
 
 
-def _forward(store, user, since, limit, wanted):
+def _forward(router, user, since, limit, wanted):
     found, scanned = [], 0
     while len(found) < limit and scanned < SCAN_LIMIT:
-        page = store.inbox(user, since, MAX_PAGE)
+        page = router.history(user, since, MAX_PAGE)
         if not page:
             return found, True
         for e in page:
@@ -146,11 +146,11 @@ def _forward(store, user, since, limit, wanted):
     return found, False
 
 
-def _backward(store, user, top, limit, wanted):
+def _backward(router, user, top, limit, wanted):
     found, scanned = [], 0
     while len(found) < limit and top > 1 and scanned < SCAN_LIMIT:
         since = max(0, top - 1 - MAX_PAGE)
-        page = [e for e in store.inbox(user, since, top - 1 - since) if e.seq < top]
+        page = [e for e in router.history(user, since, top - 1 - since) if e.seq < top]
         found[:0] = [e for e in page if wanted(e)]
         scanned += len(page)
         top = since + 1

@@ -7,14 +7,14 @@ so stanzas are still handled in order:
 
 * STARTTLS: ``<proceed/>`` is flushed, the bytes received after
   ``<starttls/>`` are dropped, then the connection's socket is replaced by a
-  :class:`TlsSocket` (handshake driven by the read watcher);
+  :class:`imd.net.tls.TlsSocket` (handshake driven by the read watcher);
 * SASL steps: checking a token is CPU only, but stored keys are a store read.
 
 Policies: with ``xmpp.tls = "required"`` only ``<starttls>`` is offered before
 TLS and ``<auth>`` gets ``encryption-required``; three failed SASL attempts
 end the stream (``policy-violation``); bind conflict = the new session wins and
-the old one gets a ``<conflict/>`` stream error (a phone taking over its own
-stale session); no resource requested → ``imd-<random>``; between SASL and
+the old one, on this node or another, gets a ``<conflict/>`` stream error (a
+phone taking over its own stale session); no resource requested → ``imd-<random>``; between SASL and
 bind, ``<resume/>`` (XEP-0198) may take over a detached session instead.
 Password guessing is slowed per stream (a growing delay before each
 ``<failure>``) and per address (:class:`AuthGuard`: after too many failures an
@@ -33,7 +33,7 @@ import gevent
 from ... import auth
 from ...store.base import StoreError
 from . import jid as jidmod
-from . import sasl
+from . import relay, sasl
 from .parser import MAX_STANZA, StreamError
 from .sm import SM_NS, sm_failed
 from .stanza import (STREAM_CLOSE, STREAM_NS, XML_LANG, Element, error_reply, iq_result,
@@ -115,7 +115,7 @@ class Negotiation:
         proto = self.proto
         feats = Element("features", STREAM_NS)
         if self.ident is None:
-            if proto.tls_context is not None and not self.secure:
+            if proto.tls is not None and not self.secure:
                 tls = feats.add("starttls", TLS_NS)
                 if proto.tls_required:
                     tls.add("required")
@@ -158,8 +158,8 @@ class Negotiation:
 
     # -- STARTTLS --------------------------------------------------------------------
     def starttls(self) -> None:
-        ctx = self.proto.tls_context
-        if ctx is None or self.secure:
+        tls = self.proto.tls
+        if tls is None or self.secure:
             self.conn.write(b"<failure xmlns='" + TLS_NS.encode() + b"'/></stream:stream>")
             self.conn.close("starttls refused")
             return
@@ -167,15 +167,14 @@ class Negotiation:
         self.parser.restart(drop=True)          # plaintext after <starttls/> is never used
         self.parser.pause()
         self.conn.pause_reading()
-        gevent.spawn(self._wrap_tls, ctx)
+        gevent.spawn(self._wrap_tls, tls)
 
-    def _wrap_tls(self, ctx) -> None:
-        from .tls import TlsSocket
+    def _wrap_tls(self, tls) -> None:
         conn = self.conn
         if not conn.wait_drained(1, timeout=10) or conn.closed:
             conn.close("starttls: proceed not sent", flush=False)
             return
-        conn.sock = TlsSocket(conn.sock, ctx)
+        conn.sock = tls.wrap(conn.sock)
         self.secure = True
         self.parser.resume()
         conn.resume_reading()
@@ -284,10 +283,10 @@ class Negotiation:
                 return False
             self.token_ident = ident
             return True
-        return sasl.verify_plain(self.router.store.password(user), password)
+        return self.router.check_password(user, password)
 
     def lookup_scram(self, user: str):
-        return self.router.store.password(user) if jidmod.valid_localpart(user) else None
+        return self.router.credentials(user) if jidmod.valid_localpart(user) else None
 
     def identity_of(self, user: str):
         """(user, role, token platform) once SASL succeeded; blocks (a store read)."""
@@ -295,10 +294,10 @@ class Negotiation:
         if tok is not None and tok.user == user:
             return (user, tok.role, tok.platform)
         try:
-            info = self.router.store.users_info([user]).get(user)
+            role = self.router.role_of(user)
         except StoreError:
             return None
-        return (user, (info.role if info is not None and info.role else "guest"), None)
+        return (user, role or "guest", None)
 
     # -- bind ------------------------------------------------------------------------------
     def bind(self, iq: Element) -> None:
@@ -309,6 +308,7 @@ class Negotiation:
             return
         resource = requested or "imd-" + secrets.token_hex(6)
         user, role, token_platform = self.ident
+        self.token_ident = None                   # the decoded token is not needed any more
         old = self.proto.bound(user, resource, self)
         if old is not None:
             old.stream_error("conflict", "replaced by a new connection")
@@ -320,6 +320,7 @@ class Negotiation:
         self.write(iq_result(iq, result))
         self.router.start_session(self, user, role, platform_of(token_platform, resource),
                                   self.proto.device_of(resource), None)
+        relay.bound(self)                         # a session of this resource on another node ends
 
     # -- errors --------------------------------------------------------------------------------
     def stream_error(self, condition: str, text: str = "") -> None:

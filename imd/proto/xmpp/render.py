@@ -6,7 +6,11 @@ sender's bare JID with ``<body>``; a ``notice`` (reminder) becomes
 a ``presence`` envelope (a contact's aggregated presence) becomes
 ``<presence>`` from ``contact@domain/imd`` (one resource stands for all of the
 contact's devices). Offline deliveries carry an XEP-0203 ``<delay>``. The
-message ``id`` is the inbox entry's ``mid``.
+message ``id`` is the sender's client id (for an XMPP sender: its own stanza
+id, so XEP-0184 receipts and XEP-0333 markers name an id the sender knows), or
+the entry's ``mid`` when the sender gave none (notices, the web tier). A
+delivered chat message asks for an XEP-0184 receipt (the sender's request is
+not stored, so every such message carries one).
 
 Message bodies may be JSON objects (from web or app clients): the XMPP body
 is then the object's ``text`` string if it has one, else the compact JSON,
@@ -22,12 +26,13 @@ from typing import Any, Optional
 
 import orjson
 
-from .stanza import Element
+from .stanza import Element, escape_attr, escape_text, tostring
 
 PRESENCE_RESOURCE = "imd"
 CTX_NS = "urn:imd:ctx"
 JSON_NS = "urn:xmpp:json:0"
 DELAY_NS = "urn:xmpp:delay"
+RECEIPTS_NS = "urn:xmpp:receipts"
 
 
 def stamp(ts_ms: int) -> str:
@@ -54,23 +59,46 @@ def ctx_from(stanza: Element) -> Optional[dict]:
     return dict(el.attrs) if el is not None and el.attrs else None
 
 
-def message(env: dict, domain: str, to: str, delayed: bool) -> Element:
-    """``<message>`` for an inbox entry envelope (``msg`` or ``notice``) addressed to ``to``."""
+def stanza_id(env: dict) -> str:
+    """The XMPP id of an inbox entry envelope: the sender's client id, else the mid."""
+    return env.get("id") or env["mid"]
+
+
+def message(env: dict, domain: str, to: str, delayed: bool, receipt: bool = False) -> Element:
+    """``<message>`` for an inbox entry envelope (``msg`` or ``notice``) addressed to
+    ``to``; ``receipt`` adds an XEP-0184 request to a chat message."""
     if env["type"] == "notice":
         msg = Element("message", attrs={"type": "headline", "from": domain, "to": to, "id": env["mid"]})
         msg.add("subject", text=str(env.get("kind") or ""))
     else:
         msg = Element("message", attrs={"type": "chat", "from": f"{env['from']}@{domain}", "to": to,
-                                        "id": env["mid"]})
+                                        "id": stanza_id(env)})
     body = env["body"]
     msg.add("body", text=body_text(body))
     if not isinstance(body, str):
         msg.add("json", JSON_NS, text=orjson.dumps(body).decode())
     if env.get("ctx"):
         msg.append(ctx_element(env["ctx"]))
+    if receipt and env["type"] == "msg":
+        msg.add("request", RECEIPTS_NS)
     if delayed:
         msg.add("delay", DELAY_NS, {"from": domain, "stamp": stamp(env["ts"])})
     return msg
+
+
+def message_bytes(env: dict, domain: str, to: str, delayed: bool, receipt: bool = False) -> bytes:
+    """``tostring(message(...)).encode()``, built as one string without an element
+    tree for the common case (a live ``msg`` with a text body and no ctx)."""
+    body = env["body"]
+    if env["type"] != "msg" or delayed or env.get("ctx") or not isinstance(body, str):
+        return tostring(message(env, domain, to, delayed, receipt)).encode()
+    text = "<body>" + escape_text(body) + "</body>" if body else "<body/>"
+    return ("<message type='chat' from='" + escape_attr(f"{env['from']}@{domain}") + "' to='"
+            + escape_attr(to) + "' id='" + escape_attr(stanza_id(env)) + "'>" + text
+            + (_RECEIPT_REQUEST if receipt else "") + "</message>").encode()
+
+
+_RECEIPT_REQUEST = f"<request xmlns='{RECEIPTS_NS}'/>"
 
 
 def presence(env: dict, domain: str, to: str) -> Element:

@@ -1,14 +1,12 @@
 """Server side SASL: PLAIN (RFC 4616) and SCRAM-SHA-1 / SCRAM-SHA-256 (RFC 5802, 7677).
 
-Passwords are never stored: :func:`scram_credentials` derives, per user, one
-salt, an iteration count and, for each hash, ``StoredKey`` and ``ServerKey``
-(base64). SCRAM checks the client proof against those; PLAIN recomputes the
-keys from the supplied password (:func:`verify_plain`), as Prosody does.
+Passwords are never stored, only SCRAM keys (:mod:`imd.passwords`): SCRAM
+checks the client proof against those; PLAIN's check recomputes them.
 
 How a password is checked is not this module's business: :class:`Plain` takes
 a ``check(user, password) -> bool`` callable (the listener tries the password as
 a user token first, then the stored keys), :class:`Scram` a
-``lookup(user) -> credentials | None`` callable (the store's ``password(user)``).
+``lookup(user) -> credentials | None`` callable (the router's ``credentials``).
 Both callables may block (a store read), so run ``step`` in a greenlet.
 
 A mechanism is driven with ``step(data)`` once per ``<auth>``/``<response>``
@@ -29,9 +27,10 @@ import os
 import secrets
 from typing import Callable, Optional
 
+from ...passwords import DEFAULT_ITERATIONS, b64
+
 HASHES = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-1": "sha1"}
 MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN")    # the order we advertise
-DEFAULT_ITERATIONS = 4096
 _FAKE_SALT_KEY = os.urandom(32)      # per process: fake salts for unknown users
 
 
@@ -42,40 +41,6 @@ class SaslFailure(Exception):
         super().__init__(f"{condition}: {text}" if text else condition)
         self.condition = condition
         self.text = text
-
-
-def _b64(b: bytes) -> str:
-    return base64.b64encode(b).decode()
-
-
-def _keys(hash_name: str, password: bytes, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-    """(StoredKey, ServerKey) for ``password`` (RFC 5802 §3)."""
-    salted = hashlib.pbkdf2_hmac(hash_name, password, salt, iterations)
-    client_key = hmac.digest(salted, b"Client Key", hash_name)
-    stored_key = hashlib.new(hash_name, client_key).digest()
-    return stored_key, hmac.digest(salted, b"Server Key", hash_name)
-
-
-def scram_credentials(password: str, iterations: int = DEFAULT_ITERATIONS,
-                      salt: Optional[bytes] = None) -> dict:
-    """The stored form of ``password``: ``{"salt", "iterations", "sha1": {"stored_key",
-    "server_key"}, "sha256": {...}}``, byte strings in base64. Blocks the CPU for a
-    few milliseconds (two PBKDF2 runs)."""
-    salt = salt if salt is not None else os.urandom(16)
-    creds: dict = {"salt": _b64(salt), "iterations": iterations}
-    for hash_name in HASHES.values():
-        stored, server = _keys(hash_name, password.encode(), salt, iterations)
-        creds[hash_name] = {"stored_key": _b64(stored), "server_key": _b64(server)}
-    return creds
-
-
-def verify_plain(credentials: Optional[dict], password: str) -> bool:
-    """Whether ``password`` matches stored SCRAM ``credentials`` (None: no password set)."""
-    if not credentials or "sha256" not in credentials:
-        return False
-    salt = base64.b64decode(credentials["salt"])
-    stored, _ = _keys("sha256", password.encode(), salt, int(credentials["iterations"]))
-    return hmac.compare_digest(stored, base64.b64decode(credentials["sha256"]["stored_key"]))
 
 
 def _authzid_ok(authzid: str, user: str, domain: str) -> bool:
@@ -189,7 +154,7 @@ class Scram:
         self._gs2 = flag + "," + authz + ","
         self._first_bare = bare
         self._nonce = attrs[1][1] + self._server_nonce
-        self._server_first = f"r={self._nonce},s={_b64(salt)},i={iterations}"
+        self._server_first = f"r={self._nonce},s={b64(salt)},i={iterations}"
         self._state = 1
         return False, self._server_first.encode()
 
@@ -198,7 +163,7 @@ class Scram:
         attrs = _attributes(text)
         if len(attrs) < 3 or attrs[0][0] != "c" or attrs[1][0] != "r" or attrs[-1][0] != "p":
             raise SaslFailure("malformed-request", "expected c=,r=,…,p=")
-        if attrs[0][1] != _b64(self._gs2.encode()):
+        if attrs[0][1] != b64(self._gs2.encode()):
             raise SaslFailure("malformed-request", "channel binding data mismatch")
         if attrs[1][1] != self._nonce:
             raise SaslFailure("malformed-request", "nonce mismatch")

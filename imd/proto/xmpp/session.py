@@ -8,12 +8,12 @@ stanzas onto the core and core envelopes onto stanzas:
 * ``<message>`` chat/normal with a body → a core ``msg`` (stored, in the
   recipient's inbox, delivered to all their devices whatever the protocol);
   body-less messages (chat states, receipts, markers) and headlines go to the
-  recipient's XMPP resources on this node only (:meth:`XmppProtocol.route`);
+  recipient's XMPP resources on every node, unstored (:mod:`relay`);
 * ``<presence/>`` → core presence (``online``/``away``); it is also sent to
-  the user's own XMPP resources; subscription requests are answered from the
-  contact list (contacts are managed by the web tier);
+  the user's own XMPP resources on every node; subscription requests are
+  answered from the contact list (contacts are managed by the web tier);
 * ``<iq>`` → server answers (:mod:`imd.proto.xmpp.iq`) or routing to a full
-  JID on this node;
+  JID on any node;
 * an XEP-0333 ``<displayed/>`` for a message it got from the inbox → a core
   ``read``; a core ``read`` → ``<displayed/>``.
 
@@ -35,10 +35,11 @@ import gevent
 
 from ...envelope import CLIENT_ID_RE, EnvelopeError, validate
 from ...net.conn import Conn
+from ...net.tls import TlsSocket
 from ...session import CLOSED, Session
 from . import iq as iqmod
 from . import jid as jidmod
-from . import render
+from . import relay, render
 from .negotiate import Negotiation
 from .parser import StreamError, StreamParser
 from .sm import MOD, SM_NS, StreamManagement
@@ -49,6 +50,7 @@ log = logging.getLogger("imd.xmpp")
 _stanza_ids = itertools.count(1)
 MAX_HELD = 10000          # entries held before initial presence (the router sends at most this many offline)
 MAX_PENDING = 256         # messages awaiting the store's ack, for error replies
+PARSER_IDLE_SECONDS = 1.0  # a stream silent this long frees its expat parser (~13 KB)
 MAX_RECENT = 8            # messages remembered for read markers (the newest ones get marked)
 MARKERS_NS = "urn:xmpp:chat-markers:0"
 
@@ -60,40 +62,44 @@ class XmppSession(StreamManagement, Negotiation, Session):
     __slots__ = ("proto", "conn", "parser", "lang", "header_sent", "secure", "ident", "token_ident",
                  "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
                  "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
-                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent")
+                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent",
+                 "parser_filed")
 
     protocol = "xmpp"
 
     def __init__(self, proto, sock) -> None:
         super().__init__(proto.router, proto.node_id)
         self.proto = proto
-        self.parser = StreamParser(self.on_stream_start, self.on_stanza, self.on_stream_end)
+        self.parser = StreamParser(self)
         self.lang = "en"
         self.header_sent = False
-        self.secure = False
+        self.secure = isinstance(sock, TlsSocket)     # accepted on the direct-TLS port
         self.ident = self.token_ident = self.mech = None
         self.failures = 0
         self.resource = self.full_jid = None
         self.available = False
         self.priority = 0
         self.interested = False
-        self.waiting = []             # inbox Outs held until initial presence
-        self.presences = {}           # contact → latest presence envelope, until initial presence
+        self.waiting = None           # inbox Outs held until initial presence (a list once any)
+        self.presences = None         # contact → latest presence envelope, until initial presence
         self.attached_top = None      # the user's inbox seq at attach: entries up to it are "offline"
         self.acked = self.ack_to = 0
         self.ack_scheduled = False
-        self.pending = {}             # core client id → (stanza id, to) of messages not yet acked
+        self.pending = None           # core client id → (stanza id, to) of messages not yet acked
         self.sm_queue = None          # XEP-0198: unacked (bytes, seq), once enabled
         self.sm_id = self.sm_timer = None
         self.sm_in = self.sm_out = 0
         self.sm_asking = False
         self.carbons = False          # XEP-0280 enabled on this resource
-        self.recent = None            # mid → inbox seq of the last messages written (read markers)
+        self.recent = None            # (sender, stanza id) → inbox seq of the last messages written (markers)
+        self.parser_filed = False     # in proto.parser_wheel (its expat parser is live)
         self.conn = Conn(sock, self, proto.router.limits.send_buffer)
 
     # -- Conn's handler protocol ------------------------------------------------------
     def on_data(self, data: bytes) -> None:
         self.touch()
+        if not self.parser_filed:
+            self.watch_parser()
         try:
             self.parser.feed(data)
         except StreamError as e:
@@ -113,7 +119,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.proto.unbound(self)
             if self.available:
                 self.available = False
-                self.to_own_resources(Element("presence", attrs={"type": "unavailable", "from": self.full_jid}))
+                relay.own_presence(self, Element("presence", attrs={"type": "unavailable", "from": self.full_jid}))
         self.closed(reason)
 
     # -- parser callbacks ------------------------------------------------------------------
@@ -155,12 +161,16 @@ class XmppSession(StreamManagement, Negotiation, Session):
         t = env["type"]
         if t == "msg" or t == "notice":
             if not self.receiving():
-                if len(self.waiting) < MAX_HELD:
+                if self.waiting is None:
+                    self.waiting = [out]
+                elif len(self.waiting) < MAX_HELD:
                     self.waiting.append(out)
                 return
             self.write_entry(out)
         elif t == "presence":
             if not self.available:
+                if self.presences is None:
+                    self.presences = {}
                 self.presences[env["user"]] = env
                 return
             self.write(render.presence(env, self.proto.domain, self.full_jid))
@@ -169,13 +179,15 @@ class XmppSession(StreamManagement, Negotiation, Session):
             if self.receiving():
                 gevent.get_hub().loop.run_callback(self.release_waiting)
         elif t == "ack":
-            self.pending.pop(env["id"], None)
+            self.forget_pending(env["id"])
         elif t == "error":
             self.on_core_error(env)
         elif t == "contacts":
             iqmod.roster_push(self, env["op"], env["contact"])
         elif t == "read":
             self.write_read(env)
+        elif t == relay.TYPE:
+            relay.deliver(self, env)
         elif t == "close":
             cond = _CLOSE_CONDITIONS.get(env.get("code"), "policy-violation")
             self.stream_error(cond, env.get("reason", ""))
@@ -196,13 +208,27 @@ class XmppSession(StreamManagement, Negotiation, Session):
     def drain(self) -> None:
         self.conn.wait_drained(self.conn.limit // 2)
 
-    def on_deadline(self, now: float):
-        """The wheel's periodic check (heartbeats); an idle bound stream also frees
-        its expat parser until the next read (``StreamParser.hibernate``)."""
-        nxt = super().on_deadline(now)
-        if nxt is not None and self.resource is not None:
-            self.parser.hibernate()
-        return nxt
+    def watch_parser(self) -> None:
+        """File this session in ``proto.parser_wheel`` (once) so that its parser sleeps when idle."""
+        if not self.parser_filed:
+            self.parser_filed = True
+            self.proto.parser_wheel.add(self, self.last_rx + PARSER_IDLE_SECONDS)
+
+    def on_parser_idle(self, now: float):
+        """``proto.parser_wheel``'s check: a bound stream silent for PARSER_IDLE_SECONDS
+        frees its expat parser until the next read (``StreamParser.hibernate``); the
+        next ``on_data`` files the session again. Returns the next check time or None."""
+        if self.state is CLOSED:
+            self.parser_filed = False
+            return None
+        due = self.last_rx + PARSER_IDLE_SECONDS
+        if due > now:
+            return due
+        if self.parser.asleep or self.parser.hibernate():
+            self.parser_filed = False
+            self.proto.parser_freed += 1
+            return None
+        return now + PARSER_IDLE_SECONDS          # negotiating, or partial input pending
 
     # -- inbox entries ---------------------------------------------------------------------------
     def receiving(self) -> bool:
@@ -219,20 +245,20 @@ class XmppSession(StreamManagement, Negotiation, Session):
             return
         top = self.attached_top
         delayed = top is not None and 0 < out.seq <= top
-        self.write(render.message(env, self.proto.domain, self.bare(), delayed), out.seq)
+        self.write_bytes(render.message_bytes(env, self.proto.domain, self.bare(), delayed, receipt=True), out.seq)
         if env["type"] == "msg":
             recent = self.recent
             if recent is None:
                 recent = self.recent = {}
             elif len(recent) >= MAX_RECENT:
                 del recent[next(iter(recent))]
-            recent[env["mid"]] = out.seq
+            recent[(env["from"], render.stanza_id(env))] = out.seq
 
     def release_waiting(self) -> None:
         if not self.receiving() or self.state is CLOSED:
             return
-        waiting, self.waiting = self.waiting, []
-        for out in sorted(waiting, key=lambda o: o.seq):
+        waiting, self.waiting = self.waiting, None
+        for out in sorted(waiting or (), key=lambda o: o.seq):
             self.write_entry(out)
 
     def note_written(self, seq: int) -> None:
@@ -285,9 +311,22 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.write(error_reply(msg, "not-acceptable" if e.code == 413 else "bad-request", e.reason,
                                    by=self.proto.domain))
             return
-        if len(self.pending) < MAX_PENDING:
-            self.pending[cid] = (sid, msg.get("to"))
+        pending = self.pending
+        if pending is None:
+            self.pending = {cid: (sid, msg.get("to"))}
+        elif len(pending) < MAX_PENDING:
+            pending[cid] = (sid, msg.get("to"))
         self.router.receive(self, env)
+
+    def forget_pending(self, cid):
+        """The (stanza id, to) kept for client id ``cid``, removed; None if none."""
+        pending = self.pending
+        if pending is None:
+            return None
+        sent = pending.pop(cid, None)
+        if not pending:
+            self.pending = None           # an idle session keeps no empty dict
+        return sent
 
     def target(self, stanza: Element):
         """The parsed ``to`` (own bare JID when absent); None after answering jid-malformed."""
@@ -303,7 +342,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def on_core_error(self, env: dict) -> None:
         """The router refused one of our messages (e.g. 503 store busy, 403 not a contact)."""
-        sent = self.pending.pop(env.get("id"), None)
+        sent = self.forget_pending(env.get("id"))
         if sent is None:
             log.debug("core error for session %s: %s", self.id, env)
             return
@@ -317,19 +356,20 @@ class XmppSession(StreamManagement, Negotiation, Session):
         """An XEP-0333 ``<displayed/>`` for a message this resource got from the inbox
         becomes a core ``read`` (the peer sees it on any protocol). True if it did."""
         marker = msg.find("displayed", MARKERS_NS)
-        seq = self.recent.get(marker.get("id")) if marker is not None and self.recent else None
+        seq = self.recent.get((peer, marker.get("id"))) if marker is not None and self.recent else None
         if seq is None or peer == self.user:
             return False
         self.router.receive(self, {"type": "read", "peer": peer, "seq": seq})
         return True
 
     def write_read(self, env: dict) -> None:
-        """A read receipt from a peer → XEP-0333 ``<displayed/>`` for the newest message read."""
+        """A read receipt from a peer → XEP-0333 ``<displayed/>`` for the newest message
+        read, named by the id this user's client gave it (else its mid)."""
         if not env.get("mid") or not self.available:
             return
         msg = Element("message", attrs={"type": "chat", "from": f"{env['by']}@{self.proto.domain}",
                                         "to": self.full_jid})
-        msg.add("displayed", MARKERS_NS, {"id": env["mid"]})
+        msg.add("displayed", MARKERS_NS, {"id": render.stanza_id(env)})
         self.write(msg)
 
     # -- presence ------------------------------------------------------------------------------------
@@ -354,7 +394,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         pres.attrs["from"] = self.full_jid
         if ptype == "unavailable":
             self.available = False
-            self.to_own_resources(pres)
+            relay.own_presence(self, pres)
             self.status = "away"
             self.router.receive(self, {"type": "presence", "status": "away"})
             return
@@ -364,26 +404,16 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.priority = 0
         initial = not self.available
         self.available = True
-        self.to_own_resources(pres, include_self=True)
+        relay.own_presence(self, pres)
+        pres.attrs["to"] = self.full_jid          # RFC 6121 §4.2.2: the broadcast reaches the sender too
+        self.write(pres)
         self.router.receive(self, {"type": "presence", "status": render.show_status(pres)})
         if initial:
-            for other in self.proto.resources(self.user):
-                if other is not self and other.available and other.last_presence is not None:
-                    self.write(other.last_presence)
-            held, self.presences = self.presences, {}
-            for env in held.values():
+            relay.probe(self)                     # the user's other resources answer with their presence
+            held, self.presences = self.presences, None
+            for env in (held or {}).values():
                 self.write(render.presence(env, self.proto.domain, self.full_jid))
         self.release_waiting()
-
-    def to_own_resources(self, pres: Element, include_self: bool = False) -> None:
-        """Presence of this resource to the user's other available XMPP resources here."""
-        for other in self.proto.resources(self.user):
-            if other is self and not include_self:
-                continue
-            if other.available or other is self:
-                pres.attrs["to"] = other.full_jid
-                other.write(pres)
-        pres.attrs.pop("to", None)
 
     def discard(self) -> None:
         """This stream resumed an older session, which took its connection."""

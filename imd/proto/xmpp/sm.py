@@ -144,12 +144,12 @@ class StreamManagement:
             self.conn.close("resumed elsewhere", flush=False)
         conn, parser = new.conn, new.parser
         conn.handler = self
-        parser.on_stream_start, parser.on_stanza, parser.on_stream_end = (
-            self.on_stream_start, self.on_stanza, self.on_stream_end)
+        parser.handler = self
         parser.negotiating = False
         self.conn, self.parser, self.secure = conn, parser, new.secure
         new.discard()
         self.touch()
+        self.watch_parser()
         self.sm_acked(h)
         conn.write(f"<resumed xmlns='{SM_NS}' h='{self.sm_in}' previd='{self.sm_id}'/>".encode())
         for data, _ in self.sm_queue:
@@ -159,7 +159,10 @@ class StreamManagement:
 
     def write(self, el: Element, seq: int = 0) -> None:
         """Write a stanza (kept for XEP-0198 when enabled)."""
-        data = tostring(el).encode()
+        self.write_bytes(tostring(el).encode(), seq)
+
+    def write_bytes(self, data: bytes, seq: int = 0) -> None:
+        """Write a serialized stanza (kept for XEP-0198 when enabled)."""
         self.conn.write(data)
         if self.sm_queue is not None:
             self.sm_sent(data, seq)

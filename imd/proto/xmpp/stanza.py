@@ -27,6 +27,7 @@ XML_NS = "http://www.w3.org/XML/1998/namespace"
 XML_LANG = "{" + XML_NS + "}lang"
 
 _FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_ATTR_WHITESPACE = re.compile("[\t\n\r]")
 
 
 class Element:
@@ -92,16 +93,24 @@ class Element:
 
 # -- serialization ------------------------------------------------------------
 def escape_text(s: str) -> str:
+    """Character data: ``&``, ``<``, ``>`` escaped, CR written as ``&#13;`` (a parser
+    turns a literal CR LF into LF), forbidden characters dropped."""
     if _FORBIDDEN.search(s):
         s = _FORBIDDEN.sub("", s)
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return s.replace("\r", "&#13;") if "\r" in s else s
 
 
 def escape_attr(s: str) -> str:
+    """An attribute value: as :func:`escape_text` plus both quotes, and TAB, LF, CR
+    as character references (attribute-value normalization makes them spaces)."""
     if _FORBIDDEN.search(s):
         s = _FORBIDDEN.sub("", s)
-    return (s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("'", "&apos;").replace('"', "&quot;"))
+    s = (s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+         .replace("'", "&apos;").replace('"', "&quot;"))
+    if _ATTR_WHITESPACE.search(s):
+        s = s.replace("\t", "&#9;").replace("\n", "&#10;").replace("\r", "&#13;")
+    return s
 
 
 def tostring(el: Element, parent_ns: str = CLIENT_NS) -> str:

@@ -3,7 +3,10 @@
 A host and a guest sign in from two browser contexts, see each other's
 presence, chat, see read receipts; the guest goes away and gets what it
 missed on return; a raw-TCP app user takes part in the same conversation;
-the SSE and long-poll fallbacks carry the same chat.
+the SSE and long-poll fallbacks carry the same chat; the page served over
+HTTPS (``tls.comet``) chats over WSS, SSE and long-poll with a test CA's
+certificate (Chromium told to ignore certificate errors: the CA is not in its
+store).
 """
 
 import json
@@ -38,7 +41,7 @@ def browser():
 
 def base(d):
     host, port = d.addr["comet"]
-    return f"http://{host}:{port}"
+    return f"{getattr(d, 'scheme', 'http')}://{host}:{port}"
 
 
 def sign_in(page, d, user, role, peer, transport=""):
@@ -165,3 +168,33 @@ def test_reconnect_resume_and_resend_across_a_restart(tmp_path, browser):
     finally:
         ctx.close()
         d.stop()
+
+
+@pytest.fixture(scope="module")
+def https_imd(tmp_path_factory):
+    from tests.tlsca import TestCA
+    ca = TestCA(tmp_path_factory.mktemp("ca"))
+    cert, key = ca.issue("web")
+    d = Imd(tmp_path_factory.mktemp("webim-tls"), {"admin": {"dev_tokens": True},
+                                                   "tls": {"cert": cert, "key": key, "comet": True}}).start()
+    d.scheme = "https"
+    yield d
+    d.stop()
+    assert "Traceback" not in d.log_text(), d.log_text()
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse", "poll"])
+def test_webim_over_https(https_imd, browser, transport):
+    a_ctx = browser.new_context(ignore_https_errors=True)
+    b_ctx = browser.new_context(ignore_https_errors=True)
+    a, b = a_ctx.new_page(), b_ctx.new_page()
+    sign_in(a, https_imd, f"ivo_{transport}", "host", f"jo_{transport}", transport=transport)
+    assert a.evaluate("location.protocol") == "https:"
+    assert f"connected · {transport}" in a.inner_text("#conn")
+    sign_in(b, https_imd, f"jo_{transport}", "guest", f"ivo_{transport}")
+    say(b, f"secure hello over {transport}")
+    bubble(a, f"secure hello over {transport}")
+    say(a, f"secure answer over {transport}")
+    bubble(b, f"secure answer over {transport}")
+    a_ctx.close()
+    b_ctx.close()

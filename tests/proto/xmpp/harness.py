@@ -42,10 +42,10 @@ class Imd(daemon.Imd):
     otherwise) and, before it starts, the store seeded with ``seed`` (seed.py)."""
 
     def __init__(self, tmp_path, xmpp: dict | None = None, seed: dict | None = None,
-                 limits: dict | None = None) -> None:
+                 limits: dict | None = None, listen: dict | None = None) -> None:
         super().__init__(tmp_path, {
             "node": {"id": "x1"},
-            "listen": {"xmpp": "127.0.0.1:0", "comet": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+            "listen": {"xmpp": "127.0.0.1:0", "comet": "127.0.0.1:0", "admin": "127.0.0.1:0", **(listen or {})},
             "xmpp": {"domain": DOMAIN, "tls": "disabled", **(xmpp or {})},
             "presence": {"grace": 0.2},
             "limits": limits or {},
@@ -68,7 +68,9 @@ class Imd(daemon.Imd):
 
 
 def client(user: str, password: str | None = None, resource: str = "r1", mech: str | None = None,
-           tls: bool = False, ca: str | None = None, plugins=("xep_0030", "xep_0199", "xep_0203")):
+           tls: bool = False, ca: str | None = None, plugins=("xep_0030", "xep_0199", "xep_0203"),
+           direct_tls: bool = False):
+    """A slixmpp client; ``tls``: STARTTLS, ``direct_tls``: TLS from the first byte (XEP-0368)."""
     if password is None and hasattr(ACTIVE, "register"):     # prosody: no tokens, a registered password
         password = "pw-" + user
         ACTIVE.register(user, password)
@@ -76,9 +78,9 @@ def client(user: str, password: str | None = None, resource: str = "r1", mech: s
         password, mech = token(user), mech or "PLAIN"
     c = slixmpp.ClientXMPP(f"{user}@{DOMAIN}/{resource}" if resource else f"{user}@{DOMAIN}",
                            password, sasl_mech=mech)
-    c.enable_direct_tls = False
-    c.enable_starttls = tls
-    c.enable_plaintext = True
+    c.enable_direct_tls = direct_tls
+    c.enable_starttls = tls and not direct_tls
+    c.enable_plaintext = not direct_tls
     fm = c.plugin["feature_mechanisms"]
     fm.unencrypted_plain = True
     fm.unencrypted_scram = True
@@ -97,10 +99,11 @@ def client(user: str, password: str | None = None, resource: str = "r1", mech: s
     return c
 
 
-async def login(c, d: Imd, *, roster: bool = True, presence: bool = True, priority: int | None = 5):
+async def login(c, d: Imd, *, roster: bool = True, presence: bool = True, priority: int | None = 5,
+                port: int | None = None):
     failed = asyncio.get_running_loop().create_future()
     c.add_event_handler("failed_auth", lambda *a: failed.done() or failed.set_result("failed_auth"))
-    c.connect("127.0.0.1", d.port)
+    c.connect("127.0.0.1", port or d.port)
     start = asyncio.ensure_future(c.wait_until("session_start"))
     done, _ = await asyncio.wait({start, failed}, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
     if start not in done:

@@ -14,7 +14,7 @@ import orjson  # noqa: E402
 
 from imd.config import load  # noqa: E402
 from imd.daemon import make_store  # noqa: E402
-from imd.proto.xmpp.sasl import scram_credentials  # noqa: E402
+from imd.passwords import scram_credentials  # noqa: E402
 
 
 def main(config: str, spec: str) -> None:

@@ -27,7 +27,7 @@ def test_xmpp_and_tcp_users_chat_both_ways(imd):
         t = await asyncio.to_thread(tcp_login, imd, "bob")
         ack = await asyncio.to_thread(t.msg, "alice", "from the app", {"listing": "L1"})
         m = await next_message(x)
-        assert (m["from"].bare, m["body"], m["id"]) == ("bob@localhost", "from the app", ack["mid"])
+        assert (m["from"].bare, m["body"], m["id"]) == ("bob@localhost", "from the app", ack["id"])   # the app's id
         ctx = m.xml.find("{urn:imd:ctx}ctx")
         assert ctx is not None and ctx.get("listing") == "L1"
         reply = x.make_message(mto="bob@localhost", mbody="from xmpp", mtype="chat")

@@ -96,3 +96,24 @@ def test_kick_ends_the_stream(node):
         assert errors and errors[0]["condition"] == "policy-violation"
         assert "suspended" in errors[0]["text"]
     run(scenario())
+
+
+def test_idle_streams_free_their_parser_and_wake_on_data(node):
+    """A bound stream silent for a second or two holds no expat parser; its next
+    stanza wakes one (the stream header replayed) and is routed as usual."""
+    async def scenario():
+        a, b = client("u_sleepy_a"), client("u_sleepy_b")
+        await login(a, node)
+        await login(b, node)
+        sessions = [s for s in node.node.all_sessions() if s.protocol == "xmpp"]
+        assert len(sessions) == 2
+        await eventually(lambda: all(s.parser.asleep for s in sessions))
+        a.send_message(mto="u_sleepy_b@localhost", mbody="still there?", mtype="chat")
+        m = await asyncio.wait_for(b.raw_messages.get(), 10)
+        while m["type"] != "chat":
+            m = await asyncio.wait_for(b.raw_messages.get(), 10)
+        assert m["body"] == "still there?"
+        await eventually(lambda: all(s.parser.asleep for s in sessions))
+        await logout(a)
+        await logout(b)
+    run(scenario())

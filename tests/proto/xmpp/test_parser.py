@@ -12,18 +12,18 @@ HEADER = (b"<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xml
 class Recorder:
     def __init__(self, **kw):
         self.events = []
-        self.parser = StreamParser(self.start, self.stanza, self.end, **kw)
+        self.parser = StreamParser(self, **kw)
         self.on_stanza_hook = None
 
-    def start(self, attrs):
+    def on_stream_start(self, attrs):
         self.events.append(("start", attrs))
 
-    def stanza(self, el):
+    def on_stanza(self, el):
         self.events.append(("stanza", el))
         if self.on_stanza_hook:
             self.on_stanza_hook(el)
 
-    def end(self):
+    def on_stream_end(self):
         self.events.append(("end",))
 
     def stanzas(self):
@@ -240,7 +240,7 @@ def test_callback_error_propagates():
 
     def refuse(attrs):
         raise StreamError("host-unknown", "no such domain")
-    rec.parser.on_stream_start = refuse
+    rec.on_stream_start = refuse
     with pytest.raises(StreamError) as info:
         rec.parser.feed(HEADER)
     assert info.value.condition == "host-unknown"
@@ -311,6 +311,39 @@ def test_no_hibernation_mid_stanza_or_while_negotiating():
     rec.parser.feed(b"ence/>")
     assert rec.parser.hibernate()
     assert [s.findtext("body") for s in rec.stanzas()] == ["partial", None]
+
+
+@pytest.mark.parametrize("pending", [
+    b"<message to='a>",                  # a '>' inside the value of an unfinished start tag
+    b"<presence to='a>b'",               # the same, after the '>'
+    b"<",
+    b"</stream:str",
+])
+def test_no_hibernation_with_a_partial_tag_after_a_stanza(pending):
+    rec = Recorder()
+    rec.parser.negotiating = False
+    rec.parser.feed(HEADER + b"<presence/>")
+    rec.parser.feed(b"<message><body>x</body></message> \n" + pending)
+    assert not rec.parser.hibernate()
+
+
+@pytest.mark.parametrize("stanza", [
+    b"<message to='a>b'><body>x</body></message >",
+    b"<presence to='a>b'/>",
+    b"<iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq>",
+])
+def test_hibernation_after_each_byte_of_a_complete_stanza(stanza):
+    """Fed one byte at a time, the parser may sleep exactly when a stanza (and only
+    whitespace after it) is complete, and sleeping there loses nothing."""
+    rec = Recorder()
+    rec.parser.negotiating = False
+    rec.parser.feed(HEADER)
+    data = stanza + b" " + stanza
+    for i in range(len(data)):
+        rec.parser.feed(data[i:i + 1])
+        complete = data[:i + 1].rstrip() in (stanza, stanza + b" " + stanza)
+        assert rec.parser.hibernate() == complete
+    assert [tostring(s) for s in rec.stanzas()] == [tostring(rec.stanzas()[0])] * 2
 
 
 def test_hostile_input_after_wake_is_still_refused():

@@ -1,5 +1,7 @@
 """Envelope → stanza rendering (pure)."""
 
+import pytest
+
 from imd.proto.xmpp import render
 from imd.proto.xmpp.stanza import Element, tostring
 
@@ -12,6 +14,19 @@ def test_chat_message_with_ctx_and_delay():
         "<message type='chat' from='host1@localhost' to='guest2@localhost' id='m1'><body>hi &lt;3</body>"
         "<ctx xmlns='urn:imd:ctx' listing='L1' paid='true' n='2'/>"
         "<delay xmlns='urn:xmpp:delay' from='localhost' stamp='2025-12-04T00:00:00.123Z'/></message>")
+
+
+def test_message_id_is_the_senders_client_id_and_asks_for_a_receipt():
+    env = {"type": "msg", "mid": "m1", "seq": 3, "from": "host1", "to": "guest2", "body": "hi",
+           "ts": 0, "id": "client-7"}
+    el = render.message(env, "localhost", "guest2@localhost", False, receipt=True)
+    assert tostring(el) == ("<message type='chat' from='host1@localhost' to='guest2@localhost' id='client-7'>"
+                            "<body>hi</body><request xmlns='urn:xmpp:receipts'/></message>")
+    del env["id"]
+    assert render.message(env, "localhost", "guest2@localhost", False).attrs["id"] == "m1"
+    notice = {"type": "notice", "mid": "n1", "seq": 9, "kind": "k", "body": "b", "ts": 0}
+    assert render.message(notice, "localhost", "guest2@localhost", False, receipt=True).find(
+        "request", render.RECEIPTS_NS) is None
 
 
 def test_notice_is_a_headline_from_the_domain():
@@ -56,3 +71,23 @@ def test_sent_carbon_wraps_the_original():
     inner = el.children[0].children[0].children[0]
     assert (el.get("from"), el.get("to")) == ("alice@localhost", "alice@localhost/r2")
     assert (inner.get("from"), inner.get("to"), inner.findtext("body")) == ("alice@localhost", "bob@localhost", "x")
+
+
+MESSAGE_ENVS = [
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": "hi", "ts": 0},
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": "", "ts": 0, "id": "c-1"},
+    {"type": "msg", "mid": "m'1", "from": "u1", "to": "u2", "body": "a & b < c > d 'q' \"dq\"", "ts": 0},
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": "line\r\nnext\ttab\x00\x01 é ☺ \ud800", "ts": 0,
+     "id": "id\twith\nspace&<"},
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": {"text": "json"}, "ts": 0},
+    {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": "ctx", "ctx": {"listing": "L1"}, "ts": 0},
+    {"type": "notice", "mid": "n1", "kind": "k", "body": "b", "ts": 0},
+]
+
+
+@pytest.mark.parametrize("env", MESSAGE_ENVS)
+@pytest.mark.parametrize("delayed, receipt", [(False, False), (False, True), (True, True)])
+def test_message_bytes_equals_the_serialized_element(env, delayed, receipt):
+    to = "u2@localhost/r'1"
+    assert render.message_bytes(env, "localhost", to, delayed, receipt) == \
+        tostring(render.message(env, "localhost", to, delayed, receipt)).encode()

@@ -1,5 +1,7 @@
 """Element serializer: no prefixes for jabber:client, escaping, xml:lang, errors."""
 
+from types import SimpleNamespace
+
 from imd.proto.xmpp.parser import StreamParser
 from imd.proto.xmpp.stanza import (STREAM_NS, XML_LANG, Element, error_reply, iq_result,
                                    stream_error, stream_header, tostring)
@@ -7,7 +9,7 @@ from imd.proto.xmpp.stanza import (STREAM_NS, XML_LANG, Element, error_reply, iq
 
 def reparse(data: bytes):
     out = []
-    p = StreamParser(lambda a: None, out.append, lambda: None)
+    p = StreamParser(SimpleNamespace(on_stream_start=lambda a: None, on_stanza=out.append, on_stream_end=lambda: None))
     p.feed(stream_header("localhost", "id1") + data)
     return out
 
@@ -46,6 +48,15 @@ def test_escaping_and_forbidden_characters_round_trip():
     assert back.attrs["id"] == "a'b\"c<&>"
     assert back.findtext("body") == "1 < 2 & 3 > 2 ]]> bell ok \u263a"
     assert back.children[0].attrs[XML_LANG] == "fr"
+
+
+def test_line_breaks_and_tabs_survive_byte_exact():
+    msg = Element("message", attrs={"id": "a\tb\nc\rd"})
+    msg.add("body", text="line1\r\nline2\r\tend\n")
+    data = tostring(msg)
+    assert data == "<message id='a&#9;b&#10;c&#13;d'><body>line1&#13;\nline2&#13;\tend\n</body></message>"
+    (back,) = reparse(data.encode())
+    assert back.attrs["id"] == "a\tb\nc\rd" and back.findtext("body") == "line1\r\nline2\r\tend\n"
 
 
 def test_mixed_content_round_trip():

@@ -1,7 +1,9 @@
-"""STARTTLS with a test CA (openssl CLI): login matrix over TLS, required mode, injection."""
+"""STARTTLS and direct TLS (XEP-0368) with a test CA (openssl CLI): login matrix over both,
+required mode, injection, a STARTTLS offer on the direct-TLS port never made."""
 
 import base64
 import os
+import socket
 import ssl
 import subprocess
 
@@ -39,7 +41,7 @@ def certs(tmp_path_factory):
 def tls_imd(request, tmp_path_factory, certs):
     ca, cert, key = certs
     d = Imd(tmp_path_factory.mktemp("imd-tls"), xmpp={"tls": request.param, "cert": cert, "key": key},
-            seed=STREAM_SEED)
+            seed=STREAM_SEED, listen={"xmpps": "127.0.0.1:0"}, limits={"auth_timeout": 3})
     d.start()
     d.mode = request.param
     yield d
@@ -49,13 +51,17 @@ def tls_imd(request, tmp_path_factory, certs):
 
 @pytest.mark.parametrize("mech, user, password", [
     ("PLAIN", "u_tls", None), ("SCRAM-SHA-1", "tess", "tls-pass"), ("SCRAM-SHA-256", "tess", "tls-pass")])
-def test_starttls_login_and_chat(tls_imd, certs, mech, user, password):
+@pytest.mark.parametrize("how", ["starttls", "direct"])
+def test_starttls_login_and_chat(tls_imd, certs, mech, user, password, how):
+    direct = how == "direct"
+    port = tls_imd.addr["xmpps"][1] if direct else None
+
     async def scenario():
-        c = client(user, password, mech=mech, tls=True, ca=certs[0])
-        await login(c, tls_imd)
+        c = client(user, password, mech=mech, tls=True, ca=certs[0], direct_tls=direct)
+        await login(c, tls_imd, port=port)
         assert c.transport.get_extra_info("sslcontext") is not None      # the stream is encrypted
-        peer = client("u_tls_peer", tls=True, ca=certs[0])
-        await login(peer, tls_imd)
+        peer = client("u_tls_peer", tls=True, ca=certs[0], direct_tls=not direct)   # one of each way
+        await login(peer, tls_imd, port=None if direct else tls_imd.addr["xmpps"][1])
         bodies = [str(i) * 12000 for i in range(5)]           # coalesced: several TLS records per write
         for body in bodies:
             c.send_message(mto="u_tls_peer@localhost", mbody=body, mtype="chat")
@@ -103,3 +109,36 @@ def test_plaintext_after_starttls_is_dropped(tls_imd, certs):
         got += tls.recv(65536)
     assert b"inj" not in got
     tls.close()
+
+
+def direct_tls(d, ca: str):
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["xmpp-client"])
+    raw = socket.create_connection(d.addr["xmpps"], timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def read_until(sock, needle: bytes, buf: bytes = b"") -> bytes:
+    while needle not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_direct_tls_offers_no_starttls_and_allows_sasl(tls_imd, certs):
+    with direct_tls(tls_imd, certs[0]) as t:
+        assert t.selected_alpn_protocol() == "xmpp-client"
+        t.sendall(HEADER)
+        feats = read_until(t, b"</stream:features>")
+        assert b"starttls" not in feats and b"<mechanism>PLAIN</mechanism>" in feats   # even when "required"
+        t.sendall(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")             # TLS in TLS: refused
+        assert b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>" in read_until(t, b"</stream:stream>")
+
+
+def test_direct_tls_auth_deadline_covers_the_handshake(tls_imd):
+    with socket.create_connection(tls_imd.addr["xmpps"], timeout=20) as s:
+        s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")      # the start of a ClientHello, no more
+        s.settimeout(20)
+        assert s.recv(100) == b""           # closed by the auth deadline, nothing sent
