@@ -26,6 +26,8 @@ Definitions (per device = (user, device)):
   place in its sender's send order is not after the previous one from that
   sender in this epoch, or, first delivered, before one already seen. This
   is the only order check for entries without a seq (XMPP: ``seq`` None).
+  An entry without a mid (XMPP names a message by its sender's client id) is
+  known as "sender/cid" and matched to the acked mid of that client id.
 * **conflicts** — one seq carrying two different mids for one device (a seq
   reused), or one client id acked with two different mids (stored twice).
 * **stored_twice** — one client id delivered under two mids (the sender
@@ -94,6 +96,12 @@ class _Device:
         self.from_epoch: dict = {}     # sender -> send index of the previous entry in this epoch
 
 
+def _by_cid(sender, cid) -> str:
+    """The name of an entry that carries no mid (XMPP: the stanza id is the sender's
+    client id): "sender/cid"; acked messages are found under it too."""
+    return f"{sender}/{cid}"
+
+
 class Checker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -102,6 +110,7 @@ class Checker:
         self._acks: dict = {}          # (sender, cid) -> mid
         self._acked_to: dict = {}      # mid -> recipient
         self._refused = 0
+        self._alias: dict = {}         # mid -> its "sender/cid" name (entries that carry no mid)
         self._refused_codes: dict = {}
         self._devices: dict = {}       # (user, device) -> _Device
         self._expected: set = set()
@@ -127,6 +136,7 @@ class Checker:
                 self._conflicts.append(f"client id {sender}/{cid} acked as {old} and as {mid}")
             self._acks[key] = mid
             self._acked_to[mid] = self._sent.get(key)
+            self._alias[mid] = _by_cid(sender, cid)
 
     def refused(self, sender: str, cid: str, code: int) -> None:
         with self._lock:
@@ -155,10 +165,10 @@ class Checker:
     def received(self, user: str, device: str, env: dict, cid: str | None = None) -> None:
         """Record one inbox entry (``msg`` or ``notice``) this device got; ``cid``, when
         the caller can tell it (e.g. from the body), is the sender's client id."""
-        mid, seq = env["mid"], env["seq"]
+        mid, seq = env.get("mid") or _by_cid(env.get("from"), cid), env["seq"]
         with self._lock:
             self._received += 1
-            if cid is not None:
+            if cid is not None and env.get("mid"):        # (no mid: named by the cid itself)
                 first = self._cid_mid.setdefault(cid, mid)
                 if first != mid:
                     self._twice.append((cid, first, mid))
@@ -212,7 +222,7 @@ class Checker:
         """Those of ``mids`` this device has not received."""
         with self._lock:
             d = self._devices.get((user, device))
-            return [m for m in mids if d is None or m not in d.seen]
+            return [m for m in mids if d is None or (m not in d.seen and self._alias.get(m) not in d.seen)]
 
     def contiguous(self, user: str, device: str) -> int:
         """The highest seq N such that this device saw every seq 1..N (its ``since``)."""
@@ -235,9 +245,10 @@ class Checker:
                          stored_twice=sorted(set(self._twice)))
             for mid, to in self._acked_to.items():
                 for (user, device) in self._expected:
-                    if user == to and mid not in self._devices[(user, device)].seen:
+                    seen = self._devices[(user, device)].seen
+                    if user == to and mid not in seen and self._alias.get(mid) not in seen:
                         rep.lost.append((user, device, mid))
-            acked_mids = set(self._acks.values())
+            acked_mids = set(self._acks.values()) | set(self._alias.values())
             for (user, device), d in self._devices.items():
                 rep.unacked_delivered += sum(1 for mid in d.seen if mid not in acked_mids
                                              and (user, device) in self._expected)

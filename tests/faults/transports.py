@@ -14,7 +14,8 @@ for ws/sse/poll, ``xmpp``). How each one resumes after the daemon comes back:
 * ``xmpp``: a raw-socket XMPP client (SASL PLAIN with a token, bind, XEP-0198 stream
   management, initial presence). It has no ``since``: what it did not acknowledge
   with ``<a h/>`` stays unreceived and comes back as offline messages at the next
-  login. Its entries carry the mid (the stanza id) but no seq (``seq`` is None).
+  login. Its entries carry neither mid nor seq (``None``): the stanza id is the
+  sender's client id (the checker matches it to the acked mid).
   Messages it sends get no imd ack (XMPP has none), so they are not "acked".
 
 Nothing here is greenlet-aware beyond plain sockets; use threads.
@@ -375,7 +376,7 @@ class XmppConn(_Queued):
                 if body is None:
                     continue
                 sender = attrs.get("from", "").split("@", 1)[0] if attrs.get("type") == "chat" else None
-                out.append({"type": "msg" if sender else "notice", "mid": attrs.get("id"), "seq": None,
+                out.append({"type": "msg" if sender else "notice", "id": attrs.get("id"), "mid": None, "seq": None,
                             "from": sender, "body": "".join(body[3])})
             elif tag == "stream:error":
                 raise ClientError(f"xmpp stream error: {[c[0] for c in el[2]]}")
