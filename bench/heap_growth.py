@@ -10,7 +10,11 @@ growth of the Python heap allocated by imd (the load generator's and the
 checker's allocations are filtered out) with the biggest differences by
 traceback. Memory that RSS shows growing in bench/soak.py but that does not
 appear here was allocated outside Python's allocator: SQLite's page caches,
-libpq, the C allocator's fragmentation.
+libpq, the C allocator's fragmentation. It also prints SQLite's own heap, the
+store's open read connections and the process's file descriptors at both
+snapshots: a count that grows with time (not with load) is a leak of
+connections, as the SQLite store had one per gevent pool thread until
+2026-12-05 (gevent retires idle pool threads after 5 s and starts new ones).
 """
 
 from gevent import monkey
@@ -79,6 +83,9 @@ def main() -> int:
     for t in load:
         t.start()
 
+    def connections():
+        return len(getattr(d.store, "_read_cons", ())), len(os.listdir("/proc/self/fd"))
+
     def snapshot():
         gc.collect()
         return tracemalloc.take_snapshot().filter_traces([
@@ -89,14 +96,17 @@ def main() -> int:
     sqlite_memory_kib()                     # imports ctypes now, not between the snapshots
     time.sleep(args.warmup)
     s1, r1, n1, q1 = snapshot()
+    c1 = connections()
     time.sleep(args.span)
     s2, r2, n2, q2 = snapshot()
+    c2 = connections()
     heap1, heap2 = (sum(t.size for t in s.traces) for s in (s1, s2))
     print(f"messages acked in the span: {n2 - n1}")
     print(f"imd Python heap: {heap1 // 1024} KiB -> {heap2 // 1024} KiB ({(heap2 - heap1) / 1024:+.1f} KiB, "
           f"{(heap2 - heap1) / max(1, n2 - n1):+.2f} B/message)")
     print(f"process RSS (includes the load generator): {r1} -> {r2} KiB")
     print(f"SQLite's own heap (sqlite3_memory_used): {q1} -> {q2} KiB")
+    print(f"store read connections: {c1[0]} -> {c2[0]}; open file descriptors: {c1[1]} -> {c2[1]}")
     for stat in s2.compare_to(s1, "traceback")[:8]:
         print(stat)
         for line in stat.traceback.format()[-4:]:

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from tests.daemon import DaemonProcess, run_admin, start_daemon
+from tests.daemon import Imd, run_admin, start_daemon
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def daemon(tmp_path_factory):
 
 @pytest.fixture
 def two_clients(daemon):
-    host = daemon.client("hostA", role="host", platform="android", device="phone")
-    guest = daemon.client("guestB", role="guest", platform="ios", device="iphone")
+    host = daemon.login("hostA", role="host", platform="android", device="phone")
+    guest = daemon.login("guestB", role="guest", platform="ios", device="iphone")
     yield host, guest
     host.close()
     guest.close()
@@ -64,7 +64,7 @@ def test_status_json(daemon, two_clients):
     assert st["state"] == "running"
     assert st["fastpath"] in ("cython", "python")
     assert st["uptime"] >= 0
-    assert st["listeners"]["tcp"] == "%s:%d" % daemon.addrs["tcp"]
+    assert st["listeners"]["tcp"] == "%s:%d" % daemon.addr["tcp"]
     conns = st["connections"]
     assert conns["total"] == 2
     assert conns["by_protocol"] == {"tcp": 2}
@@ -108,9 +108,9 @@ def test_sessions(daemon, two_clients):
 
 
 def test_kick(daemon):
-    c1 = daemon.client("kicked", device="a")
-    c2 = daemon.client("kicked", device="b")
-    other = daemon.client("bystander")
+    c1 = daemon.login("kicked", device="a")
+    c2 = daemon.login("kicked", device="b")
+    other = daemon.login("bystander")
     try:
         r = daemon.admin("kick", "kicked")
         assert r.returncode == 0, r.stderr
@@ -146,7 +146,7 @@ def test_reload_reports_changes(tmp_path):
         assert applied["limits.heartbeat"]["old"] == 30 and applied["limits.heartbeat"]["new"] == 20
         assert applied["auth.secret"]["new"] == "<hidden>"            # secrets are never shown
         assert [c["key"] for c in r["restart_needed"]] == ["node.id"]
-        c = d.client("after-reload", secret="imd-new-secret-0123456789abcdefghijkl")
+        c = d.login("after-reload", secret="imd-new-secret-0123456789abcdefghijkl")
         assert c.hello["heartbeat"] == 20
         c.close()
         assert "imd-new-secret-0123456789abcdefghijkl" not in d.log()
@@ -155,7 +155,7 @@ def test_reload_reports_changes(tmp_path):
         bad = d.admin("reload")
         assert bad.returncode == 1
         assert "reload refused" in bad.stderr and "limits.heartbeat" in bad.stderr
-        c = d.client("after-bad-reload", secret="imd-new-secret-0123456789abcdefghijkl")     # the running config stayed
+        c = d.login("after-bad-reload", secret="imd-new-secret-0123456789abcdefghijkl")     # the running config stayed
         assert c.hello["heartbeat"] == 20
         c.close()
 
@@ -170,7 +170,7 @@ def test_reload_reports_changes(tmp_path):
 
 def test_drain(tmp_path):
     d = start_daemon(tmp_path)
-    c = d.client("draining-user")
+    c = d.login("draining-user")
     try:
         r = d.admin("drain", "--wait", "30")
         assert r.returncode == 0, r.stderr
@@ -242,7 +242,7 @@ def test_oversized_request_closes_only_that_connection(daemon):
 
 
 def test_second_daemon_refuses_the_socket_of_a_live_one(daemon, tmp_path):
-    other = DaemonProcess(tmp_path, {"listen": {"tcp": ""}})
+    other = Imd(tmp_path, {"listen": {"tcp": ""}})
     other.control = daemon.control
     other.base["listen"]["control"] = daemon.control
     other.write_config()
@@ -256,7 +256,7 @@ def test_second_daemon_refuses_the_socket_of_a_live_one(daemon, tmp_path):
 
 
 def test_stale_socket_is_replaced(tmp_path):
-    d = DaemonProcess(tmp_path, {})
+    d = Imd(tmp_path, {})
     s = socket.socket(socket.AF_UNIX)
     s.bind(d.control)
     s.close()
@@ -286,7 +286,7 @@ def test_metrics(daemon, two_clients):
 
 
 def test_too_long_socket_path_is_a_clear_start_error(tmp_path):
-    d = DaemonProcess(tmp_path, {})
+    d = Imd(tmp_path, {})
     d.base["listen"]["control"] = "/tmp/" + "x" * 120 + "/imd.sock"
     d.write_config()
     try:

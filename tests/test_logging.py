@@ -14,8 +14,8 @@ BODY = "PRIVATE-BODY-7f3a"
 def test_json_format_and_no_bodies_at_info(tmp_path):
     d = start_daemon(tmp_path, {"log": {"format": "json"}})
     try:
-        a = d.client("alice", role="host")
-        b = d.client("bob")
+        a = d.login("alice", role="host")
+        b = d.login("bob")
         a.msg("bob", BODY, ctx={"listing": "L1"})
         assert b.wait_for(lambda e: e["type"] == "msg")["body"] == BODY
         d.admin("kick", "bob")
@@ -37,7 +37,7 @@ def test_json_format_and_no_bodies_at_info(tmp_path):
 def test_debug_lines_about_a_connection_carry_conn(tmp_path):
     d = start_daemon(tmp_path, {"log": {"level": "debug"}})
     try:
-        c = d.client("carol")
+        c = d.login("carol")
         sid = c.hello["session"]
         c.msg("dave", BODY)
         c.close()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from imd.client import ClientError
-from tests.daemon import DaemonProcess, start_daemon
+from tests.daemon import Imd, start_daemon
 
 SENDERS = 8
 LOAD_ACKS = 3000           # acks seen before SIGTERM
@@ -18,7 +18,7 @@ BURST = 20
 
 
 def heartbeat_of(d) -> float:
-    c = d.client("probe%d" % time.monotonic_ns())
+    c = d.login("probe%d" % time.monotonic_ns())
     try:
         return c.hello["heartbeat"]
     finally:
@@ -73,7 +73,7 @@ def test_hup_log_level(tmp_path):
         d.write_config({"log": {"level": "debug"}})
         d.kill(signal.SIGHUP)
         d.wait_log(r"reload done changed=1")
-        c = d.client("dbg")
+        c = d.login("dbg")
         c.close()
         d.wait_log(r"debug imd\.router session closed conn=n1\.[0-9a-f]+ user=dbg reason=eof")
     finally:
@@ -88,7 +88,7 @@ class Sender(threading.Thread):
     def __init__(self, d, i: int) -> None:
         super().__init__(daemon=True)
         self.user, self.peer = f"sender{i}", f"recipient{i}"
-        self.client = d.client(self.user, role="guest", device="load")
+        self.client = d.login(self.user, role="guest", device="load")
         self.acked: dict[str, dict] = {}
         self.errors = 0
         self.close_env = None
@@ -124,7 +124,7 @@ class Sender(threading.Thread):
 
 
 def inbox_mids(d, user: str) -> set:
-    c = d.client(user, device="checker")
+    c = d.login(user, device="checker")
     mids, since = set(), 0
     try:
         while True:
@@ -141,7 +141,7 @@ def test_term_under_load_loses_nothing_acked(tmp_path):
     d = start_daemon(tmp_path)
     try:
         senders = [Sender(d, i) for i in range(SENDERS)]
-        idle = d.client("idle-user", role="host", platform="ios")
+        idle = d.login("idle-user", role="host", platform="ios")
         for s in senders:
             s.start()
         deadline = time.monotonic() + 30
@@ -180,7 +180,7 @@ def test_term_under_load_loses_nothing_acked(tmp_path):
 def test_term_waits_for_the_store_queue(tmp_path):
     d = start_daemon(tmp_path, {"store": {"batch_max": 1}})
     try:
-        c = d.client("flush-sender")
+        c = d.login("flush-sender")
         c.ping()            # the session is live
         for i in range(200):
             c.msg("flush-recipient", "x", id=f"f{i}", wait=False)
@@ -209,7 +209,7 @@ def test_term_waits_for_the_store_queue(tmp_path):
 def test_int_and_quit_stop_fast(tmp_path, sig):
     d = start_daemon(tmp_path)
     try:
-        c = d.client("fast-stop")
+        c = d.login("fast-stop")
         ack = c.msg("someone", "hello")
         d.kill(sig)
         assert d.wait(20) == 0
@@ -226,7 +226,7 @@ def test_int_and_quit_stop_fast(tmp_path, sig):
 
 def test_usr1_reopens_the_log_file(tmp_path):
     logfile = tmp_path / "imd-file.log"
-    d = DaemonProcess(tmp_path, {"log": {"file": str(logfile)}}).start(wait_ready=False)
+    d = Imd(tmp_path, {"log": {"file": str(logfile)}}).start(wait_ready=False)
     try:
         deadline = time.monotonic() + 10
         while "ready node=" not in (logfile.read_text() if logfile.exists() else ""):
@@ -282,7 +282,7 @@ def test_drain_with_the_store_down_then_int_hurries(tmp_path, pg_schema):
     dsn = f"{proxy.server} user=postgres dbname=test options='-c search_path={pg_schema}'"
     d = start_daemon(tmp_path, {"store": {"backend": "postgresql", "dsn": dsn}})
     try:
-        c = d.client("pg-sender")
+        c = d.login("pg-sender")
         acked = c.msg("pg-recipient", "stored before the outage")
         proxy.cut()                                   # the database vanishes
         for i in range(5):

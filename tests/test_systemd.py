@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from imd import sdnotify
-from tests.daemon import ROOT, DaemonProcess, SECRET, env_for_imd, toml_text
+from tests.daemon import ROOT, Imd, SECRET, env_for_imd, toml_text
 
 UNIT = Path(ROOT, "init", "imd.service")
 SYSV = Path(ROOT, "init", "imd.sysv")
@@ -112,7 +112,7 @@ class NotifySocket:
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_ready_status_watchdog_datagrams(tmp_path, abstract):
     ns = NotifySocket(abstract)
-    d = DaemonProcess(tmp_path, {}, env={"NOTIFY_SOCKET": ns.env, "WATCHDOG_USEC": "200000"})
+    d = Imd(tmp_path, {}, env={"NOTIFY_SOCKET": ns.env, "WATCHDOG_USEC": "200000"})
     try:
         d.start()
         fields = ns.wait_for("READY=1")
@@ -121,7 +121,7 @@ def test_ready_status_watchdog_datagrams(tmp_path, abstract):
         assert any(f.startswith("STATUS=running: 0 sessions") for f in fields[ready:])
         assert "listening name=tcp" in d.log()          # READY came after the listeners
         ns.wait_for("WATCHDOG=1", count=3)                # every WATCHDOG_USEC/2
-        c = d.client("someone")
+        c = d.login("someone")
         deadline = time.monotonic() + 20
         while not any(f.startswith("STATUS=running: 1 sessions") for f in ns.fields):
             ns.wait_for("WATCHDOG=1", count=ns.fields.count("WATCHDOG=1") + 1)

@@ -3,8 +3,16 @@
 WAL mode. Writes go through :class:`~imd.store.writer.Writer` (one lane): each
 batch is one ``BEGIN IMMEDIATE`` … ``COMMIT`` on the single writer connection,
 run in a real OS thread of gevent's hub threadpool so the hub never waits on
-SQLite. Reads also run in the threadpool, each thread on its own read-only
-connection (thread-local), and block only the calling greenlet.
+SQLite. Reads also run in the threadpool and block only the calling greenlet;
+each takes a read-only connection from a small pool for its duration, so there
+are never more read connections than reads at once (at most the threadpool's
+size). Not one per thread: gevent retires a pool thread after 5 s idle and
+starts new ones, so per-thread connections piled up (memory and descriptors).
+
+Work in the threadpool never raises there: a failure (disk full, I/O error,
+locked) comes back as a value and is raised again in the calling greenlet
+(:func:`_outcome`), so the writer logs it as one line and retries, instead of
+gevent's hub printing a traceback per attempt.
 
 ``synchronous`` is ``"full"`` (durable against power loss) or ``"normal"``
 (in WAL mode durable against a process crash/``kill -9``, not power loss).
@@ -37,7 +45,7 @@ CHUNK = 400                      # rows per IN (...) / VALUES list (bound parame
 # CANTOPEN, PROTOCOL.
 TRANSIENT_CODES = {5, 6, 7, 8, 10, 13, 14, 15}
 
-_thread_local = get_original("threading", "local")
+_os_lock = get_original("threading", "Lock")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -72,8 +80,9 @@ class SqliteStore(WriterStore, Store):
                               batch_max=batch_max, lanes=1, name="sqlite")
         self._wcon: Optional[sqlite3.Connection] = None
         self._job = None                  # the write transaction running in the threadpool
-        self._local = _thread_local()
-        self._read_cons: list = []
+        self._read_cons: list = []        # every open read connection
+        self._idle_reads: list = []       # those not in use by a read now
+        self._read_lock = _os_lock()      # guards both lists; taken in pool threads only
         self._open = False
         self.retention_days = retention_days
         self.purge_interval = purge_interval
@@ -99,8 +108,7 @@ class SqliteStore(WriterStore, Store):
         if self._job is not None:
             self._job.wait()          # a transaction the writer gave up on ends before the close
             self._job = None
-        cons, self._read_cons = self._read_cons, []
-        self._local = _thread_local()     # forget the closed read connections
+        cons, self._read_cons, self._idle_reads = self._read_cons, [], []
         for con in cons + [self._wcon]:
             self._pool.apply(con.close)
 
@@ -126,8 +134,8 @@ class SqliteStore(WriterStore, Store):
 
     # -- writes (in a threadpool thread, one batch = one transaction) --------
     def _apply_batch(self, lane: int, ops: list, pending: Optional[Pending]) -> list:
-        self._job = self._pool.spawn(self._apply_sync, ops, pending)
-        return self._job.get()
+        self._job = self._pool.spawn(_outcome, self._apply_sync, ops, pending)
+        return _result(self._job.get())
 
     def _apply_sync(self, ops: list, pending: Optional[Pending]) -> list:
         con = self._wcon
@@ -158,7 +166,7 @@ class SqliteStore(WriterStore, Store):
         greenlet."""
         if not self._open:
             raise StoreUnavailable("store is not open")
-        gone = self._pool.apply(self._purge_sync, (older_than_ms,))
+        gone = _result(self._pool.apply(_outcome, (self._purge_sync, older_than_ms)))
         self.purged += gone
         return gone
 
@@ -183,20 +191,29 @@ class SqliteStore(WriterStore, Store):
                 con.execute("ROLLBACK")
             con.close()
 
-    # -- reads (in a threadpool thread, one read connection per thread) -----
+    # -- reads (in a threadpool thread, on a pooled read connection) --------
     def _read(self, fn, *args):
         if not self._open:
             raise StoreUnavailable("store is not open")
-        return self._pool.apply(self._read_sync, (fn, args))
+        return _result(self._pool.apply(_outcome, (self._read_sync, fn, args)))
 
     def _read_sync(self, fn, args):
-        con = getattr(self._local, "con", None)
+        """In a pool thread: run ``fn(con, *args)`` on an idle read connection (a
+        new one if none is idle) and give it back afterwards. The checkout is in
+        the thread, so a caller killed while waiting cannot lose or share it."""
+        with self._read_lock:
+            con = self._idle_reads.pop() if self._idle_reads else None
         if con is None:
             con = self._connect()
             con.execute("PRAGMA query_only = ON")
-            self._local.con = con
-            self._read_cons.append(con)
-        return fn(con, *args)
+            with self._read_lock:
+                self._read_cons.append(con)
+        try:
+            return fn(con, *args)
+        finally:
+            with self._read_lock:
+                if con in self._read_cons:          # not closed meanwhile
+                    self._idle_reads.append(con)
 
     def inbox(self, user: str, since: int, limit: int) -> list:
         def q(con):
@@ -248,7 +265,7 @@ class SqliteStore(WriterStore, Store):
         def q(con):
             found = {}
             for i in range(0, len(wanted), 500):
-                chunk = wanted[i:i + 500]
+                chunk = _shaped(wanted[i:i + 500], 500)
                 for uid, role, last_seen, platform in con.execute(
                         "SELECT id, role, last_seen, platform FROM users WHERE last_seen IS NOT NULL "
                         "AND id IN (%s)" % ",".join("?" * len(chunk)), chunk):
@@ -269,6 +286,38 @@ class SqliteStore(WriterStore, Store):
                               (sender, recipient, upto_recipient_seq)).fetchone()
             return None if row is None else tuple(row)
         return self._read(q)
+
+
+class _Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+def _outcome(fn, *args):
+    """In a pool thread: ``fn(*args)``, or its exception wrapped in _Failed."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001  (handed to the caller, see _result)
+        return _Failed(exc)
+
+
+def _result(value):
+    """In the calling greenlet: the value of _outcome, its exception raised here."""
+    if isinstance(value, _Failed):
+        raise value.exc
+    return value
+
+
+def _shaped(chunk: list, most: int = CHUNK) -> list:
+    """``chunk`` padded (repeating its last item) to the next power of two, at most
+    ``most``: an IN (...) / VALUES list then has a few lengths, not hundreds, and
+    each length is one prepared statement in a connection's statement cache (128
+    of them, up to tens of KiB each; bigger batches under load kept adding new
+    ones). Repeated items change no result here."""
+    size = min(most, 1 << (len(chunk) - 1).bit_length())
+    return chunk + chunk[-1:] * (size - len(chunk))
 
 
 def _scalar(con, sql: str, *args) -> int:
@@ -326,7 +375,7 @@ def _stored(con, keys: list) -> dict:
     """(sender, client_id) → (mid, ts, sender_seq, recipient_seq) of those already stored."""
     found = {}
     for i in range(0, len(keys), CHUNK):
-        chunk = keys[i:i + CHUNK]
+        chunk = _shaped(keys[i:i + CHUNK])
         sql = ("SELECT m.sender, m.client_id, m.mid, m.ts, m.sender_seq, m.recipient_seq "
                "FROM (VALUES %s) AS k JOIN messages m ON m.sender = k.column1 AND m.client_id = k.column2"
                % ",".join(["(?, ?)"] * len(chunk)))
@@ -350,7 +399,7 @@ def _reserve(con, taken: dict) -> dict:
     con.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in ids])
     base = {}
     for i in range(0, len(ids), CHUNK):
-        chunk = ids[i:i + CHUNK]
+        chunk = _shaped(ids[i:i + CHUNK])
         base.update(con.execute("SELECT id, last_seq FROM users WHERE id IN (%s)"
                                 % ",".join("?" * len(chunk)), chunk))
     con.executemany("UPDATE users SET last_seq = ? WHERE id = ?",

@@ -1,4 +1,4 @@
-"""Sustained raw-TCP load that survives daemon restarts, recorded by a Checker.
+"""Sustained load that survives daemon restarts, recorded by a Checker.
 
 ``Sender`` keeps a window of messages in flight to random recipients; on a lost
 connection it reconnects and re-sends its unacknowledged messages with the same
@@ -8,40 +8,72 @@ acknowledges them, and on a lost connection reconnects with ``since`` = the
 highest seq up to which it holds everything. Both run until ``stop`` is set,
 retrying connections while the daemon is away.
 
-Plain blocking sockets (imd.client.Client): use threads, or greenlets under
-gevent's monkey patching. ``addr`` is a callable returning the current
-(host, port), because a restarted daemon listens on a new port.
+Both speak raw TCP by default; ``proto`` picks another transport
+(tests/faults/transports.py: ws, sse, poll, xmpp), and ``addr`` then returns that
+transport's listener. An XMPP sender gets no imd acks: it sends at its rate and
+records only ``sent``; :func:`acked_from_store` later marks as acked what the store
+holds in its outbox, so those messages are checked like acked ones.
+
+Plain blocking sockets: use threads, or greenlets under gevent's monkey patching.
+``addr`` is a callable returning the current (host, port), because a restarted
+daemon listens on a new port.
 """
 
 from __future__ import annotations
 
+import http.client
 import random
 import threading
 import time
 
+import orjson
+
 from imd.client import Client, ClientError
 
 from .checker import Checker
+from .transports import dial
 
 ERRORS = (OSError, ClientError, TimeoutError, ValueError)
 
 
 def connect(addr, token_for, user: str, role: str, device: str, since, stop: threading.Event,
-            timeout: float = 10.0):
+            timeout: float = 10.0, proto: str = "tcp"):
     """Log in, retrying every 50 ms while the daemon is away; None once ``stop`` is set."""
     while not stop.is_set():
         try:
-            c = Client(*addr(), timeout=timeout)
-        except (OSError, KeyError):              # KeyError: a restarting daemon has no address yet
-            time.sleep(0.05)
-            continue
-        try:
-            c.auth(token_for(user, role), platform="android", device=device, since=since)
-            return c
-        except ERRORS:
-            c.close()
+            return dial(proto, addr(), token_for(user, role), user, device, since, timeout)
+        except (KeyError, *ERRORS):              # KeyError: a restarting daemon has no address yet
             time.sleep(0.05)
     return None
+
+
+def read_inbox(admin_addr, user: str) -> list:
+    """Every entry of ``user``'s inbox, read from the store through the admin API
+    (``GET /api/v1/users/U/inbox``; no device, so no cursor moves)."""
+    entries, since = [], 0
+    while True:
+        con = http.client.HTTPConnection(*admin_addr, timeout=30)
+        try:
+            con.request("GET", f"/api/v1/users/{user}/inbox?since={since}&limit=500")
+            r = con.getresponse()
+            page = orjson.loads(r.read())
+        finally:
+            con.close()
+        assert r.status == 200, page
+        entries += page["entries"]
+        if len(page["entries"]) < 500:
+            return entries
+        since = page["entries"][-1]["seq"]
+
+
+def acked_from_store(admin_addr, senders, checker: Checker) -> None:
+    """For senders without imd acks (XMPP): what their outbox in the store holds was
+    stored, so it counts as acked (and must reach its recipients)."""
+    for s in senders:
+        for e in read_inbox(admin_addr, s.user):
+            cid = client_id(e)
+            if e.get("from") == s.user and cid is not None:
+                checker.acked(s.user, cid, e["mid"], e["seq"])
 
 
 def client_id(env: dict):
@@ -88,8 +120,10 @@ def wind_down(d, token_for, users, senders, receivers, stop_send: threading.Even
 
 class Sender(threading.Thread):
     def __init__(self, name: str, recipients: list, addr, token_for, checker: Checker,
-                 stop: threading.Event, window: int = 20, rate: float = 0.0, body_size: int = 40) -> None:
+                 stop: threading.Event, window: int = 20, rate: float = 0.0, body_size: int = 40,
+                 proto: str = "tcp") -> None:
         super().__init__(daemon=True, name=f"sender-{name}")
+        self.proto = proto
         self.user = name
         self.recipients = recipients
         self.addr = addr
@@ -111,13 +145,16 @@ class Sender(threading.Thread):
         return {"type": "msg", "id": cid, "to": to, "body": f"{cid} {self.body}"}
 
     def run(self) -> None:
+        if self.proto == "xmpp":
+            return self._run_unacked()
         c = None
         next_at = time.monotonic()
         while True:
             if self.stop.is_set() and not self.pending:
                 break
             if c is None:
-                c = connect(self.addr, self.token_for, self.user, "host", "s", None, self.stop)
+                c = connect(self.addr, self.token_for, self.user, "host", "s", None, self.stop,
+                            proto=self.proto)
                 if c is None:
                     break
                 self.reconnects += 1
@@ -161,12 +198,35 @@ class Sender(threading.Thread):
         if c is not None:
             c.close()
 
+    def _run_unacked(self) -> None:
+        """XMPP: one message per interval (or ``window`` at a time), no acks to wait for."""
+        c = None
+        while not self.stop.is_set():
+            if c is None:
+                c = connect(self.addr, self.token_for, self.user, "host", "s", None, self.stop,
+                            proto=self.proto)
+                if c is None:
+                    break
+                self.reconnects += 1
+            try:
+                for _ in range(1 if self.interval else self.window):
+                    c.send(self._new())
+                c.recv(self.interval or 0.01)     # answers the server's <r/> and pings
+            except TimeoutError:
+                pass
+            except ERRORS:
+                c.close()
+                c = None
+        if c is not None:
+            c.close()
+
 
 class Receiver(threading.Thread):
     def __init__(self, user: str, device: str, addr, token_for, checker: Checker,
-                 stop: threading.Event, churn: float = 0.0) -> None:
+                 stop: threading.Event, churn: float = 0.0, proto: str = "tcp") -> None:
         """``churn`` > 0: drop and re-open the connection every ``churn`` seconds."""
         super().__init__(daemon=True, name=f"receiver-{user}-{device}")
+        self.proto = proto
         self.user = user
         self.device = device
         self.addr = addr
@@ -180,7 +240,8 @@ class Receiver(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             since = self.chk.contiguous(self.user, self.device)
-            c = connect(self.addr, self.token_for, self.user, "guest", self.device, since, self.stop)
+            c = connect(self.addr, self.token_for, self.user, "guest", self.device, since, self.stop,
+                        proto=self.proto)
             if c is None:
                 return
             self.chk.connected(self.user, self.device)
@@ -201,7 +262,7 @@ class Receiver(threading.Thread):
                 continue
             if env.get("type") in ("msg", "notice"):
                 self.chk.received(self.user, self.device, env, client_id(env))
-                if env["seq"] - last_ack >= 20:
+                if env["seq"] is not None and env["seq"] - last_ack >= 20:
                     c.ack(env["seq"])
                     last_ack = env["seq"]
             elif env.get("type") == "close":

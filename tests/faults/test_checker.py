@@ -87,3 +87,30 @@ def test_unacked_but_delivered_is_counted_not_an_error():
     c.received("bob", "phone", msg("m2", 2))
     rep = c.report()
     assert rep.ok and rep.unacked_delivered == 1
+
+
+def frm(mid, seq=None):
+    return {"type": "msg", "mid": mid, "seq": seq, "from": "alice"}
+
+
+def test_per_sender_order_without_seqs():
+    """XMPP entries carry no seq: order is checked by the sender's send order."""
+    c = setup()
+    c.received("bob", "phone", frm("m1"), "c1")
+    c.received("bob", "phone", frm("m3"), "c3")
+    c.received("bob", "phone", frm("m2"), "c2")          # a first delivery after a later one
+    rep = c.report()
+    assert [r[2] for r in rep.reordered] == ["alice#1"] and not rep.lost and not rep.duplicated
+
+
+def test_without_seqs_a_replay_after_reconnect_is_a_redelivery_a_repeat_is_a_duplicate():
+    c = setup()
+    for i in (1, 2):
+        c.received("bob", "phone", frm(f"m{i}"), f"c{i}")
+    c.connected("bob", "phone")                          # offline replay from m2 on
+    for i in (2, 3):
+        c.received("bob", "phone", frm(f"m{i}"), f"c{i}")
+    rep = c.report()
+    assert rep.ok and rep.redelivered == 1 and c.missing("bob", "phone", ["m1", "m2", "m3", "m4"]) == ["m4"]
+    c.received("bob", "phone", frm("m3"), "c3")
+    assert c.report().duplicated == [("bob", "phone", "m3", None)]

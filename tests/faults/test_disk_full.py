@@ -7,7 +7,8 @@ writer retries them, its queue (40 operations) fills, and senders must get
 error 503 — never an ack for a message that was not stored. The filler is
 removed; the daemon must recover by itself. Finally it is killed with SIGKILL,
 restarted, and every inbox is read back from disk: the checker must report
-none lost, none duplicated, none reordered, and nothing refused stored.
+none lost, none duplicated, none reordered, and nothing refused stored. The
+failures are the writer's one-line warnings; no traceback in the log.
 """
 
 import errno
@@ -108,3 +109,6 @@ def test_sqlite_disk_full_under_load(tmp_path, small_fs):
     assert not rep.duplicated, rep
     assert not rep.conflicts and not rep.stored_twice, rep
     assert rep.unacked_delivered == 0, "a message refused with 503 was stored anyway"
+    log = d.log_text()
+    assert "database or disk is full" in log          # the writer's one-line warnings
+    assert "Traceback" not in log and "ThreadPoolWorker" not in log, "threadpool noise in the log"

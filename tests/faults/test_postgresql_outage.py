@@ -11,12 +11,10 @@ by itself; the checker, with every inbox read back from the store, must
 report none lost, none duplicated, none reordered.
 """
 
-import os
 import signal
 import threading
 import time
 
-import psycopg
 import pytest
 
 from tests.daemon import Imd, token
@@ -26,20 +24,6 @@ from tests.store import tcp_proxy
 
 PG = "host=127.0.0.1 port=5432 user=postgres"
 USERS = [f"r{i}" for i in range(4)]
-
-
-@pytest.fixture
-def database():
-    name = "imd_fault_%d" % os.getpid()
-    try:
-        with psycopg.connect(PG + " dbname=test", autocommit=True, connect_timeout=5) as con:
-            con.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
-            con.execute("CREATE DATABASE %s" % name)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {e}")
-    yield name
-    with psycopg.connect(PG + " dbname=test", autocommit=True) as con:
-        con.execute("DROP DATABASE IF EXISTS %s WITH (FORCE)" % name)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Three imd nodes (separate processes and ports) sharing PostgreSQL and Redis.
 
 Cross-node chat, presence and kick over the raw-TCP protocol; a node killed
-with SIGKILL; Redis killed and restarted (a private redis-server).
+with SIGKILL; Redis killed and restarted (a private redis-server) under load
+checked by tests/faults/checker.py.
 """
 
 import importlib.util
@@ -10,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -18,6 +20,9 @@ import pytest
 import redis
 
 from imd.engine.base import Event
+
+from tests.faults.checker import Checker
+from tests.faults.load import Receiver, Sender, audit, wind_down
 
 from .cluster import ROOT, Database, Node, RedisServer, admin, presence_of, token, wait_msg, wait_until
 
@@ -28,6 +33,7 @@ if importlib.util.find_spec("imd.store.postgresql") is None:
 SYSTEM_REDIS = "redis://127.0.0.1:6379/13"
 
 TTL = 3          # engine.presence_ttl of every node here
+LOAD_USERS = ["r0", "r1", "r2"]    # receivers of the checker's load in test_redis_restart
 
 
 @pytest.fixture
@@ -310,9 +316,25 @@ def test_kill9_node(cluster):
 
 
 def test_redis_restart(tmp_path, db, private_redis):
+    """Redis killed and restarted on the same port while steady load runs across n1 and
+    n2 (tests/faults/load.py, recorded by the checker) next to the scripted clients:
+    local traffic keeps flowing during the outage, cross-node traffic resumes by itself,
+    gaps are filled from the store; nothing acked is lost, duplicated or reordered."""
     c = Cluster(tmp_path, db, private_redis.url)
+    chk = Checker()
+    stop_send, stop_recv = threading.Event(), threading.Event()
+    on = {n: (lambda n=n: c.nodes[n].addr["tcp"]) for n in ("n1", "n2")}
+    receivers = [Receiver("r0", "phone", on["n1"], token, chk, stop_recv),     # local to s0
+                 Receiver("r0", "tablet", on["n2"], token, chk, stop_recv),
+                 Receiver("r1", "phone", on["n2"], token, chk, stop_recv),
+                 Receiver("r2", "phone", on["n1"], token, chk, stop_recv, churn=1.0)]
+    senders = [Sender(f"s{i}", LOAD_USERS, on["n1" if i % 2 == 0 else "n2"], token, chk, stop_send,
+                      window=10, rate=15) for i in range(4)]     # under limits.msg_rate (20/s)
     try:
         n1, n2, n3 = c.start("n1", "n2", "n3", presence_ttl=TTL)
+        for t in receivers + senders:
+            t.start()
+        wait_until(lambda: chk.report().acked >= 100, 30, what="load before the outage")
         dave = n3.client("dave")
         alice = n1.client("alice")
         bob = n1.client("bob")                       # same node as alice
@@ -321,7 +343,8 @@ def test_redis_restart(tmp_path, db, private_redis):
         assert wait_msg(carol)["body"] == "before"
 
         private_redis.kill()
-        # local traffic keeps flowing
+        before = chk.report().acked, chk.received_by("r0", "phone")
+        # local traffic keeps flowing (the load's too: s0, s2 -> r0's phone, all on n1)
         for i in range(3):
             alice.msg("bob", f"local {i}")
         assert [wait_msg(bob)["body"] for _ in range(3)] == [f"local {i}" for i in range(3)]
@@ -336,8 +359,10 @@ def test_redis_restart(tmp_path, db, private_redis):
         lost = [dave.msg("carol", f"lost {i}")["mid"] for i in range(2)]
         dave.close()
         n3.kill9()
+        wait_until(lambda: chk.report().acked >= before[0] + 60 and chk.received_by("r0", "phone") >= before[1] + 10,
+                   20, what="load acked and delivered on one node while Redis is down")
 
-        private_redis.start()
+        private_redis.start()                        # the same port
         # the nodes reconnect by themselves; n1 sends what it queued, and carol's
         # node resyncs from the store, which fills the gap n3 left
         got = [wait_msg(carol, timeout=20) for _ in range(5)]
@@ -350,8 +375,16 @@ def test_redis_restart(tmp_path, db, private_redis):
         assert wait_msg(alice)["body"] == "back"
         for cl in (alice, bob, carol):
             cl.close()
+        wind_down(n1, token, LOAD_USERS, senders, receivers, stop_send, stop_recv, timeout=60)
+        audit(on["n2"], token, LOAD_USERS, chk)
     finally:
+        stop_send.set()
+        stop_recv.set()
         c.stop()
+    rep = chk.report()
+    print(rep)
+    assert rep.acked and not rep.refused and not rep.lost and not rep.reordered, rep
+    assert not rep.duplicated and not rep.conflicts and not rep.stored_twice, rep
 
 
 def test_resync_reads_inbox_tops_in_one_query(tmp_path, db, private_redis):

@@ -74,13 +74,13 @@ def test_bad_frames_after_auth(imd, bystanders, case):
 
 @pytest.mark.parametrize("case", ["garbage bytes", "zero length", "oversized length", "invalid json"])
 def test_bad_frames_before_auth(imd, bystanders, case):
-    c = imd.client()
+    c = imd.connect()
     c.send_raw(CASES[case]())
     error_then_eof(c)
 
 
 def test_anything_before_auth_is_refused(imd, bystanders):
-    c = imd.client()
+    c = imd.connect()
     c.send({"type": "msg", "id": "m1", "to": "bystander-a", "body": "sneaky"})
     env = error_then_eof(c)
     assert env["code"] == 401
@@ -96,7 +96,7 @@ def test_anything_before_auth_is_refused(imd, bystanders):
                                       algorithm="HS256"), "role"),
 ])
 def test_bad_tokens(imd, bystanders, tok, reason):
-    c = imd.client()
+    c = imd.connect()
     c.send({"type": "auth", "token": tok(), "platform": "ios", "device": "d"})
     env = error_then_eof(c)
     assert env["code"] == 401 and reason in env["reason"]
@@ -107,13 +107,13 @@ def test_unsigned_token_refused(imd, bystanders):
     def b64(d):
         return base64.urlsafe_b64encode(orjson.dumps(d)).rstrip(b"=").decode()
     unsigned = b64({"alg": "none", "typ": "JWT"}) + "." + b64({"sub": "u1", "role": "host", "exp": 9999999999}) + "."
-    c = imd.client()
+    c = imd.connect()
     c.send({"type": "auth", "token": unsigned, "platform": "ios", "device": "d"})
     assert error_then_eof(c)["code"] == 401
 
 
 def test_platform_must_match_token(imd, bystanders):
-    c = imd.client()
+    c = imd.connect()
     c.send({"type": "auth", "token": token("u2", platform="ios"), "platform": "web", "device": "d"})
     assert error_then_eof(c)["code"] == 403
 
@@ -127,7 +127,7 @@ def test_oversized_body_is_refused_connection_stays(imd, bystanders):
 
 
 def test_frame_split_into_single_bytes(imd, bystanders):
-    c = imd.client()
+    c = imd.connect()
     data = frame(orjson.dumps({"type": "auth", "token": token("slowpoke"), "platform": "h5", "device": "d"}))
     for i in range(len(data)):
         c.send_raw(data[i:i + 1])

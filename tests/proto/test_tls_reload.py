@@ -40,13 +40,13 @@ def setup(tmp_path):
 
 
 def served_serial(d, ca, listener) -> int:
-    with socket.create_connection(d.addrs[listener], timeout=TIMEOUT) as raw:
+    with socket.create_connection(d.addr[listener], timeout=TIMEOUT) as raw:
         with ca.client_context().wrap_socket(raw, server_hostname="localhost") as s:
             return serial_of(s)
 
 
 def client(d, ca, user) -> Client:
-    host, port = d.addrs["tcp"]
+    host, port = d.addr["tcp"]
     c = Client(host, port, tls=ca.client_context(), server_hostname="localhost")
     c.auth(token(user), device="d-" + user)
     return c
@@ -59,7 +59,7 @@ def hup(d, pattern: str) -> None:
 
 
 def starttls_serial(d, ca) -> int:
-    with socket.create_connection(d.addrs["xmpp"], timeout=TIMEOUT) as s:
+    with socket.create_connection(d.addr["xmpp"], timeout=TIMEOUT) as s:
         s.sendall(b"<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' "
                   b"xmlns:stream='http://etherx.jabber.org/streams'>")
         buf = b""
@@ -77,7 +77,7 @@ def test_rotation_on_hup(setup):
     listeners = ("tcp", "comet", "xmpps")
     assert all(served_serial(d, ca, n) == 0xA1 for n in listeners) and starttls_serial(d, ca) == 0xA1
     old_a, old_b = client(d, ca, "rot_a"), client(d, ca, "rot_b")
-    host, port = d.addrs["comet"]
+    host, port = d.addr["comet"]
     old_ws = websocket.create_connection(f"wss://{host}:{port}/ws?token={token('rot_w')}", timeout=TIMEOUT,
                                          sslopt={"ca_certs": ca.cert, "server_hostname": "localhost"})
     old_ws.recv()
@@ -121,7 +121,7 @@ def test_broken_certificate_is_refused_and_the_old_one_stays(setup, breakage):
     hup(d, expect)
     assert served_serial(d, ca, "tcp") == 0xA1 and served_serial(d, ca, "comet") == 0xA1
     assert old.ping()["type"] == "pong"
-    host, port = d.addrs["comet"]
+    host, port = d.addr["comet"]
     text = requests.get(f"https://{host}:{port}/ping", verify=ca.cert, timeout=TIMEOUT).status_code
     assert text == 200
     # fixed files: the next HUP takes them
@@ -149,6 +149,6 @@ def test_tls_versions_stay_refused_after_reload(setup):
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     ctx.set_ciphers("ALL:@SECLEVEL=0")
     ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-    with socket.create_connection(d.addrs["tcp"], timeout=TIMEOUT) as raw:
+    with socket.create_connection(d.addr["tcp"], timeout=TIMEOUT) as raw:
         with pytest.raises(ssl.SSLError):
             ctx.wrap_socket(raw, server_hostname="localhost")

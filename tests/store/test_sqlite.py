@@ -34,3 +34,24 @@ def test_wal_and_migrations_recorded_once(tmp_path):
 def test_bad_synchronous_is_refused(tmp_path):
     with pytest.raises(ValueError):
         SqliteStore(str(tmp_path), synchronous="off")
+
+
+def test_read_connections_do_not_pile_up_as_pool_threads_come_and_go(tmp_path):
+    """gevent retires idle pool threads and starts new ones; reads must reuse the
+    read connections they opened, not open one per thread and keep them all."""
+    import gevent
+    from gevent.threadpool import ThreadPool
+
+    store = SqliteStore(str(tmp_path))
+    store.open()
+    hub_pool, store._pool = store._pool, ThreadPool(3, idle_task_timeout=0.01)
+    try:
+        for _ in range(20):
+            gevent.joinall([gevent.spawn(store.last_seq, "u%d" % i) for i in range(3)])
+            gevent.sleep(0.05)             # every pool thread retires
+        assert 1 <= len(store._read_cons) <= 3
+        assert sorted(map(id, store._idle_reads)) == sorted(map(id, store._read_cons))
+    finally:
+        store.close()
+        store._pool.kill()
+        store._pool = hub_pool

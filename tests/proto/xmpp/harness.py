@@ -54,7 +54,7 @@ class Imd(daemon.Imd):
 
     def start(self) -> "Imd":
         if self.seed:
-            subprocess.run([sys.executable, os.path.join(HERE, "seed.py"), self.config,
+            subprocess.run([sys.executable, os.path.join(HERE, "seed.py"), str(self.config_path),
                             orjson.dumps(self.seed).decode()], env=self.env, check=True, timeout=60)
         return super().start(timeout=30)
 
