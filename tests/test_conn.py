@@ -241,3 +241,23 @@ def test_socket_like_layers_are_written_through_their_send(impl):
     gevent.sleep(0)
     assert w.sent == [b"abcdef"] and read_all(b) == b"abcdef"
     close_all(c)
+
+
+def test_one_write_into_an_empty_buffer_is_never_a_slow_consumer(impl):
+    """A single answer larger than the limit (an admin API reply naming a mid per
+    user of a broadcast) goes out whole; a backlog that grows past it is cut."""
+    c, peer, h = pair(limit=4096)
+    answer = b"a" * 100_000
+    assert c.write(answer)
+    got = b""
+    deadline = time.monotonic() + 30
+    while len(got) < len(answer) and time.monotonic() < deadline:
+        got += read_all(peer)
+        gevent.sleep(0.001)
+    assert got == answer and h.closed is None
+    slow, _peer, hs = pair(limit=4096)           # a peer that reads nothing
+    slow.write(b"b" * 100_000)
+    gevent.sleep(0)
+    results = [slow.write(b"c" * 1024) for _ in range(200)]
+    assert results[-1] is False and hs.closed == "slow consumer"
+    close_all(c)

@@ -206,10 +206,12 @@ class Conn:
     def peer(self) -> str:
         """The peer's address, for log lines (not kept: it would cost memory per connection)."""
         try:
-            host, port = self.sock.getpeername()[:2]
-            return f"{host}:{port}"
+            addr = self.sock.getpeername()
         except OSError:
             return "-"
+        if isinstance(addr, tuple):
+            return f"{addr[0]}:{addr[1]}"
+        return str(addr) or "-"         # a unix socket: a path, or '' when unnamed
 
     # -- reading -------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -243,7 +245,8 @@ class Conn:
         return self._outlen
 
     def write(self, data: bytes) -> bool:
-        """Queue ``data``; returns False (and cuts the connection) past the limit."""
+        """Queue ``data``; returns False (and cuts the connection) when unsent bytes
+        were already waiting and now pass the limit (a slow consumer)."""
         if self.closed or self._closing:
             return False
         if self._out is None:
@@ -251,7 +254,9 @@ class Conn:
         else:
             self._out.append(data)
         self._outlen += len(data)
-        if self._outlen > self.limit:
+        if self._outlen > self.limit and self._outlen > len(data):
+            # a backlog the peer did not read; one write into an empty buffer (an
+            # admin API answer naming a mid per user of a broadcast) is not one
             log.info("slow consumer cut off conn=%s peer=%s pending=%d", _cid(self.handler), self.peer, self._outlen)
             self._shutdown("slow consumer")
             return False
