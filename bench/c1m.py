@@ -162,9 +162,6 @@ def part_c1m(ctx, conns=None, mode="workers", engine="redis", heartbeat=120.0, i
     # Clients ping every `heartbeat` s; the server pings only a connection silent for longer, and
     # closes one silent for 3x that.
     limits = {"heartbeat": heartbeat * 1.25, "idle_timeout": heartbeat * 3.5} if heartbeat else {}
-    # The admin API answers a reminder with one mid per user (~25 B each): 25 MB for a million,
-    # more than the default 1 MiB of unsent bytes a connection may hold before it is cut off.
-    limits["send_buffer"] = 64 << 20
     say(f"c1m: {conns:,} connections over {n_imd} imd {mode}, engine {engine}, {n_lg} load-generator "
         f"processes, client heartbeat every {heartbeat:g}s; MemAvailable "
         f"{mem_available() / 2**30:.1f} GiB; load {open('/proc/loadavg').read().split()[:3]}")
