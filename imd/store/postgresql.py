@@ -290,7 +290,7 @@ class PostgresStore(WriterStore, Store):
 # user's base (k-th seq the batch takes from that user), copied before any lock is taken.
 STAGING = ("CREATE TEMP TABLE IF NOT EXISTS imd_staging (mid text, kind text, sender text, "
            "recipient text, body text, ctx text, ts bigint, client_id text, sender_k bigint, "
-           "recipient_k bigint, notice_kind text) ON COMMIT DELETE ROWS")
+           "recipient_k bigint, notice_kind text, flags integer) ON COMMIT DELETE ROWS")
 
 # One statement while the users rows are locked: the upsert creates missing users, locks
 # every row in id order, applies the touches and reserves the seqs (base, base + need];
@@ -310,9 +310,9 @@ WITH v AS (
     SELECT up.id, up.last_seq - v.need AS base FROM up JOIN v ON v.id = up.id
 ), m AS (
     INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, client_id, sender_seq,
-                          recipient_seq, notice_kind)
+                          recipient_seq, notice_kind, flags)
     SELECT s.mid, s.kind, s.sender, s.recipient, s.body, s.ctx, s.ts, s.client_id,
-           sb.base + s.sender_k, rb.base + s.recipient_k, s.notice_kind
+           sb.base + s.sender_k, rb.base + s.recipient_k, s.notice_kind, s.flags
     FROM imd_staging s JOIN base rb ON rb.id = s.recipient LEFT JOIN base sb ON sb.id = s.sender
 ), i AS (
     INSERT INTO inbox (user_id, seq, mid, inbound)
