@@ -188,7 +188,7 @@ class Router:
             if since is None:
                 for e in store.offline(s.user, OFFLINE_MAX):
                     if e.seq <= top:
-                        s.send(Out(e.envelope(), e.seq))
+                        s.send(Out(e.envelope(), e.seq, flags=e.flags))
             else:
                 cur = min(since, top)
                 while cur < top and s.state is not CLOSED:
@@ -196,7 +196,7 @@ class Router:
                     if not page:
                         break
                     for e in page:
-                        s.send(Out(e.envelope(), e.seq))
+                        s.send(Out(e.envelope(), e.seq, flags=e.flags))
                     cur = page[-1].seq
                     s.drain()
         except StoreError as e:
@@ -232,7 +232,7 @@ class Router:
             for e in page:
                 if e.seq > s.last_seq:
                     s.last_seq = e.seq
-                    s.send(Out(e.envelope(), e.seq))
+                    s.send(Out(e.envelope(), e.seq, flags=e.flags))
             if s.last_seq < target:
                 log.warning("gap not in store conn=%s user=%s from=%d to=%d", s.id, s.user, s.last_seq, target)
                 s.last_seq = target
@@ -254,7 +254,7 @@ class Router:
                 for e in page:
                     if e.seq > s.last_seq:
                         s.last_seq = e.seq
-                        s.send(Out(e.envelope(), e.seq))
+                        s.send(Out(e.envelope(), e.seq, flags=e.flags))
         except StoreError as e:
             log.warning("catch-up failed session=%s error=%s", s.id, e)
             s.close(503, "store unavailable", reconnect=True)
@@ -310,7 +310,8 @@ class Router:
                 self.node.publish_entry(e, s.id if e.user == s.user else "")
 
         try:
-            self.store.send_message(s.user, to, cid, env["body"], env.get("ctx"), self.mids(), now_ms(), stored)
+            self.store.send_message(s.user, to, cid, env["body"], env.get("ctx"), self.mids(), now_ms(), stored,
+                                    s.message_flags(env))
         except StoreFull:
             self.metrics.inc("imd_store_refused_total")
             s.send(error(503, "server busy, retry later", cid))
@@ -340,7 +341,7 @@ class Router:
             s.send(error(503, "store unavailable, retry"))
             return
         for e in entries:
-            s.send(Out(e.envelope(), e.seq))
+            s.send(Out(e.envelope(), e.seq, flags=e.flags))
         s.send({"type": "sync", "done": True, "seq": entries[-1].seq if entries else since,
                 "more": len(entries) == limit})
 
