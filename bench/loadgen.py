@@ -9,8 +9,9 @@ set heartbeats, run chat traffic, churn logins, count delivered messages, stop.
 Connection kinds (handshake that must finish before a connection counts as established):
   tcp   imd raw TCP: 4-byte big-endian length + JSON envelope; sends `auth` with a JWT, waits for
         `{"type":"auth","ok":true}`
-  sse   HTTP GET with Accept: text/event-stream; waits for the 200 response headers
-  ws    WebSocket handshake; waits for 101
+  sse   HTTP GET with Accept: text/event-stream; waits for the 200 response headers (with
+        `await_auth`, imd's user sessions: also for the `auth` answer on the stream)
+  ws    WebSocket handshake; waits for 101 (with `await_auth`: also for the `auth` answer)
   mqtt  MQTT 3.1.1 CONNECT (+ SUBSCRIBE when a topic is given); waits for CONNACK (+ SUBACK)
   xmpp  stream, SASL PLAIN over plaintext, bind, optional roster get, initial presence
 Delivered messages are counted by a marker (MARK) that every published payload carries once, so
@@ -280,7 +281,8 @@ class Worker:
     spec keys: kind, host, port, path (sse/ws; may name {i} and {token}), secret, role, user_fmt,
     user_pool (login churn: the worker cycles through users base..base+pool-1), device_fmt,
     password (xmpp; without it the user's token is the PLAIN password, as imd expects),
-    domain, topic (mqtt), roster (xmpp), base (first global connection index), deadline (wall
+    domain, topic (mqtt), roster (xmpp), await_auth (ws/sse: established once imd's `auth`
+    answer arrives), base (first global connection index), deadline (wall
     clock time at which the worker exits whatever happens), window (handshakes in flight).
     """
 
@@ -346,6 +348,7 @@ class Worker:
     def handshake(self, c, data):
         """Feed handshake bytes; returns True when established, raises ConnectionError on refusal."""
         k = self.kind
+        s = self.spec
         if k == "tcp":
             frames = c.decoder.feed(data)
             for i, frame in enumerate(frames):
@@ -358,6 +361,8 @@ class Worker:
                 if msg.get("type") in ("error", "close"):
                     raise ConnectionError(f"auth refused: {msg}")
             return False
+        if k in ("sse", "ws") and c.step == 1:
+            return self._auth_answer(c, data)
         c.inbuf += data
         if k in ("sse", "ws"):
             end = c.inbuf.find(b"\r\n\r\n")
@@ -370,6 +375,9 @@ class Worker:
             if want not in status:
                 raise ConnectionError(status.decode("latin-1"))
             rest, c.inbuf = c.inbuf[end + 4:], b""
+            if s.get("await_auth"):
+                c.step = 1
+                return self._auth_answer(c, rest)
             if rest:
                 self.on_data(c, rest)
             return True
@@ -395,6 +403,28 @@ class Worker:
         if k == "xmpp":
             return self._xmpp_step(c)
         return True
+
+    def _auth_answer(self, c, data):
+        """imd's ws/sse with spec `await_auth`: True once the session's `auth` answer arrived
+        (so a connection counts as established only when it is authenticated, as on tcp)."""
+        if self.kind == "ws":
+            payloads = [p for op, p in c.decoder.feed(data) if op == 0x1]
+        else:
+            c.inbuf += data
+            payloads = [c.inbuf]
+        for i, p in enumerate(payloads):
+            at = p.find(b'"type":"auth"')
+            if at >= 0:
+                if b'"ok":true' not in p:
+                    raise ConnectionError(f"auth refused: {p[:200]!r}")
+                c.inbuf = b""
+                c.marks += sum(q.count(MARK) for q in payloads[i + 1:]) + p[at:].count(MARK)
+                return True
+            if b'"type":"error"' in p or b'"type":"close"' in p:
+                raise ConnectionError(f"auth refused: {p[:200]!r}")
+        if len(c.inbuf) > 65536:
+            raise ConnectionError("no auth answer in the first 64 KB")
+        return False
 
     def _xmpp_step(self, c):
         s = self.spec

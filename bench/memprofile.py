@@ -23,6 +23,18 @@ from bench import peers  # noqa: E402
 from bench.parts import SECRET  # noqa: E402
 
 
+def settle(daemon, tracemalloc, limit=120.0):
+    """Wait until the logins' work is done: the traced total stops moving for two seconds."""
+    import gevent
+    last, still, waited = -1, 0, 0.0
+    while still < 2 and waited < limit:
+        gevent.sleep(1)
+        waited += 1
+        now = tracemalloc.get_traced_memory()[0]
+        still = still + 1 if abs(now - last) < 64 * 1024 else 0
+        last = now
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", choices=("tcp", "ws", "sse", "xmpp"), default="tcp")
@@ -37,7 +49,8 @@ def main(argv=None):
             "sse": "/im/events?token={token}&platform=web&device=d{i}"}.get(args.kind)
     fleet = lg.Fleet({"kind": args.kind, "port": port, "secret": SECRET, "host": "127.0.0.1",
                       "path": path, "domain": "localhost", "roster": True,
-                      "window": 64 if args.kind == "xmpp" else 256},
+                      "window": 64 if args.kind == "xmpp" else 256,
+                      "await_auth": args.kind in ("ws", "sse")},
                      processes=1, deadline=600).start()
     from gevent import monkey
     monkey.patch_all()
@@ -63,7 +76,7 @@ def main(argv=None):
     rss0 = peers.rss_bytes([os.getpid()])
     snap0 = tracemalloc.take_snapshot()
     ok, failed, secs = connect(args.conns)
-    gevent.sleep(2)
+    settle(daemon, tracemalloc)
     snap1 = tracemalloc.take_snapshot()
     rss1 = peers.rss_bytes([os.getpid()])
     n = ok

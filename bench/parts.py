@@ -9,6 +9,7 @@ import http.client
 import math
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -90,8 +91,10 @@ def _spec_for(kind, peer, **extra):
         if port not in peer.ports:
             raise peers.PeerError(f"imd has no {port} listener")
         spec["port"] = peer.ports[port]
-        spec.setdefault("path", {"sse": "/im/events?token={token}&platform=web&device=d{i}",
-                                 "ws": "/ws?token={token}&platform=web&device=d{i}"}.get(kind))
+        if kind in ("sse", "ws") and "path" not in spec:
+            spec["path"] = {"sse": "/im/events?token={token}&platform=web&device=d{i}",
+                            "ws": "/ws?token={token}&platform=web&device=d{i}"}[kind]
+            spec["await_auth"] = True       # a user session counts once authenticated, as on tcp
         spec.setdefault("domain", "localhost")
         spec.pop("password", None)          # imd takes the token as the XMPP PLAIN password
     else:
@@ -283,6 +286,42 @@ class Publisher:
             self.http.close()
 
 
+class PingProbe(threading.Thread):
+    """Interactive traffic beside a fan-out: a raw-TCP session of another user that sends `ping`
+    every INTERVAL seconds and records each round trip to its `pong` (ms). imd only."""
+
+    INTERVAL = 0.01
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        from imd.auth import issue
+        from imd.client import Client
+        self.client = Client("127.0.0.1", port, timeout=60)
+        self.client.auth(issue(SECRET, "probe", "host", 3600), platform="android", device="probe")
+        self.rtts = []
+        self.done = threading.Event()
+
+    def run(self):
+        try:
+            while not self.done.wait(self.INTERVAL):
+                t0 = time.perf_counter()
+                self.client.ping()
+                self.rtts.append((time.perf_counter() - t0) * 1000)
+        except Exception as e:          # reported as a missing figure, never fatal to the part
+            say(f"ping probe stopped: {e}")
+
+    def finish(self):
+        """Stop; returns the note text with p50 and p99 of the round trips."""
+        self.done.set()
+        self.join(5)
+        self.client.close()
+        rtts = sorted(self.rtts)
+        if not rtts:
+            return "ping probe: no answer"
+        return (f"ping p50 {lg.quantile(rtts, .5):.1f} ms p99 {lg.quantile(rtts, .99):.1f} ms "
+                f"({len(rtts)} pings)")
+
+
 def fanout_one(subject, start_peer, kind, pub_kind, subscribers, messages, sub_extra, channel,
                pub_port=None, burst=False):
     say(f"fanout: {subject}: {subscribers} subscribers")
@@ -302,6 +341,9 @@ def fanout_one(subject, start_peer, kind, pub_kind, subscribers, messages, sub_e
             pids = peer.pids()
             payload = b'{"kind":"bench","body":"' + b"x" * 60 + b' ' + lg.MARK + b'"}'
             expected = ok * messages
+            probe = PingProbe(peer.ports["tcp"]) if isinstance(peer, peers.Imd) else None
+            if probe is not None:
+                probe.start()
             cpu0, t0 = peers.cpu_seconds(pids), time.monotonic()
             if burst:
                 pub.burst(payload, messages)
@@ -317,7 +359,8 @@ def fanout_one(subject, start_peer, kind, pub_kind, subscribers, messages, sub_e
                 time.sleep(0.01)
             cpu, wall = peers.cpu_seconds(pids) - cpu0, time.monotonic() - t0
             pub.close()
-        note = f"{got:,}/{expected:,} delivered, {wall:.1f}s wall"
+            probed = probe.finish() if probe is not None else ""
+        note = f"{got:,}/{expected:,} delivered, {wall:.1f}s wall" + (f"; {probed}" if probed else "")
         say(f"fanout: {subject}: {note}, server CPU {cpu:.2f}s -> {got / max(cpu, 1e-9):,.0f}/CPU-s")
         if got < expected:
             return None, note

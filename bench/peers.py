@@ -324,9 +324,11 @@ class Imd(Peer):
                             r"(?:addr=)?(127\.0\.0\.1|0\.0\.0\.0|localhost):(\d+)")
 
     def __init__(self, repo, python=None, secret="bench-secret", extra="", engine="memory",
-                 workers=1, synchronous="full", profile=None, store=None):
+                 workers=1, synchronous="full", profile=None, store=None, engine_url=None, limits=None):
         super().__init__()
         self.store = dict(store or {})
+        self.engine_url = engine_url        # redis URL (None: imd's default)
+        self.limits = limits or {}          # extra [limits] settings
         self.profile = profile
         self.synchronous = synchronous
         self.repo = repo
@@ -340,6 +342,8 @@ class Imd(Peer):
         t = self.tmp
         self.conf = os.path.join(t, "imd.toml")
         listen = "\n".join(f'{n} = "127.0.0.1:0"' for n in self.LISTENERS)
+        engine_url = f'url = "{self.engine_url}"' if self.engine_url else ""
+        limits = "\n".join(f"{k} = {v!r}" for k, v in self.limits.items())
         with open(self.conf, "w") as f:
             f.write(f"""[node]
 id = "bench-{os.path.basename(t)[-8:]}"
@@ -358,12 +362,14 @@ control = "{t}/var/imd.sock"
 
 [engine]
 backend = "{self.engine}"
+{engine_url}
 
 [comet]
 max_subscribers_per_channel = 100000
 
 [limits]
 msg_rate = 0                   # the bench measures capacity, not the per-session policy
+{limits}
 
 [xmpp]
 tls = "disabled"

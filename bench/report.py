@@ -3,6 +3,7 @@
 Ratios are always "how many times better imd is": peer/imd for lower-is-better metrics,
 imd/peer for higher-is-better ones; a ratio above 1 means imd wins.
 """
+import itertools
 import os
 import platform
 import subprocess
@@ -93,9 +94,11 @@ def peer_versions():
     return ", ".join(out)
 
 
-def run_record(command, parts, started, finished, imd_pythons):
+def run_record(command, parts, started, finished, imd_pythons, fastpaths=()):
+    """`fastpaths`: the imd.fastpath implementation each of `imd_pythons` ran."""
     return {"command": command, "parts": list(parts), "started": started, "finished": finished,
-            "load": loadavg(), "imd_python": [interpreter(p) for p in imd_pythons]}
+            "load": loadavg(), "imd_python": [interpreter(p) + (f", fastpath {f}" if f else "")
+                                             for p, f in itertools.zip_longest(imd_pythons, fastpaths)]}
 
 
 def interpreter(python):

@@ -1,5 +1,5 @@
 """Runs the benchmark suite: `python bench/run.py [part ...]` (parts: idle fanout burst logins chat chat-pg xmpp;
-none = all). Shows progress on stderr, prints a table of imd against each peer, and writes
+none = all; and, only when named, c1m and xnode: bench/c1m.py, bench/cross_node.py). Shows progress on stderr, prints a table of imd against each peer, and writes
 docs/benchmarks.md (with PNG plots beside it) unless --no-write.
 
 imd runs under --imd-python (default: this interpreter); pass Debian's optimized interpreter's
@@ -9,15 +9,16 @@ not in the tree yet print "n/a" for imd and still measure the peers.
 import argparse
 import os
 import shlex
+import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench import c1m, parts, report  # noqa: E402
+from bench import c1m, cross_node, parts, report  # noqa: E402
 
-EXTRA_PARTS = {"c1m": c1m.part_c1m}      # not in the default suite
+EXTRA_PARTS = {"c1m": c1m.part_c1m, "xnode": cross_node.part_xnode}      # not in the default suite
 
 
 def interpreter_label(python):
@@ -28,9 +29,23 @@ def interpreter_label(python):
     return parts_[-1]
 
 
+def build_fastpath(repo, python):
+    """Build imd's Cython extension in place in `repo` (as tests/conftest.py does; a failed build
+    leaves the pure-Python twin) and return the fast path `python` will run imd with."""
+    subprocess.run([python, "setup.py", "-q", "build_ext", "--inplace"], cwd=repo, capture_output=True)
+    return fastpath_of(repo, python)
+
+
+def fastpath_of(repo, python):
+    """"cython" or "python": what imd.fastpath picks under `python` with `repo` first on the path."""
+    out = subprocess.run([python, "-c", "from imd.fastpath import IMPL; print(IMPL)"], cwd=repo,
+                         env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | burst | logins | chat | chat-pg | xmpp (default: all of these) | c1m")
+    ap.add_argument("parts", nargs="*", metavar="part", help="idle | fanout | burst | logins | chat | chat-pg | xmpp (default: all of these) | c1m | xnode")
     ap.add_argument("--imd-python", default=sys.executable, help="interpreter that runs imd")
     ap.add_argument("--also-imd-python", metavar="PYTHON",
                     help="run imd's side of the parts a second time under this interpreter "
@@ -43,9 +58,14 @@ def main(argv=None):
     ap.add_argument("--subscribers", type=int, help="`fanout` subscribers (10000)")
     ap.add_argument("--messages", type=int, help="`fanout` messages (200)")
     ap.add_argument("--c1m-conns", type=int, help="`c1m` connections (1000000)")
-    ap.add_argument("--c1m-mode", choices=("nodes", "workers"), default="nodes",
-                    help="`c1m`: independent imd processes, or one imd with node.workers")
-    ap.add_argument("--c1m-engine", choices=("memory", "redis"), default="memory")
+    ap.add_argument("--c1m-mode", choices=("nodes", "workers"), default="workers",
+                    help="`c1m`: one imd with node.workers (default), or independent imd processes")
+    ap.add_argument("--c1m-engine", choices=("memory", "redis"), default="redis",
+                    help="`c1m`: redis (a private redis-server) or memory (nodes mode only)")
+    ap.add_argument("--c1m-budget", type=int, default=1500,
+                    help="`c1m`: seconds after which everything is stopped (default 1500)")
+    ap.add_argument("--xnode-pairs", type=int, help="`xnode`: chat pairs (30)")
+    ap.add_argument("--xnode-msgs", type=int, help="`xnode`: messages per pair (500)")
     ap.add_argument("--imd-profile", metavar="DIR",
                     help="run imd under cProfile; DIR/imd-NN.prof(.txt) per imd start")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
@@ -67,6 +87,10 @@ def main(argv=None):
                         profile_dir=args.imd_profile, imd_only=args.imd_only)
     if not ctx.imd_available():
         print("note: imd daemon not in this tree yet: imd rows are n/a", file=sys.stderr)
+    pythons = [args.imd_python] + ([args.also_imd_python] if args.also_imd_python else [])
+    fastpaths = [build_fastpath(ctx.repo, args.imd_python)] + [fastpath_of(ctx.repo, p) for p in pythons[1:]]
+    for python, impl in zip(pythons, fastpaths):
+        print(f"imd fast path under {python}: {impl}", file=sys.stderr)
     started = report.now_utc()
     passes = [ctx]
     if args.also_imd_python:
@@ -83,12 +107,13 @@ def main(argv=None):
             kwargs = {"subscribers": args.subscribers, "messages": args.messages}
         elif name == "c1m":
             kwargs = {"conns": args.c1m_conns, "mode": args.c1m_mode, "engine": args.c1m_engine,
-                      "heartbeat": args.heartbeat or 30.0}
+                      "heartbeat": args.heartbeat or 120.0, "budget": args.c1m_budget}
+        elif name == "xnode":
+            kwargs = {"pairs": args.xnode_pairs, "msgs": args.xnode_msgs}
         results += runners[name](pass_ctx, **kwargs)
     json_path = os.path.splitext(args.out)[0] + ".json"
     command = "python bench/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    pythons = [args.imd_python] + ([args.also_imd_python] if args.also_imd_python else [])
-    runs = [report.run_record(command.strip(), chosen, started, report.now_utc(), pythons)]
+    runs = [report.run_record(command.strip(), chosen, started, report.now_utc(), pythons, fastpaths)]
     if args.keep_other_parts:
         old_runs, old_results = report.load_json(json_path)
         kept = [r for r in old_results if r.part not in chosen]

@@ -170,6 +170,10 @@ cdef class WSDecoder:
     def pending(self):
         return (0 if self._buf is None else len(self._buf)) + self._msg_len
 
+    @property
+    def idle(self):
+        return self._buf is None and self._msg_op == 0 and self._error is None
+
     def feed(self, data):
         cdef const unsigned char* p
         cdef Py_ssize_t n, pos = 0, head, end, i

@@ -158,6 +158,12 @@ class WSDecoder:
         """Bytes received but not yet returned (partial frame plus partial message)."""
         return (0 if self._buf is None else len(self._buf)) + self._msg_len
 
+    @property
+    def idle(self) -> bool:
+        """No partial frame, no message in progress, no error: a fresh decoder
+        would decode the rest of the stream the same way (so it can be dropped)."""
+        return self._buf is None and self._msg_op == 0 and self._error is None
+
     def feed(self, data: bytes) -> list:
         if self._error is not None:
             raise WSError(*self._error)

@@ -165,7 +165,7 @@ def show_reload(r: dict) -> str:
 SHOW = {
     "status": show_status,
     "sessions": show_sessions,
-    "kick": lambda r: f"kicked {r['user']}: {r['closed']} session(s) closed on this node",
+    "kick": lambda r: f"kicked {r['user']}: {r['closed']} session(s) closed (all nodes)",
     "reload": show_reload,
     "drain": lambda r: f"draining: {r['sessions']} session(s) told to reconnect; imd exits when done",
     "log-level": lambda r: f"log level {r['old']} -> {r['level']}",

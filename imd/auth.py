@@ -3,6 +3,16 @@
 Claims: ``sub`` (user id, required), ``exp`` (required), ``role`` (host|guest,
 required), optional ``plat`` (restricts the platform). Pure CPU work, no I/O:
 safe in io-watcher callbacks.
+
+PyJWT verifies every token it has not seen (its payload decoded with orjson,
+through PyJWT's ``_decode_payload`` hook). A token that verified is remembered
+(up to ``VERIFIED_MAX`` of them, per secret) with its identity, so that the
+reconnects of a client that keeps its token (the normal case: one token per
+session of the web tier, valid for an hour) skip the signature and JSON work;
+expiry is still checked on every use, as PyJWT checks it (``exp`` > now -
+leeway). The other time-dependent claims PyJWT checks (``nbf``, ``iat``) only
+become valid with time, so a token that passed once passes later too. Not
+thread-safe (the hub's greenlets only).
 """
 
 from __future__ import annotations
@@ -13,8 +23,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import jwt
+import orjson
 
 from .envelope import PLATFORMS, ROLES, USER_RE
+
+VERIFIED_MAX = 20000      # verified tokens remembered (about 300 bytes each)
 
 # A short secret is the operator's choice (the default config says change-me);
 # the check below refuses nothing, so keep PyJWT's advisory warning quiet.
@@ -39,13 +52,49 @@ class Identity:
     exp: int
 
 
+class _PyJWT(jwt.PyJWT):
+    """PyJWT with orjson decoding the payload (its documented override point)."""
+
+    def _decode_payload(self, decoded: dict) -> dict:
+        try:
+            payload = orjson.loads(decoded["payload"])
+        except orjson.JSONDecodeError as e:
+            raise jwt.DecodeError(f"Invalid payload string: {e}") from None
+        if not isinstance(payload, dict):
+            raise jwt.DecodeError("Invalid payload string: must be a json object")
+        return payload
+
+
+_jwt = _PyJWT()
+_verified: dict = {}       # token → Identity, for _verified_secret
+_verified_secret = None
+
+
 def verify(token: str, secret: str, leeway: int = 0) -> Identity:
     """Return the identity a valid token carries, or raise AuthError."""
+    global _verified, _verified_secret
     if not isinstance(token, str) or not token:
         raise AuthError("token required")
+    if secret != _verified_secret:
+        _verified, _verified_secret = {}, secret
+    ident = _verified.get(token)
+    if ident is not None:
+        if ident.exp > time.time() - leeway:
+            return ident
+        del _verified[token]
+        raise AuthError("token expired")
+    ident = _check(token, secret, leeway)
+    if len(_verified) >= VERIFIED_MAX:
+        del _verified[next(iter(_verified))]      # the oldest
+    _verified[token] = ident
+    return ident
+
+
+def _check(token: str, secret: str, leeway: int) -> Identity:
+    """Verify with PyJWT."""
     try:
-        claims = jwt.decode(token, secret, algorithms=["HS256"], leeway=leeway,
-                            options={"require": ["sub", "exp", "role"]})
+        claims = _jwt.decode(token, secret, algorithms=["HS256"], leeway=leeway,
+                             options={"require": ["sub", "exp", "role"]})
     except jwt.ExpiredSignatureError:
         raise AuthError("token expired") from None
     except jwt.InvalidSignatureError:

@@ -31,16 +31,23 @@ class Contacts:
         """The user's contacts (a set, or the shared empty frozenset); do not mutate it."""
         s = self._cache.get(user)
         if s is None:
-            s = set(self.store.contacts(user))
-            self._prune()
-            for _, op, a, b in self._recent:
-                for x, y in ((a, b), (b, a)):
-                    if x == user:
-                        (s.add if op == "add" else s.discard)(y)
-            cur = self._cache.get(user)       # a change may have loaded it meanwhile
-            if cur is not None:
-                return cur
-            s = self._cache[user] = s or EMPTY
+            s = self.loaded(user, self.store.contacts(user))
+        return s
+
+    def loaded(self, user: str, stored) -> set:
+        """Cache ``stored`` (the user's contacts as just read from the store) with
+        the recent changes replayed over it, unless a list is cached already;
+        returns the cached list. Never blocks."""
+        s = set(stored)
+        self._prune()
+        for _, op, a, b in self._recent:
+            for x, y in ((a, b), (b, a)):
+                if x == user:
+                    (s.add if op == "add" else s.discard)(y)
+        cur = self._cache.get(user)       # a change may have loaded it meanwhile
+        if cur is not None:
+            return cur
+        s = self._cache[user] = s or EMPTY
         return s
 
     def drop(self, user: str) -> None:

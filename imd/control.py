@@ -208,7 +208,7 @@ class ControlServer:
         if not isinstance(limit, int) or limit < 0:
             raise CommandError('"limit" must be a non-negative integer')
         node = self.daemon.node
-        pool = node.sessions.get(user, []) if user is not None else node.all_sessions()
+        pool = node.sessions_of(user) if user is not None else node.all_sessions()
         out, total = [], 0
         for s in pool:
             total += 1

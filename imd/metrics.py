@@ -31,6 +31,17 @@ class Histogram:
         self.count += 1
 
 
+_type_labels: dict[str, tuple] = {}
+
+
+def _type_label(type_: str) -> tuple:
+    """The labels tuple ``(("type", type_),)``, made once per envelope type."""
+    labels = _type_labels.get(type_)
+    if labels is None:
+        labels = _type_labels[type_] = (("type", type_),)
+    return labels
+
+
 class Metrics:
     """The registry of one process."""
 
@@ -40,17 +51,19 @@ class Metrics:
         self.gauges: dict[str, tuple[str, Callable[[], dict]]] = {}
         self.counter_fns: dict[str, tuple[str, Callable[[], dict]]] = {}
         self.histograms: dict[str, Histogram] = {}
+        self._in = self.counters["imd_messages_in_total"]
+        self._out = self.counters["imd_messages_out_total"]
 
     def inc(self, name: str, labels: tuple = (), value: float = 1) -> None:
         """``labels`` is a tuple of (key, value) pairs."""
         self.counters[name][labels] += value
 
-    # shorthands for the hot paths
+    # shorthands for the hot paths (one per delivery: no allocation once a type was seen)
     def msg_in(self, type_: str) -> None:
-        self.counters["imd_messages_in_total"][(("type", type_),)] += 1
+        self._in[_type_label(type_)] += 1
 
     def out(self, type_: str) -> None:
-        self.counters["imd_messages_out_total"][(("type", type_),)] += 1
+        self._out[_type_label(type_)] += 1
 
     def gauge(self, name: str, help: str, read: Callable[[], dict]) -> None:
         """``read()`` returns {labels tuple: value}."""

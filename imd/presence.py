@@ -21,7 +21,7 @@ import time
 import gevent
 from gevent.event import Event as GEvent
 
-from .engine.base import Event, user_channel
+from .engine.base import Event, shared_state, user_channel
 
 log = logging.getLogger("imd.presence")
 
@@ -42,7 +42,7 @@ class Presence:
         self.node = node
         self.grace = grace
         self.listeners = []                     # callables(user, status, platforms)
-        self._announced: dict[str, tuple] = {}  # user → (status, platforms) last announced here
+        self._announced: dict[str, tuple] = {}  # user → shared_state() last announced here
         self._offline_timers: dict[str, object] = {}
         self._queue: dict[str, None] = {}
         self._lost: dict[str, None] = {}        # users whose node died (engine ``nodes_lost``)
@@ -80,7 +80,7 @@ class Presence:
         self._wake.set()
 
     def local_state(self, user: str):
-        sessions = self.node.sessions.get(user)
+        sessions = self.node.sessions_of(user)
         if not sessions:
             return None
         status = "online" if any(s.status == "online" for s in sessions) else "away"
@@ -160,8 +160,9 @@ class Presence:
             t = self._offline_timers.pop(user, None)
             if t is not None:
                 t.stop()
-            if self._announced.get(user) != (status, platforms):
-                self._announced[user] = (status, platforms)
+            state = shared_state(status, platforms)
+            if self._announced.get(user) != state:
+                self._announced[user] = state
                 self._announce(user, status, platforms, None)
 
     def _offline_elsewhere(self, users: list) -> None:

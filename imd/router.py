@@ -25,12 +25,14 @@ import gevent
 from gevent.event import AsyncResult
 
 from . import auth, passwords
+from .attach import AttachReads
+from .contacts import EMPTY
 from .envelope import EnvelopeError, Out, error
 from .ids import MidGen, now_ms
 from .metrics import Metrics
 from .net.wheel import Wheel
 from .session import AUTH, AUTHING, CLOSED, LIVE, SYNC
-from .store.base import StoreError, StoreFull
+from .store.base import AttachState, StoreError, StoreFull
 
 log = logging.getLogger("imd.router")
 
@@ -51,6 +53,7 @@ class Router:
         self.mids = MidGen()
         self.auth_wheel = Wheel("on_auth_deadline")
         self.wheel = Wheel("on_deadline")
+        self.attach_reads = AttachReads(store)
         self.sessions_opened = 0
         self._ack_latency = self.metrics.histogram(
             "imd_ack_latency_seconds", "time from receiving a message to acking it (store commit)")
@@ -164,35 +167,66 @@ class Router:
         s.held = []
         self.wheel.add(s, s.last_rx + self.limits.heartbeat)
         self.metrics.inc("imd_sessions_opened_total", (("protocol", s.protocol), ("source", s.source)))
-        gevent.spawn(self._attach, s, since)
+        self.node.add_session(s)      # live entries from now on are held until the replay is done
+        self.attach_reads.request(s.user, self.node.contacts.cached(s.user) is None,
+                                  OFFLINE_MAX if since is None else 0,
+                                  lambda state, err: self._attach(s, since, state, err))
 
-    def _attach(self, s, since: Optional[int]) -> None:
-        if s.state is CLOSED:         # gone before this greenlet ran
+    def _attach(self, s, since: Optional[int], state, err) -> None:
+        """The store reads of an attaching session are done (AttachReads' callback:
+        must not block): answer the auth, then replay. What may block (presence of
+        contacts, paged replay after ``since``, gap fill) goes to a greenlet."""
+        if s.state is CLOSED:
             return
+        if err is not None:
+            if isinstance(err, StoreError):
+                log.warning("attach failed conn=%s user=%s error=%s", s.id, s.user, err)
+                s.close(503, "store unavailable", reconnect=True)
+            else:
+                log.error("attach failed conn=%s user=%s", s.id, s.user, exc_info=err)
+                s.close(500, "internal error", reconnect=True)
+            return
+        contacts = self.node.contacts
+        if state.contacts is not None:
+            contacts.loaded(s.user, state.contacts)
+        elif contacts.cached(s.user) is None:     # dropped since the request: read them again
+            self.attach_reads.request(s.user, True, 0, lambda again, err: self._attach(
+                s, since, None if err else AttachState(state.top, again.contacts, state.offline), err))
+            return
+        self.store.touch_user(s.user, s.role, s.platform, now_ms())
+        top = state.top
+        s.send({"type": "auth", "ok": True, "user": s.user, "role": s.role, "session": s.id,
+                "seq": top, "heartbeat": self.limits.heartbeat})
+        s.state = SYNC                # live entries are still held until the replay is done
+        backlog, s.backlog = s.backlog, None
+        for env in backlog:
+            self.receive(s, env)
+        if s.state is CLOSED:
+            return
+        s.last_seq = top              # what the replay sends; held entries come after
+        if since is not None or contacts.cached(s.user) is not EMPTY:
+            gevent.spawn(self._replay, s, since, top, state.offline)
+            return
+        self._send_offline(s, top, state.offline)
+        if s.end_sync() is not None:  # a gap among the held entries: fill it from the store
+            gevent.spawn(self._release, s)
+
+    def _send_offline(self, s, top: int, offline: list) -> None:
+        for e in offline:
+            if e.seq <= top:
+                s.send(Out(e.envelope(), e.seq, flags=e.flags))
+
+    def _replay(self, s, since: Optional[int], top: int, offline: Optional[list]) -> None:
+        """The blocking part of attaching: contacts' presence, then the offline
+        entries or the inbox after ``since`` (paged, with backpressure)."""
         try:
-            self.node.add_session(s)
-            store = self.store
-            top = store.last_seq(s.user)
-            self.node.contacts.get(s.user)   # cached before the auth answer: policy checks read it
-            store.touch_user(s.user, s.role, s.platform, now_ms())
-            if s.state is CLOSED:
-                return
-            s.send({"type": "auth", "ok": True, "user": s.user, "role": s.role, "session": s.id,
-                    "seq": top, "heartbeat": self.limits.heartbeat})
-            s.state = SYNC            # live entries are still held until the replay is done
-            backlog, s.backlog = s.backlog, None
-            for env in backlog:
-                self.receive(s, env)
             self._send_contacts_presence(s)
-            s.last_seq = top          # what the replay below sends; held entries come after
             if since is None:
-                for e in store.offline(s.user, OFFLINE_MAX):
-                    if e.seq <= top:
-                        s.send(Out(e.envelope(), e.seq, flags=e.flags))
+                self._send_offline(s, top, offline)
             else:
                 cur = min(since, top)
                 while cur < top and s.state is not CLOSED:
-                    page = store.inbox(s.user, cur, min(REPLAY_PAGE, top - cur))
+                    page = self.store.inbox(s.user, cur, min(REPLAY_PAGE, top - cur))
                     if not page:
                         break
                     for e in page:
@@ -361,9 +395,13 @@ class Router:
         return {"mid": r.mid, "seq": r.sender_seq, "ts": r.ts}
 
     def post_notices(self, users, role: Optional[str], kind: str, body: Any,
-                     timeout: float = 60.0) -> list:
+                     timeout: Optional[float] = None) -> list:
         """Append a reminder to the inboxes of ``users`` (or of a role, or of everyone
-        when both are None) and deliver it; returns the stored entries."""
+        when both are None) and deliver it; returns the stored entries. Waits for the
+        store up to ``timeout`` s: by default 60 for a list of users, 600 for a role or
+        everyone (a row per user: a million take ~40 s in SQLite here)."""
+        if timeout is None:
+            timeout = 60.0 if users is not None else 600.0
         res = AsyncResult()
         self.store.add_notices(users, role, kind, body, self.mids, now_ms(),
                                lambda r, e: res.set_exception(e) if e else res.set(r))

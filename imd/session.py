@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from typing import Optional
 
 from . import envelope
+from .clock import mono_now, wall_now
 from .envelope import Out, close as close_env
 
 log = logging.getLogger("imd.session")
@@ -36,13 +36,14 @@ AUTH, AUTHING, SYNC, LIVE, CLOSED = "auth", "authing", "sync", "live", "closed"
 
 
 class Session:
-    __slots__ = ("id", "user", "role", "platform", "device", "status", "state", "last_seq",
+    __slots__ = ("node_id", "serial", "user", "role", "platform", "device", "status", "state", "last_seq",
                  "held", "backlog", "router", "opened", "last_rx", "pinged", "bucket")
 
     protocol = "base"
 
     def __init__(self, router, node_id: str = "") -> None:
-        self.id = f"{node_id}.{next(_ids):x}"
+        self.node_id = node_id        # the node's own string: shared, not a copy
+        self.serial = next(_ids)      # unique in this process; ``id`` is made from it on demand
         self.router = router
         self.user = self.role = self.platform = self.device = None
         self.status = "online"
@@ -50,12 +51,17 @@ class Session:
         self.last_seq = 0
         self.held = None
         self.backlog = None
-        self.opened = time.time()
-        self.last_rx = time.monotonic()
+        self.opened = wall_now()
+        self.last_rx = mono_now()
         self.pinged = False
         self.bucket = None            # [tokens, time] once the session sends (limits.msg_rate)
 
     # -- identity --------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """``<node id>.<serial in hex>``: unique in the cluster (not stored: made on demand)."""
+        return f"{self.node_id}.{self.serial:x}"
+
     @property
     def source(self) -> str:
         """The client source: platform and role, e.g. ``ios-host`` (six kinds in all)."""
@@ -136,7 +142,7 @@ class Session:
                 return
             if seq == self.last_seq + 1:
                 self.last_seq = seq
-                if out.origin != self.id:
+                if not out.origin or out.origin != self.id:
                     self.send(out)
                 return
             self.state = SYNC
@@ -165,7 +171,7 @@ class Session:
                 self.held = held[i:]
                 return self.last_seq
             self.last_seq = seq
-            if out.origin != self.id:
+            if not out.origin or out.origin != self.id:
                 self.send(out)
         return None
 
@@ -196,5 +202,5 @@ class Session:
 
     def touch(self) -> None:
         """Traffic arrived from the client."""
-        self.last_rx = time.monotonic()
+        self.last_rx = mono_now()
         self.pinged = False

@@ -51,3 +51,51 @@ def test_garbage(tok):
 def test_leeway_allows_clock_skew():
     tok = jwt.encode({"sub": "u", "role": "host", "exp": int(time.time()) - 5}, SECRET, algorithm="HS256")
     assert auth.verify(tok, SECRET, leeway=30).user == "u"
+
+
+def test_a_verified_token_is_remembered_but_expiry_is_still_enforced(monkeypatch):
+    tok = auth.issue(SECRET, "host_2", "host", 60)
+    first = auth.verify(tok, SECRET)
+    calls = []
+    monkeypatch.setattr(auth, "_check", lambda *a: calls.append(a))
+    assert auth.verify(tok, SECRET) is first and calls == []       # no second PyJWT run
+    later = time.time() + 61
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    with pytest.raises(auth.AuthError, match="expired"):
+        auth.verify(tok, SECRET)
+    assert tok not in auth._verified                               # the next use runs PyJWT again
+
+
+def test_remembered_tokens_are_per_secret_and_bounded(monkeypatch):
+    tok = auth.issue(SECRET, "host_3", "host", 60)
+    auth.verify(tok, SECRET)
+    with pytest.raises(auth.AuthError, match="signature"):
+        auth.verify(tok, "another-secret-of-thirty-two-bytes!")   # a new secret forgets the old tokens
+    monkeypatch.setattr(auth, "VERIFIED_MAX", 3)
+    toks = [auth.issue(SECRET, f"u{i}", "guest", 60) for i in range(5)]
+    for t in toks:
+        auth.verify(t, SECRET)
+    assert len(auth._verified) == 3 and toks[0] not in auth._verified and toks[4] in auth._verified
+
+
+def test_a_token_that_failed_is_not_remembered():
+    bad = jwt.encode({"sub": "u", "role": "guest", "exp": 9999999999}, "another-secret-of-thirty-two-bytes!",
+                     algorithm="HS256")
+    for _ in range(2):
+        with pytest.raises(auth.AuthError, match="signature"):
+            auth.verify(bad, SECRET)
+    assert bad not in auth._verified
+
+
+@pytest.mark.parametrize("payload", [b"[1]", b"{bad", b"\xff"])
+def test_payloads_that_are_not_json_objects(payload):
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(raw):
+        return base64.urlsafe_b64encode(raw).rstrip(b"=")
+    signing = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(payload)
+    sig = hmac.new(SECRET.encode(), signing, hashlib.sha256).digest()
+    with pytest.raises(auth.AuthError, match="invalid"):
+        auth.verify((signing + b"." + b64(sig)).decode(), SECRET)

@@ -114,7 +114,7 @@ def test_kick(daemon):
     try:
         r = daemon.admin("kick", "kicked")
         assert r.returncode == 0, r.stderr
-        assert r.stdout.strip() == "kicked kicked: 2 session(s) closed on this node"
+        assert r.stdout.strip() == "kicked kicked: 2 session(s) closed (all nodes)"
         for c in (c1, c2):
             env = c.wait_for(lambda e: e["type"] == "close")
             assert env["reconnect"] is False

@@ -275,6 +275,20 @@ def test_ws_control_frames_do_not_count_toward_message(fp):
     assert dec.pending == 0
 
 
+def test_ws_decoder_idle_only_between_messages(fp):
+    dec = fp.WSDecoder(100)
+    assert dec.idle
+    assert dec.feed(client_frame(1, b"", fin=False)) == []      # an empty first fragment
+    assert dec.pending == 0 and not dec.idle
+    assert dec.feed(client_frame(0, b"ab")[:3]) == []
+    assert not dec.idle
+    assert dec.feed(client_frame(0, b"ab")[3:]) == [(1, b"ab")]
+    assert dec.idle
+    with pytest.raises(fp.WSError):
+        dec.feed(client_frame(0, b"x"))                          # continuation without a start
+    assert not dec.idle
+
+
 def test_ws_encode_lengths(fp):
     assert fp.ws_encode(1, b"hi") == b"\x81\x02hi"
     assert fp.ws_encode(2, b"x" * 125)[:2] == b"\x82\x7d"

@@ -33,6 +33,21 @@ def comet_channel(cname: str) -> str:
 
 ALL = "all"
 
+_STATES: dict = {}
+_STATES_MAX = 4096
+
+
+def shared_state(status: str, platforms) -> tuple:
+    """``(status, platforms as a tuple)``, one shared object per distinct value:
+    presence is kept per user, and nearly every user is in one of a few states."""
+    key = (status, tuple(platforms))
+    shared = _STATES.get(key)
+    if shared is None:
+        if len(_STATES) >= _STATES_MAX:
+            return key
+        shared = _STATES[key] = key
+    return shared
+
 
 class Event:
     """One bus publication: ``kind`` plus a JSON-able ``data`` dict.
@@ -94,6 +109,14 @@ class Engine:
 
     def unsubscribe(self, channel: str) -> None:
         raise NotImplementedError
+
+    def subscribe_user(self, user: str) -> None:
+        """``subscribe(user_channel(user))``; an engine may keep the user string
+        (which the node's sessions already hold) instead of a channel string."""
+        self.subscribe(user_channel(user))
+
+    def unsubscribe_user(self, user: str) -> None:
+        self.unsubscribe(user_channel(user))
 
     def publish(self, channel: str, event: Event, applied=None) -> None:
         """Publish ``event`` on ``channel`` (never blocks). ``applied(ok)``, if

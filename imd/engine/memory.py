@@ -2,7 +2,9 @@
 
 Publishing delivers the very same :class:`Event` to the node's handler if the
 channel is subscribed, from a loop callback (not re-entrantly from inside
-``publish``), as a remote bus would. Presence records live in a dict.
+``publish``), as a remote bus would. Presence records live in two dicts: one
+shared ``(status, platforms)`` tuple per user (see ``shared_state``), and the
+user's devices (the one device string itself, or a tuple of several).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Iterable, Optional
 
 import gevent
 
-from .base import Engine, Event
+from .base import Engine, Event, shared_state, user_channel
 
 
 class MemoryEngine(Engine):
@@ -21,9 +23,11 @@ class MemoryEngine(Engine):
     def __init__(self) -> None:
         self._handler = None
         self._subs: set[str] = set()
+        self._users: set[str] = set()     # users subscribed with subscribe_user (u:<user>)
         self._queue: deque = deque()
         self._scheduled = False
-        self._presence: dict[str, dict] = {}
+        self._presence: dict[str, tuple] = {}   # user → shared (status, platforms)
+        self._devices: dict = {}                # user → device, or a tuple of 2+ devices
         self._counts: dict[str, int] = {}
         self.node_id = ""
         self.published = 0
@@ -41,6 +45,18 @@ class MemoryEngine(Engine):
 
     def unsubscribe(self, channel: str) -> None:
         self._subs.discard(channel)
+        if channel.startswith("u:"):
+            self._users.discard(channel[2:])
+
+    def subscribe_user(self, user: str) -> None:
+        self._users.add(user)
+
+    def unsubscribe_user(self, user: str) -> None:
+        self._users.discard(user)
+        self._subs.discard(user_channel(user))
+
+    def subscribed(self, channel: str) -> bool:
+        return channel in self._subs or (channel.startswith("u:") and channel[2:] in self._users)
 
     def publish(self, channel: str, event: Event, applied=None) -> None:
         self.published += 1
@@ -53,10 +69,10 @@ class MemoryEngine(Engine):
 
     def _drain(self) -> None:
         self._scheduled = False
-        q, handler, subs = self._queue, self._handler, self._subs
+        q, handler, subscribed = self._queue, self._handler, self.subscribed
         while q and handler is not None:
             channel, event, applied = q.popleft()
-            if channel in subs:
+            if subscribed(channel):
                 handler(channel, event)
             if applied is not None:
                 applied(True)
@@ -64,12 +80,29 @@ class MemoryEngine(Engine):
     def presence_set(self, user: str, state: Optional[dict]) -> None:
         if state is None:
             self._presence.pop(user, None)
+            self._devices.pop(user, None)
+            return
+        self._presence[user] = shared_state(state["status"], state["platforms"])
+        devices = state.get("devices")
+        if devices:
+            self._devices[user] = devices[0] if len(devices) == 1 else tuple(devices)
         else:
-            self._presence[user] = dict(state, node=self.node_id)
+            self._devices.pop(user, None)
 
     def presence_get(self, users: Iterable[str]) -> dict[str, list[dict]]:
-        p = self._presence
-        return {u: ([p[u]] if u in p else []) for u in users}
+        p, devs, node = self._presence, self._devices, self.node_id
+        out = {}
+        for u in users:
+            shared = p.get(u)
+            if shared is None:
+                out[u] = []
+                continue
+            rec = {"status": shared[0], "platforms": list(shared[1]), "node": node}
+            d = devs.get(u)
+            if d is not None:
+                rec["devices"] = [d] if type(d) is str else list(d)
+            out[u] = [rec]
+        return out
 
     def channel_count_set(self, cname: str, count: int) -> None:
         if count > 0:
@@ -82,4 +115,4 @@ class MemoryEngine(Engine):
 
     def state(self) -> dict:
         return {"backend": self.name, "connected": self._handler is not None,
-                "channels": len(self._subs), "published": self.published}
+                "channels": len(self._subs) + len(self._users), "published": self.published}

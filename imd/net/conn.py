@@ -1,12 +1,19 @@
-"""A connection driven by libev io watchers, with writes coalesced per loop iteration.
+"""A connection driven by the event loop, with writes coalesced per loop iteration.
 
-No greenlet exists per idle connection (DESIGN.md §1): a read watcher calls
-``handler.on_data(bytes)`` in the hub; writes append to a per-connection
-buffer and mark the connection dirty; one :class:`Flusher` callback per loop
-iteration writes every dirty buffer with as few ``send()`` calls as possible
-and arms a write watcher only for the connections the kernel did not take
-whole. A connection whose unsent bytes pass ``limit`` is cut off as a slow
-consumer.
+No greenlet and no libev watcher exist per idle connection (DESIGN.md §1): the
+process's :class:`imd.net.poller.Poller` (one epoll set for every connection's
+read side) calls ``handler.on_data(bytes)`` in the hub; writes append to a
+per-connection buffer and mark the connection dirty; the :class:`Flusher` writes
+every dirty buffer with one ``send()`` per connection, all of them in one call of
+``fastpath.send_many`` (the kernel work runs in a C loop without the GIL), and
+arms a write watcher only for the connections the kernel did not take whole.
+A connection whose unsent bytes pass ``limit`` is cut off as a slow consumer.
+
+Two kinds of writes (see :class:`Flusher`): ordinary writes (answers, acks,
+1:1 deliveries) go out at the end of the loop iteration that made them;
+writes made inside ``with bulk_writes(n):`` (one event delivered to n >= 16
+connections) may wait a little so that the deliveries of several publications
+share one ``send()`` per connection.
 
 Everything here runs in the hub and never blocks. ``Conn`` is not
 thread-safe; it is greenlet-safe in the sense that greenlets may call
@@ -19,19 +26,32 @@ Handler protocol (the object given as ``handler``):
 
 from __future__ import annotations
 
+import _socket
+import contextlib
 import errno
 import logging
+import os
 import socket
+import time
 
 import gevent
 from gevent.event import Event
+
+from .poller import poller
+from ..fastpath import send_many
 
 log = logging.getLogger("imd.net")
 
 RECV_SIZE = 65536
 CLOSE_LINGER = 5.0      # seconds a closing connection may take to drain its output
+BULK_DELAY_MAX = 0.05   # seconds bulk writes may wait for the next bulk flush, at most
+BULK_FANOUT = 16        # one event delivered to at least this many connections is a fan-out
 on_release = None          # set by imd.net.admission: called with the fd of every closed Conn
-_DEAD = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT, errno.EBADF)
+_RETRY = (-errno.EAGAIN, -errno.EINTR)
+_PLAIN = (_socket.socket, socket.socket)   # sockets send_many may write to by descriptor
+
+# Conn._dirty: which flush the connection waits for
+CLEAN, NOW, BULK = 0, 1, 2
 
 
 def _cid(handler) -> str:
@@ -40,26 +60,101 @@ def _cid(handler) -> str:
 
 
 class Flusher:
-    """Writes every dirty connection's buffer once per event-loop iteration."""
+    """Writes dirty connections' buffers; one per process (:func:`flusher`).
 
-    __slots__ = ("loop", "_dirty", "_scheduled")
+    Ordinary writes are flushed by a loop callback, at the end of the loop
+    iteration that made them. Bulk writes (made while ``bulk`` > 0, i.e. inside
+    ``with bulk_writes(n):``) are flushed by their own flush, which runs at most
+    once per "duty cycle": after a bulk flush that took T seconds, the next one
+    waits until min(T, BULK_DELAY_MAX) seconds after it ended. An isolated
+    fan-out therefore goes out in the iteration that made it; under a stream of
+    large fan-outs the publications that arrive while the previous one is being
+    written share one ``send()`` per connection, and the hub spends at most
+    about half its time in bulk flushes. An ordinary write to a connection that
+    holds bulk bytes sends them along, in order, in the same iteration.
+    """
+
+    __slots__ = ("loop", "bulk", "_dirty", "_scheduled", "_bulk", "_bulk_armed", "_bulk_ready",
+                 "_bulk_timer", "sends", "bulk_flushes")
 
     def __init__(self, loop=None):
         self.loop = loop or gevent.get_hub().loop
+        self.bulk = 0                 # > 0 inside bulk_writes()
         self._dirty = []
         self._scheduled = False
+        self._bulk = []
+        self._bulk_armed = False
+        self._bulk_ready = 0.0        # time.monotonic() from which the next bulk flush may run
+        self._bulk_timer = None
+        self.sends = 0                # send() calls made by flushes (for tests and metrics)
+        self.bulk_flushes = 0
+
+    def __enter__(self) -> "Flusher":
+        self.bulk += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bulk -= 1
 
     def mark(self, conn: "Conn") -> None:
+        """Flush ``conn`` at the end of this loop iteration."""
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
             self.loop.run_callback(self._flush)
 
+    def mark_bulk(self, conn: "Conn") -> None:
+        """Flush ``conn`` with the next bulk flush."""
+        self._bulk.append(conn)
+        if self._bulk_armed:
+            return
+        self._bulk_armed = True
+        delay = self._bulk_ready - time.monotonic()
+        if delay <= 0:
+            self.loop.run_callback(self._flush_bulk)
+            return
+        self._bulk_timer = self.loop.timer(delay)
+        self._bulk_timer.start(self._flush_bulk)
+
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, []
         self._scheduled = False
-        for conn in dirty:
-            conn._flush()
+        self.write_all(dirty)
+
+    def _flush_bulk(self) -> None:
+        self._bulk_timer = None
+        t0 = time.monotonic()
+        conns, self._bulk = self._bulk, []
+        self._bulk_armed = False
+        self.bulk_flushes += 1
+        self.write_all(conns)
+        t1 = time.monotonic()
+        self._bulk_ready = t1 + min(t1 - t0, BULK_DELAY_MAX)
+
+    def write_all(self, conns) -> None:
+        """One ``send()`` for each dirty connection of ``conns`` (duplicates and
+        connections flushed meanwhile are skipped): for plain sockets all in one
+        ``send_many``, for socket-like layers (TLS) through their ``send``."""
+        batch, items = [], []
+        for conn in conns:
+            if not conn._dirty:
+                continue
+            conn._dirty = CLEAN
+            out = conn._out
+            if not out or conn.closed or conn._ww is not None:
+                continue
+            if type(conn.sock) not in _PLAIN:
+                conn._send()
+                continue
+            data = out[0] if len(out) == 1 else b"".join(out)
+            batch.append((conn, len(out)))
+            items.append((conn.sock.fileno(), data))
+        if not items:
+            return
+        self.sends += len(items)
+        results = send_many(items)
+        for (conn, chunks), (_, data), n in zip(batch, items, results):
+            conn._sent(data, chunks, n)
 
 
 _flusher = None
@@ -73,12 +168,22 @@ def flusher() -> Flusher:
     return _flusher
 
 
+_NOT_BULK = contextlib.nullcontext()
+
+
+def bulk_writes(fanout: int):
+    """``with bulk_writes(n):`` around the delivery of one event to ``n``
+    connections: when ``n`` >= BULK_FANOUT the writes made inside may wait for
+    the next bulk flush (see :class:`Flusher`). Not for code that blocks inside."""
+    return (_flusher or flusher()) if fanout >= BULK_FANOUT else _NOT_BULK
+
+
 class Conn:
-    """A non-blocking socket with a read watcher, an output buffer and a limit."""
+    """A non-blocking socket read through the poller, with an output buffer and a limit."""
 
     open_count = 0            # Conns of this process not yet shut down
 
-    __slots__ = ("sock", "handler", "limit", "_rw", "_ww", "_out", "_outlen", "_dirty",
+    __slots__ = ("sock", "handler", "limit", "_ww", "_out", "_outlen", "_dirty",
                  "_closing", "_drained", "_timer", "closed")
 
     def __init__(self, sock: socket.socket, handler, limit: int) -> None:
@@ -88,16 +193,14 @@ class Conn:
         self.limit = limit
         self._out = None          # list of pending chunks; None while nothing is pending
         self._outlen = 0
-        self._dirty = False
+        self._dirty = CLEAN
         self._closing = False
         self._drained = None
         self._timer = None
         self._ww = None
         self.closed = False
         Conn.open_count += 1
-        loop = gevent.get_hub().loop
-        self._rw = loop.io(sock.fileno(), 1)
-        self._rw.start(self._on_readable)
+        poller().add(sock.fileno(), self)
 
     @property
     def peer(self) -> str:
@@ -127,11 +230,11 @@ class Conn:
             self._shutdown("internal error")
 
     def pause_reading(self) -> None:
-        self._rw.stop()
+        poller().pause(self.sock.fileno())
 
     def resume_reading(self) -> None:
         if not self.closed and not self._closing:
-            self._rw.start(self._on_readable)
+            poller().resume(self.sock.fileno())
 
     # -- writing -------------------------------------------------------------
     @property
@@ -152,19 +255,24 @@ class Conn:
             log.info("slow consumer cut off conn=%s peer=%s pending=%d", _cid(self.handler), self.peer, self._outlen)
             self._shutdown("slow consumer")
             return False
-        if not self._dirty and self._ww is None:
-            self._dirty = True
-            flusher().mark(self)
+        dirty = self._dirty
+        if dirty == NOW or self._ww is not None:
+            return True
+        f = _flusher or flusher()
+        if f.bulk:
+            if not dirty:
+                self._dirty = BULK
+                f.mark_bulk(self)
+        else:
+            self._dirty = NOW          # also when BULK: the bulk bytes go along now
+            f.mark(self)
         return True
 
-    def _flush(self) -> None:
-        self._dirty = False
-        if self.closed or not self._out:
-            return
-        self._send()
-
     def _send(self) -> None:
+        """Write what is pending (the write watcher's callback)."""
         out = self._out
+        if self.closed or not out:
+            return
         data = out[0] if len(out) == 1 else b"".join(out)
         try:
             n = self.sock.send(data)
@@ -173,20 +281,35 @@ class Conn:
         except OSError as e:
             self._shutdown(f"send error: {e.strerror or e}")
             return
-        if n == len(data):
-            self._out = None
-            self._outlen = 0
-            if self._ww is not None:
-                self._ww.stop()
-                self._ww = None
-            if self._drained is not None:
-                self._drained.set()
-            if self._closing:
-                self._shutdown(self._closing)
+        self._sent(data, len(out), n)
+
+    def _sent(self, data: bytes, chunks: int, n: int) -> None:
+        """``send()`` took ``n`` bytes (or failed with ``-errno``) of ``data``, the
+        join of the first ``chunks`` pending chunks (more may have been written
+        since the data was taken)."""
+        if self.closed:
             return
-        rest = data[n:]
-        self._out = [rest]
-        self._outlen = len(rest)
+        if n < 0:
+            if n not in _RETRY:
+                self._shutdown(f"send error: {os.strerror(-n)}")
+                return
+            n = 0
+        out = self._out
+        self._outlen -= n
+        if n == len(data):
+            if chunks == len(out):
+                self._out = None
+                if self._ww is not None:
+                    self._ww.stop()
+                    self._ww = None
+                if self._drained is not None:
+                    self._drained.set()
+                if self._closing:
+                    self._shutdown(self._closing)
+                return
+            del out[:chunks]           # written meanwhile: the connection is marked again
+            return
+        out[:chunks] = [data[n:]]
         if self._ww is None:
             self._ww = gevent.get_hub().loop.io(self.sock.fileno(), 2)
             self._ww.start(self._send)
@@ -201,6 +324,16 @@ class Conn:
                 return False
         return not self.closed
 
+    # -- deadlines -----------------------------------------------------------
+    def on_deadline(self, now: float):
+        """A deadline filed under the connection (imd.net.wheel) is the current
+        handler's ``on_conn_deadline(now)``; it drops out once the connection is
+        closed or handed to a handler without one (a protocol that took it over)."""
+        fn = getattr(self.handler, "on_conn_deadline", None)
+        if fn is None or self.closed:
+            return None
+        return fn(now)
+
     # -- closing -------------------------------------------------------------
     def close(self, reason: str = "closed", flush: bool = True) -> None:
         """Close; with ``flush``, after what is buffered reaches the kernel.
@@ -212,11 +345,11 @@ class Conn:
             return
         if flush and self._out:
             self._closing = reason
-            self._rw.stop()
+            poller().pause(self.sock.fileno())
             self._timer = gevent.get_hub().loop.timer(CLOSE_LINGER)
             self._timer.start(self._shutdown, reason)
-            if not self._dirty and self._ww is None:
-                self._dirty = True
+            if self._dirty != NOW and self._ww is None:
+                self._dirty = NOW
                 flusher().mark(self)
             return
         self._shutdown(reason)
@@ -226,10 +359,10 @@ class Conn:
             return
         self.closed = True
         Conn.open_count -= 1
+        fd = self.sock.fileno()
         if on_release is not None:
-            on_release(self.sock.fileno())
-        self._rw.stop()
-        self._rw.close()
+            on_release(fd)
+        poller().remove(fd)
         if self._ww is not None:
             self._ww.stop()
             self._ww.close()

@@ -26,18 +26,19 @@ class TcpSession(Session):
 
     def __init__(self, router, sock, peer, node_id: str) -> None:
         super().__init__(router, node_id)
-        limits = router.limits
-        self.decoder = FrameDecoder(limits.max_frame)
-        self.conn = Conn(sock, self, limits.send_buffer)
+        self.decoder = None           # only while a partial frame is pending
+        self.conn = Conn(sock, self, router.limits.send_buffer)
 
     # Conn's handler protocol
     def on_data(self, data: bytes) -> None:
         self.touch()
+        decoder = self.decoder or FrameDecoder(self.router.limits.max_frame)
         try:
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
         except FrameError as e:
             self.router.refuse(self, e.code, e.reason)
             return
+        self.decoder = decoder if decoder.pending else None
         for frame in frames:
             if self.state is CLOSED or not self.receive_json(frame):
                 return

@@ -39,6 +39,8 @@ USER_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 Callback = Callable[[Any, Optional[BaseException]], None]
 
+LAST_SEQS_MAX = 1000         # users per Store.last_seqs call (one query)
+
 
 class StoreError(Exception):
     """Base of store errors."""
@@ -121,6 +123,14 @@ class UserInfo:
     platform: Optional[str] = None
 
 
+@dataclass(slots=True)
+class AttachState:
+    """What attaching a session reads (see ``Store.attach_states``)."""
+    top: int                          # the user's inbox top (last_seq)
+    contacts: Optional[set] = None    # the user's contacts, when asked for
+    offline: Optional[list] = None    # offline entries (``offline``), when asked for
+
+
 class Store:
     """Interface; see the module docstring for the concurrency contract."""
 
@@ -189,6 +199,21 @@ class Store:
     def last_seq(self, user: str) -> int:
         """The highest seq in ``user``'s inbox (0 if empty)."""
         raise NotImplementedError
+
+    def last_seqs(self, users: list) -> dict:
+        """``{user: last_seq}`` for many users in one query (0 for a user without
+        an inbox); at most LAST_SEQS_MAX users per call."""
+        raise NotImplementedError
+
+    def attach_states(self, requests: list) -> list:
+        """For each ``(user, want_contacts, offline_limit)`` an :class:`AttachState`:
+        ``last_seq``, then ``contacts`` (if wanted) and ``offline`` up to the limit
+        (if > 0), read in that order. A backend overrides this to serve many logins
+        with one round trip (SQLite: one threadpool job); this default reads one
+        by one."""
+        return [AttachState(self.last_seq(user), self.contacts(user) if want_contacts else None,
+                            self.offline(user, limit) if limit else None)
+                for user, want_contacts, limit in requests]
 
     def cursor(self, user: str, device: str) -> int:
         raise NotImplementedError

@@ -45,7 +45,7 @@ import gevent
 import psycopg
 from gevent.lock import BoundedSemaphore
 
-from .base import Store, StoreUnavailable, UserInfo
+from .base import LAST_SEQS_MAX, AttachState, Store, StoreUnavailable, UserInfo
 from .batch import ROW_COLUMNS, BatchPlan, client_keys
 from .migrations import migrations
 from .retention import purge_loop
@@ -237,6 +237,45 @@ class PostgresStore(WriterStore, Store):
 
     def last_seq(self, user: str) -> int:
         return self._scalar("SELECT last_seq FROM users WHERE id = %s", (user,))
+
+    def last_seqs(self, users: list) -> dict:
+        users = list(users)
+        if len(users) > LAST_SEQS_MAX:
+            raise ValueError(f"last_seqs: more than {LAST_SEQS_MAX} users")
+        out = dict.fromkeys(users, 0)
+        if users:
+            out.update(self._rows("SELECT id, last_seq FROM users WHERE id = ANY(%s)", (users,)))
+        return out
+
+    def attach_states(self, requests: list) -> list:
+        """Three statements for the whole batch (tops, contacts, offline entries
+        per request through a LATERAL join), on one pooled connection."""
+        users = list(dict.fromkeys(user for user, _, _ in requests))
+        contact_users = list(dict.fromkeys(user for user, want, _ in requests if want))
+        offline = [(k, user, limit) for k, (user, _, limit) in enumerate(requests) if limit]
+
+        def q(con):
+            tops = dict(con.execute("SELECT id, last_seq FROM users WHERE id = ANY(%s)", (users,)).fetchall())
+            contacts = {user: set() for user in contact_users}
+            if contact_users:
+                for user, contact in con.execute("SELECT user_id, contact FROM contacts WHERE user_id = ANY(%s)",
+                                                 (contact_users,)):
+                    contacts[user].add(contact)
+            entries = {k: [] for k, _, _ in offline}
+            if offline:
+                rows = con.execute(
+                    "SELECT r.k, e.* FROM unnest(%%s::int[], %%s::text[], %%s::int[]) AS r(k, id, lim) "
+                    "CROSS JOIN LATERAL (SELECT %s FROM inbox i JOIN messages m ON m.mid = i.mid "
+                    "WHERE i.user_id = r.id AND i.inbound AND i.seq > (SELECT COALESCE(MAX(seq), 0) "
+                    "FROM cursors WHERE user_id = r.id) ORDER BY i.seq LIMIT r.lim) e ORDER BY r.k, e.seq"
+                    % ENTRY_COLUMNS, ([k for k, _, _ in offline], [u for _, u, _ in offline],
+                                      [n for _, _, n in offline])).fetchall()
+                for row in rows:
+                    entries[row[0]].append(entry_from_row(requests[row[0]][0], row[1:]))
+            return [AttachState(tops.get(user) or 0, contacts[user] if want else None,
+                                entries[k] if limit else None)
+                    for k, (user, want, limit) in enumerate(requests)]
+        return self._query(q)
 
     def cursor(self, user: str, device: str) -> int:
         return self._scalar("SELECT seq FROM cursors WHERE user_id = %s AND device = %s",

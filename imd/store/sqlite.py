@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 import gevent
 from gevent.monkey import get_original
 
-from .base import Store, StoreUnavailable, UserInfo
+from .base import LAST_SEQS_MAX, AttachState, Store, StoreUnavailable, UserInfo
 from .batch import BatchPlan, client_keys
 from .migrations import migrations
 from .retention import purge_loop
@@ -207,17 +207,30 @@ class SqliteStore(WriterStore, Store):
         return self._read(q)
 
     def offline(self, user: str, limit: int) -> list:
-        def q(con):
-            received = _received(con, user)
-            rows = con.execute("SELECT %s FROM inbox i JOIN messages m ON m.mid = i.mid "
-                               "WHERE i.user = ? AND i.seq > ? AND i.inbound = 1 "
-                               "ORDER BY i.seq LIMIT ?" % ENTRY_COLUMNS,
-                               (user, received, limit)).fetchall()
-            return [entry_from_row(user, r) for r in rows]
-        return self._read(q)
+        return self._read(_offline, user, limit)
 
     def last_seq(self, user: str) -> int:
-        return self._read(lambda con: _scalar(con, "SELECT last_seq FROM users WHERE id = ?", user))
+        return self._read(_last_seq, user)
+
+    def attach_states(self, requests: list) -> list:
+        def q(con):
+            return [AttachState(_last_seq(con, user), _contacts(con, user) if want_contacts else None,
+                                _offline(con, user, limit) if limit else None)
+                    for user, want_contacts, limit in requests]
+        return self._read(q)
+
+    def last_seqs(self, users: list) -> dict:
+        users = list(users)
+        if len(users) > LAST_SEQS_MAX:
+            raise ValueError(f"last_seqs: more than {LAST_SEQS_MAX} users")
+
+        def q(con):
+            out = dict.fromkeys(users, 0)
+            if users:
+                out.update(con.execute("SELECT id, last_seq FROM users WHERE id IN (%s)"
+                                       % ",".join("?" * len(users)), users).fetchall())
+            return out
+        return self._read(q)
 
     def cursor(self, user: str, device: str) -> int:
         return self._read(lambda con: _scalar(
@@ -227,8 +240,7 @@ class SqliteStore(WriterStore, Store):
         return self._read(_received, user)
 
     def contacts(self, user: str) -> set:
-        return self._read(lambda con: {r[0] for r in con.execute(
-            "SELECT contact FROM contacts WHERE user = ?", (user,))})
+        return self._read(_contacts, user)
 
     def users_info(self, users: Iterable[str]) -> dict:
         wanted = list(dict.fromkeys(users))
@@ -266,6 +278,22 @@ def _scalar(con, sql: str, *args) -> int:
 
 def _received(con, user: str) -> int:
     return _scalar(con, "SELECT MAX(seq) FROM cursors WHERE user = ?", user)
+
+
+def _last_seq(con, user: str) -> int:
+    return _scalar(con, "SELECT last_seq FROM users WHERE id = ?", user)
+
+
+def _contacts(con, user: str) -> set:
+    return {r[0] for r in con.execute("SELECT contact FROM contacts WHERE user = ?", (user,))}
+
+
+def _offline(con, user: str, limit: int) -> list:
+    rows = con.execute("SELECT %s FROM inbox i JOIN messages m ON m.mid = i.mid "
+                       "WHERE i.user = ? AND i.seq > ? AND i.inbound = 1 "
+                       "ORDER BY i.seq LIMIT ?" % ENTRY_COLUMNS,
+                       (user, _received(con, user), limit)).fetchall()
+    return [entry_from_row(user, r) for r in rows]
 
 
 def _apply_pending(con, p: Pending) -> None:

@@ -40,6 +40,24 @@ def test_no_delivery_without_or_after_subscription(factory):
     assert rec.got == []
 
 
+def test_subscribe_user_is_the_user_channel(factory):
+    e, rec = factory.make("n1")
+    e.subscribe_user("alice")
+    e.subscribe_user("bob")
+    assert factory.ready(e)
+    e.unsubscribe_user("bob")
+    e.publish("u:bob", entry("bob", 1))
+    e.publish("u:alice", entry("alice", 1))
+    assert rec.wait(lambda got: len(got) == 1)
+    gevent.sleep(0.2)
+    assert [(c, ev.data["seq"]) for c, ev in rec.got] == [("u:alice", 1)]
+    e.unsubscribe("u:alice")                # the channel form undoes the user form
+    e.publish("u:alice", entry("alice", 2))
+    assert factory.ready(e)
+    gevent.sleep(0.2)
+    assert len(rec.got) == 1
+
+
 def test_several_channels(factory):
     e, rec = factory.make("n1")
     for u in ("a", "b", "c"):
@@ -75,6 +93,19 @@ def test_presence_set_get_remove(factory):
     assert got["carol"] == []
     e.presence_set("alice", None)
     assert e.presence_get(["alice"]) == {"alice": []}
+
+
+def test_presence_records_keep_devices(factory):
+    e, _ = factory.make("n1")
+    assert factory.ready(e)
+    e.presence_set("alice", {"status": "online", "platforms": ["ios"], "devices": ["phone"]})
+    e.presence_set("bob", {"status": "online", "platforms": ["ios", "web"], "devices": ["pad", "pc"]})
+    got = e.presence_get(["alice", "bob"])
+    assert got["alice"] == [{"status": "online", "platforms": ["ios"], "devices": ["phone"], "node": "n1"}]
+    assert got["bob"] == [{"status": "online", "platforms": ["ios", "web"], "devices": ["pad", "pc"],
+                           "node": "n1"}]
+    e.presence_set("bob", {"status": "away", "platforms": ["web"]})
+    assert e.presence_get(["bob"])["bob"] == [{"status": "away", "platforms": ["web"], "node": "n1"}]
 
 
 def test_channel_counts(factory):

@@ -25,8 +25,9 @@ HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
 MAX_STANZA = 2048
 
 
-def run(pieces, negotiating: bool, max_stanza: int = MAX_STANZA):
-    """(serialized stanzas, stream started, stream ended, error condition or None)."""
+def run(pieces, negotiating: bool, max_stanza: int = MAX_STANZA, hibernate: bool = False):
+    """(serialized stanzas, stream started, stream ended, error condition or None);
+    ``hibernate``: try to free the expat parser after every piece."""
     got, state = [], {"start": 0, "end": 0}
     p = parser.StreamParser(SimpleNamespace(
         on_stream_start=lambda attrs: state.__setitem__("start", state["start"] + 1),
@@ -42,6 +43,8 @@ def run(pieces, negotiating: bool, max_stanza: int = MAX_STANZA):
                 p.feed(b"<presence/>")
             return got, state["start"], state["end"], e.condition
         assert p._fed - p._mark <= max_stanza
+        if hibernate:
+            p.hibernate()
     return got, state["start"], state["end"], None
 
 
@@ -96,6 +99,25 @@ def test_valid_stanzas_round_trip(els, draw, negotiating, close):
     stream = HEADER + "".join(texts).encode() + (b"</stream:stream>" if close else b"")
     got = run(split(stream, draw.draw), negotiating, max_stanza=1 << 20)
     assert got == (texts, 1, int(close), None)
+
+
+@FUZZ
+@given(els=st.lists(tree, max_size=5), gaps=st.lists(st.sampled_from(["", " ", "\n", "\r\n\t"]), min_size=5,
+                                                     max_size=5), draw=st.data())
+def test_stanzas_round_trip_through_parser_hibernation(els, gaps, draw):
+    """Freeing the parser whenever hibernate() allows (after any piece) loses nothing."""
+    texts = [serialized(e) for e in els]
+    stream = HEADER + "".join(t + g for t, g in zip(texts, gaps)).encode() + b"</stream:stream>"
+    got = run(split(stream, draw.draw), False, max_stanza=1 << 20, hibernate=True)
+    assert got == (texts, 1, 1, None)
+
+
+@FUZZ
+@given(els=st.lists(tree, min_size=1, max_size=4), draw=st.data())
+def test_mutated_streams_through_parser_hibernation(els, draw):
+    stream = mutate(HEADER + "".join(serialized(e) for e in els).encode(), draw.draw)
+    pieces = split(stream, draw.draw)
+    assert agree(run(pieces, False), run(pieces, False, hibernate=True))
 
 
 @FUZZ

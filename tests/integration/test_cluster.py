@@ -163,7 +163,7 @@ def test_cross_protocol_and_web_tier_across_nodes(cluster):
     assert ws_recv(guest, "notice")["body"] == {"booking": "B9"}
 
     st, res = admin(n3, "POST", "/api/v1/users/hostw/kick")
-    assert st == 200 and res == {"closed": 0}           # none on n3; n1 closes its own
+    assert st == 200 and res == {"closed": 1}           # none on n3; n1 closes its own and counts it
     env = host.wait_for(lambda e: e.get("type") == "close")
     assert env["code"] == 4001 and env["reconnect"] is False
     assert ws_recv(guest, "presence", lambda e: e["user"] == "hostw")["status"] == "offline"
@@ -246,6 +246,32 @@ def test_kick_across_nodes(cluster):
     other.close()
 
 
+def test_kick_counts_sessions_on_every_node(cluster):
+    """A kick through any node answers with the sessions closed on all nodes: each node
+    holding a session of the user answers the asking node with its count."""
+    n1, n2, n3 = cluster.start("n1", "n2", "n3")
+    kicked = [n1.client("kc", device="a", platform="ios"), n1.client("kc", device="b", platform="web"),
+              n2.client("kc", device="c", platform="android")]
+    other = n2.client("bystander")
+
+    def platforms():
+        return sorted(admin(n3, "GET", "/api/v1/presence?users=kc")[1]["kc"]["platforms"])
+    wait_until(lambda: platforms() == ["android", "ios", "web"], what="kc's presence on n1 and n2 seen from n3")
+    st, res = admin(n3, "POST", "/api/v1/users/kc/kick")
+    assert st == 200 and res == {"closed": 3}
+    for c in kicked:
+        env = c.wait_for(lambda e: e.get("type") == "close")
+        assert env["code"] == 4001 and env["reconnect"] is False
+    assert other.ping()["type"] == "pong"
+
+    again = n2.client("kc", device="d")
+    wait_until(lambda: platforms() == ["android"], what="kc back on n2 only")
+    st, res = admin(n1, "POST", "/api/v1/users/kc/kick")     # asked on a node without the user
+    assert st == 200 and res == {"closed": 1}
+    assert again.wait_for(lambda e: e.get("type") == "close")["code"] == 4001
+    other.close()
+
+
 def test_kill9_node(cluster):
     n1, n2, n3 = cluster.start("n1", "n2", "n3", presence_ttl=TTL)
     cluster.db.add_contacts("host9", "guest9")
@@ -323,6 +349,35 @@ def test_redis_restart(tmp_path, db, private_redis):
         carol.msg("alice", "back")
         assert wait_msg(alice)["body"] == "back"
         for cl in (alice, bob, carol):
+            cl.close()
+    finally:
+        c.stop()
+
+
+def test_resync_reads_inbox_tops_in_one_query(tmp_path, db, private_redis):
+    """After a Redis outage a node reads its users' inbox tops with one store query
+    per LAST_SEQS_MAX users (not one per user) and fills every gap from the store."""
+    c = Cluster(tmp_path, db, private_redis.url)
+    try:
+        n2, n3 = c.start("n2", "n3", presence_ttl=TTL)
+        receivers = [n2.client(f"rs{i}") for i in range(30)]
+        sender = n3.client("rsender")
+        sender.msg("rs0", "before")
+        assert wait_msg(receivers[0])["body"] == "before"
+
+        private_redis.kill()
+        # stored and acked, but their publications die with n3 before Redis is back
+        mids = {f"rs{i}": sender.msg(f"rs{i}", f"lost {i}")["mid"] for i in range(0, 30, 3)}
+        sender.close()
+        n3.kill9()
+        private_redis.start()
+
+        for i in range(0, 30, 3):
+            assert wait_msg(receivers[i], timeout=20)["mid"] == mids[f"rs{i}"]
+        # (the first "resync done users=0" is the bus's first connection, at start)
+        wait_until(lambda: "resync done users=30" in n2.log(), 20, what="resync")
+        assert re.search(r"resync done users=30 sessions_behind=10 store_queries=1\b", n2.log())
+        for cl in receivers:
             cl.close()
     finally:
         c.stop()

@@ -70,6 +70,17 @@ def test_seqs_start_at_one_dense_unique(store):
     assert [e.seq for e in store.inbox("alice", 0, 100)] == list(range(1, 31))
     assert store.last_seq("alice") == 30 and store.last_seq("bob") == 15
     assert store.last_seq("nobody") == 0
+    assert store.last_seqs(["alice", "bob", "carol", "nobody"]) == {"alice": 30, "bob": 15, "carol": 15,
+                                                                    "nobody": 0}
+    assert store.last_seqs([]) == {}
+
+
+def test_last_seqs_is_bounded(store):
+    from imd.store.base import LAST_SEQS_MAX
+    users = [f"u{i}" for i in range(LAST_SEQS_MAX)]
+    assert store.last_seqs(users) == dict.fromkeys(users, 0)
+    with pytest.raises(ValueError):
+        store.last_seqs(users + ["one-too-many"])
 
 
 def test_message_lands_in_both_inboxes(store):
@@ -264,7 +275,7 @@ def test_entries_carry_the_senders_client_id(store):
 
 def test_flags_round_trip(store):
     """A message's flags (an XMPP sender's receipt request) come back in the commit
-    callback's entries, the inbox and offline reads of both users; other messages
+    callback's entries, the inbox, offline and attach reads of both users; other messages
     and notices have 0; the envelope never shows them."""
     acks = Acks()
     store.send_message("a", "b", "r1", "asks", None, "M1", 1, acks.cb("asks"), flags=1)
@@ -279,6 +290,7 @@ def test_flags_round_trip(store):
     assert [e.flags for e in notices] == [0]
     assert [e.flags for e in store.inbox("b", 0, 10)] == [1, 0, 0]
     assert [e.flags for e in store.offline("b", 10)] == [1, 0, 0]
+    assert [e.flags for e in store.attach_states([("b", False, 10)])[0].offline] == [1, 0, 0]
     assert [e.flags for e in store.inbox("a", 0, 10)] == [1, 0]
     assert store.inbox("b", 0, 1)[0] == asks.entries[1]
     assert "flags" not in store.inbox("b", 0, 1)[0].envelope()
@@ -398,6 +410,23 @@ def test_offline_is_inbound_entries_above_received_seq(store):
     assert [e.mid for e in store.offline("a", 100)] == ["n1"]
     assert [e.mid for e in store.offline("a", 0)] == []
     assert [e.mid for e in store.offline("b", 1)] == ["out1"]
+
+
+def test_attach_states_read_what_a_login_needs_in_one_call(store):
+    acks = Acks()
+    send_now(store, acks, "b", "a", "x1", mid="in1")       # a: seq 1 inbound; b: seq 1
+    send_now(store, acks, "a", "b", "y1", mid="out1")      # a: seq 2; b: seq 2 inbound
+    store.add_contact("a", "b")
+    store.set_cursor("b", "phone", 2)
+    assert store.flush(10)
+    a, b, nobody = store.attach_states([("a", True, 100), ("b", False, 100), ("nobody", True, 0)])
+    assert (a.top, a.contacts, [e.mid for e in a.offline]) == (2, {"b"}, ["in1"])
+    assert (b.top, b.contacts, b.offline) == (2, None, [])          # everything received
+    assert (nobody.top, nobody.contacts, nobody.offline) == (0, set(), None)
+    assert [e.mid for e in store.attach_states([("a", False, 1)])[0].offline] == ["in1"]
+    twice = store.attach_states([("a", True, 1), ("b", False, 5), ("a", False, 100)])   # two devices of a
+    assert [[e.mid for e in st.offline] for st in twice] == [["in1"], [], ["in1"]]
+    assert [st.contacts for st in twice] == [{"b"}, None, None] and [st.top for st in twice] == [2, 2, 2]
 
 
 def test_cursors_are_monotonic(store):

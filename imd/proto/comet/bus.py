@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 
 from imd.engine.base import ALL, Event
+from imd.net.conn import bulk_writes
 from imd.proto.comet.channels import Refused, Registry
 
 log = logging.getLogger("imd.comet")
@@ -52,9 +53,12 @@ class CometBus:
         op, reg = d.get("op"), self.registry
         try:
             if op == "pub":
-                reg.publish(d["cname"], d["content"])
+                ch = reg.get(d["cname"])
+                with bulk_writes(len(ch.subs) if ch is not None else 0):
+                    reg.publish(d["cname"], d["content"])
             elif op == "broadcast":
-                reg.broadcast(d["content"])
+                with bulk_writes(reg.subscribers):
+                    reg.broadcast(d["content"])
             elif op == "sign":
                 reg.sign(d["cname"], d["expires"], d["token"])
             elif op == "close":

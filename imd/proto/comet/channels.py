@@ -239,10 +239,16 @@ class Registry:
         if ch.subs:
             follow = (Message("next_seq", ch.name, ch.seq_next),) if type == "broadcast" else ()
             batch = [msg, *follow]
-            for sub in list(ch.subs):
+            idle_until = self.clock() + self.polling_timeout
+            array, seq_next = bool(follow), ch.seq_next
+            for sub in list(ch.subs):        # _deliver, inlined: this loop is the fan-out
                 if counted:
-                    sub.seq_next = ch.seq_next
-                self._deliver(sub, batch, bool(follow))
+                    sub.seq_next = seq_next
+                sub.idle_until = idle_until
+                sub.push(batch, array)
+                if sub.oneshot and sub.channel is not None:
+                    self._detach(sub)
+                    sub.end()
         return msg
 
     def _deliver(self, sub: Subscriber, batch: List[Message], array: bool) -> None:

@@ -23,7 +23,7 @@ import gevent
 from imd.proto.comet import formats as fmt
 from imd.proto.comet.bus import CometBus
 from imd.proto.comet.channels import SEQ_MASK, Refused, Registry, Subscriber, valid_cname
-from imd.proto.comet.http import HTTPError, Request
+from imd.proto.comet.http import HTTPError, Request, chunk
 from imd.proto.comet.server import PLAINTEXT_REFUSAL, HttpConn, raw_socket
 from imd.proto.comet.users import Users
 
@@ -31,6 +31,9 @@ log = logging.getLogger("imd.comet")
 
 POLL, IFRAME, STREAM, SSE = "poll", "iframe", "stream", "sse"
 ROUTES = {"/sub": POLL, "/poll": POLL, "/iframe": IFRAME, "/stream": STREAM, "/sse": SSE}
+_ENCODE = {IFRAME: fmt.iframe_chunk, STREAM: fmt.stream_chunk, SSE: fmt.sse_event}
+_CHUNKED = {kind: (kind + "/chunked", lambda m, encode=encode: chunk(encode(m)))
+            for kind, encode in _ENCODE.items()}     # Message.encoded keys and makers
 NO_CACHE = (("Expires", "0"), ("Cache-Control", "no-cache"))
 JSON = "application/json; charset=utf-8"
 JS = "text/javascript; charset=utf-8"
@@ -98,8 +101,13 @@ class CometSub(Subscriber):
                 http.reply(200, fmt.poll_body(msgs, array, self.cb), JS if self.cb else JSON,
                            NO_CACHE)
             return
-        encode = fmt.iframe_chunk if kind is IFRAME else (
-            fmt.sse_event if kind is SSE else fmt.stream_chunk)
+        if http.chunked:              # the HTTP chunk too is made once per message
+            key, make = _CHUNKED[kind]
+            for m in msgs:
+                if not http.conn.write(m.encoded(key, make)):
+                    return
+            return
+        encode = _ENCODE[kind]
         for m in msgs:
             if not http.send(encode(m)):
                 return

@@ -13,7 +13,10 @@ the application spawns; the connection stays ``busy`` until it replies.
 
 Time limits come from one wheel (``router.wheel``), not a timer per
 connection: a request head must complete within ``head_timeout`` (else 408)
-and an idle keep-alive connection is closed after ``idle_timeout``.
+and an idle keep-alive connection is closed after ``idle_timeout``. The
+deadlines are filed under the :class:`~imd.net.conn.Conn`, which hands them to
+its current handler: once a WebSocket takes the connection over, nothing
+refers to the HttpConn any more and it is freed at once.
 
 Every method runs in the hub and never blocks; greenlets may call ``reply``.
 """
@@ -21,9 +24,9 @@ Every method runs in the hub and never blocks; greenlets may call ``reply``.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Iterable, Optional, Tuple
 
+from imd.clock import mono_now
 from imd.net.conn import Conn
 from imd.proto.comet.http import (LAST_CHUNK, HTTPError, Request, RequestParser, chunk,
                                   error_response, response, stream_head)
@@ -59,7 +62,7 @@ class HttpConn:
         self.chunked = False
         self.keep = True
         self.head = False            # the current request is HEAD: answers carry no body
-        self.began = self.last_active = time.monotonic()
+        self.began = self.last_active = mono_now()
         self.fresh = True            # no request received yet: the head timeout applies
         self._running = False
         self._due = 0.0              # earliest deadline this connection is filed under
@@ -76,7 +79,7 @@ class HttpConn:
 
     # -- Conn handler ------------------------------------------------------------
     def on_data(self, data: bytes) -> None:
-        now = time.monotonic()
+        now = mono_now()
         parser = self.parser
         if parser is None:
             parser = self.parser = RequestParser(body_limit=self.app.body_limit)
@@ -143,7 +146,7 @@ class HttpConn:
     def _done(self) -> None:
         self.busy = False
         self.stream = None
-        self.last_active = time.monotonic()
+        self.last_active = mono_now()
         if not self.keep:
             self.conn.close("done")
             return
@@ -200,6 +203,20 @@ class HttpConn:
             self.keep = False
         self._done()
 
+    def hand_over_stream(self, req: Request, handler, content_type: str,
+                         headers: Iterable[Tuple[str, str]] = ()) -> bool:
+        """Begin an open-ended answer that ``handler`` writes from now on, straight
+        to the Conn (it becomes the Conn's handler): no HTTP state is kept for a
+        stream that lasts as long as the connection, and the connection ends with
+        it (requests pipelined behind it are not answered). Returns whether the
+        body is chunked (HTTP/1.1: each piece then goes through :func:`chunk` and
+        :data:`LAST_CHUNK` ends it)."""
+        chunked = req.version == "1.1"
+        self.keep = False
+        self.conn.write(stream_head(content_type, (SERVER, *headers, ("Connection", "close")), chunked))
+        self.take_over(handler)
+        return chunked
+
     def take_over(self, handler) -> Optional[bytes]:
         """Hand the socket to another protocol (WebSocket): returns the bytes
         received after the upgrade request."""
@@ -220,17 +237,17 @@ class HttpConn:
         """Make sure the wheel looks at this connection by ``when``."""
         if not self._due or when < self._due - 1:
             self._due = when
-            self.app.wheel.add(self, when)
+            self.app.wheel.add(self.conn, when)
 
-    def on_deadline(self, now: float) -> Optional[float]:
-        """The wheel's call: 408 a request that is late, close an idle connection;
-        returns when to look again. An entry filed before an earlier one replaced
-        it finds ``_due`` in the future and drops out; a busy connection is not
-        looked at (``_done`` files it again)."""
+    def on_conn_deadline(self, now: float) -> Optional[float]:
+        """The wheel's call (through the Conn): 408 a request that is late, close
+        an idle connection; returns when to look again. An entry filed before an
+        earlier one replaced it finds ``_due`` in the future and drops out; a
+        busy connection is not looked at (``_done`` files it again)."""
         if now + 1 < self._due:
             return None
         self._due = 0.0
-        if self.conn.closed or self.conn.handler is not self:
+        if self.conn.closed:
             return None
         limits = self.app.limits
         if self.in_request or self.fresh:

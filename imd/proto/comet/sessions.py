@@ -18,6 +18,7 @@ import gevent
 
 from imd.fastpath import WSDecoder, WSError, ws_close_payload, ws_encode
 from imd.proto.comet import formats as fmt
+from imd.proto.comet.http import LAST_CHUNK, chunk
 from imd.session import CLOSED, Session
 
 log = logging.getLogger("imd.comet")
@@ -43,15 +44,17 @@ class WsSession(Session):
     def __init__(self, router, conn, node_id: str) -> None:
         super().__init__(router, node_id)
         self.conn = conn
-        self.decoder = WSDecoder(router.limits.max_frame)
+        self.decoder = None           # only while a frame or message is incomplete
 
     def on_data(self, data: bytes) -> None:
         self.touch()
+        decoder = self.decoder or WSDecoder(self.router.limits.max_frame)
         try:
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
         except WSError as e:
             self._close_frame(e.code, e.reason)
             return
+        self.decoder = None if decoder.idle else decoder
         for op, payload in frames:
             if self.state is CLOSED or self.conn.closed:
                 return
@@ -86,35 +89,44 @@ class WsSession(Session):
 
 
 class SseSession(Session):
-    """A user session over one SSE response (``/im/events``)."""
+    """A user session over one SSE response (``/im/events``). Once the response
+    head is out the session is the Conn's handler (no HTTP state is kept) and the
+    connection ends with the stream; input from the client is ignored."""
 
-    __slots__ = ("http", "users")
+    __slots__ = ("conn", "chunked")
     protocol = "sse"
 
-    def __init__(self, router, http, users, node_id: str) -> None:
+    def __init__(self, router, conn, node_id: str) -> None:
         super().__init__(router, node_id)
-        self.http = http
-        self.users = users
+        self.conn = conn
+        self.chunked = True           # HTTP/1.1: pieces are chunks (see HttpConn.hand_over_stream)
+
+    def write(self, data: bytes) -> None:
+        """One piece of the event stream."""
+        self.conn.write(chunk(data) if self.chunked else data)
 
     def write_out(self, out) -> None:
         data = out.frame(sse_data)
         if out.seq:
             data = b"id: %d\n" % out.seq + data
-        self.http.send(data)
+        self.write(data)
 
     def end(self, reason: str) -> None:
-        self.http.end_stream()
+        if not self.conn.closed:
+            if self.chunked:
+                self.conn.write(LAST_CHUNK)
+            self.conn.close(reason)
         self.closed(reason)
 
-    def gone(self) -> None:
-        self.closed("client left")
+    # Conn's handler protocol
+    def on_data(self, data: bytes) -> None:
+        """The stream is one-way: whatever the client sends is dropped."""
 
-    def closed(self, reason: str) -> None:
-        self.users.sessions.pop(self.id, None)
-        super().closed(reason)
+    def on_close(self, reason: str) -> None:
+        self.closed(reason)
 
     def drain(self) -> None:
-        self.http.conn.wait_drained(self.http.conn.limit // 2)
+        self.conn.wait_drained(self.conn.limit // 2)
 
     def on_deadline(self, now: float):
         """The stream itself shows liveness (a dead client fails the write):
@@ -196,7 +208,6 @@ class PollSession(Session):
         self.closed(reason)
 
     def closed(self, reason: str) -> None:
-        self.users.sessions.pop(self.id, None)
         if self.waiter is not None:
             self._answer()
         super().closed(reason)

@@ -52,7 +52,6 @@ class Users:
         self.front = front
         self.router = router
         self.node_id = node_id
-        self.sessions: dict = {}        # id → SseSession | PollSession
         self.no_cache = (("Cache-Control", "no-cache"),)
 
     def dispatch(self, http, req: Request) -> None:
@@ -101,6 +100,23 @@ class Users:
         envelope.validate(env, self.router.limits.max_body)
         return env
 
+    def session(self, sid: str, user: str):
+        """The user's SSE or long-poll session on this node whose ``id`` is ``sid``
+        (``<node id>.<hex serial>``), or None. Found among the node's sessions of
+        that user (no table of comet sessions is kept): a session is there from
+        before its ``auth`` answer, which is where its client learns the id."""
+        node, _, serial = sid.rpartition(".")
+        if node != self.node_id or not 0 < len(serial) <= 16:
+            return None
+        try:
+            serial = int(serial, 16)
+        except ValueError:
+            return None
+        for s in self.router.node.sessions_of(user):
+            if s.serial == serial and isinstance(s, (SseSession, PollSession)):
+                return s
+        return None
+
     def verify(self, token: str):
         cfg = self.router.cfg.auth
         return auth.verify(token, cfg.secret, cfg.leeway)
@@ -138,11 +154,10 @@ class Users:
         except (EnvelopeError, auth.AuthError) as e:
             self.error(http, 401 if isinstance(e, auth.AuthError) else 400, e.reason, headers)
             return
-        s = SseSession(self.router, http, self, self.node_id)
-        self.sessions[s.id] = s
-        http.start_stream(req, s, "text/event-stream; charset=utf-8",
-                          self.no_cache + headers + (("X-Accel-Buffering", "no"),))
-        http.send(b"retry: 3000\n\n")
+        s = SseSession(self.router, http.conn, self.node_id)
+        s.chunked = http.hand_over_stream(req, s, "text/event-stream; charset=utf-8",
+                                          self.no_cache + headers + (("X-Accel-Buffering", "no"),))
+        s.write(b"retry: 3000\n\n")
         self.router.opened(s)
         self.router.receive(s, env)
 
@@ -161,8 +176,8 @@ class Users:
         except auth.AuthError as e:
             self.error(http, 401, e.reason, headers)
             return
-        s = self.sessions.get(p.get("session", ""))
-        if isinstance(s, PollSession) and s.user == ident.user and s.state is not CLOSED:
+        s = self.session(p.get("session", ""), ident.user)
+        if isinstance(s, PollSession) and s.state is not CLOSED:
             ack = _since(p.get("ack"))
             if ack is not None and s.state is not CLOSED and 0 < ack <= s.last_seq:
                 self.router.receive(s, {"type": "ack", "seq": ack})
@@ -175,7 +190,6 @@ class Users:
             self.error(http, 400, e.reason, headers)
             return
         s = PollSession(self.router, self, self.node_id)
-        self.sessions[s.id] = s
         self.router.opened(s)
         s.attach(http, cb)
         self.router.receive(s, env)
@@ -191,8 +205,8 @@ class Users:
         except auth.AuthError as e:
             self.error(http, 401, e.reason, headers)
             return
-        s = self.sessions.get(p.get("session", ""))
-        if s is None or s.user != ident.user or s.state is CLOSED:
+        s = self.session(p.get("session", ""), ident.user)
+        if s is None or s.state is CLOSED:
             self.error(http, 404, "no such session (open /im/events or /im/poll first)", headers)
             return
         try:

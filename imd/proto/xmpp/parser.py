@@ -33,12 +33,14 @@ Not thread-safe; a parser belongs to one connection and never blocks.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 from xml.parsers import expat
 
 from .stanza import CLIENT_NS, STREAM_NS, XML_NS, Element, escape_attr
 
 SEP = "\x01"
+_USUAL_DECLS = {"": CLIENT_NS, "stream": STREAM_NS}     # what nearly every client's header declares
 MAX_STANZA = 262144
 MAX_STANZA_PREAUTH = 16384
 MAX_DEPTH = 32
@@ -204,6 +206,8 @@ class StreamParser:
                 or not self._clean or self._root is None or self._error is not None):
             return False
         self._parser = self._stack = self._chunks = None
+        if self._ns_decls == _USUAL_DECLS:
+            self._ns_decls = _USUAL_DECLS      # shared, read-only: _wake only reads it
         return True
 
     def _wake(self) -> None:
@@ -287,7 +291,7 @@ class StreamParser:
             if self._replaying:
                 return
             parts = name.split(SEP)
-            self._root = parts[2] if len(parts) == 3 else ""
+            self._root = sys.intern(parts[2]) if len(parts) == 3 else ""
             if ns != STREAM_NS or tag != "stream":
                 raise StreamError("invalid-namespace", "not a stream header")
             if self._ns_decls.get("", "") != CLIENT_NS:
