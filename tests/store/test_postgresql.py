@@ -162,3 +162,19 @@ def test_close_during_outage_fails_the_queued_ops_without_hanging(pg):
     finally:
         store.close()
         proxy.stop()
+
+
+@pytest.mark.parametrize("copy_min", [1, 1000])
+def test_flags_through_copy_and_array_parameters(pg, copy_min):
+    """messages.flags is written by both insert paths (COPY into staging, arrays)."""
+    store = pg.make(copy_min=copy_min)
+    store.open()
+    try:
+        acks = Acks()
+        store.send_message("a", "b", "c1", "asks", None, "M1", 1, acks.cb("c1"), flags=1)
+        store.send_message("a", "b", "c2", "plain", None, "M2", 2, acks.cb("c2"))
+        assert store.flush(10)
+        assert [[e.flags for e in r.entries] for r in acks.results()] == [[1, 1], [0, 0]]
+        assert [e.flags for e in store.inbox("b", 0, 10)] == [1, 0]
+    finally:
+        store.close()
