@@ -45,7 +45,8 @@ def make_store(args):
         with psycopg.connect(PG_SERVER + " dbname=test", autocommit=True) as con:
             con.execute("DROP DATABASE IF EXISTS imd_bench WITH (FORCE)")
     store = PostgresStore(PG_SERVER + " dbname=imd_bench", writers=args.writers,
-                          queue_size=args.queue, batch_max=args.batch, bulk=args.bulk)
+                          queue_size=args.queue, batch_max=args.batch,
+                          **({} if args.copy_min is None else {"copy_min": args.copy_min}))
     return store, drop
 
 
@@ -54,7 +55,8 @@ def main():
     ap.add_argument("--backend", default="postgresql", choices=["sqlite", "postgresql"])
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--bulk", default="copy", choices=["copy", "executemany"])
+    ap.add_argument("--copy-min", type=int, default=None,
+                    help="PostgreSQL: COPY batches of at least this many rows (default: the store's)")
     ap.add_argument("--synchronous", default="full", choices=["full", "normal"])
     ap.add_argument("--messages", type=int, default=50000)
     ap.add_argument("--senders", type=int, default=2000)
@@ -95,7 +97,7 @@ def main():
         latencies.sort()
         print(orjson.dumps({
             "backend": args.backend, "writers": args.writers if args.backend == "postgresql" else 1,
-            "batch_max": args.batch, "bulk": args.bulk, "synchronous": args.synchronous,
+            "batch_max": args.batch, "copy_min": args.copy_min, "synchronous": args.synchronous,
             "messages": args.messages, "rate": args.rate,
             "client_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 2), "seconds": round(elapsed, 3),
             "msgs_per_s": round(args.messages / elapsed), "batches": stats["batches"], "retries": stats["retries"],

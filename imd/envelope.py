@@ -26,6 +26,11 @@ MAX_CTX_KEYS = 16
 MAX_CTX_VALUE = 256
 SYNC_LIMIT = 500
 
+# Bits of a message's ``flags`` (Entry.flags, Out.flags): what the sender's client asked of
+# the recipient's that the envelope has no field for. Only protocols that can express it set
+# or render it; the JSON envelope of raw-TCP and comet clients never carries it.
+RECEIPT_REQUESTED = 1          # an XEP-0184 <request/>: the recipient's client may answer <received/>
+
 
 class EnvelopeError(Exception):
     """A client envelope that violates the contract; answered with ``error``.
@@ -210,18 +215,20 @@ def dumps(env: dict) -> bytes:
 class Out:
     """A server→client envelope, encoded once and framed once per wire format.
 
-    ``seq`` is the inbox seq for inbox entries (0 otherwise) and ``origin`` the
-    id of the session that caused it (its own copy is not echoed back to it).
+    ``seq`` is the inbox seq for inbox entries (0 otherwise), ``origin`` the
+    id of the session that caused it (its own copy is not echoed back to it) and
+    ``flags`` an inbox entry's flags (RECEIPT_REQUESTED…), outside the envelope.
     ``frame(codec)`` caches ``codec(json_bytes)`` per codec, so a message
     delivered to many sessions of one protocol is framed once.
     """
 
-    __slots__ = ("env", "seq", "origin", "_json", "_frames")
+    __slots__ = ("env", "seq", "origin", "flags", "_json", "_frames")
 
-    def __init__(self, env: dict, seq: int = 0, origin: str = "") -> None:
+    def __init__(self, env: dict, seq: int = 0, origin: str = "", flags: int = 0) -> None:
         self.env = env
         self.seq = seq
         self.origin = origin
+        self.flags = flags
         self._json = None
         self._frames = None
 

@@ -53,10 +53,14 @@ class _KickTally:
 
 
 def entry_data(entry: Entry) -> dict:
-    return {"user": entry.user, "seq": entry.seq, "mid": entry.mid, "kind": entry.kind,
+    """The bus form of an entry (``flags`` only when set: most messages have none)."""
+    data = {"user": entry.user, "seq": entry.seq, "mid": entry.mid, "kind": entry.kind,
             "body": entry.body, "ts": entry.ts, "sender": entry.sender,
             "recipient": entry.recipient, "ctx": entry.ctx, "notice_kind": entry.notice_kind,
             "client_id": entry.client_id}
+    if entry.flags:
+        data["flags"] = entry.flags
+    return data
 
 
 class Node:
@@ -199,8 +203,9 @@ class Node:
         if not sessions:
             return
         entry = Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
-                      d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"))
-        out = Out(entry.envelope(), entry.seq, d.get("origin", ""))
+                      d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"),
+                      d.get("flags", 0))
+        out = Out(entry.envelope(), entry.seq, d.get("origin", ""), entry.flags)
         with bulk_writes(len(sessions)):
             for s in sessions:
                 s.deliver(out)

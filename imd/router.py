@@ -214,7 +214,7 @@ class Router:
     def _send_offline(self, s, top: int, offline: list) -> None:
         for e in offline:
             if e.seq <= top:
-                s.send(Out(e.envelope(), e.seq))
+                s.send(Out(e.envelope(), e.seq, flags=e.flags))
 
     def _replay(self, s, since: Optional[int], top: int, offline: Optional[list]) -> None:
         """The blocking part of attaching: contacts' presence, then the offline
@@ -230,7 +230,7 @@ class Router:
                     if not page:
                         break
                     for e in page:
-                        s.send(Out(e.envelope(), e.seq))
+                        s.send(Out(e.envelope(), e.seq, flags=e.flags))
                     cur = page[-1].seq
                     s.drain()
         except StoreError as e:
@@ -266,7 +266,7 @@ class Router:
             for e in page:
                 if e.seq > s.last_seq:
                     s.last_seq = e.seq
-                    s.send(Out(e.envelope(), e.seq))
+                    s.send(Out(e.envelope(), e.seq, flags=e.flags))
             if s.last_seq < target:
                 log.warning("gap not in store conn=%s user=%s from=%d to=%d", s.id, s.user, s.last_seq, target)
                 s.last_seq = target
@@ -288,7 +288,7 @@ class Router:
                 for e in page:
                     if e.seq > s.last_seq:
                         s.last_seq = e.seq
-                        s.send(Out(e.envelope(), e.seq))
+                        s.send(Out(e.envelope(), e.seq, flags=e.flags))
         except StoreError as e:
             log.warning("catch-up failed session=%s error=%s", s.id, e)
             s.close(503, "store unavailable", reconnect=True)
@@ -344,7 +344,8 @@ class Router:
                 self.node.publish_entry(e, s.id if e.user == s.user else "")
 
         try:
-            self.store.send_message(s.user, to, cid, env["body"], env.get("ctx"), self.mids(), now_ms(), stored)
+            self.store.send_message(s.user, to, cid, env["body"], env.get("ctx"), self.mids(), now_ms(), stored,
+                                    s.message_flags(env))
         except StoreFull:
             self.metrics.inc("imd_store_refused_total")
             s.send(error(503, "server busy, retry later", cid))
@@ -374,7 +375,7 @@ class Router:
             s.send(error(503, "store unavailable, retry"))
             return
         for e in entries:
-            s.send(Out(e.envelope(), e.seq))
+            s.send(Out(e.envelope(), e.seq, flags=e.flags))
         s.send({"type": "sync", "done": True, "seq": entries[-1].seq if entries else since,
                 "more": len(entries) == limit})
 

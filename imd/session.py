@@ -82,6 +82,12 @@ class Session:
         then calls :meth:`closed`."""
         raise NotImplementedError
 
+    def message_flags(self, env: dict) -> int:
+        """The flags (:data:`imd.envelope.RECEIPT_REQUESTED`…) to store with the ``msg``
+        envelope ``env`` this session sent. A client's JSON envelope has no such field
+        (0); a protocol that builds ``env`` from its own wire format may say more."""
+        return 0
+
     # -- what protocols call -------------------------------------------------------
     def receive_json(self, data: bytes) -> bool:
         """Parse one client envelope and hand it to the router (non-blocking).

@@ -64,7 +64,10 @@ class Entry:
     ``body`` is a str or a dict (JSON object); ``ctx`` a dict or None; ``ts``
     milliseconds since the epoch. ``client_id`` is the id the sender's client
     gave the message (None for notices and for messages sent without one);
-    it is unique per sender only.
+    it is unique per sender only. ``flags`` holds, as bits, what the sender's
+    client asked of the recipient's that the envelope has no field for
+    (:data:`imd.envelope.RECEIPT_REQUESTED`); the store keeps it and never
+    interprets it, and :meth:`envelope` leaves it out.
     """
 
     user: str
@@ -78,6 +81,7 @@ class Entry:
     ctx: Optional[dict] = None
     notice_kind: Optional[str] = None
     client_id: Optional[str] = None
+    flags: int = 0
 
     def envelope(self) -> dict:
         """The server→client envelope of this entry (DESIGN.md §3); a message
@@ -143,8 +147,10 @@ class Store:
 
     # -- writes (queued; see module docstring) -----------------------------
     def send_message(self, sender: str, recipient: str, client_id: str, body: Any,
-                     ctx: Optional[dict], mid: str, ts: int, callback: Callback) -> None:
+                     ctx: Optional[dict], mid: str, ts: int, callback: Callback,
+                     flags: int = 0) -> None:
         """Store a message in both inboxes; ``callback(MessageResult, None)`` after commit.
+        ``flags`` (see :class:`Entry`) is stored with it and comes back in its entries.
 
         Raises StoreFull if the queue is full.
         """

@@ -20,7 +20,7 @@ from .writer import MessageOp
 
 # Columns of ``BatchPlan.rows``; sender_k is None for a notice.
 ROW_COLUMNS = ("mid", "kind", "sender", "recipient", "body", "ctx", "ts", "client_id",
-               "sender_k", "recipient_k", "notice_kind")
+               "sender_k", "recipient_k", "notice_kind", "flags")
 
 
 class BatchPlan:
@@ -52,7 +52,7 @@ class BatchPlan:
                         continue
                 sender_k, recipient_k = self._take(op.sender), self._take(op.recipient)
                 self.rows.append((op.mid, "msg", op.sender, op.recipient, op.body_json, op.ctx_json,
-                                  op.ts, op.client_id, sender_k, recipient_k, None))
+                                  op.ts, op.client_id, sender_k, recipient_k, None, op.flags))
                 self.plans.append(("new", sender_k, recipient_k))
             else:
                 users = op.users if op.users is not None else known_users(op.role)
@@ -60,7 +60,7 @@ class BatchPlan:
                 for user in users:
                     k, mid = self._take(user), op.mids()
                     self.rows.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
-                                      None, k, op.kind))
+                                      None, k, op.kind, 0))
                     notices.append((user, k, mid))
                 self.plans.append(("notice", notices))
 

@@ -5,21 +5,23 @@ psycopg 3 connection each (cooperative under gevent once gevent has
 monkey-patched the process). A message goes to the lane of its sender, so one
 sender's messages commit in order. Each batch is one transaction:
 
-1. without any lock: look up every (sender, client_id) of the batch in one
-   query (dedupe), give each new entry its seq *relative* to its user (the k-th
-   seq the batch takes from that user) and COPY the rows into a per-connection
-   temporary staging table; write cursors and contacts;
-2. one statement (RESERVE_AND_INSERT): upsert the ``users`` rows in id order —
-   which creates missing users, locks the rows (so writers of this and of other
-   nodes sharing the database never deadlock on each other), applies last-seen
-   touches and reserves the seqs — then insert messages and inbox rows from the
-   staging table with absolute seqs;
-3. COMMIT at once (users rows stay locked for one statement and the commit);
-   the Writer runs the callbacks afterwards.
+1. without any lock: give each new entry its seq *relative* to its user (the
+   k-th seq the batch takes from that user, :class:`~imd.store.batch.BatchPlan`);
+   a batch of ``copy_min`` rows or more COPYs them into a per-connection
+   temporary staging table, a smaller one sends them as array parameters;
+2. BEGIN, cursors and contacts, one WRITE statement, passwords and COMMIT go in
+   one psycopg pipeline — one round trip. WRITE looks up the batch's
+   (sender, client_id) (dedupe; if any is stored it inserts nothing and the
+   batch is planned again knowing them), upserts the ``users`` rows in id order
+   — which creates missing users, locks the rows (so writers of this and of
+   other nodes sharing the database never deadlock on each other), applies
+   last-seen touches and reserves the seqs — then inserts messages and inbox
+   rows with absolute seqs; users rows stay locked for one statement and the
+   commit. The Writer runs the callbacks afterwards.
 
-Measured (docs/store.md): COPY into staging + INSERT … SELECT beats executemany
-by 3× under gevent; more writers than 2 only add lock waits on this 2-core box,
-since concurrent batches nearly always share some user.
+Measured (docs/store.md): COPY into staging beats array parameters from ~200 rows
+and executemany by 3× under gevent; more writers than 2 only add lock waits on
+this 2-core box, since concurrent batches nearly always share some user.
 
 A connection error, deadlock, lock timeout or shutdown is transient: the Writer
 retries the batch with backoff and this module reconnects the lane's
@@ -46,7 +48,7 @@ import psycopg
 from gevent.lock import BoundedSemaphore
 
 from .base import LAST_SEQS_MAX, AttachState, Store, StoreUnavailable, UserInfo
-from .batch import ROW_COLUMNS, BatchPlan, client_keys
+from .batch import ROW_COLUMNS, BatchPlan
 from .migrations import migrations
 from .retention import purge_loop
 from .rows import ENTRY_COLUMNS, entry_from_row, load_json
@@ -57,6 +59,7 @@ log = logging.getLogger("imd.store.postgresql")
 MIGRATION_LOCK = 0x696D64          # pg_advisory_xact_lock key ("imd")
 LOCK_TIMEOUT = "2s"                # a writer waiting longer on a row lock retries its batch
 PURGE_CHUNK = 5000
+COPY_MIN = 200                     # rows from which COPY beats array parameters (docs/store.md)
 
 
 
@@ -74,19 +77,17 @@ def is_transient(exc: BaseException) -> bool:
 class PostgresStore(WriterStore, Store):
     """The PostgreSQL store. See the module docstring and imd.store.base for the contract.
 
-    ``bulk`` is how rows are inserted: ``"copy"`` (default, measured fastest) or
-    ``"executemany"`` (kept for the benchmark that compares them).
+    ``copy_min``: batches of that many rows or more are COPYed into a staging table,
+    smaller ones are sent as array parameters of the write statement (docs/store.md).
     """
 
     name = "postgresql"
 
     def __init__(self, dsn: str, writers: int = 2, readers: int = 4, queue_size: int = 100000,
                  batch_max: int = 1000, retention_days: float = 0, purge_interval: float = 3600.0,
-                 bulk: str = "copy", connect_timeout: int = 5) -> None:
-        if bulk not in ("copy", "executemany"):
-            raise ValueError("bulk must be 'copy' or 'executemany'")
+                 copy_min: int = COPY_MIN, connect_timeout: int = 5) -> None:
         self.dsn = dsn
-        self.bulk = bulk
+        self.copy_min = copy_min
         self.connect_timeout = connect_timeout
         self.retention_days = retention_days
         self.purge_interval = purge_interval
@@ -151,32 +152,42 @@ class PostgresStore(WriterStore, Store):
     def _apply_batch(self, lane: int, ops: list, pending: Optional[Pending]) -> list:
         con = self._wcons[lane]
         if con is None or con.closed:
-            con = self._connect()
+            con = self._connect(autocommit=True)
             try:
                 con.execute("SET lock_timeout = '%s'" % LOCK_TIMEOUT)
                 con.execute(STAGING)
-                con.commit()
             except BaseException:
                 con.close()
                 raise
             self._wcons[lane] = con
         try:
-            with con.cursor() as cur:
-                batch = _Batch(cur, self.bulk)
-                batch.prepare(ops, pending)
-                batch.reserve()
-            con.commit()
-        except BaseException:
-            self._reset(lane, con)
+            stored: dict = {}
+            while True:
+                plan = BatchPlan(ops, stored, lambda role: _known_users(con, role))
+                base, found = _write(con, plan, pending, self.copy_min)
+                if not found:
+                    return plan.results(base)
+                # some client ids were stored before (a retry, or a client resending):
+                # that transaction inserted nothing; plan again knowing them
+                stored.update(found)
+                pending = None
+        except BaseException as exc:
+            self._reset(lane, con, isinstance(exc, Exception))
             raise
-        return batch.results()
 
-    def _reset(self, lane: int, con) -> None:
-        """After a failed batch: roll back, or drop the connection if it is broken."""
+    def _reset(self, lane: int, con, error: bool) -> None:
+        """After a failed batch: roll back, or drop the connection if it is broken. When
+        the lane is being killed (``error`` False; close) the pipeline may still be queued
+        on the server, COMMIT included: cancel the running statement first (which makes
+        the server skip the rest of the pipeline) so that a write reported as failed does
+        not commit later. Only a kill that lands after the server took the COMMIT stays
+        ambiguous, like a connection lost during COMMIT (module docstring)."""
         try:
-            if not con.broken:
+            if error and not con.broken:
                 con.rollback()
                 return
+            if not error and not con.broken:
+                con.cancel_safe(timeout=1.0)
         except psycopg.Error:
             pass
         self._wcons[lane] = None
@@ -325,19 +336,36 @@ class PostgresStore(WriterStore, Store):
                 return total
 
 
-# Staging table (per writer connection): the batch's rows with seqs relative to each
-# user's base (k-th seq the batch takes from that user), copied before any lock is taken.
+# Staging table (per writer connection) for batches of COPY_MIN rows or more: the batch's
+# rows with seqs relative to each user's base (k-th seq the batch takes from that user).
 STAGING = ("CREATE TEMP TABLE IF NOT EXISTS imd_staging (mid text, kind text, sender text, "
            "recipient text, body text, ctx text, ts bigint, client_id text, sender_k bigint, "
-           "recipient_k bigint, notice_kind text) ON COMMIT DELETE ROWS")
+           "recipient_k bigint, notice_kind text, flags integer) ON COMMIT DELETE ROWS")
 
-# One statement while the users rows are locked: the upsert creates missing users, locks
-# every row in id order, applies the touches and reserves the seqs (base, base + need];
-# messages and inbox rows are then inserted from the staging table with absolute seqs.
-RESERVE_AND_INSERT = """
-WITH v AS (
-    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::bigint[])
-        AS v(id, need, role, platform, last_seen)
+# Smaller batches send their rows as array parameters instead (one column per array).
+ROWS_FROM_ARRAYS = ("unnest(%(mid)s::text[], %(kind)s::text[], %(sender)s::text[], "
+                    "%(recipient)s::text[], %(body)s::text[], %(ctx)s::text[], %(ts)s::bigint[], "
+                    "%(client_id)s::text[], %(sender_k)s::bigint[], %(recipient_k)s::bigint[], "
+                    "%(notice_kind)s::text[], %(flags)s::integer[]) AS s(" + ", ".join(ROW_COLUMNS) + ")")
+ROWS_FROM_STAGING = "imd_staging"
+
+# The batch's one write statement. ``dup``: the batch's (sender, client_id) already stored
+# (the dedupe lookup); if there is any, the statement inserts nothing and reserves no seq
+# (the caller plans again knowing them). The users upsert creates missing users, locks
+# every row in id order (so writers of this and of other nodes sharing the database never
+# deadlock on each other), applies the touches and reserves the seqs (base, base + need];
+# messages and inbox rows are inserted with absolute seqs. Returns (id, base, NULL × 5) per
+# user and (sender, NULL, client_id, mid, ts, sender_seq, recipient_seq) per stored duplicate.
+WRITE = """
+WITH dup AS (
+    SELECT m.sender, m.client_id, m.mid, m.ts, m.sender_seq, m.recipient_seq
+    FROM messages m JOIN unnest(%%(key_sender)s::text[], %%(key_client_id)s::text[])
+        AS k(sender, client_id) ON m.sender = k.sender AND m.client_id = k.client_id
+), v AS (
+    SELECT id, CASE WHEN EXISTS (SELECT FROM dup) THEN 0 ELSE need END AS need,
+           role, platform, last_seen
+    FROM unnest(%%(id)s::text[], %%(need)s::bigint[], %%(role)s::text[], %%(platform)s::text[],
+                %%(last_seen)s::bigint[]) AS v(id, need, role, platform, last_seen)
 ), up AS (
     INSERT INTO users AS u (id, last_seq, role, platform, last_seen)
     SELECT id, need, role, platform, last_seen FROM v ORDER BY id
@@ -347,113 +375,112 @@ WITH v AS (
     RETURNING id, last_seq
 ), base AS (
     SELECT up.id, up.last_seq - v.need AS base FROM up JOIN v ON v.id = up.id
+), s AS (
+    SELECT * FROM %s WHERE NOT EXISTS (SELECT FROM dup)
 ), m AS (
     INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, client_id, sender_seq,
-                          recipient_seq, notice_kind)
+                          recipient_seq, notice_kind, flags)
     SELECT s.mid, s.kind, s.sender, s.recipient, s.body, s.ctx, s.ts, s.client_id,
-           sb.base + s.sender_k, rb.base + s.recipient_k, s.notice_kind
-    FROM imd_staging s JOIN base rb ON rb.id = s.recipient LEFT JOIN base sb ON sb.id = s.sender
+           sb.base + s.sender_k, rb.base + s.recipient_k, s.notice_kind, s.flags
+    FROM s JOIN base rb ON rb.id = s.recipient LEFT JOIN base sb ON sb.id = s.sender
 ), i AS (
     INSERT INTO inbox (user_id, seq, mid, inbound)
-    SELECT s.recipient, rb.base + s.recipient_k, s.mid, true
-        FROM imd_staging s JOIN base rb ON rb.id = s.recipient
+    SELECT s.recipient, rb.base + s.recipient_k, s.mid, true FROM s JOIN base rb ON rb.id = s.recipient
     UNION ALL
-    SELECT s.sender, sb.base + s.sender_k, s.mid, false
-        FROM imd_staging s JOIN base sb ON sb.id = s.sender
+    SELECT s.sender, sb.base + s.sender_k, s.mid, false FROM s JOIN base sb ON sb.id = s.sender
 )
-SELECT id, base FROM base
+SELECT id, base, NULL, NULL, NULL::bigint, NULL::bigint, NULL::bigint FROM base
+UNION ALL
+SELECT sender, NULL, client_id, mid, ts, sender_seq, recipient_seq FROM dup
 """
+WRITE_FROM_ARRAYS = WRITE % ROWS_FROM_ARRAYS
+WRITE_FROM_STAGING = WRITE % ROWS_FROM_STAGING
 
 
-class _Batch:
-    """The ops of one writer transaction.
+def _write(con, plan: BatchPlan, pending: Optional[Pending], copy_min: int):
+    """Run ``plan`` (+ ``pending``) as one transaction on the autocommit connection ``con``.
 
-    ``prepare`` does everything that needs no lock (dedupe lookup, the
-    BatchPlan, COPY into the staging table, cursors and contacts); ``reserve``
-    runs RESERVE_AND_INSERT, after which the caller commits at once, so users
-    rows stay locked only for one statement and the commit; ``results`` builds
-    the callbacks' results after the commit.
-    """
+    Round trips: batches of ``copy_min`` rows or more first COPY their rows into the
+    staging table (BEGIN + COPY); then BEGIN (if not begun), cursors, contacts, the
+    WRITE statement, passwords and COMMIT go in one pipeline, i.e. one round trip.
+    Returns (base, stored): user → last seq before the batch, and the duplicates
+    found by WRITE ((sender, client_id) → (mid, ts, sender_seq, recipient_seq)); when
+    ``stored`` is not empty nothing of the plan was inserted (but ``pending`` was
+    committed)."""
+    rows, taken = plan.rows, plan.taken
+    touches = pending.touches if pending else {}
+    passwords = pending.passwords if pending else {}
+    ids = sorted(set(taken).union(touches, passwords))
+    copied = len(rows) >= copy_min
+    if copied:
+        con.execute("BEGIN")
+        with con.cursor() as cur:
+            with cur.copy("COPY imd_staging (%s) FROM STDIN" % ", ".join(ROW_COLUMNS)) as copy:
+                for row in rows:
+                    copy.write_row(row)
+    write = con.cursor()
+    try:
+        with con.pipeline():
+            if not copied:
+                con.execute("BEGIN")
+            if pending:
+                _apply_cursors_contacts(con, pending)
+            if ids:
+                no = (None, None, None)
+                params = {"id": ids, "need": [taken.get(u, 0) for u in ids],
+                          "role": [touches.get(u, no)[0] for u in ids],
+                          "platform": [touches.get(u, no)[1] for u in ids],
+                          "last_seen": [touches.get(u, no)[2] for u in ids],
+                          "key_sender": [r[2] for r in rows if r[7] is not None],
+                          "key_client_id": [r[7] for r in rows if r[7] is not None]}
+                if not copied:
+                    for n, column in enumerate(ROW_COLUMNS):
+                        params[column] = [r[n] for r in rows]
+                write.execute(WRITE_FROM_STAGING if copied else WRITE_FROM_ARRAYS, params)
+            if passwords:
+                pw = list(passwords)
+                con.execute("UPDATE users SET credentials = v.credentials "
+                            "FROM unnest(%s::text[], %s::text[]) AS v(id, credentials) "
+                            "WHERE users.id = v.id", (pw, [passwords[u] for u in pw]))
+            con.execute("COMMIT")
+    except Exception as exc:
+        # a kill (GreenletExit at close) while the pipeline syncs comes out of psycopg as
+        # "cannot exit pipeline mode while busy": let the kill itself through
+        if not isinstance(exc.__context__, Exception) and exc.__context__ is not None:
+            raise exc.__context__
+        raise
+    base, stored = {}, {}
+    if ids:
+        for user, user_base, client_id, *dup in write.fetchall():
+            if user_base is None:
+                stored[(user, client_id)] = tuple(dup)
+            else:
+                base[user] = user_base
+    return base, stored
 
-    __slots__ = ("cur", "bulk", "pending", "plan", "base")
 
-    def __init__(self, cur, bulk: str) -> None:
-        self.cur = cur
-        self.bulk = bulk
-        self.base: dict = {}          # user -> last seq before this batch
-
-    def prepare(self, ops: list, pending: Optional[Pending]) -> None:
-        self.pending = pending
-        self.plan = BatchPlan(ops, self._stored(client_keys(ops)), self._known_users)
-        _insert(self.cur, self.bulk, "imd_staging", ROW_COLUMNS, self.plan.rows)
-        if pending:
-            _apply_cursors_contacts(self.cur, pending)
-
-    def reserve(self) -> None:
-        taken = self.plan.taken
-        touches = self.pending.touches if self.pending else {}
-        passwords = self.pending.passwords if self.pending else {}
-        ids = sorted(set(taken).union(touches, passwords))
-        if ids:
-            no = (None, None, None)
-            self.cur.execute(RESERVE_AND_INSERT, (
-                ids, [taken.get(u, 0) for u in ids], [touches.get(u, no)[0] for u in ids],
-                [touches.get(u, no)[1] for u in ids], [touches.get(u, no)[2] for u in ids]))
-            self.base = dict(self.cur.fetchall())
-        if passwords:
-            pw = list(passwords)
-            self.cur.execute("UPDATE users SET credentials = v.credentials "
-                             "FROM unnest(%s::text[], %s::text[]) AS v(id, credentials) "
-                             "WHERE users.id = v.id", (pw, [passwords[u] for u in pw]))
-
-    def results(self) -> list:
-        return self.plan.results(self.base)
-
-    def _known_users(self, role: Optional[str]) -> list:
-        if role is None:
-            self.cur.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
-        else:
-            self.cur.execute("SELECT id FROM users WHERE role = %s AND last_seen IS NOT NULL "
-                             "ORDER BY id", (role,))
-        return [r[0] for r in self.cur]
-
-    def _stored(self, keys: list) -> dict:
-        """(sender, client_id) → (mid, ts, sender_seq, recipient_seq) of those already stored."""
-        if not keys:
-            return {}
-        self.cur.execute("SELECT m.sender, m.client_id, m.mid, m.ts, m.sender_seq, m.recipient_seq "
-                         "FROM messages m JOIN unnest(%s::text[], %s::text[]) AS k(sender, client_id) "
-                         "ON m.sender = k.sender AND m.client_id = k.client_id",
-                         ([k[0] for k in keys], [k[1] for k in keys]))
-        return {(r[0], r[1]): r[2:] for r in self.cur}
-
-
-def _insert(cur, bulk: str, table: str, columns: tuple, rows: list) -> None:
-    if not rows:
-        return
-    names = ", ".join(columns)
-    if bulk == "copy":
-        with cur.copy("COPY %s (%s) FROM STDIN" % (table, names)) as copy:
-            for row in rows:
-                copy.write_row(row)
+def _known_users(con, role: Optional[str]) -> list:
+    if role is None:
+        rows = con.execute("SELECT id FROM users WHERE last_seen IS NOT NULL ORDER BY id")
     else:
-        cur.executemany("INSERT INTO %s (%s) VALUES (%s)"
-                        % (table, names, ", ".join(["%s"] * len(columns))), rows)
+        rows = con.execute("SELECT id FROM users WHERE role = %s AND last_seen IS NOT NULL "
+                           "ORDER BY id", (role,))
+    return [r[0] for r in rows]
 
 
-def _apply_cursors_contacts(cur, p: Pending) -> None:
+def _apply_cursors_contacts(con, p: Pending) -> None:
     """Write the coalesced cursors and contact changes (touches and passwords go
     with the users upsert)."""
     if p.cursors:
         keys = sorted(p.cursors)
-        cur.execute("INSERT INTO cursors (user_id, device, seq) "
+        con.execute("INSERT INTO cursors (user_id, device, seq) "
                     "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]) "
                     "ON CONFLICT (user_id, device) DO UPDATE SET seq = GREATEST(cursors.seq, EXCLUDED.seq)",
                     ([k[0] for k in keys], [k[1] for k in keys], [p.cursors[k] for k in keys]))
     for add, user, contact in p.contacts:
         if add:
-            cur.execute("INSERT INTO contacts (user_id, contact) VALUES (%s, %s), (%s, %s) "
+            con.execute("INSERT INTO contacts (user_id, contact) VALUES (%s, %s), (%s, %s) "
                         "ON CONFLICT DO NOTHING", (user, contact, contact, user))
         else:
-            cur.execute("DELETE FROM contacts WHERE (user_id, contact) IN ((%s, %s), (%s, %s))",
+            con.execute("DELETE FROM contacts WHERE (user_id, contact) IN ((%s, %s), (%s, %s))",
                         (user, contact, contact, user))

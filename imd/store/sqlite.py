@@ -410,15 +410,15 @@ def _reserve(con, taken: dict) -> dict:
 def _insert_rows(con, rows: list, base: dict) -> None:
     """Insert a BatchPlan's rows (messages and both inbox entries) with absolute seqs."""
     messages, inbox = [], []
-    for mid, kind, sender, recipient, body, ctx, ts, client_id, sender_k, recipient_k, nk in rows:
+    for mid, kind, sender, recipient, body, ctx, ts, client_id, sender_k, recipient_k, nk, flags in rows:
         recipient_seq = base[recipient] + recipient_k
         sender_seq = None if sender is None else base[sender] + sender_k
         messages.append((mid, kind, sender, recipient, body, ctx, ts, client_id, sender_seq,
-                         recipient_seq, nk))
+                         recipient_seq, nk, flags))
         inbox.append((recipient, recipient_seq, mid, 1))
         if sender is not None:
             inbox.append((sender, sender_seq, mid, 0))
     con.executemany("INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, client_id, "
-                    "sender_seq, recipient_seq, notice_kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "sender_seq, recipient_seq, notice_kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     messages)
     con.executemany("INSERT INTO inbox (user, seq, mid, inbound) VALUES (?, ?, ?, ?)", inbox)

@@ -49,10 +49,10 @@ class MessageOp:
     """A chat message to store in both inboxes (``body``/``ctx`` pre-encoded with orjson)."""
 
     __slots__ = ("sender", "recipient", "client_id", "body", "body_json", "ctx", "ctx_json",
-                 "mid", "ts", "callback")
+                 "mid", "ts", "callback", "flags")
 
     def __init__(self, sender: str, recipient: str, client_id: Optional[str], body: Any,
-                 ctx: Optional[dict], mid: str, ts: int, callback: Callback) -> None:
+                 ctx: Optional[dict], mid: str, ts: int, callback: Callback, flags: int = 0) -> None:
         if sender == recipient:
             raise ValueError("a message to oneself is refused before the store")
         self.sender = sender
@@ -65,6 +65,7 @@ class MessageOp:
         self.mid = mid
         self.ts = ts
         self.callback = callback
+        self.flags = flags
 
 
 class NoticeOp:
@@ -328,9 +329,9 @@ class WriterStore:
 
     _writer: Writer
 
-    def send_message(self, sender, recipient, client_id, body, ctx, mid, ts, callback) -> None:
-        self._writer.submit(MessageOp(sender, recipient, client_id, body, ctx, mid, ts, callback),
-                            sender)
+    def send_message(self, sender, recipient, client_id, body, ctx, mid, ts, callback, flags=0) -> None:
+        self._writer.submit(MessageOp(sender, recipient, client_id, body, ctx, mid, ts, callback,
+                                      flags), sender)
 
     def add_notices(self, users, role, kind, body, mids, ts, callback) -> None:
         self._writer.submit(NoticeOp(None if users is None else list(users), role, kind, body,

@@ -20,6 +20,7 @@ from .test_cluster import cluster, db  # noqa: F401  (fixtures)
 
 CHATSTATES = "http://jabber.org/protocol/chatstates"
 DISCO_INFO = "http://jabber.org/protocol/disco#info"
+RECEIPTS = "urn:xmpp:receipts"
 
 
 def xclient(user: str, resource: str, plugins=("xep_0030", "xep_0199", "xep_0203")):
@@ -70,12 +71,18 @@ def test_iq_chat_states_receipts_and_directed_presence_across_nodes(cluster):
         m = await raw_with(b, f"{{{CHATSTATES}}}composing")
         assert m["from"].full == "xa@localhost/desk"
 
-        # a stored message asking for a receipt; B's automatic receipt comes back over the bus
+        # a stored message without a request arrives without one (the bus entry has no flags)
+        plain = a.make_message(mto="xb@localhost", mbody="no receipt needed", mtype="chat")
+        plain.send()
+        got = await next_message(b)
+        assert got["id"] == plain["id"] and got.xml.find(f"{{{RECEIPTS}}}request") is None
+        # a stored message asking for a receipt: the request crosses the bus with the entry,
+        # and B's automatic receipt (for this message only) comes back over the bus
         msg = a.make_message(mto="xb@localhost", mbody="are you there?", mtype="chat")
         msg["request_receipt"] = True
         msg.send()
         got = await next_message(b)
-        assert got["id"] == msg["id"]
+        assert got["id"] == msg["id"] and got.xml.find(f"{{{RECEIPTS}}}request") is not None
         assert (await asyncio.wait_for(receipts.get(), 10))["receipt"] == msg["id"]
 
         # directed presence from n2 to a full JID on n1

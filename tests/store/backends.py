@@ -43,6 +43,13 @@ class SqliteBackend:
             con.execute("ROLLBACK")
             con.close()
 
+    def execute(self, sql: str) -> None:
+        """Run ``sql`` (no parameters) in its own transaction on the backend's database."""
+        con = sqlite3.connect("%s/%s" % (self.dir, FILENAME))
+        with con:
+            con.execute(sql)
+        con.close()
+
     def spec(self) -> str:
         return "sqlite:" + self.dir
 
@@ -87,6 +94,11 @@ class PostgresBackend:
                 yield
             finally:
                 con.rollback()
+
+    def execute(self, sql: str) -> None:
+        """Run ``sql`` (no parameters) in its own transaction on the backend's database."""
+        with psycopg.connect(self.dsn) as con:
+            con.execute(sql)
 
     def spec(self) -> str:
         return "postgresql:" + self.dsn

@@ -273,6 +273,55 @@ def test_entries_carry_the_senders_client_id(store):
     assert stored[0].envelope()["id"] == "cid-1:x" and "id" not in stored[1].envelope()
 
 
+def test_flags_round_trip(store):
+    """A message's flags (an XMPP sender's receipt request) come back in the commit
+    callback's entries, the inbox, offline and attach reads of both users; other messages
+    and notices have 0; the envelope never shows them."""
+    acks = Acks()
+    store.send_message("a", "b", "r1", "asks", None, "M1", 1, acks.cb("asks"), flags=1)
+    store.send_message("a", "b", "r2", "plain", None, "M2", 2, acks.cb("plain"))
+    store.send_message("a", "b", "r1", "again", None, "M3", 3, acks.cb("dup"))     # a duplicate
+    assert store.flush(10)
+    store.add_notices(["b"], None, "k", "n", mid_maker(), 4, acks.cb("n"))
+    assert store.flush(10)
+    asks, plain, dup, notices = acks.results()
+    assert [e.flags for e in asks.entries] == [1, 1] and [e.flags for e in plain.entries] == [0, 0]
+    assert dup.duplicate and dup.mid == "M1" and not dup.entries
+    assert [e.flags for e in notices] == [0]
+    assert [e.flags for e in store.inbox("b", 0, 10)] == [1, 0, 0]
+    assert [e.flags for e in store.offline("b", 10)] == [1, 0, 0]
+    assert [e.flags for e in store.attach_states([("b", False, 10)])[0].offline] == [1, 0, 0]
+    assert [e.flags for e in store.inbox("a", 0, 10)] == [1, 0]
+    assert store.inbox("b", 0, 1)[0] == asks.entries[1]
+    assert "flags" not in store.inbox("b", 0, 1)[0].envelope()
+
+
+def test_migration_2_gives_existing_messages_flags_0(backend, monkeypatch):
+    """A database at schema version 1 with a message in it is upgraded at open: the
+    old row reads back with flags 0, new ones keep theirs."""
+    module = sys.modules[type(backend.make()).__module__]
+    every = module.migrations
+    monkeypatch.setattr(module, "migrations", lambda name: every(name)[:1])
+    old = backend.make()
+    old.open()
+    old.close()
+    user_column = "user" if backend.name == "sqlite" else "user_id"
+    backend.execute("INSERT INTO messages (mid, kind, sender, recipient, body, ts, sender_seq, "
+                    "recipient_seq) VALUES ('M1', 'msg', 'a', 'b', '\"old\"', 1, 1, 1)")
+    backend.execute("INSERT INTO inbox (%s, seq, mid, inbound) VALUES ('b', 1, 'M1', true)" % user_column)
+    backend.execute("INSERT INTO users (id, last_seq) VALUES ('b', 1)")
+    monkeypatch.setattr(module, "migrations", every)
+    new = backend.make()
+    new.open()
+    try:
+        acks = Acks()
+        new.send_message("a", "b", "c2", "x", None, "M2", 2, acks.cb("c2"), flags=1)
+        assert new.flush(10)
+        assert [(e.mid, e.body, e.flags) for e in new.inbox("b", 0, 10)] == [("M1", "old", 0), ("M2", "x", 1)]
+    finally:
+        new.close()
+
+
 def test_messages_without_client_id_are_not_deduplicated(store):
     acks = Acks()
     store.send_message("a", "b", None, "x", None, "M1", 1, acks.cb(1))

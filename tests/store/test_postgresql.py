@@ -162,3 +162,42 @@ def test_close_during_outage_fails_the_queued_ops_without_hanging(pg):
     finally:
         store.close()
         proxy.stop()
+
+
+@pytest.mark.parametrize("copy_min", [1, 1000])
+def test_flags_through_copy_and_array_parameters(pg, copy_min):
+    """messages.flags is written by both insert paths (COPY into staging, arrays)."""
+    store = pg.make(copy_min=copy_min)
+    store.open()
+    try:
+        acks = Acks()
+        store.send_message("a", "b", "c1", "asks", None, "M1", 1, acks.cb("c1"), flags=1)
+        store.send_message("a", "b", "c2", "plain", None, "M2", 2, acks.cb("c2"))
+        assert store.flush(10)
+        assert [[e.flags for e in r.entries] for r in acks.results()] == [[1, 1], [0, 0]]
+        assert [e.flags for e in store.inbox("b", 0, 10)] == [1, 0]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("copy_min", [1, 1000])
+def test_stored_client_ids_in_a_batch_are_planned_again(pg, copy_min):
+    """The write statement finds client ids stored by earlier batches (dedupe inside it):
+    that transaction inserts nothing, the batch is planned again and the new messages
+    keep dense seqs, on both insert paths."""
+    store = pg.make(copy_min=copy_min)
+    store.open()
+    try:
+        acks = Acks()
+        send(store, acks, "a", "b", "c1")
+        assert store.flush(10)
+        for cid in ("c2", "c1", "c3"):
+            send(store, acks, "a", "b", cid, mid="again-%s" % cid)
+        assert store.flush(10)
+        results = acks.results()
+        assert [(r.mid, r.sender_seq, r.duplicate) for r in results] == [
+            ("m-a-c1", 1, False), ("again-c2", 2, False), ("m-a-c1", 1, True), ("again-c3", 3, False)]
+        assert [(e.seq, e.client_id) for e in store.inbox("b", 0, 10)] == [
+            (1, "c1"), (2, "c2"), (3, "c3")]
+    finally:
+        store.close()

@@ -28,7 +28,7 @@ def test_wal_and_migrations_recorded_once(tmp_path):
         store.close()
     con = sqlite3.connect(str(tmp_path / FILENAME))
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert [r[0] for r in con.execute("SELECT version FROM schema_version")] == [1]
+    assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
 
 
 def test_bad_synchronous_is_refused(tmp_path):

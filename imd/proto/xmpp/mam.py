@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Optional
 
+from ...envelope import RECEIPT_REQUESTED
 from ...store.base import StoreError
 from . import jid as jidmod
 from . import render
@@ -161,7 +162,7 @@ def _result(s, e, qid) -> Element:
     env = e.envelope()
     domain = s.proto.domain
     to = f"{env['to']}@{domain}" if env["type"] == "msg" else f"{s.user}@{domain}"
-    inner = render.message(env, domain, to, False)
+    inner = render.message(env, domain, to, False, e.flags & RECEIPT_REQUESTED)
     wrapper = Element("message", attrs={"to": s.full_jid, "from": f"{s.user}@{domain}"})
     res = wrapper.add("result", MAM_NS, {"id": str(e.seq)})
     if qid:

@@ -8,9 +8,9 @@ a ``presence`` envelope (a contact's aggregated presence) becomes
 contact's devices). Offline deliveries carry an XEP-0203 ``<delay>``. The
 message ``id`` is the sender's client id (for an XMPP sender: its own stanza
 id, so XEP-0184 receipts and XEP-0333 markers name an id the sender knows), or
-the entry's ``mid`` when the sender gave none (notices, the web tier). A
-delivered chat message asks for an XEP-0184 receipt (the sender's request is
-not stored, so every such message carries one).
+the entry's ``mid`` when the sender gave none (notices, the web tier). A chat
+message carries an XEP-0184 ``<request/>`` exactly when its sender's stanza
+did (the entry's flags have RECEIPT_REQUESTED; the caller says so).
 
 Message bodies may be JSON objects (from web or app clients): the XMPP body
 is then the object's ``text`` string if it has one, else the compact JSON,
@@ -66,7 +66,7 @@ def stanza_id(env: dict) -> str:
 
 def message(env: dict, domain: str, to: str, delayed: bool, receipt: bool = False) -> Element:
     """``<message>`` for an inbox entry envelope (``msg`` or ``notice``) addressed to
-    ``to``; ``receipt`` adds an XEP-0184 request to a chat message."""
+    ``to``; ``receipt`` (the sender asked for one) adds an XEP-0184 request to a chat message."""
     if env["type"] == "notice":
         msg = Element("message", attrs={"type": "headline", "from": domain, "to": to, "id": env["mid"]})
         msg.add("subject", text=str(env.get("kind") or ""))
@@ -126,9 +126,10 @@ CARBONS_NS = "urn:xmpp:carbons:2"
 FORWARD_NS = "urn:xmpp:forward:0"
 
 
-def sent_carbon(env: dict, domain: str, to: str) -> Element:
-    """XEP-0280 ``<sent>`` copy of a message this user sent from another device."""
-    inner = message(env, domain, f"{env['to']}@{domain}", False)
+def sent_carbon(env: dict, domain: str, to: str, receipt: bool = False) -> Element:
+    """XEP-0280 ``<sent>`` copy of a message this user sent from another device
+    (with the receipt request it was sent with)."""
+    inner = message(env, domain, f"{env['to']}@{domain}", False, receipt)
     outer = Element("message", attrs={"from": f"{env['from']}@{domain}", "to": to, "type": "chat"})
     outer.add("sent", CARBONS_NS).add("forwarded", FORWARD_NS).append(inner)
     return outer

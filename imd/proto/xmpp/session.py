@@ -7,6 +7,8 @@ stanzas onto the core and core envelopes onto stanzas:
 
 * ``<message>`` chat/normal with a body → a core ``msg`` (stored, in the
   recipient's inbox, delivered to all their devices whatever the protocol);
+  an XEP-0184 receipt request is stored with it (the message's flags) and
+  rendered again to XMPP recipients, live, offline and from the archive;
   body-less messages (chat states, receipts, markers) and headlines go to the
   recipient's XMPP resources on every node, unstored (:mod:`relay`);
 * ``<presence/>`` → core presence (``online``/``away``); it is also sent to
@@ -33,7 +35,7 @@ import logging
 
 import gevent
 
-from ...envelope import CLIENT_ID_RE, EnvelopeError, validate
+from ...envelope import CLIENT_ID_RE, RECEIPT_REQUESTED, EnvelopeError, validate
 from ...net.conn import Conn
 from ...net.tls import TlsSocket
 from ...session import CLOSED, Session
@@ -239,13 +241,15 @@ class XmppSession(StreamManagement, Negotiation, Session):
         env = out.env
         if env["type"] == "msg" and env["from"] == self.user:    # sent from another device of this user
             if self.carbons:
-                self.write(render.sent_carbon(env, self.proto.domain, self.full_jid), out.seq)
+                self.write(render.sent_carbon(env, self.proto.domain, self.full_jid,
+                                              out.flags & RECEIPT_REQUESTED), out.seq)
             else:
                 self.note_written(out.seq)
             return
         top = self.attached_top
         delayed = top is not None and 0 < out.seq <= top
-        self.write_bytes(render.message_bytes(env, self.proto.domain, self.bare(), delayed, receipt=True), out.seq)
+        self.write_bytes(render.message_bytes(env, self.proto.domain, self.bare(), delayed,
+                                              out.flags & RECEIPT_REQUESTED), out.seq)
         if env["type"] == "msg":
             recent = self.recent
             if recent is None:
@@ -305,6 +309,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
         ctx = render.ctx_from(msg)
         if ctx:
             env["ctx"] = ctx
+        if msg.find("request", render.RECEIPTS_NS) is not None:
+            env["flags"] = RECEIPT_REQUESTED      # stored with it: the recipient is asked too
         try:
             validate(env, self.router.limits.max_body)
         except EnvelopeError as e:
@@ -317,6 +323,10 @@ class XmppSession(StreamManagement, Negotiation, Session):
         elif len(pending) < MAX_PENDING:
             pending[cid] = (sid, msg.get("to"))
         self.router.receive(self, env)
+
+    def message_flags(self, env: dict) -> int:
+        """The flags ``on_message`` put in the core ``msg`` it built from a stanza."""
+        return env.get("flags", 0)
 
     def forget_pending(self, cid):
         """The (stanza id, to) kept for client id ``cid``, removed; None if none."""

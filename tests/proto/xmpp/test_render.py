@@ -16,12 +16,14 @@ def test_chat_message_with_ctx_and_delay():
         "<delay xmlns='urn:xmpp:delay' from='localhost' stamp='2025-12-04T00:00:00.123Z'/></message>")
 
 
-def test_message_id_is_the_senders_client_id_and_asks_for_a_receipt():
+def test_message_id_is_the_senders_client_id_and_asks_for_a_receipt_only_when_told():
     env = {"type": "msg", "mid": "m1", "seq": 3, "from": "host1", "to": "guest2", "body": "hi",
            "ts": 0, "id": "client-7"}
     el = render.message(env, "localhost", "guest2@localhost", False, receipt=True)
     assert tostring(el) == ("<message type='chat' from='host1@localhost' to='guest2@localhost' id='client-7'>"
                             "<body>hi</body><request xmlns='urn:xmpp:receipts'/></message>")
+    assert render.message(env, "localhost", "guest2@localhost", False).find("request", render.RECEIPTS_NS) is None
+    assert b"urn:xmpp:receipts" not in render.message_bytes(env, "localhost", "guest2@localhost", False, 0)
     del env["id"]
     assert render.message(env, "localhost", "guest2@localhost", False).attrs["id"] == "m1"
     notice = {"type": "notice", "mid": "n1", "seq": 9, "kind": "k", "body": "b", "ts": 0}

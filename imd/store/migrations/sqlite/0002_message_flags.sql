@@ -1,0 +1,3 @@
+-- imd store schema v2 (SQLite): what a message's sender asked of the recipient's client that the
+-- core envelope has no field for, as bits (1: an XEP-0184 receipt request). Existing rows: 0.
+ALTER TABLE messages ADD COLUMN flags INTEGER NOT NULL DEFAULT 0;
