@@ -51,6 +51,7 @@ class Router:
         self.store = store
         self.metrics = metrics or Metrics()
         self.mids = MidGen()
+        self._inflight: dict = {}   # (sender, client id) of a message being stored → sessions awaiting its answer
         self.auth_wheel = Wheel("on_auth_deadline")
         self.wheel = Wheel("on_deadline")
         self.attach_reads = AttachReads(store)
@@ -331,24 +332,41 @@ class Router:
             contacts = self.node.contacts.cached(s.user)
             if contacts is None or to not in contacts:
                 raise EnvelopeError(403, f"msg: {to} is not a contact", cid, fatal=False)
+        key = (s.user, cid)
+        waiting = self._inflight.get(key)
+        if waiting is not None:
+            # a re-send (e.g. from a new connection after a timeout) of a message still on
+            # its way to the store: it gets the same answer, and nothing is stored twice
+            waiting.append(s)
+            return
         t0 = time.monotonic()
 
-        def stored(result, err, s=s, cid=cid):
+        def stored(result, err, cid=cid, key=key):
+            waiting = self._inflight.pop(key, ())
             if err is not None:
                 code = 503 if isinstance(err, (StoreError,)) else 500
-                s.send(error(code, "message not stored, retry", cid))
+                for w in waiting:
+                    w.send(error(code, "message not stored, retry", cid))
                 return
             self._ack_latency.observe(time.monotonic() - t0)
-            s.send({"type": "ack", "id": cid, "mid": result.mid, "seq": result.sender_seq, "ts": result.ts})
+            ack = {"type": "ack", "id": cid, "mid": result.mid, "seq": result.sender_seq, "ts": result.ts}
+            for w in waiting:
+                w.send(ack)
+            origin = waiting[-1].id if waiting else ""
             for e in result.entries:
-                self.node.publish_entry(e, s.id if e.user == s.user else "")
+                self.node.publish_entry(e, origin if e.user == key[0] else "")
 
+        self._inflight[key] = [s]
         try:
             self.store.send_message(s.user, to, cid, env["body"], env.get("ctx"), self.mids(), now_ms(), stored,
                                     s.message_flags(env))
         except StoreFull:
+            self._inflight.pop(key, None)
             self.metrics.inc("imd_store_refused_total")
             s.send(error(503, "server busy, retry later", cid))
+        except BaseException:
+            self._inflight.pop(key, None)
+            raise
 
     def on_read(self, s, env: dict) -> None:
         gevent.spawn(self._read, s, env["peer"], env["seq"])
