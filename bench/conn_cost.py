@@ -26,16 +26,10 @@ import redis
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from imd.client import Client  # noqa: E402
+from bench.peers import rss_bytes  # noqa: E402
 
 SECRET = "bench-secret-bench-secret-bench-secret!"
 
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:
@@ -67,7 +61,7 @@ def main() -> None:
         port = int(re.search(r"listening name=tcp addr=[\d.]+:(\d+)", open(log_path).read()).group(1))
         r = redis.Redis.from_url(a.redis) if a.engine == "redis" else None
         time.sleep(1)
-        m0, r0 = rss(proc.pid), (r.info("memory")["used_memory"] if r else 0)
+        m0, r0 = rss_bytes([proc.pid]), (r.info("memory")["used_memory"] if r else 0)
         exp = int(time.time()) + 3600
         clients = []
         t0 = time.time()
@@ -78,7 +72,7 @@ def main() -> None:
             clients.append(c)
         auth_s = time.time() - t0
         time.sleep(3)
-        m1, r1 = rss(proc.pid), (r.info("memory")["used_memory"] if r else 0)
+        m1, r1 = rss_bytes([proc.pid]), (r.info("memory")["used_memory"] if r else 0)
         out = {"engine": a.engine, "store": "postgresql" if a.dsn else "sqlite", "conns": a.conns,
                "auth_per_s": round(a.conns / auth_s), "node_rss_bytes_per_conn": round((m1 - m0) / a.conns),
                "redis_bytes_per_conn": round((r1 - r0) / a.conns) if r else None}

@@ -36,16 +36,10 @@ sys.path.insert(0, ROOT)
 from imd.auth import issue  # noqa: E402
 from imd.client import Client  # noqa: E402
 from tests.tlsca import TestCA  # noqa: E402
+from bench.peers import rss_bytes  # noqa: E402
 
 SECRET = "bench-secret-bench-secret-bench-secret!"
 
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -55,10 +49,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def steady_rss(pid: int) -> int:
-    last = rss(pid)
+    last = rss_bytes([pid])
     for _ in range(20):
         time.sleep(0.5)
-        now = rss(pid)
+        now = rss_bytes([pid])
         if abs(now - last) < 64 * 1024:
             return now
         last = now

@@ -29,6 +29,15 @@ def _cython_module(config=None):
         return None, why
 
 
+def both():
+    """(the pure-Python twin, the Cython build), for tests that compare them; skips the
+    calling test when the build is missing."""
+    cy, why = _cython_module()
+    if cy is None:
+        pytest.skip(why)
+    return importlib.import_module("imd._fastpath_py"), cy
+
+
 @pytest.fixture(params=["python", "cython"], scope="module")
 def fp(request):
     if request.param == "python":

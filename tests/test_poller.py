@@ -7,20 +7,9 @@ from gevent.monkey import get_original
 
 from imd.net import poller as poller_mod
 from imd.net.conn import Conn
+from tests.test_conn import Handler
 
 _socketpair = get_original("socket", "socketpair")    # plain sockets: Conn drives them itself
-
-
-class Handler:
-    def __init__(self):
-        self.data = []
-        self.closed = None
-
-    def on_data(self, data):
-        self.data.append(data)
-
-    def on_close(self, reason):
-        self.closed = reason
 
 
 def pair():

@@ -8,29 +8,15 @@ partial frame is all a decoder keeps); a dead decoder stays dead; valid
 streams round-trip exactly.
 """
 
-import importlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fuzz.strategies import FUZZ, mutate, split
+from tests.test_fastpath import both
 
 MAX = 64
-
-
-def _impl(name):
-    if name == "cython":
-        try:
-            return importlib.import_module("imd._fastpath")
-        except ImportError as e:
-            pytest.skip(f"imd._fastpath is not built: {e}")
-    return importlib.import_module("imd._fastpath_py")
-
-
-@pytest.fixture(params=["python", "cython"], scope="module")
-def fp(request):
-    return _impl(request.param)
 
 
 def run(fp, pieces, max_frame=MAX):
@@ -106,7 +92,7 @@ def test_mutated_streams(fp, frames, draw):
 @given(data=st.binary(max_size=300), draw=st.data(), max_frame=st.integers(1, 300))
 def test_both_implementations_agree(data, draw, max_frame):
     pieces = split(data, draw.draw)
-    py, cy = _impl("python"), _impl("cython")
+    py, cy = both()
     a, b = run(py, pieces, max_frame), run(cy, pieces, max_frame)
     assert a == b
 

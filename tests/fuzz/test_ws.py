@@ -10,30 +10,16 @@ to exactly the messages sent; ``ws_parse_close`` on any payload returns or
 raises WSError.
 """
 
-import importlib
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.fuzz.strategies import FUZZ, mutate, split
+from tests.test_fastpath import both
 
 MAX = 300
 BOUND = MAX + 14 + 125 + 14
-
-
-def _impl(name):
-    if name == "cython":
-        try:
-            return importlib.import_module("imd._fastpath")
-        except ImportError as e:
-            pytest.skip(f"imd._fastpath is not built: {e}")
-    return importlib.import_module("imd._fastpath_py")
-
-
-@pytest.fixture(params=["python", "cython"], scope="module")
-def fp(request):
-    return _impl(request.param)
 
 
 def run(fp, pieces, max_message=MAX):
@@ -122,7 +108,8 @@ def test_mutated_streams(fp, conv, draw):
 @given(data=st.binary(max_size=300), draw=st.data(), max_message=st.integers(0, 400))
 def test_both_implementations_agree(data, draw, max_message):
     pieces = split(data, draw.draw)
-    assert run(_impl("python"), pieces, max_message) == run(_impl("cython"), pieces, max_message)
+    py, cy = both()
+    assert run(py, pieces, max_message) == run(cy, pieces, max_message)
 
 
 @FUZZ
