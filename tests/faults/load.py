@@ -118,23 +118,31 @@ def wind_down(d, token_for, users, senders, receivers, stop_send: threading.Even
         r.join(10)
 
 
-class Sender(threading.Thread):
-    def __init__(self, name: str, recipients: list, addr, token_for, checker: Checker,
-                 stop: threading.Event, window: int = 20, rate: float = 0.0, body_size: int = 40,
-                 proto: str = "tcp") -> None:
-        super().__init__(daemon=True, name=f"sender-{name}")
+class _LoadThread(threading.Thread):
+    """What a sender and a receiver share: one user's connection, re-opened until ``stop``."""
+
+    def __init__(self, thread_name: str, user: str, addr, token_for, checker: Checker,
+                 stop: threading.Event, proto: str) -> None:
+        super().__init__(daemon=True, name=thread_name)
         self.proto = proto
-        self.user = name
-        self.recipients = recipients
+        self.user = user
         self.addr = addr
         self.token_for = token_for
         self.chk = checker
         self.stop = stop
+        self.reconnects = 0
+
+
+class Sender(_LoadThread):
+    def __init__(self, name: str, recipients: list, addr, token_for, checker: Checker,
+                 stop: threading.Event, window: int = 20, rate: float = 0.0, body_size: int = 40,
+                 proto: str = "tcp") -> None:
+        super().__init__(f"sender-{name}", name, addr, token_for, checker, stop, proto)
+        self.recipients = recipients
         self.window = window
         self.interval = 1.0 / rate if rate else 0.0
         self.body = "x" * body_size
         self.n = 0
-        self.reconnects = 0
         self.pending: dict = {}       # cid -> envelope sent, not yet answered
 
     def _new(self) -> dict:
@@ -221,20 +229,13 @@ class Sender(threading.Thread):
             c.close()
 
 
-class Receiver(threading.Thread):
+class Receiver(_LoadThread):
     def __init__(self, user: str, device: str, addr, token_for, checker: Checker,
                  stop: threading.Event, churn: float = 0.0, proto: str = "tcp") -> None:
         """``churn`` > 0: drop and re-open the connection every ``churn`` seconds."""
-        super().__init__(daemon=True, name=f"receiver-{user}-{device}")
-        self.proto = proto
-        self.user = user
+        super().__init__(f"receiver-{user}-{device}", user, addr, token_for, checker, stop, proto)
         self.device = device
-        self.addr = addr
-        self.token_for = token_for
-        self.chk = checker
-        self.stop = stop
         self.churn = churn
-        self.reconnects = 0
         checker.expect(user, device)
 
     def run(self) -> None:

@@ -60,7 +60,4 @@ def test_kill9_twice_under_load_nothing_lost(tmp_path):
     print(rep)
     # two kills under load, each sender back after each (waited for above): connected 3 times at least
     assert rep.acked >= 1200 and all(s.reconnects >= 3 for s in senders)
-    assert not rep.lost, rep
-    assert not rep.reordered, rep
-    assert not rep.duplicated, rep
-    assert not rep.conflicts and not rep.stored_twice, rep
+    assert rep.ok, rep          # none lost, duplicated or reordered; no conflicting or twice-stored id

@@ -105,7 +105,4 @@ def test_kill9_under_mixed_load_on_every_protocol(tmp_path, request, backend):
     print("entries per receiver:", {f"{r.user}/{r.proto}": chk.received_by(r.user, r.device) for r in receivers})
     assert all(r.reconnects >= 3 for r in receivers), by_proto        # each resumed after both kills
     assert all(s.reconnects >= 3 for s in senders)
-    assert not rep.lost, rep
-    assert not rep.reordered, rep
-    assert not rep.duplicated, rep
-    assert not rep.conflicts and not rep.stored_twice, rep
+    assert rep.ok, rep          # none lost, duplicated or reordered; no conflicting or twice-stored id
