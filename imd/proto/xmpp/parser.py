@@ -44,6 +44,8 @@ _USUAL_DECLS = {"": CLIENT_NS, "stream": STREAM_NS}     # what nearly every clie
 MAX_STANZA = 262144
 MAX_STANZA_PREAUTH = 16384
 MAX_DEPTH = 32
+MAX_NAMES = 4096          # expat names remembered split (shared by all streams; cleared when full)
+_NAMES: dict[str, tuple[str, str]] = {}
 
 
 class StreamError(Exception):
@@ -286,10 +288,10 @@ class StreamParser:
         self._depth = depth
         if self._chunks:
             self._flush_text()
-        tag, ns = _split(name)
         if depth == 1:
             if self._replaying:
                 return
+            tag, ns = _split(name)
             parts = name.split(SEP)
             self._root = sys.intern(parts[2]) if len(parts) == 3 else ""
             if ns != STREAM_NS or tag != "stream":
@@ -299,7 +301,16 @@ class StreamParser:
             self._mark = self._fed
             self.handler.on_stream_start({_attr_key(k): v for k, v in attrs.items()})
             return
-        el = Element(tag, ns, {_attr_key(k): v for k, v in attrs.items()} if attrs else {})
+        split = _NAMES.get(name)
+        if split is None:
+            if len(_NAMES) >= MAX_NAMES:
+                _NAMES.clear()
+            split = _NAMES[name] = _split(name)
+        for key in attrs:                     # expat's dict is fresh: kept unless a key is namespaced
+            if SEP in key:
+                attrs = {_attr_key(k): v for k, v in attrs.items()}
+                break
+        el = Element(split[0], split[1], attrs)
         if depth == 2:
             self._mark = self._parser.CurrentByteIndex
         else:
