@@ -35,7 +35,7 @@ import logging
 
 import gevent
 
-from ...envelope import CLIENT_ID_RE, RECEIPT_REQUESTED, EnvelopeError, validate
+from ...envelope import CLIENT_ID_RE, RECEIPT_REQUESTED, EnvelopeError, check_body, validate
 from ...net.conn import Conn
 from ...net.tls import TlsSocket
 from ...session import CLOSED, Session
@@ -312,7 +312,10 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if msg.find("request", render.RECEIPTS_NS) is not None:
             env["flags"] = RECEIPT_REQUESTED      # stored with it: the recipient is asked too
         try:
-            validate(env, self.router.limits.max_body)
+            if ctx is None and len(cid) <= 64:    # id, to and a str body are valid by construction
+                check_body(body, self.router.limits.max_body, "msg", cid)
+            else:
+                validate(env, self.router.limits.max_body)
         except EnvelopeError as e:
             self.write(error_reply(msg, "not-acceptable" if e.code == 413 else "bad-request", e.reason,
                                    by=self.proto.domain))
