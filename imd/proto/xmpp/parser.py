@@ -139,18 +139,19 @@ class StreamParser:
                 if self.negotiating:
                     cut = min(cut, data.find(b">") + 1 or cut)
                 chunk, data = data[:cut], data[cut:]
-                self._fed += len(chunk)
+                base = self._fed
+                fed = self._fed = base + len(chunk)     # callbacks read it; only restart() resets it
                 try:
                     self._parser.Parse(chunk, False)
                 except expat.ExpatError as e:
                     raise self._expat_error(e) from None
-                if self._fed - self._mark > self.max_stanza:
+                if fed - self._mark > self.max_stanza:
                     raise StreamError("policy-violation", "stanza too big")
                 ended = self._ended
                 if ended >= 0:                  # a stanza ended in this chunk: what follows it?
                     self._ended = -1
-                    rest = chunk[max(ended - (self._fed - len(chunk)), 0):]
-                    if ended < self._fed - len(chunk) or rest[:2] == b"</":
+                    rest = chunk[ended - base:] if ended > base else chunk
+                    if ended < base or rest[:2] == b"</":
                         rest = rest[rest.find(b">") + 1:] if b">" in rest else b"<"   # skip the end tag
                     self._clean = not rest.strip()
                 elif self._clean and chunk.strip():

@@ -282,7 +282,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     # -- messages ----------------------------------------------------------------------------------
     def on_message(self, msg: Element) -> None:
-        mtype = msg.get("type", "normal")
+        attrs = msg.attrs
+        mtype = attrs.get("type", "normal")
         if mtype == "error":
             return
         to = self.target(msg)
@@ -296,20 +297,19 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if mtype == "groupchat":
             self.write(error_reply(msg, "service-unavailable", "no group chat here", by=self.proto.domain))
             return
-        msg.attrs["from"] = self.full_jid
-        body = msg.findtext("body")
+        attrs["from"] = self.full_jid
+        body, ctx, receipt = render.message_parts(msg)
         if not body and self.read_marker(msg, user):
             return
         if not body or mtype == "headline" or user == self.user:
             self.proto.route(user, to.resource, msg, self)
             return
-        sid = msg.get("id", "")
+        sid = attrs.get("id", "")
         cid = sid if CLIENT_ID_RE.fullmatch(sid) else f"x.{self.id}.{next(_stanza_ids)}"
         env = {"type": "msg", "id": cid, "to": user, "body": body}
-        ctx = render.ctx_from(msg)
         if ctx:
             env["ctx"] = ctx
-        if msg.find("request", render.RECEIPTS_NS) is not None:
+        if receipt:
             env["flags"] = RECEIPT_REQUESTED      # stored with it: the recipient is asked too
         try:
             if ctx is None and len(cid) <= 64:    # id, to and a str body are valid by construction
@@ -322,9 +322,9 @@ class XmppSession(StreamManagement, Negotiation, Session):
             return
         pending = self.pending
         if pending is None:
-            self.pending = {cid: (sid, msg.get("to"))}
+            self.pending = {cid: (sid, attrs.get("to"))}
         elif len(pending) < MAX_PENDING:
-            pending[cid] = (sid, msg.get("to"))
+            pending[cid] = (sid, attrs.get("to"))
         self.router.receive(self, env)
 
     def message_flags(self, env: dict) -> int:
