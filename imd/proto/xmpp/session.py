@@ -311,11 +311,13 @@ class XmppSession(StreamManagement, Negotiation, Session):
             env["ctx"] = ctx
         if receipt:
             env["flags"] = RECEIPT_REQUESTED      # stored with it: the recipient is asked too
+        max_body = self.router.limits.max_body
         try:
-            if ctx is None and len(cid) <= 64:    # id, to and a str body are valid by construction
-                check_body(body, self.router.limits.max_body, "msg", cid)
+            if ctx is None and len(cid) <= 64:    # id, to and a non-empty str body are valid by construction
+                if len(body) * 4 > max_body:      # else its UTF-8 (≤ 4 bytes a character) fits
+                    check_body(body, max_body, "msg", cid)
             else:
-                validate(env, self.router.limits.max_body)
+                validate(env, max_body)
         except EnvelopeError as e:
             self.write(error_reply(msg, "not-acceptable" if e.code == 413 else "bad-request", e.reason,
                                    by=self.proto.domain))
