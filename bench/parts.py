@@ -472,6 +472,10 @@ def part_logins(ctx, seconds=None):
 # ---------------------------------------------------------------- chat and xmpp (1:1 traffic)
 
 RATES = [250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000, 32000, 48000]
+# xmpp: steps of at most 25 % above 4,000/s, so that both the held rate and the peer's saturation
+# (the 5x target compares them) are known to within a step of that size
+XMPP_RATES = [250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000, 12000, 14000, 16000,
+              20000, 24000, 28000, 32000, 40000, 48000]
 
 
 def sweep(label, fleet, pids, rates, step_seconds, limit_ms):
@@ -494,7 +498,8 @@ def sweep(label, fleet, pids, rates, step_seconds, limit_ms):
             keeps_up = got >= sent and sent >= 0.9 * rate * step_seconds and p50 <= limit_ms
             in_limit = keeps_up and p99 <= limit_ms
             say(f"{label}: offered {rate:,}/s: {got:,}/{sent:,} answered, p50 {p50:.1f} ms "
-                f"p99 {p99:.1f} ms, server CPU {cpu / wall:.0%}, busiest load-generator process "
+                f"p99 {p99:.1f} ms, server CPU {cpu / wall:.0%} (CPU-s per 1k answered "
+                f"{_per_1k(cpu, got)}), busiest load-generator process "
                 f"{fleet.client_load:.0%}" + ("" if in_limit else
                                               f" -> {'p99 over' if keeps_up else 'saturated'} (try {attempt})"))
             time.sleep(0.5)
@@ -503,7 +508,8 @@ def sweep(label, fleet, pids, rates, step_seconds, limit_ms):
         series.append((rate, p99))
         if p99_streak and in_limit:
             held = rate
-            held_note = f"p50 {p50:.1f} ms, p99 {p99:.1f} ms at {rate:,}/s, server CPU {cpu / wall:.0%}"
+            held_note = (f"p50 {p50:.1f} ms, p99 {p99:.1f} ms at {rate:,}/s, server CPU {cpu / wall:.0%}, "
+                         f"CPU-s per 1k {_per_1k(cpu, got)}")
         else:
             p99_streak = False
         if not keeps_up:
@@ -647,7 +653,7 @@ def xmpp_one(subject, start_peer, clients, step_seconds):
             if failed:
                 return None, f"{failed} clients failed: {fleet.errors()[:1]}", None, []
             time.sleep(1)
-            return sweep(f"xmpp: {subject}", fleet, peer.pids(), RATES, step_seconds, 100)
+            return sweep(f"xmpp: {subject}", fleet, peer.pids(), XMPP_RATES, step_seconds, 100)
     except peers.PeerError as e:
         return None, str(e)[:80], None, []
     finally:

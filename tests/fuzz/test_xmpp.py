@@ -172,3 +172,56 @@ def test_carriage_returns_and_attribute_whitespace_survive_a_round_trip():
                                         on_stream_end=lambda: None))
     p.feed(HEADER + serialized(el).encode())
     assert got[-1].attrs["id"] == "a\tb\nc\rd" and got[-1].children[0].text == "line1\r\nline2\r"
+
+
+ns_uri = st.sampled_from(["jabber:client", "urn:a", "urn:b:0", "http://x/y?z=1&w"])
+ns_attr_key = st.builds(lambda uri, local: "{" + uri + "}" + local,
+                        st.sampled_from(["urn:a", "urn:c", stanza.XML_NS]), name)
+
+
+def ns_element(children):
+    return st.builds(lambda tag, ns, attrs, text, kids: stanza.Element(tag, ns, attrs, kids, text),
+                     name, ns_uri, st.dictionaries(name | ns_attr_key, attr_text, max_size=3), xml_text, children)
+
+
+ns_tree = st.recursive(ns_element(st.just([])), lambda kids: ns_element(st.lists(kids, max_size=3)), max_leaves=8)
+
+
+@FUZZ
+@given(els=st.lists(ns_tree, max_size=5), draw=st.data(), negotiating=st.booleans())
+def test_namespaced_stanzas_round_trip(els, draw, negotiating):
+    """Namespaced elements and attributes (the parser's split-name cache and its
+    attribute-key rewrite) come back exactly, also across a name-cache flush."""
+    texts = [serialized(e) for e in els]
+    stream = HEADER + "".join(texts).encode()
+    if draw.draw(st.booleans()):
+        parser._NAMES.clear()
+    got = run(split(stream, draw.draw), negotiating, max_stanza=1 << 20)
+    assert got == (texts, 1, 0, None)
+
+
+def test_the_name_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(parser, "MAX_NAMES", 4)
+    parser._NAMES.clear()
+    stanzas = "".join(f"<m{i} xmlns='urn:n{i}'><c{i}/></m{i}>" for i in range(20))
+    got = run([HEADER + stanzas.encode()], False)
+    assert got[0] == [f"<m{i} xmlns='urn:n{i}'><c{i}/></m{i}>" for i in range(20)]
+    assert len(parser._NAMES) <= 4
+
+
+def _escape_text_reference(s):
+    s = stanza._FORBIDDEN.sub("", s)
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
+
+
+def _escape_attr_reference(s):
+    s = _escape_text_reference(s).replace("'", "&apos;").replace('"', "&quot;")
+    return s.replace("\t", "&#9;").replace("\n", "&#10;")
+
+
+@FUZZ
+@given(s=st.text(max_size=40) | st.text(st.sampled_from("ab&<>'\"\t\n\r\x00\x1f\ud800\ufffe é"), max_size=20))
+def test_escaping_matches_the_plain_reference(s):
+    """The no-special-character shortcut of escape_text/escape_attr changes nothing."""
+    assert stanza.escape_text(s) == _escape_text_reference(s)
+    assert stanza.escape_attr(s) == _escape_attr_reference(s)

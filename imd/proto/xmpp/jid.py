@@ -19,6 +19,9 @@ LOCALPART_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _DOMAIN_RE = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?)*")
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
 MAX_RESOURCE_BYTES = 1023
+MAX_PARSED = 4096         # JIDs remembered parsed (a JID is immutable; cleared when full)
+MAX_PARSED_LEN = 256      # longer ones are parsed each time (bounds the memory: ~1 MB)
+_PARSED: dict[str, "JID"] = {}
 
 
 class JIDError(ValueError):
@@ -52,7 +55,20 @@ def valid_resource(resource: str) -> bool:
 
 
 def parse(text: str) -> JID:
-    """Parse ``[local@]domain[/resource]``; raises JIDError."""
+    """Parse ``[local@]domain[/resource]``; raises JIDError. Valid JIDs are remembered
+    (the same ``to`` comes again and again in a chat)."""
+    jid = _PARSED.get(text)
+    if jid is None:
+        jid = _parse(text)
+        if len(text) > MAX_PARSED_LEN:
+            return jid
+        if len(_PARSED) >= MAX_PARSED:
+            _PARSED.clear()
+        _PARSED[text] = jid
+    return jid
+
+
+def _parse(text: str) -> JID:
     bare, slash, resource = text.partition("/")
     local, at, domain = bare.rpartition("@")
     if not at:

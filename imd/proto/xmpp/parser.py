@@ -44,6 +44,8 @@ _USUAL_DECLS = {"": CLIENT_NS, "stream": STREAM_NS}     # what nearly every clie
 MAX_STANZA = 262144
 MAX_STANZA_PREAUTH = 16384
 MAX_DEPTH = 32
+MAX_NAMES = 4096          # expat names remembered split (shared by all streams; cleared when full)
+_NAMES: dict[str, tuple[str, str]] = {}
 
 
 class StreamError(Exception):
@@ -137,18 +139,19 @@ class StreamParser:
                 if self.negotiating:
                     cut = min(cut, data.find(b">") + 1 or cut)
                 chunk, data = data[:cut], data[cut:]
-                self._fed += len(chunk)
+                base = self._fed
+                fed = self._fed = base + len(chunk)     # callbacks read it; only restart() resets it
                 try:
                     self._parser.Parse(chunk, False)
                 except expat.ExpatError as e:
                     raise self._expat_error(e) from None
-                if self._fed - self._mark > self.max_stanza:
+                if fed - self._mark > self.max_stanza:
                     raise StreamError("policy-violation", "stanza too big")
                 ended = self._ended
                 if ended >= 0:                  # a stanza ended in this chunk: what follows it?
                     self._ended = -1
-                    rest = chunk[max(ended - (self._fed - len(chunk)), 0):]
-                    if ended < self._fed - len(chunk) or rest[:2] == b"</":
+                    rest = chunk[ended - base:] if ended > base else chunk
+                    if ended < base or rest[:2] == b"</":
                         rest = rest[rest.find(b">") + 1:] if b">" in rest else b"<"   # skip the end tag
                     self._clean = not rest.strip()
                 elif self._clean and chunk.strip():
@@ -286,10 +289,10 @@ class StreamParser:
         self._depth = depth
         if self._chunks:
             self._flush_text()
-        tag, ns = _split(name)
         if depth == 1:
             if self._replaying:
                 return
+            tag, ns = _split(name)
             parts = name.split(SEP)
             self._root = sys.intern(parts[2]) if len(parts) == 3 else ""
             if ns != STREAM_NS or tag != "stream":
@@ -299,7 +302,16 @@ class StreamParser:
             self._mark = self._fed
             self.handler.on_stream_start({_attr_key(k): v for k, v in attrs.items()})
             return
-        el = Element(tag, ns, {_attr_key(k): v for k, v in attrs.items()} if attrs else {})
+        split = _NAMES.get(name)
+        if split is None:
+            if len(_NAMES) >= MAX_NAMES:
+                _NAMES.clear()
+            split = _NAMES[name] = _split(name)
+        for key in attrs:                     # expat's dict is fresh: kept unless a key is namespaced
+            if SEP in key:
+                attrs = {_attr_key(k): v for k, v in attrs.items()}
+                break
+        el = Element(split[0], split[1], attrs)
         if depth == 2:
             self._mark = self._parser.CurrentByteIndex
         else:

@@ -54,9 +54,23 @@ def ctx_element(ctx: dict) -> Element:
                                    for k, v in ctx.items()})
 
 
-def ctx_from(stanza: Element) -> Optional[dict]:
-    el = stanza.find("ctx", CTX_NS)
-    return dict(el.attrs) if el is not None and el.attrs else None
+def message_parts(stanza: Element) -> tuple[Optional[str], Optional[dict], bool]:
+    """What a core ``msg`` takes from a ``<message>``, in one pass over its children:
+    the text of the first ``<body>`` (None without one), the attributes of the first
+    ``<ctx xmlns='urn:imd:ctx'>`` (None without one or when it has none), and whether
+    it carries an XEP-0184 ``<request/>``."""
+    body = ctx = None
+    receipt = False
+    ns = stanza.ns
+    for child in stanza.children:
+        cns = child.ns
+        if cns == ns and body is None and child.tag == "body":
+            body = child.text
+        if cns == RECEIPTS_NS and child.tag == "request":
+            receipt = True
+        if cns == CTX_NS and ctx is None and child.tag == "ctx":
+            ctx = dict(child.attrs)
+    return body, ctx or None, receipt
 
 
 def stanza_id(env: dict) -> str:

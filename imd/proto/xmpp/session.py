@@ -35,7 +35,7 @@ import logging
 
 import gevent
 
-from ...envelope import CLIENT_ID_RE, RECEIPT_REQUESTED, EnvelopeError, validate
+from ...envelope import CLIENT_ID_RE, RECEIPT_REQUESTED, EnvelopeError, check_body, validate
 from ...net.conn import Conn
 from ...net.tls import TlsSocket
 from ...session import CLOSED, Session
@@ -282,7 +282,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     # -- messages ----------------------------------------------------------------------------------
     def on_message(self, msg: Element) -> None:
-        mtype = msg.get("type", "normal")
+        attrs = msg.attrs
+        mtype = attrs.get("type", "normal")
         if mtype == "error":
             return
         to = self.target(msg)
@@ -296,32 +297,36 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if mtype == "groupchat":
             self.write(error_reply(msg, "service-unavailable", "no group chat here", by=self.proto.domain))
             return
-        msg.attrs["from"] = self.full_jid
-        body = msg.findtext("body")
+        attrs["from"] = self.full_jid
+        body, ctx, receipt = render.message_parts(msg)
         if not body and self.read_marker(msg, user):
             return
         if not body or mtype == "headline" or user == self.user:
             self.proto.route(user, to.resource, msg, self)
             return
-        sid = msg.get("id", "")
+        sid = attrs.get("id", "")
         cid = sid if CLIENT_ID_RE.fullmatch(sid) else f"x.{self.id}.{next(_stanza_ids)}"
         env = {"type": "msg", "id": cid, "to": user, "body": body}
-        ctx = render.ctx_from(msg)
         if ctx:
             env["ctx"] = ctx
-        if msg.find("request", render.RECEIPTS_NS) is not None:
+        if receipt:
             env["flags"] = RECEIPT_REQUESTED      # stored with it: the recipient is asked too
+        max_body = self.router.limits.max_body
         try:
-            validate(env, self.router.limits.max_body)
+            if ctx is None and len(cid) <= 64:    # id, to and a non-empty str body are valid by construction
+                if len(body) * 4 > max_body:      # else its UTF-8 (≤ 4 bytes a character) fits
+                    check_body(body, max_body, "msg", cid)
+            else:
+                validate(env, max_body)
         except EnvelopeError as e:
             self.write(error_reply(msg, "not-acceptable" if e.code == 413 else "bad-request", e.reason,
                                    by=self.proto.domain))
             return
         pending = self.pending
         if pending is None:
-            self.pending = {cid: (sid, msg.get("to"))}
+            self.pending = {cid: (sid, attrs.get("to"))}
         elif len(pending) < MAX_PENDING:
-            pending[cid] = (sid, msg.get("to"))
+            pending[cid] = (sid, attrs.get("to"))
         self.router.receive(self, env)
 
     def message_flags(self, env: dict) -> int:

@@ -28,6 +28,8 @@ XML_LANG = "{" + XML_NS + "}lang"
 
 _FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _ATTR_WHITESPACE = re.compile("[\t\n\r]")
+_TEXT_SPECIAL = re.compile("[&<>\r\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_ATTR_SPECIAL = re.compile("[&<>'\"\t\n\r\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 class Element:
@@ -95,6 +97,8 @@ class Element:
 def escape_text(s: str) -> str:
     """Character data: ``&``, ``<``, ``>`` escaped, CR written as ``&#13;`` (a parser
     turns a literal CR LF into LF), forbidden characters dropped."""
+    if _TEXT_SPECIAL.search(s) is None:
+        return s
     if _FORBIDDEN.search(s):
         s = _FORBIDDEN.sub("", s)
     s = s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -104,6 +108,8 @@ def escape_text(s: str) -> str:
 def escape_attr(s: str) -> str:
     """An attribute value: as :func:`escape_text` plus both quotes, and TAB, LF, CR
     as character references (attribute-value normalization makes them spaces)."""
+    if _ATTR_SPECIAL.search(s) is None:
+        return s
     if _FORBIDDEN.search(s):
         s = _FORBIDDEN.sub("", s)
     s = (s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -155,3 +155,20 @@ def test_others_unaffected_by_hostile_peers(imd):
         await barrier(c)
         await logout(c)
     run(scenario())
+
+
+@pytest.mark.imd_only("imd's limits.max_body (16384 bytes of UTF-8 by default)")
+def test_message_body_size_is_counted_in_utf8_bytes(imd):
+    """The body limit is on UTF-8 bytes, not characters: 4,096 four-byte characters fit,
+    one more (or 16,385 ASCII bytes) is answered not-acceptable; the stream stays open."""
+    r = raw_login(imd, "u_sized")
+    r.buf = b""
+    emoji = "\U0001F600".encode()
+    for n, body in enumerate((emoji * 4096, emoji * 4097, b"x" * 16385, b"x" * 16384)):
+        r.send(b"<message to='u_peer2@localhost' type='chat' id='s%d'><body>" % n + body + b"</body></message>"
+               + b"<iq type='get' id='p%d'><ping xmlns='urn:xmpp:ping'/></iq>" % n)
+        got = r.read_until(b"id='p%d'" % n)
+        refused = b"id='s%d'" % n in got and b"<not-acceptable" in got
+        assert refused == (n in (1, 2)), got[-600:]
+        r.buf = b""
+    r.close()

@@ -56,15 +56,23 @@ def test_presence_states():
     assert off.get("type") == "unavailable" and off.find("delay", render.DELAY_NS) is not None
 
 
-def test_show_status_and_ctx_from():
+def test_show_status_and_message_parts():
     pres = Element("presence")
     assert render.show_status(pres) == "online"
     pres.add("show", text="xa")
     assert render.show_status(pres) == "away"
     msg = Element("message")
-    assert render.ctx_from(msg) is None
+    assert render.message_parts(msg) == (None, None, False)
+    msg.add("body", text="")
+    msg.append(Element("ctx", render.CTX_NS))                       # the first ctx, without attributes
     msg.append(Element("ctx", render.CTX_NS, {"booking": "B9"}))
-    assert render.ctx_from(msg) == {"booking": "B9"}
+    msg.add("body", text="second")
+    assert render.message_parts(msg) == ("", None, False)
+    msg.children = [Element("body", "urn:other", text="not this one"), Element("thread", text="t"),
+                    Element("body", text="hi"), Element("ctx", render.CTX_NS, {"booking": "B9"}),
+                    Element("request", render.RECEIPTS_NS), Element("body", text="ignored")]
+    assert render.message_parts(msg) == ("hi", {"booking": "B9"}, True)
+    assert msg.children[3].attrs is not render.message_parts(msg)[1]      # a copy: the env owns it
 
 
 def test_sent_carbon_wraps_the_original():
