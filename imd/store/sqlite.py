@@ -394,17 +394,21 @@ def _known_users(con, role: Optional[str]) -> list:
 
 
 def _reserve(con, taken: dict) -> dict:
-    """Reserve ``taken[user]`` seqs per user; returns user → last seq before the batch."""
+    """Reserve ``taken[user]`` seqs per user; returns user → last seq before the batch.
+    A user with a row gets one UPDATE; one without gets its row (base 0)."""
     ids = list(taken)
-    con.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in ids])
-    base = {}
+    found = {}
     for i in range(0, len(ids), CHUNK):
         chunk = _shaped(ids[i:i + CHUNK])
-        base.update(con.execute("SELECT id, last_seq FROM users WHERE id IN (%s)"
-                                % ",".join("?" * len(chunk)), chunk))
+        found.update(con.execute("SELECT id, last_seq FROM users WHERE id IN (%s)"
+                                 % ",".join("?" * len(chunk)), chunk))
     con.executemany("UPDATE users SET last_seq = ? WHERE id = ?",
-                    [(base[u] + n, u) for u, n in taken.items()])
-    return base
+                    [(seq + taken[u], u) for u, seq in found.items()])
+    if len(found) == len(ids):
+        return found
+    con.executemany("INSERT INTO users (id, last_seq) VALUES (?, ?)",
+                    [(u, n) for u, n in taken.items() if u not in found])
+    return {u: found.get(u, 0) for u in ids}
 
 
 def _insert_rows(con, rows: list, base: dict) -> None:
