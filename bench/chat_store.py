@@ -79,7 +79,7 @@ def main():
                 load = open("/proc/loadavg").read().split()[0]
                 spy = None
                 if a.pyspy:
-                    spy = subprocess.Popen([a.pyspy_bin, "record", "-f", "raw", "-r", "200",
+                    spy = subprocess.Popen([a.pyspy_bin, "record", "-f", "raw", "-r", "200", "--nonblocking",
                                             "-o", f"{a.pyspy}-{int(rate)}.txt", "--pid", str(pids[0]),
                                             "-d", str(int(a.seconds))],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -125,7 +125,22 @@ cdef class FrameDecoder:
 
 def encode_frame(payload):
     """One raw-TCP frame: the 4-byte big-endian length, then ``payload``."""
-    return len(payload).to_bytes(4, "big") + payload
+    cdef Py_ssize_t n
+    cdef bytes out
+    cdef unsigned char* d
+    if type(payload) is not bytes:
+        return len(payload).to_bytes(4, "big") + payload
+    n = PyBytes_GET_SIZE(payload)
+    if <uint64_t>n > 0xFFFFFFFFu:
+        raise OverflowError("int too big to convert")
+    out = PyBytes_FromStringAndSize(NULL, n + 4)
+    d = <unsigned char*>PyBytes_AS_STRING(out)
+    d[0] = (n >> 24) & 0xFF
+    d[1] = (n >> 16) & 0xFF
+    d[2] = (n >> 8) & 0xFF
+    d[3] = n & 0xFF
+    memcpy(d + 4, PyBytes_AS_STRING(payload), n)
+    return out
 
 
 cdef bytes _unmask(const unsigned char* src, Py_ssize_t n, const unsigned char* mask):

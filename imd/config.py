@@ -244,6 +244,11 @@ class Section:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Config is read-only; load a new one")
 
+    def live_values(self) -> dict:
+        """The section's values as the dict a reload updates in place: hot paths read it
+        (one dict lookup) instead of attributes (a ``__getattr__`` call each). Read only."""
+        return self._values
+
     def __repr__(self) -> str:
         return f"<Section {self._name} {self._values!r}>"
 

@@ -132,6 +132,8 @@ def check_body(body: Any, max_body: int, kind: str = "msg", id: Optional[str] = 
     if isinstance(body, str):
         if not body:
             raise EnvelopeError(400, f"{kind}: 'body' must not be empty", id)
+        if len(body) * 4 <= max_body:       # a code point is at most 4 bytes: no need to encode
+            return body
     elif not isinstance(body, dict):
         raise EnvelopeError(400, f"{kind}: 'body' must be a string or an object", id)
     if body_size(body) > max_body:
@@ -141,6 +143,9 @@ def check_body(body: Any, max_body: int, kind: str = "msg", id: Optional[str] = 
 
 # -- per-type validators (client → server) -------------------------------------
 
+_MISSING = object()
+
+
 def _v_auth(env, lim):
     _str(env, "token", max_len=MAX_TOKEN)
     _choice(env, "platform", PLATFORMS)
@@ -149,12 +154,14 @@ def _v_auth(env, lim):
 
 
 def _v_msg(env, lim):
-    _str(env, "id", CLIENT_ID_RE, what="client id (1-64 characters of [A-Za-z0-9_.:-])")
+    cid = _str(env, "id", CLIENT_ID_RE, what="client id (1-64 characters of [A-Za-z0-9_.:-])")
     _str(env, "to", USER_RE, what="user id")
-    if "body" not in env:
-        raise EnvelopeError(400, "msg: missing field 'body'", _cid(env))
-    check_body(env["body"], lim, "msg", _cid(env))
-    _ctx(env)
+    body = env.get("body", _MISSING)
+    if body is _MISSING:
+        raise EnvelopeError(400, "msg: missing field 'body'", cid)
+    check_body(body, lim, "msg", cid)      # cid is valid here: what _cid(env) would give
+    if "ctx" in env:
+        _ctx(env)
 
 
 def _v_ack(env, lim):
@@ -220,17 +227,31 @@ class Out:
     ``flags`` an inbox entry's flags (RECEIPT_REQUESTED…), outside the envelope.
     ``frame(codec)`` caches ``codec(json_bytes)`` per codec, so a message
     delivered to many sessions of one protocol is framed once.
+
+    ``Out(None, seq, origin, flags, make=f)`` defers the envelope: ``env`` is
+    ``f()``, made on first use, so an inbox entry that only advances its
+    sender's ``last_seq`` (the sender's own copy) never builds one.
     """
 
-    __slots__ = ("env", "seq", "origin", "flags", "_json", "_frames")
+    __slots__ = ("_env", "_make", "seq", "origin", "flags", "_json", "_frames")
 
-    def __init__(self, env: dict, seq: int = 0, origin: str = "", flags: int = 0) -> None:
-        self.env = env
+    def __init__(self, env: Optional[dict], seq: int = 0, origin: str = "", flags: int = 0,
+                 make: Optional[Callable[[], dict]] = None) -> None:
+        self._env = env
+        self._make = make
         self.seq = seq
         self.origin = origin
         self.flags = flags
         self._json = None
         self._frames = None
+
+    @property
+    def env(self) -> dict:
+        env = self._env
+        if env is None:
+            env = self._env = self._make()
+            self._make = None
+        return env
 
     @property
     def type(self) -> str:
@@ -245,7 +266,9 @@ class Out:
     def frame(self, codec: Callable[[bytes], bytes]) -> bytes:
         frames = self._frames
         if frames is None:
-            frames = self._frames = {}
+            f = codec(self.json())
+            self._frames = {codec: f}
+            return f
         f = frames.get(codec)
         if f is None:
             f = frames[codec] = codec(self.json())

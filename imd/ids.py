@@ -13,14 +13,25 @@ import time
 
 
 class MidGen:
-    __slots__ = ("_salt", "_count")
+    """``mids()`` makes a mid now; ``mids.at(ms)`` one for a time the caller already read.
+    The time-and-salt prefix is made once per millisecond."""
+
+    __slots__ = ("_salt", "_count", "_ms", "_prefix")
 
     def __init__(self) -> None:
         self._salt = secrets.token_hex(3)
         self._count = itertools.count(secrets.randbelow(1 << 20))
+        self._ms = -1
+        self._prefix = ""
 
     def __call__(self) -> str:
-        return f"{int(time.time() * 1000):011x}{self._salt}{next(self._count) & 0xFFFFF:05x}"
+        return self.at(int(time.time() * 1000))
+
+    def at(self, ms: int) -> str:
+        if ms != self._ms:
+            self._ms = ms
+            self._prefix = f"{ms:011x}{self._salt}"
+        return f"{self._prefix}{next(self._count) & 0xFFFFF:05x}"
 
 
 def now_ms() -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Optional
 
 import gevent
@@ -61,6 +62,13 @@ def entry_data(entry: Entry) -> dict:
     if entry.flags:
         data["flags"] = entry.flags
     return data
+
+
+def entry_envelope(d: dict) -> dict:
+    """The client envelope of an entry in its bus form (:func:`entry_data`)."""
+    return Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
+                 d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"),
+                 d.get("flags", 0)).envelope()
 
 
 class Node:
@@ -199,18 +207,20 @@ class Node:
             log.exception("bus event failed kind=%s channel=%s", event.kind, channel)
 
     def on_entry(self, channel: str, d: dict) -> None:
-        sessions = self.sessions_of(d["user"])
-        if not sessions:
+        v = self.sessions.get(d["user"])
+        if v is None:
             return
-        entry = Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
-                      d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"),
-                      d.get("flags", 0))
-        out = Out(entry.envelope(), entry.seq, d.get("origin", ""), entry.flags)
-        with bulk_writes(len(sessions)):
-            for s in sessions:
-                s.deliver(out)
+        # the envelope is made only if a session sends it (not for the sender's own copy)
+        out = Out(None, d["seq"], d.get("origin", ""), d.get("flags", 0), make=partial(entry_envelope, d))
+        if type(v) is list:
+            sessions = tuple(v)
+            with bulk_writes(len(sessions)):
+                for s in sessions:
+                    s.deliver(out)
+        else:
+            v.deliver(out)
         if self.delivery_latency is not None:
-            self.delivery_latency.observe(max(0.0, time.time() - entry.ts / 1000.0))
+            self.delivery_latency.observe(max(0.0, time.time() - d["ts"] / 1000.0))
 
     def on_transient(self, channel: str, d: dict) -> None:
         sessions = self.sessions_of(d["user"])

@@ -47,6 +47,8 @@ class Router:
     def __init__(self, cfg, node, store, metrics: Optional[Metrics] = None) -> None:
         self.cfg = cfg
         self.limits = cfg.limits
+        self.lim = cfg.limits.live_values()        # the same values, for the per-message paths
+        self._policy = cfg.policy.live_values()
         self.node = node
         self.store = store
         self.metrics = metrics or Metrics()
@@ -119,10 +121,11 @@ class Router:
 
     def _allow(self, s) -> bool:
         """The session's token bucket (limits.msg_rate per second, limits.msg_burst deep)."""
-        rate = self.limits.msg_rate
+        lim = self.lim
+        rate = lim["msg_rate"]
         if not rate:
             return True
-        burst = self.limits.msg_burst
+        burst = lim["msg_burst"]
         now = time.monotonic()
         b = s.bucket
         if b is None:
@@ -328,7 +331,7 @@ class Router:
         to, cid = env["to"], env["id"]
         if to == s.user:
             raise EnvelopeError(400, "msg: cannot send a message to yourself", cid, fatal=False)
-        if self.cfg.policy.contacts_only:
+        if self._policy["contacts_only"]:
             contacts = self.node.contacts.cached(s.user)
             if contacts is None or to not in contacts:
                 raise EnvelopeError(403, f"msg: {to} is not a contact", cid, fatal=False)
@@ -339,6 +342,7 @@ class Router:
             # its way to the store: it gets the same answer, and nothing is stored twice
             waiting.append(s)
             return
+        ts = now_ms()
         t0 = time.monotonic()
 
         def stored(result, err, cid=cid, key=key):
@@ -358,7 +362,7 @@ class Router:
 
         self._inflight[key] = [s]
         try:
-            self.store.send_message(s.user, to, cid, env["body"], env.get("ctx"), self.mids(), now_ms(), stored,
+            self.store.send_message(s.user, to, cid, env["body"], env.get("ctx"), self.mids.at(ts), ts, stored,
                                     s.message_flags(env))
         except StoreFull:
             self._inflight.pop(key, None)

@@ -109,3 +109,31 @@ def test_out_encodes_once_and_frames_once_per_codec():
     assert o.json() is o.json()
     assert o.frame(codec) == b'<{"type":"pong"}>' and o.frame(codec) == b'<{"type":"pong"}>'
     assert len(calls) == 1
+
+
+def test_out_makes_a_deferred_envelope_once_and_only_when_used():
+    made = []
+
+    def make():
+        made.append(1)
+        return {"type": "msg", "seq": 3}
+
+    unused = Out(None, 3, "n.1", 0, make=make)
+    assert (unused.seq, unused.origin) == (3, "n.1") and made == []
+    o = Out(None, 3, make=make)
+    assert o.type == "msg" and o.env is o.env and o.json() == b'{"type":"msg","seq":3}'
+    assert made == [1]
+
+
+@pytest.mark.parametrize("size,ok", [(1000, True), (1001, False)])
+def test_body_size_limit_counts_utf8_bytes(size, ok):
+    """The short-body shortcut (≤ max_body / 4 characters) never lets a long one through."""
+    for body in ("x" * size, "é" * (size // 2) + "x" * (size % 2), "✓" * (size // 3) + "x" * (size % 3)):
+        if ok:
+            envelope.check_body(body, 1000)
+        else:
+            with pytest.raises(EnvelopeError):
+                envelope.check_body(body, 1000)
+    envelope.check_body("𝄞" * 250, 1000)
+    with pytest.raises(EnvelopeError):
+        envelope.check_body("𝄞" * 250 + "x", 1000)

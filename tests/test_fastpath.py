@@ -192,6 +192,8 @@ def test_frame_decoder_is_small(fp):
 def test_encode_frame(fp):
     assert fp.encode_frame(b"abc") == b"\x00\x00\x00\x03abc"
     assert fp.encode_frame(b"x" * 70000)[:4] == (70000).to_bytes(4, "big")
+    assert fp.encode_frame(b"") == b"\x00\x00\x00\x00"
+    assert fp.encode_frame(bytearray(b"ab")) == b"\x00\x00\x00\x02ab"
 
 
 # --------------------------------------------------------------- WebSocket

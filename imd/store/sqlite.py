@@ -24,9 +24,11 @@ import logging
 import os
 import sqlite3
 import time
+from itertools import chain
 from typing import Iterable, Optional
 
 import gevent
+import orjson
 from gevent.monkey import get_original
 
 from .base import LAST_SEQS_MAX, AttachState, Store, StoreUnavailable, UserInfo
@@ -41,6 +43,12 @@ log = logging.getLogger("imd.store.sqlite")
 FILENAME = "imd.sqlite3"
 BUSY_TIMEOUT_MS = 2000
 CHUNK = 400                      # rows per IN (...) / VALUES list (bound parameters)
+# WAL pages after which a commit also checkpoints (SQLite's default: 1,000). A chat batch dirties
+# pages all over the inbox and index b-trees (several per message), so at 1,000 nearly every busy
+# commit also copied the WAL into the database and synced it; at 10,000 (≤ 40 MiB of WAL) a page
+# rewritten by many commits is copied once. Durability is the WAL's: unchanged.
+WAL_CHECKPOINT_PAGES = 10000
+VALUES_MAX = 256                 # rows per multi-row INSERT (a power of two; 12 columns: 3,072 parameters)
 # Primary SQLite result codes worth retrying: BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL,
 # CANTOPEN, PROTOCOL.
 TRANSIENT_CODES = {5, 6, 7, 8, 10, 13, 14, 15}
@@ -121,6 +129,7 @@ class SqliteStore(WriterStore, Store):
         con = self._connect()
         con.execute("PRAGMA journal_mode = WAL")
         con.execute("PRAGMA synchronous = %s" % self.synchronous.upper())
+        con.execute("PRAGMA wal_autocheckpoint = %d" % WAL_CHECKPOINT_PAGES)
         con.execute("CREATE TABLE IF NOT EXISTS schema_version "
                     "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
         done = {row[0] for row in con.execute("SELECT version FROM schema_version")}
@@ -394,16 +403,19 @@ def _known_users(con, role: Optional[str]) -> list:
 
 
 def _reserve(con, taken: dict) -> dict:
-    """Reserve ``taken[user]`` seqs per user; returns user → last seq before the batch."""
+    """Reserve ``taken[user]`` seqs per user; returns user → last seq before the batch
+    (0 for a user without a row, who gets one). One aggregate read and one upsert per
+    piece, whatever the number of users (see :func:`_values`)."""
     ids = list(taken)
-    con.executemany("INSERT OR IGNORE INTO users (id) VALUES (?)", [(u,) for u in ids])
-    base = {}
+    base = dict.fromkeys(ids, 0)
     for i in range(0, len(ids), CHUNK):
         chunk = _shaped(ids[i:i + CHUNK])
-        base.update(con.execute("SELECT id, last_seq FROM users WHERE id IN (%s)"
-                                % ",".join("?" * len(chunk)), chunk))
-    con.executemany("UPDATE users SET last_seq = ? WHERE id = ?",
-                    [(base[u] + n, u) for u, n in taken.items()])
+        text = con.execute("SELECT json_group_array(json_array(id, last_seq)) FROM users WHERE id IN (%s)"
+                           % ",".join("?" * len(chunk)), chunk).fetchone()[0]
+        base.update(orjson.loads(text))
+    _values(con, "INSERT INTO users (id, last_seq)", 2,
+            [(u, base[u] + n) for u, n in taken.items()],
+            " ON CONFLICT (id) DO UPDATE SET last_seq = excluded.last_seq")
     return base
 
 
@@ -418,7 +430,27 @@ def _insert_rows(con, rows: list, base: dict) -> None:
         inbox.append((recipient, recipient_seq, mid, 1))
         if sender is not None:
             inbox.append((sender, sender_seq, mid, 0))
-    con.executemany("INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, client_id, "
-                    "sender_seq, recipient_seq, notice_kind, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    messages)
-    con.executemany("INSERT INTO inbox (user, seq, mid, inbound) VALUES (?, ?, ?, ?)", inbox)
+    _values(con, "INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, client_id, "
+                 "sender_seq, recipient_seq, notice_kind, flags)", 12, messages)
+    _values(con, "INSERT INTO inbox (user, seq, mid, inbound)", 4, inbox)
+
+
+_VALUES_SQL: dict = {}
+
+
+def _values(con, head: str, width: int, rows: list, tail: str = "") -> None:
+    """``head VALUES (…), (…), … tail`` for ``rows`` (tuples of ``width`` values), in pieces
+    of a power of two rows (at most VALUES_MAX): one statement run per piece where
+    executemany runs one per row. Each run (sqlite3_step) releases and retakes the GIL,
+    which the hub thread is busy with, so a batch costs a few handoffs instead of several
+    per message; and the statement texts stay few (cached per connection)."""
+    i, n = 0, len(rows)
+    while i < n:
+        size = min(VALUES_MAX, 1 << ((n - i).bit_length() - 1))
+        key = (head, size, tail)
+        sql = _VALUES_SQL.get(key)
+        if sql is None:
+            one = "(" + ",".join("?" * width) + ")"
+            sql = _VALUES_SQL[key] = "%s VALUES %s%s" % (head, ",".join([one] * size), tail)
+        con.execute(sql, list(chain.from_iterable(rows[i:i + size])))
+        i += size

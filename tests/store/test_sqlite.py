@@ -55,3 +55,39 @@ def test_read_connections_do_not_pile_up_as_pool_threads_come_and_go(tmp_path):
         store.close()
         store._pool.kill()
         store._pool = hub_pool
+
+
+@pytest.mark.parametrize("n", [1, 3, 255, 256, 257, 700])
+def test_batches_of_any_size_store_every_row_once(tmp_path, n):
+    """A batch is written in multi-row statements of a power of two rows (VALUES_MAX at most):
+    sizes across the piece boundaries store every message, both inbox entries and the users'
+    tops exactly once, for users new to the store and known ones alike."""
+    from .test_contract import mid_maker
+
+    store = SqliteStore(str(tmp_path))
+    store.open()
+    try:
+        acks = Acks()
+        send(store, acks, "s0", "r0", "warm")           # s0 and r0 have rows before the batch
+        assert store.flush(10)
+        store._writer.batch_max = 10000
+        for i in range(n):                               # queued before the writer runs: one batch
+            send(store, acks, "s%d" % (i % 7), "r%d" % (i % 5), "c%d" % i)
+        store.add_notices(["n%d" % i for i in range(n)] + ["r0"], None, "k", "b", mid_maker(), 1,
+                          acks.cb("notices"))
+        assert store.flush(30)
+        results = acks.results()
+        assert len(results) == n + 2
+        seqs = {}
+        for r in results[1:-1]:
+            for e in r.entries:
+                seqs.setdefault(e.user, []).append(e.seq)
+        for e in results[-1]:
+            seqs.setdefault(e.user, []).append(e.seq)
+        for user, got in seqs.items():
+            first = 2 if user in ("s0", "r0") else 1
+            assert sorted(got) == list(range(first, first + len(got))), user
+            assert store.last_seq(user) == first + len(got) - 1
+            assert [e.seq for e in store.inbox(user, 0, 10000)] == list(range(1, first + len(got)))
+    finally:
+        store.close()
