@@ -14,8 +14,8 @@ at random per process, not the token (a JWT string costs ~200 bytes, a digest
 A forged or altered token has another digest (finding one that collides would
 take about 2**128 tries without the key, which never leaves the process), so
 a hit means the very token that verified: its payload is decoded again (the
-same split and base64 as PyJWT's) and checked as on the first use, expiry
-included (``exp`` > now - leeway, as PyJWT checks it). The other
+same split and base64 as PyJWT's; its claims were checked on the first use)
+and its expiry checked as PyJWT checks it (``exp`` > now - leeway). The other
 time-dependent claims PyJWT checks (``nbf``, ``iat``) only become valid with
 time, so a token that passed once passes later too. Up to ``VERIFIED_MAX``
 digests are kept, per secret; a hit moves its digest to the young end, the
@@ -25,16 +25,15 @@ in use). Not thread-safe (the hub's greenlets only).
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import os
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jwt
 import orjson
-from jwt.utils import base64url_decode
 
 from .envelope import PLATFORMS, ROLES, USER_RE
 
@@ -55,8 +54,7 @@ class AuthError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(NamedTuple):
     user: str
     role: str
     platform: Optional[str]      # the token's ``plat`` claim, if any
@@ -82,10 +80,10 @@ _verified: dict = {}       # digest of a token that verified → None, oldest fi
 _verified_secret = None
 
 
-def _digest(token: str) -> int:
-    """The token's keyed 128-bit digest (an int: 48 bytes, the smallest key)."""
+def _digest(raw: bytes) -> int:
+    """The keyed 128-bit digest of a token's bytes (an int: 48 bytes, the smallest key)."""
     h = _mac.copy()
-    h.update(token.encode())
+    h.update(raw)
     return int.from_bytes(h.digest(), "little")
 
 
@@ -96,10 +94,12 @@ def verify(token: str, secret: str, leeway: int = 0) -> Identity:
         raise AuthError("token required")
     if secret != _verified_secret:
         _verified, _verified_secret = {}, secret
-    key = _digest(token)
+    raw = token.encode()
+    key = _digest(raw)
     if key in _verified:
         del _verified[key]
-        ident = _identity(_payload(token))
+        claims = _payload(raw)                    # checked on the first use: the same bytes
+        ident = Identity(claims["sub"], claims["role"], claims.get("plat"), int(claims["exp"]))
         if ident.exp <= time.time() - leeway:
             raise AuthError("token expired")
         _verified[key] = None                     # the young end
@@ -111,10 +111,14 @@ def verify(token: str, secret: str, leeway: int = 0) -> Identity:
     return ident
 
 
-def _payload(token: str) -> dict:
-    """The claims of a token that verified before (PyJWT's split and base64)."""
-    signing_input = token.rsplit(".", 1)[0]
-    return orjson.loads(base64url_decode(signing_input.split(".", 1)[1]))
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
+def _payload(raw: bytes) -> dict:
+    """The claims of a token that verified before: PyJWT's split, and its base64
+    (``urlsafe_b64decode``, lenient) without the Python layers around binascii."""
+    segment = raw.rsplit(b".", 1)[0].split(b".", 1)[1]
+    return orjson.loads(binascii.a2b_base64((segment + b"=" * (-len(segment) % 4)).translate(_URLSAFE)))
 
 
 def _check(token: str, secret: str, leeway: int) -> Identity:

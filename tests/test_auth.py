@@ -63,7 +63,7 @@ def test_a_verified_token_is_remembered_but_expiry_is_still_enforced(monkeypatch
     monkeypatch.setattr(auth.time, "time", lambda: later)
     with pytest.raises(auth.AuthError, match="expired"):
         auth.verify(tok, SECRET)
-    assert auth._digest(tok) not in auth._verified                # the next use runs PyJWT again
+    assert auth._digest(tok.encode()) not in auth._verified                # the next use runs PyJWT again
 
 
 def test_remembered_tokens_are_per_secret_and_bounded(monkeypatch):
@@ -75,10 +75,10 @@ def test_remembered_tokens_are_per_secret_and_bounded(monkeypatch):
     toks = [auth.issue(SECRET, f"u{i}", "guest", 60) for i in range(5)]
     for t in toks:
         auth.verify(t, SECRET)
-    assert list(auth._verified) == [auth._digest(t) for t in toks[2:]]
+    assert list(auth._verified) == [auth._digest(t.encode()) for t in toks[2:]]
     auth.verify(toks[2], SECRET)                                  # a hit makes it the youngest
     auth.verify(toks[0], SECRET)
-    assert list(auth._verified) == [auth._digest(t) for t in (toks[4], toks[2], toks[0])]
+    assert list(auth._verified) == [auth._digest(t.encode()) for t in (toks[4], toks[2], toks[0])]
 
 
 def test_a_token_that_failed_is_not_remembered():
@@ -87,14 +87,14 @@ def test_a_token_that_failed_is_not_remembered():
     for _ in range(2):
         with pytest.raises(auth.AuthError, match="signature"):
             auth.verify(bad, SECRET)
-    assert auth._digest(bad) not in auth._verified
+    assert auth._digest(bad.encode()) not in auth._verified
 
 
 def test_the_cache_keeps_digests_not_tokens():
     tok = auth.issue(SECRET, "host_4", "guest", 60, platform="web")
     ident = auth.verify(tok, SECRET)
-    assert tok not in auth._verified and auth._digest(tok) in auth._verified
-    assert auth._digest(tok) < 2 ** 128 and auth._digest(tok) != auth._digest(tok + "x")
+    assert tok not in auth._verified and auth._digest(tok.encode()) in auth._verified
+    assert auth._digest(tok.encode()) < 2 ** 128 and auth._digest(tok.encode()) != auth._digest(tok.encode() + b"x")
     assert auth.verify(tok, SECRET) == ident == auth.Identity("host_4", "guest", "web", ident.exp)
 
 
