@@ -242,6 +242,22 @@ def test_user_subscriptions_keep_no_channel_strings_and_survive_a_reconnect(redi
     assert sorted(c for c, _ in r1.kinds("entry")) == ["u:user0", "u:user1499", "u:user499"]
 
 
+def test_presence_records_kept_in_memory_are_right_sized(redis_factory):
+    """orjson.dumps returns bytes that keep a 4 KiB buffer: a record must not keep one."""
+    import tracemalloc
+    e, _ = redis_factory.make("n1")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(500):
+            e.presence_set(f"user{i}", {"status": "online", "platforms": ["web"], "devices": [f"d{i}"]})
+        per_user = (tracemalloc.get_traced_memory()[0] - before) / 500
+    finally:
+        tracemalloc.stop()
+    assert per_user < 512
+    assert e.presence_get(["user7"])["user7"][0]["devices"] == ["d7"]
+
+
 def test_records_rewritten_when_redis_loses_them(redis_factory):
     f = redis_factory
     e1, _ = f.make("n1", presence_ttl=2)
