@@ -3,7 +3,10 @@ tracemalloc, opens N authenticated connections (raw TCP, WebSocket, SSE or XMPP)
 load-generator processes, and prints the allocation sites that grew, per connection, next to the
 RSS growth per connection.
 
-    python bench/memprofile.py [--kind tcp|ws|sse|xmpp] [--conns 5000] [--top 25]
+    python bench/memprofile.py [--kind tcp|ws|sse|xmpp] [--conns 5000] [--top 25] [--engine redis]
+
+With ``--engine redis`` imd uses the Redis at ``--redis-url`` (default 127.0.0.1:6379 db 14) under a
+key prefix of its own, deleted afterwards.
 
 What it prints is Python-level allocation (tracemalloc); RSS also holds what tracemalloc cannot
 see (libev watchers, the allocator's slack), so the two totals differ.
@@ -40,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--kind", choices=("tcp", "ws", "sse", "xmpp"), default="tcp")
     ap.add_argument("--conns", type=int, default=5000)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--engine", choices=("memory", "redis"), default="memory")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     args = ap.parse_args(argv)
 
     port = peers.free_port()
@@ -59,7 +64,9 @@ def main(argv=None):
     from imd.daemon import Daemon
 
     tmp = tempfile.mkdtemp(prefix="imdbench-mem-")
-    cfg = load_dict({"node": {"data_dir": tmp}, "auth": {"secret": SECRET},
+    prefix = f"imdbench-mem-{os.getpid()}:"
+    engine = {"backend": args.engine, "url": args.redis_url, "prefix": prefix}
+    cfg = load_dict({"node": {"data_dir": tmp}, "auth": {"secret": SECRET}, "engine": engine,
                      "listen": {**{name: "" for name in ("tcp", "comet", "xmpp", "admin", "control")},
                                 listener: f"127.0.0.1:{port}"},
                      "xmpp": {"tls": "disabled"}, "limits": {"msg_rate": 0}})
@@ -93,6 +100,13 @@ def main(argv=None):
         print(f"{s.size_diff / n:8.1f} {s.count_diff / n:9.2f}  {where}")
     pool.apply(fleet.stop)
     daemon.stop(reconnect=False, timeout=5)
+    if args.engine == "redis":
+        import redis
+        r = redis.Redis.from_url(args.redis_url)
+        keys = list(r.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            r.delete(*keys)
+        r.close()
     return 0
 
 

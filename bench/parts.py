@@ -9,6 +9,7 @@ import http.client
 import math
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -111,8 +112,9 @@ def _warm_up(spec, peer):
 
 # ---------------------------------------------------------------- idle
 
-def idle_one(subject, start_peer, kind, n, steps=5, heartbeat=0, **spec_extra):
-    """RSS and slab per idle connection for one subject at n connections (sampled at `steps`)."""
+def idle_one(subject, start_peer, kind, n, steps=5, heartbeat=0, redis_srv=None, **spec_extra):
+    """RSS and slab per idle connection for one subject at n connections (sampled at `steps`);
+    with `redis_srv` (a PrivateRedis imd's engine uses) also Redis's memory per connection."""
     say(f"idle: {subject}: starting")
     try:
         peer = start_peer()
@@ -130,6 +132,7 @@ def idle_one(subject, start_peer, kind, n, steps=5, heartbeat=0, **spec_extra):
         _warm_up(spec, peer)
         pids = peer.pids()
         rss0, slab0 = peers.rss_bytes(pids), peers.slab_bytes()
+        redis0 = redis_srv.info()[0] if redis_srv else 0
         series = [(0, 0.0)]
         with lg.Fleet(spec, processes=processes_for(n), deadline=900) as fleet:
             if heartbeat:
@@ -150,30 +153,56 @@ def idle_one(subject, start_peer, kind, n, steps=5, heartbeat=0, **spec_extra):
                     break
             time.sleep(2.0)
             rss1, slab1 = peers.rss_bytes(pids), peers.slab_bytes()
+            redis1 = redis_srv.info()[0] if redis_srv else 0
             alive = fleet.count()[1]
         per_conn = (rss1 - rss0) / max(done, 1)
         slab = (slab1 - slab0) / max(done, 1)
         note = f"{done} conns" + ("" if done == n else f" of {n}") + (f", heartbeat {heartbeat}s" if heartbeat else "")
         if alive != done:
             note += f", {done - alive} dropped by the server"
-        return [Result("idle", "server RSS per idle connection", subject, per_conn, "B", "lower",
-                       note=note, series=series),
-                Result("idle", "kernel slab per connection (both ends)", subject, slab, "B", "lower",
-                       note=f"connect {done / connect_s:,.0f}/s")]
+        out = [Result("idle", "server RSS per idle connection", subject, per_conn, "B", "lower",
+                      note=note, series=series),
+               Result("idle", "kernel slab per connection (both ends)", subject, slab, "B", "lower",
+                      note=f"connect {done / connect_s:,.0f}/s")]
+        if redis_srv:
+            out.append(Result("idle", "Redis used_memory per idle connection", subject,
+                              (redis1 - redis0) / max(done, 1), "B", "lower"))
+        return out
     finally:
         peer.stop()
 
 
-def part_idle(ctx, n=None, heartbeat=0):
+IDLE_KINDS = ("tcp", "ws", "sse", "xmpp")
+
+
+def part_idle(ctx, n=None, heartbeat=0, kinds=IDLE_KINDS, engine="memory", workers=1):
+    """imd's kinds, then the peers (unless ctx.imd_only). With engine "redis" each imd start gets
+    a private redis-server (its memory per connection is a row of its own) and `workers` workers;
+    the subjects are then named e.g. "imd tcp redis" or "imd tcp redis x2"."""
     n = n or (2000 if ctx.quick else 15000)
     nx = n
     pairs = [f"u{i}" for i in range(nx)]
     accounts = {u: "pw" for u in pairs}
     rosters = {f"u{i}": [f"u{i ^ 1}"] for i in range(nx)}
+    suffix = "" if engine == "memory" else f" {engine}" + (f" x{workers}" if workers > 1 else "")
     out = []
-    for kind in ("tcp", "ws", "sse", "xmpp"):
-        out += idle_one(ctx.name(f"imd {kind}"), ctx.imd, kind, n, heartbeat=heartbeat,
-                        password="pw", roster=True)
+    for kind in kinds:
+        subject = ctx.name(f"imd {kind}{suffix}")
+        if engine == "memory":
+            out += idle_one(subject, ctx.imd, kind, n, heartbeat=heartbeat, password="pw", roster=True)
+            continue
+        tmp = tempfile.mkdtemp(prefix="imd-idle-redis-")
+        try:
+            redis_srv = peers.PrivateRedis(tmp)
+        except peers.PeerError as e:
+            out.append(Result("idle", "server RSS per idle connection", subject, None, "B", "lower",
+                              note=str(e)[:80]))
+            continue
+        try:
+            out += idle_one(subject, lambda: ctx.imd(engine=engine, workers=workers, engine_url=redis_srv.url),
+                            kind, n, heartbeat=heartbeat, redis_srv=redis_srv, password="pw", roster=True)
+        finally:
+            redis_srv.stop()
     if ctx.imd_only:
         return out
     out += idle_one("mosquitto", peers.Mosquitto().start, "mqtt", n, heartbeat=heartbeat)

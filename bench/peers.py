@@ -310,6 +310,39 @@ def write_prosody_accounts(data_path, domain, accounts, rosters):
             f.write(f"return {{\n\t[false] = {{ [\"version\"] = 1; }};\n{items}}};\n")
 
 
+class PrivateRedis:
+    """redis-server on a free port in its own process group, no persistence; the pub/sub output
+    buffer limit is raised so that a broadcast to a million users cannot cut a node's subscriber
+    connection off (the default soft limit is 8 MB for 60 s)."""
+
+    def __init__(self, tmp):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", tmp, "--maxclients", "4000",
+             "--client-output-buffer-limit", "pubsub 512mb 256mb 60", "--logfile", os.path.join(tmp, "redis.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_raise_fd_limit)
+        if not wait_port(self.port, proc=self.proc):
+            self.stop()
+            raise PeerError("private redis-server did not start")
+
+    def info(self):
+        import redis
+        r = redis.Redis(port=self.port)
+        try:
+            mem, cpu = r.info("memory"), r.info("cpu")
+            return mem["used_memory"], mem["used_memory_rss"], cpu["used_cpu_sys"] + cpu["used_cpu_user"]
+        finally:
+            r.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class Imd(Peer):
     """imd itself: `python -m imd -c CONFIG` with the given interpreter and a generated TOML config.
 

@@ -55,6 +55,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--idle-conns", type=int, help="connections per subject in `idle` (15000)")
     ap.add_argument("--heartbeat", type=float, default=0, help="`idle`: ping every N s per conn")
+    ap.add_argument("--idle-kinds", default=",".join(parts.IDLE_KINDS),
+                    help="`idle`: imd's kinds to measure, comma-separated (tcp,ws,sse,xmpp)")
+    ap.add_argument("--idle-engine", choices=("memory", "redis"), default="memory",
+                    help="`idle`: imd's engine; redis = a private redis-server per imd start, "
+                         "its memory per connection reported too")
+    ap.add_argument("--idle-workers", type=int, default=1,
+                    help="`idle`: node.workers (more than 1 needs --idle-engine redis)")
     ap.add_argument("--subscribers", type=int, help="`fanout` subscribers (10000)")
     ap.add_argument("--messages", type=int, help="`fanout` messages (200)")
     ap.add_argument("--c1m-conns", type=int, help="`c1m` connections (1000000)")
@@ -79,6 +86,11 @@ def main(argv=None):
     unknown = [p for p in chosen if p not in runners]
     if unknown:
         ap.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(runners)}")
+    idle_kinds = [k for k in args.idle_kinds.split(",") if k]
+    if set(idle_kinds) - set(parts.IDLE_KINDS):
+        ap.error(f"--idle-kinds: choose from {','.join(parts.IDLE_KINDS)}")
+    if args.idle_workers > 1 and args.idle_engine != "redis":
+        ap.error("--idle-workers > 1 needs --idle-engine redis")
     if os.sep in args.imd_python:
         args.imd_python = os.path.abspath(args.imd_python)
     if args.also_imd_python and os.sep in args.also_imd_python:
@@ -102,7 +114,8 @@ def main(argv=None):
         print(f"[{name}]" + ("" if pass_ctx is ctx else f" {pass_ctx.label}"), file=sys.stderr, flush=True)
         kwargs = {}
         if name == "idle":
-            kwargs = {"n": args.idle_conns, "heartbeat": args.heartbeat}
+            kwargs = {"n": args.idle_conns, "heartbeat": args.heartbeat, "engine": args.idle_engine,
+                      "workers": args.idle_workers, "kinds": idle_kinds}
         elif name in ("fanout", "burst"):
             kwargs = {"subscribers": args.subscribers, "messages": args.messages}
         elif name == "c1m":

@@ -6,28 +6,38 @@ safe in io-watcher callbacks.
 
 PyJWT verifies every token it has not seen (its payload decoded with orjson,
 through PyJWT's ``_decode_payload`` hook). A token that verified is remembered
-(up to ``VERIFIED_MAX`` of them, per secret) with its identity, so that the
-reconnects of a client that keeps its token (the normal case: one token per
-session of the web tier, valid for an hour) skip the signature and JSON work;
-expiry is still checked on every use, as PyJWT checks it (``exp`` > now -
-leeway). The other time-dependent claims PyJWT checks (``nbf``, ``iat``) only
-become valid with time, so a token that passed once passes later too. Not
-thread-safe (the hub's greenlets only).
+so that the reconnects of a client that keeps its token (the normal case: one
+token per session of the web tier, valid for an hour) skip PyJWT: what is
+remembered is a 128-bit BLAKE2b MAC of the token string under a key drawn
+at random per process, not the token (a JWT string costs ~200 bytes, a digest
+~90 with its dict slot, so the cache adds little to a connection's memory).
+A forged or altered token has another digest (finding one that collides would
+take about 2**128 tries without the key, which never leaves the process), so
+a hit means the very token that verified: its payload is decoded again (the
+same split and base64 as PyJWT's; its claims were checked on the first use)
+and its expiry checked as PyJWT checks it (``exp`` > now - leeway). The other
+time-dependent claims PyJWT checks (``nbf``, ``iat``) only become valid with
+time, so a token that passed once passes later too. Up to ``VERIFIED_MAX``
+digests are kept, per secret; a hit moves its digest to the young end, the
+oldest is dropped first (a flood of new tokens evicts idle ones, not those
+in use). Not thread-safe (the hub's greenlets only).
 """
 
 from __future__ import annotations
 
+import binascii
+import hashlib
+import os
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jwt
 import orjson
 
 from .envelope import PLATFORMS, ROLES, USER_RE
 
-VERIFIED_MAX = 20000      # verified tokens remembered (about 300 bytes each)
+VERIFIED_MAX = 20000      # verified tokens remembered (about 90 bytes each)
 
 # A short secret is the operator's choice (the default config says change-me);
 # the check below refuses nothing, so keep PyJWT's advisory warning quiet.
@@ -44,8 +54,7 @@ class AuthError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(NamedTuple):
     user: str
     role: str
     platform: Optional[str]      # the token's ``plat`` claim, if any
@@ -66,8 +75,16 @@ class _PyJWT(jwt.PyJWT):
 
 
 _jwt = _PyJWT()
-_verified: dict = {}       # token → Identity, for _verified_secret
+_mac = hashlib.blake2b(digest_size=16, key=os.urandom(32))   # copied per token
+_verified: dict = {}       # digest of a token that verified → None, oldest first, for _verified_secret
 _verified_secret = None
+
+
+def _digest(raw: bytes) -> int:
+    """The keyed 128-bit digest of a token's bytes (an int: 48 bytes, the smallest key)."""
+    h = _mac.copy()
+    h.update(raw)
+    return int.from_bytes(h.digest(), "little")
 
 
 def verify(token: str, secret: str, leeway: int = 0) -> Identity:
@@ -77,17 +94,31 @@ def verify(token: str, secret: str, leeway: int = 0) -> Identity:
         raise AuthError("token required")
     if secret != _verified_secret:
         _verified, _verified_secret = {}, secret
-    ident = _verified.get(token)
-    if ident is not None:
-        if ident.exp > time.time() - leeway:
-            return ident
-        del _verified[token]
-        raise AuthError("token expired")
+    raw = token.encode()
+    key = _digest(raw)
+    if key in _verified:
+        del _verified[key]
+        claims = _payload(raw)                    # checked on the first use: the same bytes
+        ident = Identity(claims["sub"], claims["role"], claims.get("plat"), int(claims["exp"]))
+        if ident.exp <= time.time() - leeway:
+            raise AuthError("token expired")
+        _verified[key] = None                     # the young end
+        return ident
     ident = _check(token, secret, leeway)
     if len(_verified) >= VERIFIED_MAX:
         del _verified[next(iter(_verified))]      # the oldest
-    _verified[token] = ident
+    _verified[key] = None
     return ident
+
+
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
+def _payload(raw: bytes) -> dict:
+    """The claims of a token that verified before: PyJWT's split, and its base64
+    (``urlsafe_b64decode``, lenient) without the Python layers around binascii."""
+    segment = raw.rsplit(b".", 1)[0].split(b".", 1)[1]
+    return orjson.loads(binascii.a2b_base64((segment + b"=" * (-len(segment) % 4)).translate(_URLSAFE)))
 
 
 def _check(token: str, secret: str, leeway: int) -> Identity:
@@ -103,6 +134,11 @@ def _check(token: str, secret: str, leeway: int) -> Identity:
         raise AuthError(f"token lacks the '{e.claim}' claim") from None
     except jwt.InvalidTokenError as e:
         raise AuthError(f"token invalid: {str(e)[:80]}") from None
+    return _identity(claims)
+
+
+def _identity(claims: dict) -> Identity:
+    """The identity verified claims carry, or AuthError."""
     sub, role, plat = claims.get("sub"), claims.get("role"), claims.get("plat")
     if not isinstance(sub, str) or not USER_RE.fullmatch(sub):
         raise AuthError("token 'sub' is not a valid user id")

@@ -58,12 +58,12 @@ def test_a_verified_token_is_remembered_but_expiry_is_still_enforced(monkeypatch
     first = auth.verify(tok, SECRET)
     calls = []
     monkeypatch.setattr(auth, "_check", lambda *a: calls.append(a))
-    assert auth.verify(tok, SECRET) is first and calls == []       # no second PyJWT run
+    assert auth.verify(tok, SECRET) == first and calls == []       # no second PyJWT run
     later = time.time() + 61
     monkeypatch.setattr(auth.time, "time", lambda: later)
     with pytest.raises(auth.AuthError, match="expired"):
         auth.verify(tok, SECRET)
-    assert tok not in auth._verified                               # the next use runs PyJWT again
+    assert auth._digest(tok.encode()) not in auth._verified                # the next use runs PyJWT again
 
 
 def test_remembered_tokens_are_per_secret_and_bounded(monkeypatch):
@@ -75,7 +75,10 @@ def test_remembered_tokens_are_per_secret_and_bounded(monkeypatch):
     toks = [auth.issue(SECRET, f"u{i}", "guest", 60) for i in range(5)]
     for t in toks:
         auth.verify(t, SECRET)
-    assert len(auth._verified) == 3 and toks[0] not in auth._verified and toks[4] in auth._verified
+    assert list(auth._verified) == [auth._digest(t.encode()) for t in toks[2:]]
+    auth.verify(toks[2], SECRET)                                  # a hit makes it the youngest
+    auth.verify(toks[0], SECRET)
+    assert list(auth._verified) == [auth._digest(t.encode()) for t in (toks[4], toks[2], toks[0])]
 
 
 def test_a_token_that_failed_is_not_remembered():
@@ -84,7 +87,30 @@ def test_a_token_that_failed_is_not_remembered():
     for _ in range(2):
         with pytest.raises(auth.AuthError, match="signature"):
             auth.verify(bad, SECRET)
-    assert bad not in auth._verified
+    assert auth._digest(bad.encode()) not in auth._verified
+
+
+def test_the_cache_keeps_digests_not_tokens():
+    tok = auth.issue(SECRET, "host_4", "guest", 60, platform="web")
+    ident = auth.verify(tok, SECRET)
+    assert tok not in auth._verified and auth._digest(tok.encode()) in auth._verified
+    assert auth._digest(tok.encode()) < 2 ** 128 and auth._digest(tok.encode()) != auth._digest(tok.encode() + b"x")
+    assert auth.verify(tok, SECRET) == ident == auth.Identity("host_4", "guest", "web", ident.exp)
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda h, p, s: f"{h}.{p}.{s[:-2]}{'AA' if s[-2:] != 'AA' else 'BB'}",     # another signature
+    lambda h, p, s: f"{h}.{p[:-2]}.{s}",                                         # a shorter payload
+    lambda h, p, s: f"{h}.{p}x.{s}",                                             # a longer one
+    lambda h, p, s: f"{h}.{p}.{s}.",                                             # a trailing dot
+])
+def test_a_token_like_a_remembered_one_is_verified_again(mangle):
+    tok = auth.issue(SECRET, "host_5", "host", 60)
+    auth.verify(tok, SECRET)
+    forged = mangle(*tok.split("."))
+    with pytest.raises(auth.AuthError):
+        auth.verify(forged, SECRET)
+    assert auth.verify(tok, SECRET).user == "host_5"
 
 
 @pytest.mark.parametrize("payload", [b"[1]", b"{bad", b"\xff"])

@@ -217,6 +217,47 @@ def test_reconnect_resubscribes_and_resyncs(redis_factory):
     assert sorted(c for c, _ in r1.kinds("entry")) == ["u:user0", "u:user2499"]
 
 
+def test_user_subscriptions_keep_no_channel_strings_and_survive_a_reconnect(redis_factory):
+    f = redis_factory
+    e1, r1 = f.make("n1")
+    e2, _ = f.make("n2")
+    users = [f"user{i}" for i in range(1500)]           # two SUBSCRIBE batches
+    for u in users:
+        e1.subscribe_user(u)
+    assert f.ready(e1) and f.ready(e2)
+    assert e1._subs == set() and all(any(u is x for x in e1._users) for u in users[:3])
+    assert r1.wait(lambda got: e1.state()["subscribed"] == 1500)
+    resyncs = r1.resyncs
+    kill_pubsub(e1)
+    assert r1.wait(lambda got: r1.resyncs > resyncs, timeout=10)
+    assert e1.state()["subscribed"] == 1500
+    for u in users[500:]:
+        e1.unsubscribe_user(u)
+    e1.subscribe_user("user1499")                       # back before its UNSUBSCRIBE went out
+    assert f.ready(e1) and r1.wait(lambda got: e1.state()["subscribed"] == 501)
+    for u in ("user0", "user499", "user500", "user1499"):
+        e2.publish("u:" + u, entry(u, 1))
+    assert r1.wait(lambda got: len(r1.kinds("entry")) == 3)
+    gevent.sleep(0.2)
+    assert sorted(c for c, _ in r1.kinds("entry")) == ["u:user0", "u:user1499", "u:user499"]
+
+
+def test_presence_records_kept_in_memory_are_right_sized(redis_factory):
+    """orjson.dumps returns bytes that keep a 4 KiB buffer: a record must not keep one."""
+    import tracemalloc
+    e, _ = redis_factory.make("n1")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(500):
+            e.presence_set(f"user{i}", {"status": "online", "platforms": ["web"], "devices": [f"d{i}"]})
+        per_user = (tracemalloc.get_traced_memory()[0] - before) / 500
+    finally:
+        tracemalloc.stop()
+    assert per_user < 512
+    assert e.presence_get(["user7"])["user7"][0]["devices"] == ["d7"]
+
+
 def test_records_rewritten_when_redis_loses_them(redis_factory):
     f = redis_factory
     e1, _ = f.make("n1", presence_ttl=2)
