@@ -137,3 +137,25 @@ def test_body_size_limit_counts_utf8_bytes(size, ok):
     envelope.check_body("𝄞" * 250, 1000)
     with pytest.raises(EnvelopeError):
         envelope.check_body("𝄞" * 250 + "x", 1000)
+
+
+def test_kept_json_is_right_sized():
+    """orjson's own bytes keep a 4 KiB buffer; what an Out or a comet message caches
+    must not (it waits in histories and queues)."""
+    import tracemalloc
+    from imd.proto.comet.channels import Message
+    from imd.proto.comet.formats import message_json
+    envs = [{"type": "msg", "from": "a", "to": "b", "body": f"hello {i}"} for i in range(2000)]
+    tracemalloc.start()
+    try:
+        kept = [envelope.dumps_kept(e) for e in envs]
+        outs = [Out(e) for e in envs]
+        for o in outs:
+            o.json()
+        per_item = tracemalloc.get_traced_memory()[0] / len(envs)
+    finally:
+        tracemalloc.stop()
+    assert kept[7] == orjson.dumps(envs[7]) and outs[7].json() == kept[7]
+    assert per_item < 1500, per_item       # 2 × ~4.1 KB each without the copy
+    msg = Message("data", "c1", 3, "hi")
+    assert orjson.loads(message_json(msg)) == {"type": "data", "cname": "c1", "seq": 3, "content": "hi"}
