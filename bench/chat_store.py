@@ -5,11 +5,13 @@ mean batch size, mean commit time and how busy the writers were (commit seconds 
     PYTHONPATH=. python bench/chat_store.py --rates 0,8000 --seconds 5
     PYTHONPATH=. python bench/chat_store.py --store '{"backend": "postgresql", "writers": 4,
         "batch_max": 100}' --rates 0,15000
+    PYTHONPATH=. python bench/chat_store.py --store '{"backend": "postgresql"}' --workers 2 --engine redis
 
 Rate 0 = closed loop (--window unacked per connection); else open loop at that total rate.
 Pairs of users (bench/loadgen.py, --procs processes) send `msg` to each other, so every message
 is stored for sender and recipient and delivered live. PostgreSQL runs in a fresh database
-imd_chat_store (dropped after). `--pyspy PREFIX` records a py-spy profile of imd per rate
+imd_chat_store (dropped after). With `--workers N --engine redis` the "pg" CPU includes redis-server's
+and the store columns from /metrics are one worker's. `--pyspy PREFIX` records a py-spy profile of imd per rate
 (PREFIX-RATE.txt, collapsed stacks; needs py-spy on PATH or --pyspy-bin). One JSON line per rate.
 """
 import argparse
@@ -56,6 +58,8 @@ def main():
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--store", default="{}", help="JSON: [store] settings for imd")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs imd")
+    ap.add_argument("--workers", type=int, default=1, help="node.workers (> 1 needs --engine redis)")
+    ap.add_argument("--engine", default="memory", choices=("memory", "redis"))
     ap.add_argument("--pyspy", default="", metavar="PREFIX")
     ap.add_argument("--pyspy-bin", default="py-spy")
     a = ap.parse_args()
@@ -64,7 +68,8 @@ def main():
     if pg:
         store.setdefault("dsn", f"{parts.PG_SERVER} dbname={DATABASE}")
         recreate_database()
-    imd = peers.Imd(REPO, python=a.python, secret=parts.SECRET, store=store).start()
+    imd = peers.Imd(REPO, python=a.python, secret=parts.SECRET, store=store, workers=a.workers,
+                    engine=a.engine).start()
     try:
         spec = parts._spec_for("tcp", imd, pairs=True)
         pids = imd.pids()
@@ -74,6 +79,9 @@ def main():
                 raise SystemExit(f"{failed} connections failed: {fleet.errors()[:1]}")
             fleet.traffic(0, 1, 0.5)            # the database connections exist after this
             db_pids = parts.pg_backend_pids(DATABASE) if pg else []
+            if a.engine == "redis":     # the bus's CPU counts with the database's
+                db_pids += [int(p) for p in subprocess.run(["pidof", "redis-server"], capture_output=True,
+                                                           text=True).stdout.split()]
             for rate in [float(x) for x in a.rates.split(",")]:
                 m0, c0, d0 = scrape(imd.ports["admin"]), peers.cpu_seconds(pids), parts._db_cpu(db_pids)
                 load = open("/proc/loadavg").read().split()[0]
@@ -93,7 +101,8 @@ def main():
                 commit_s = d.get("imd_store_commit_seconds_total", 0)
                 lat = sorted(lat)
                 print(json.dumps({
-                    "store": store.get("backend", "sqlite"), "writers": store.get("writers", 1 if not pg else 2),
+                    "store": store.get("backend", "sqlite"), "workers": a.workers, "engine": a.engine,
+                    "writers": store.get("writers", 1 if not pg else 2),
                     "batch_max": store.get("batch_max", 1000), "rate": rate or f"window {a.window}",
                     "sent": sent, "acked": acked, "acked_per_s": round(acked / wall),
                     "ack_p50_ms": round(lg.quantile(lat, .5) / 1000, 1),

@@ -7,6 +7,9 @@ Each message is stored for sender and recipient (two inbox entries); ``--senders
 guests write to ``--recipients`` hosts. The load keeps
 the write queue busy: it submits until StoreFull, then yields. PostgreSQL runs in a
 fresh database ``imd_bench`` (dropped after); SQLite in a temporary directory.
+PostgreSQL also reports its own side per message: the CPU of the backends serving
+the store (``pg_cpu_us_per_msg``) and the WAL written (``wal_bytes_per_msg``, from
+pg_current_wal_lsn: includes anything else the server writes meanwhile).
 Prints one JSON line.
 """
 
@@ -24,6 +27,8 @@ import gevent  # noqa: E402
 import orjson  # noqa: E402
 import psycopg  # noqa: E402
 
+from bench import peers  # noqa: E402
+from imd.ids import MidGen  # noqa: E402
 from imd.store.base import StoreFull  # noqa: E402
 from imd.store.postgresql import PostgresStore  # noqa: E402
 from imd.store.sqlite import SqliteStore  # noqa: E402
@@ -50,6 +55,14 @@ def make_store(args):
     return store, drop
 
 
+def pg_side():
+    """(CPU seconds of the backends serving imd_bench, current WAL position in bytes)."""
+    with psycopg.connect(PG_SERVER + " dbname=test", autocommit=True) as con:
+        pids = [r[0] for r in con.execute("SELECT pid FROM pg_stat_activity WHERE datname = 'imd_bench'")]
+        lsn = con.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0]
+    return peers.cpu_seconds(pids), pids, int(lsn)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="postgresql", choices=["sqlite", "postgresql"])
@@ -64,6 +77,7 @@ def main():
     ap.add_argument("--queue", type=int, default=20000)
     ap.add_argument("--rate", type=int, default=0, help="messages/s to offer (0: as fast as it takes)")
     args = ap.parse_args()
+    pg = args.backend == "postgresql"
     store, cleanup = make_store(args)
     store.open()
     latencies = []
@@ -73,7 +87,14 @@ def main():
     def acked(started):
         return lambda result, error: latencies.append(time.perf_counter() - started)
 
+    mid = MidGen()
     try:
+        if pg:      # one batch first, so that the writer connections exist when counted
+            for n in range(args.writers * 4):
+                store.send_message("w%d" % n, "x%d" % n, None, body, ctx, mid(), 1, acked(0))
+            store.flush()
+            latencies.clear()
+            db0, pids, wal0 = pg_side()
         t0 = time.perf_counter()
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         i = 0
@@ -83,7 +104,7 @@ def main():
                 continue
             s = i % args.senders
             try:
-                store.send_message("g%d" % s, "h%d" % ((s * 7 + i) % args.recipients), "c%d" % i, body, ctx, "m%d" % i,
+                store.send_message("g%d" % s, "h%d" % ((s * 7 + i) % args.recipients), "c%d" % i, body, ctx, mid(),
                                    1712345678000 + i, acked(time.perf_counter()))
                 i += 1
             except StoreFull:
@@ -95,6 +116,12 @@ def main():
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         stats = store.stats()
         latencies.sort()
+        extra = {}
+        if pg:
+            db1 = sum(peers.cpu_seconds([p]) for p in pids)
+            wal1 = pg_side()[2]
+            extra = {"pg_cpu_us_per_msg": round(1e6 * (db1 - db0) / args.messages, 1),
+                     "wal_bytes_per_msg": round((wal1 - wal0) / args.messages)}
         print(orjson.dumps({
             "backend": args.backend, "writers": args.writers if args.backend == "postgresql" else 1,
             "batch_max": args.batch, "copy_min": args.copy_min, "synchronous": args.synchronous,
@@ -105,6 +132,9 @@ def main():
             "avg_commit_ms": round(1000 * stats["commit_seconds_sum"] / max(stats["commit_count"], 1), 2),
             "ack_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
             "ack_p99_ms": round(1000 * latencies[int(len(latencies) * 0.99)], 1),
+            "client_cpu_us_per_msg": round(1e6 * (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime
+                                                  - cpu0.ru_stime) / args.messages, 1),
+            **extra, "loadavg": open("/proc/loadavg").read().split()[0],
         }).decode())
     finally:
         store.close()

@@ -15,7 +15,7 @@ sender's messages commit in order. Each batch is one transaction:
    batch is planned again knowing them), upserts the ``users`` rows in id order
    — which creates missing users, locks the rows (so writers of this and of
    other nodes sharing the database never deadlock on each other), applies
-   last-seen touches and reserves the seqs — then inserts messages and inbox
+   last-seen touches and reserves the seqs — then inserts the messages
    rows with absolute seqs; users rows stay locked for one statement and the
    commit. The Writer runs the callbacks afterwards.
 
@@ -51,7 +51,7 @@ from .base import LAST_SEQS_MAX, AttachState, Store, StoreUnavailable, UserInfo
 from .batch import ROW_COLUMNS, BatchPlan
 from .migrations import migrations
 from .retention import purge_loop
-from .rows import ENTRY_COLUMNS, entry_from_row, load_json
+from .rows import entry_from_row, load_json
 from .writer import Pending, Writer, WriterStore
 
 log = logging.getLogger("imd.store.postgresql")
@@ -60,6 +60,13 @@ MIGRATION_LOCK = 0x696D64          # pg_advisory_xact_lock key ("imd")
 LOCK_TIMEOUT = "2s"                # a writer waiting longer on a row lock retries its batch
 PURGE_CHUNK = 5000
 COPY_MIN = 200                     # rows from which COPY beats array parameters (docs/store.md)
+
+# A user's inbox is the messages table (migration 0003): inbound entries are the rows with
+# (recipient, recipient_seq) = (user, seq), outbound ones (the sender's copy) those with
+# (sender, sender_seq). Columns in the order of rows.entry_from_row.
+_ENTRY_REST = "mid, kind, sender, recipient, body, ctx, ts, notice_kind, client_id, flags"
+INBOUND_COLUMNS = "recipient_seq AS seq, " + _ENTRY_REST
+OUTBOUND_COLUMNS = "sender_seq AS seq, " + _ENTRY_REST
 
 
 
@@ -234,16 +241,17 @@ class PostgresStore(WriterStore, Store):
         return rows[0][0] if rows and rows[0][0] is not None else 0
 
     def inbox(self, user: str, since: int, limit: int) -> list:
-        rows = self._rows("SELECT %s FROM inbox i JOIN messages m ON m.mid = i.mid "
-                          "WHERE i.user_id = %%s AND i.seq > %%s ORDER BY i.seq LIMIT %%s"
-                          % ENTRY_COLUMNS, (user, since, limit))
+        rows = self._rows("SELECT * FROM ((SELECT %s FROM messages WHERE recipient = %%(u)s "
+                          "AND recipient_seq > %%(since)s ORDER BY recipient_seq LIMIT %%(n)s) UNION ALL "
+                          "(SELECT %s FROM messages WHERE sender = %%(u)s AND sender_seq > %%(since)s "
+                          "ORDER BY sender_seq LIMIT %%(n)s)) e ORDER BY seq LIMIT %%(n)s"
+                          % (INBOUND_COLUMNS, OUTBOUND_COLUMNS), {"u": user, "since": since, "n": limit})
         return [entry_from_row(user, r) for r in rows]
 
     def offline(self, user: str, limit: int) -> list:
-        rows = self._rows("SELECT %s FROM inbox i JOIN messages m ON m.mid = i.mid "
-                          "WHERE i.user_id = %%s AND i.inbound AND i.seq > (SELECT COALESCE(MAX(seq), 0) "
-                          "FROM cursors WHERE user_id = %%s) ORDER BY i.seq LIMIT %%s"
-                          % ENTRY_COLUMNS, (user, user, limit))
+        rows = self._rows("SELECT %s FROM messages WHERE recipient = %%(u)s AND recipient_seq > "
+                          "(SELECT COALESCE(MAX(seq), 0) FROM cursors WHERE user_id = %%(u)s) "
+                          "ORDER BY recipient_seq LIMIT %%(n)s" % INBOUND_COLUMNS, {"u": user, "n": limit})
         return [entry_from_row(user, r) for r in rows]
 
     def last_seq(self, user: str) -> int:
@@ -276,10 +284,10 @@ class PostgresStore(WriterStore, Store):
             if offline:
                 rows = con.execute(
                     "SELECT r.k, e.* FROM unnest(%%s::int[], %%s::text[], %%s::int[]) AS r(k, id, lim) "
-                    "CROSS JOIN LATERAL (SELECT %s FROM inbox i JOIN messages m ON m.mid = i.mid "
-                    "WHERE i.user_id = r.id AND i.inbound AND i.seq > (SELECT COALESCE(MAX(seq), 0) "
-                    "FROM cursors WHERE user_id = r.id) ORDER BY i.seq LIMIT r.lim) e ORDER BY r.k, e.seq"
-                    % ENTRY_COLUMNS, ([k for k, _, _ in offline], [u for _, u, _ in offline],
+                    "CROSS JOIN LATERAL (SELECT %s FROM messages WHERE recipient = r.id AND "
+                    "recipient_seq > (SELECT COALESCE(MAX(seq), 0) FROM cursors WHERE user_id = r.id) "
+                    "ORDER BY recipient_seq LIMIT r.lim) e ORDER BY r.k, e.seq"
+                    % INBOUND_COLUMNS, ([k for k, _, _ in offline], [u for _, u, _ in offline],
                                       [n for _, _, n in offline])).fetchall()
                 for row in rows:
                     entries[row[0]].append(entry_from_row(requests[row[0]][0], row[1:]))
@@ -318,18 +326,15 @@ class PostgresStore(WriterStore, Store):
 
     # -- retention ---------------------------------------------------------------
     def purge(self, older_than_ms: int) -> int:
-        """Delete messages with ts < ``older_than_ms`` and their inbox entries, in
+        """Delete messages with ts < ``older_than_ms`` (and so their inbox entries), in
         chunks (each its own transaction). Seqs are never reused. Returns the
         number of messages deleted. Blocks the calling greenlet."""
         total = 0
         while True:
             count = self._query(lambda con: con.execute(
-                "WITH gone AS (DELETE FROM messages WHERE mid IN (SELECT mid FROM messages "
-                "WHERE ts < %s LIMIT %s) RETURNING sender, sender_seq, recipient, recipient_seq), "
-                "entries AS (DELETE FROM inbox WHERE (user_id, seq) IN ("
-                "SELECT recipient, recipient_seq FROM gone UNION ALL "
-                "SELECT sender, sender_seq FROM gone WHERE sender IS NOT NULL)) "
-                "SELECT count(*) FROM gone", (older_than_ms, PURGE_CHUNK)).fetchone()[0])
+                "WITH gone AS (DELETE FROM messages WHERE ctid IN (SELECT ctid FROM messages "
+                "WHERE ts < %s LIMIT %s) RETURNING 1) SELECT count(*) FROM gone",
+                (older_than_ms, PURGE_CHUNK)).fetchone()[0])
             total += count
             self.purged += count
             if count < PURGE_CHUNK:
@@ -350,17 +355,19 @@ ROWS_FROM_ARRAYS = ("unnest(%(mid)s::text[], %(kind)s::text[], %(sender)s::text[
 ROWS_FROM_STAGING = "imd_staging"
 
 # The batch's one write statement. ``dup``: the batch's (sender, client_id) already stored
-# (the dedupe lookup); if there is any, the statement inserts nothing and reserves no seq
+# (the dedupe lookup: one probe of messages_client per key — a plain join let the planner
+# hash the whole messages table while its statistics were small); if there is any, the statement inserts nothing and reserves no seq
 # (the caller plans again knowing them). The users upsert creates missing users, locks
 # every row in id order (so writers of this and of other nodes sharing the database never
 # deadlock on each other), applies the touches and reserves the seqs (base, base + need];
-# messages and inbox rows are inserted with absolute seqs. Returns (id, base, NULL × 5) per
+# messages rows (each one inbox entry for its recipient and one for its sender) are inserted
+# with absolute seqs. Returns (id, base, NULL × 5) per
 # user and (sender, NULL, client_id, mid, ts, sender_seq, recipient_seq) per stored duplicate.
 WRITE = """
 WITH dup AS (
-    SELECT m.sender, m.client_id, m.mid, m.ts, m.sender_seq, m.recipient_seq
-    FROM messages m JOIN unnest(%%(key_sender)s::text[], %%(key_client_id)s::text[])
-        AS k(sender, client_id) ON m.sender = k.sender AND m.client_id = k.client_id
+    SELECT m.* FROM unnest(%%(key_sender)s::text[], %%(key_client_id)s::text[]) AS k(sender, client_id)
+    CROSS JOIN LATERAL (SELECT sender, client_id, mid, ts, sender_seq, recipient_seq FROM messages
+                        WHERE sender = k.sender AND client_id = k.client_id LIMIT 1) m
 ), v AS (
     SELECT id, CASE WHEN EXISTS (SELECT FROM dup) THEN 0 ELSE need END AS need,
            role, platform, last_seen
@@ -383,11 +390,6 @@ WITH dup AS (
     SELECT s.mid, s.kind, s.sender, s.recipient, s.body, s.ctx, s.ts, s.client_id,
            sb.base + s.sender_k, rb.base + s.recipient_k, s.notice_kind, s.flags
     FROM s JOIN base rb ON rb.id = s.recipient LEFT JOIN base sb ON sb.id = s.sender
-), i AS (
-    INSERT INTO inbox (user_id, seq, mid, inbound)
-    SELECT s.recipient, rb.base + s.recipient_k, s.mid, true FROM s JOIN base rb ON rb.id = s.recipient
-    UNION ALL
-    SELECT s.sender, sb.base + s.sender_k, s.mid, false FROM s JOIN base sb ON sb.id = s.sender
 )
 SELECT id, base, NULL, NULL, NULL::bigint, NULL::bigint, NULL::bigint FROM base
 UNION ALL

@@ -309,7 +309,7 @@ def test_kill9_node(cluster):
     presence_of(host, "guest9", "online")
     # nothing acked lost: every acked mid is in the guest's inbox
     stored = {row[0] for row in cluster.db.execute(
-        "SELECT mid FROM inbox WHERE user_id = %s", ("guest9",))}
+        "SELECT mid FROM messages WHERE recipient = %s", ("guest9",))}
     assert {a["mid"] for a in acked} <= stored
     host.close()
     guest.close()

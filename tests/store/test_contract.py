@@ -308,8 +308,10 @@ def test_migration_2_gives_existing_messages_flags_0(backend, monkeypatch):
     user_column = "user" if backend.name == "sqlite" else "user_id"
     backend.execute("INSERT INTO messages (mid, kind, sender, recipient, body, ts, sender_seq, "
                     "recipient_seq) VALUES ('M1', 'msg', 'a', 'b', '\"old\"', 1, 1, 1)")
-    backend.execute("INSERT INTO inbox (%s, seq, mid, inbound) VALUES ('b', 1, 'M1', true)" % user_column)
-    backend.execute("INSERT INTO users (id, last_seq) VALUES ('b', 1)")
+    for user, inbound in (("a", "false"), ("b", "true")):     # as the writer stores a message
+        backend.execute("INSERT INTO inbox (%s, seq, mid, inbound) VALUES ('%s', 1, 'M1', %s)"
+                        % (user_column, user, inbound))
+        backend.execute("INSERT INTO users (id, last_seq) VALUES ('%s', 1)" % user)
     monkeypatch.setattr(module, "migrations", every)
     new = backend.make()
     new.open()

@@ -201,3 +201,45 @@ def test_stored_client_ids_in_a_batch_are_planned_again(pg, copy_min):
             (1, "c1"), (2, "c2"), (3, "c3")]
     finally:
         store.close()
+
+
+def test_migration_3_keeps_every_inbox_as_it_was(pg, monkeypatch):
+    """A database at schema version 2 holding messages, a notice, a cursor and a purge,
+    with its inbox table filled as the writer of version 2 filled it, is upgraded at open
+    (the inbox table gives way to two indexes on messages): every user's inbox and offline
+    list read back exactly the entries the table held, and new writes continue the seqs."""
+    import imd.store.postgresql as module
+    every = module.migrations
+    monkeypatch.setattr(module, "migrations", lambda name: every(name)[:2])
+    old = pg.make()
+    old.open()
+    acks = Acks()
+    for i in range(4):
+        send(old, acks, "a", "b", "c%d" % i, ts=1000 + i)
+        send(old, acks, "b", "a", "d%d" % i, ts=1000 + i)
+    old.add_notices(["b"], None, "k", "n", lambda: "n1", 2000, acks.cb("n"))
+    old.set_cursor("b", "phone", 5)
+    assert old.flush(10)
+    assert old.purge(1001) == 2
+    old.close()
+    with psycopg.connect(pg.dsn) as con:
+        con.execute("INSERT INTO inbox SELECT recipient, recipient_seq, mid, true FROM messages "
+                    "UNION ALL SELECT sender, sender_seq, mid, false FROM messages WHERE sender IS NOT NULL")
+        held = {u: [tuple(r) for r in con.execute(
+            "SELECT seq, mid, inbound FROM inbox WHERE user_id = %s ORDER BY seq", (u,))] for u in "ab"}
+    assert [len(held[u]) for u in "ab"] == [6, 7]
+    monkeypatch.setattr(module, "migrations", every)
+    new = pg.make()
+    new.open()
+    try:
+        for u in "ab":
+            assert [(e.seq, e.mid, e.recipient == u) for e in new.inbox(u, 0, 100)] == held[u]
+            assert [(e.seq, e.mid) for e in new.offline(u, 100)] == \
+                [(seq, mid) for seq, mid, inbound in held[u] if inbound and seq > (5 if u == "b" else 0)]
+        with psycopg.connect(pg.dsn) as con:
+            assert con.execute("SELECT to_regclass('inbox')").fetchone()[0] is None
+        send(new, acks, "a", "b", "later")
+        assert new.flush(10)
+        assert new.inbox("b", 0, 100)[-1].seq == 10 and new.inbox("a", 8, 100)[0].client_id == "later"
+    finally:
+        new.close()
