@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import groupby
 from typing import Optional
 
 import gevent
@@ -206,9 +207,15 @@ class Node:
                       d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"),
                       d.get("flags", 0))
         out = Out(entry.envelope(), entry.seq, d.get("origin", ""), entry.flags)
-        with bulk_writes(len(sessions)):
-            for s in sessions:
-                s.deliver(out)
+        if len(sessions) == 1:
+            n = sessions[0].deliver(out)
+        else:
+            n = 0
+            with bulk_writes(len(sessions)):
+                for cls, group in groupby(sessions, type):     # a per-protocol fan-out loop
+                    n += cls.fanout(group, out)
+        if n:
+            sessions[0].router.metrics.out(out.type, n)
         if self.delivery_latency is not None:
             self.delivery_latency.observe(max(0.0, time.time() - entry.ts / 1000.0))
 
