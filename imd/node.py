@@ -5,7 +5,8 @@ itself for a user with one, a list for a user with several: most users have
 one, and a one-element list would cost 80 bytes each), subscribes
 the engine to a user's bus channel while that user has a session here, and
 turns bus events into deliveries: inbox entries (in seq order, through
-:meth:`Session.deliver`), presence, read receipts, transient envelopes and
+:meth:`Session.deliver`; to several sessions through each protocol's
+:meth:`Session.fanout` loop, which frames the entry once), presence, read receipts, transient envelopes and
 kicks. Publishing goes through the engine even on a single node, so one node
 runs exactly the code a cluster runs.
 
