@@ -5,7 +5,8 @@ itself for a user with one, a list for a user with several: most users have
 one, and a one-element list would cost 80 bytes each), subscribes
 the engine to a user's bus channel while that user has a session here, and
 turns bus events into deliveries: inbox entries (in seq order, through
-:meth:`Session.deliver`), presence, read receipts, transient envelopes and
+:meth:`Session.deliver`; to several sessions through each protocol's
+:meth:`Session.fanout` loop, which frames the entry once), presence, read receipts, transient envelopes and
 kicks. Publishing goes through the engine even on a single node, so one node
 runs exactly the code a cluster runs.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
+from itertools import groupby
 from typing import Optional
 
 import gevent
@@ -214,11 +216,16 @@ class Node:
         out = Out(None, d["seq"], d.get("origin", ""), d.get("flags", 0), make=partial(entry_envelope, d))
         if type(v) is list:
             sessions = tuple(v)
+            n = 0
             with bulk_writes(len(sessions)):
-                for s in sessions:
-                    s.deliver(out)
+                for cls, group in groupby(sessions, type):     # a per-protocol fan-out loop
+                    n += cls.fanout(group, out)
+            s = sessions[0]
         else:
-            v.deliver(out)
+            n = v.deliver(out)
+            s = v
+        if n:
+            s.router.metrics.out(out.type, n)
         if self.delivery_latency is not None:
             self.delivery_latency.observe(max(0.0, time.time() - d["ts"] / 1000.0))
 

@@ -133,23 +133,40 @@ class Session:
             self.router.detach(self, reason)
 
     # -- inbox ordering ------------------------------------------------------------
-    def deliver(self, out: Out) -> None:
-        """An inbox entry of this user (``out.seq`` > 0) reached this node."""
+    def deliver(self, out: Out) -> int:
+        """An inbox entry of this user (``out.seq`` > 0) reached this node.
+
+        Returns 1 when it was written now, else 0 (held, a duplicate, or the
+        session's own message). The caller counts written envelopes in the
+        metrics (:meth:`imd.metrics.Metrics.out`): one update per fan-out."""
         st = self.state
         if st is LIVE:
             seq = out.seq
             if seq <= self.last_seq:
-                return
+                return 0
             if seq == self.last_seq + 1:
                 self.last_seq = seq
                 if not out.origin or out.origin != self.id:
-                    self.send(out)
-                return
+                    self.write_out(out)
+                    return 1
+                return 0
             self.state = SYNC
             self.held = [out]
             self.router.fill_gap(self)
         elif st is SYNC or st is AUTHING:
             self.held.append(out)
+        return 0
+
+    @classmethod
+    def fanout(cls, sessions, out: Out) -> int:
+        """:meth:`deliver` ``out`` to each of ``sessions`` (an iterable of sessions
+        of this class, all of one user); returns how many were written. A protocol
+        whose sessions share one wire form of ``out`` overrides this with a loop
+        that writes the payload framed once (imd/proto/tcp.py)."""
+        n = 0
+        for s in sessions:
+            n += s.deliver(out)
+        return n
 
     def drain(self) -> None:
         """Block the calling greenlet while much output is unsent (replay backpressure)."""

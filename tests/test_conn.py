@@ -261,3 +261,40 @@ def test_one_write_into_an_empty_buffer_is_never_a_slow_consumer(impl):
     results = [slow.write(b"c" * 1024) for _ in range(200)]
     assert results[-1] is False and hs.closed == "slow consumer"
     close_all(c)
+
+
+def test_connections_holding_the_same_chunks_share_one_join_and_each_gets_its_own_bytes(impl):
+    """A fan-out writes the same frames to each connection: the flush joins them once.
+    Connections in between with other chunks (equal in value, other objects, or
+    different) still get exactly their own bytes."""
+    conns = [pair() for _ in range(BULK_FANOUT + 4)]
+    frames = [b"frame-%d;" % k for k in range(3)]
+    f = flusher()
+    f._bulk_ready = time.monotonic() + 10        # hold the bulk flush: write_all is called below
+    sent = []
+    with bulk_writes(len(conns)):
+        for i, (c, _, _) in enumerate(conns):
+            own = [bytes(bytearray(fr)) for fr in frames] if i % 5 == 1 else list(frames)
+            if i % 7 == 3:
+                own[1] = b"other;"
+            for fr in own:
+                c.write(fr)
+            sent.append(b"".join(own))
+    joined = {}
+    real = conn_mod.send_many
+
+    def spy(items):
+        for _, data in items:
+            joined[id(data)] = data
+        return real(items)
+
+    conn_mod.send_many = spy
+    try:
+        pending, f._bulk = f._bulk, []
+        f._bulk_armed = False
+        f.write_all(pending)
+    finally:
+        conn_mod.send_many = real
+    assert [read_all(peer) for _, peer, _ in conns] == sent
+    assert len(joined) < len(conns)              # shared buffers: fewer joins than connections
+    close_all(*(c for c, _, _ in conns))

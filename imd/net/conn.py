@@ -134,8 +134,11 @@ class Flusher:
     def write_all(self, conns) -> None:
         """One ``send()`` for each dirty connection of ``conns`` (duplicates and
         connections flushed meanwhile are skipped): for plain sockets all in one
-        ``send_many``, for socket-like layers (TLS) through their ``send``."""
+        ``send_many``, for socket-like layers (TLS) through their ``send``.
+        Consecutive connections that hold the same chunks (a fan-out writes the
+        same frames to each) share one joined buffer."""
         batch, items = [], []
+        last_out = last_data = None
         for conn in conns:
             if not conn._dirty:
                 continue
@@ -146,7 +149,13 @@ class Flusher:
             if type(conn.sock) not in _PLAIN:
                 conn._send()
                 continue
-            data = out[0] if len(out) == 1 else b"".join(out)
+            if len(out) == 1:
+                data = out[0]
+            elif out == last_out:          # equal chunks (the same objects: a pointer compare each)
+                data = last_data
+            else:
+                data = last_data = b"".join(out)
+                last_out = out
             batch.append((conn, len(out)))
             items.append((conn.sock.fileno(), data))
         if not items:

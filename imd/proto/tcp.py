@@ -14,7 +14,7 @@ import logging
 from .. import envelope
 from ..fastpath import FrameDecoder, FrameError, encode_frame
 from ..net.conn import Conn
-from ..session import CLOSED, Session
+from ..session import CLOSED, LIVE, Session
 
 log = logging.getLogger("imd.tcp")
 
@@ -49,6 +49,26 @@ class TcpSession(Session):
     # Session's protocol part
     def write_out(self, out) -> None:
         self.conn.write(out.frame(encode_frame))
+
+    @classmethod
+    def fanout(cls, sessions, out) -> int:
+        """The raw-TCP fan-out loop (see :meth:`Session.fanout`): ``out`` is framed
+        once, and a live session to which it is the next entry gets the frame with
+        one ``Conn.write``; every other case (held, a gap, a duplicate, an entry
+        the session itself caused) goes through :meth:`Session.deliver`."""
+        plain = not out.origin        # else one of the user's own sessions caused it: deliver() decides
+        frame = out.frame(encode_frame) if plain else None
+        seq = out.seq
+        prev = seq - 1
+        n = 0
+        for s in sessions:
+            if plain and s.last_seq == prev and s.state is LIVE:
+                s.last_seq = seq
+                s.conn.write(frame)
+                n += 1
+            else:
+                n += s.deliver(out)
+        return n
 
     def end(self, reason: str) -> None:
         self.conn.close(reason)
