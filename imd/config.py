@@ -227,19 +227,24 @@ def _tls_checks(v: dict) -> None:
 
 
 class Section:
-    """Read-only attribute access to one section's values."""
+    """Read-only attribute access to one section's values.
 
-    __slots__ = ("_name", "_values")
+    The section's values dict is the instance ``__dict__`` itself, so a setting
+    is read at plain attribute speed (the hot paths read ``limits.*`` per
+    envelope) and a live reload writing into that dict shows at once."""
+
+    __slots__ = ("__dict__", "_name")
 
     def __init__(self, name: str, values: dict) -> None:
         object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "__dict__", values)
+
+    @property
+    def _values(self) -> dict:
+        return self.__dict__
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(f"no setting {self._name}.{name}") from None
+        raise AttributeError(f"no setting {self._name}.{name}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Config is read-only; load a new one")

@@ -196,6 +196,11 @@ class Daemon:
                      store_stat("commit_seconds_sum"))
         m.gauge("imd_store_last_batch", "operations in the last committed store transaction",
                 store_stat("last_batch"))
+        attach = self.router.attach_reads
+        m.counter_fn("imd_attach_reads_total", "logins whose store reads were served by a batch",
+                     lambda: {(): attach.requests})
+        m.counter_fn("imd_attach_batches_total", "batched store reads for logins (one store call each)",
+                     lambda: {(): attach.batches})
         m.gauge("imd_engine_connected", "1 while the engine (bus) is connected",
                 lambda: {(): int(bool(self.node.engine.state().get("connected")))})
         m.gauge("imd_engine_channels", "bus channels this node subscribes to",

@@ -83,6 +83,10 @@ class Presence:
         sessions = self.node.sessions_of(user)
         if not sessions:
             return None
+        if len(sessions) == 1:        # most users: no sets to build
+            s = sessions[0]
+            return {"status": "online" if s.status == "online" else "away", "platforms": [s.platform],
+                    "devices": [s.device]}
         status = "online" if any(s.status == "online" for s in sessions) else "away"
         return {"status": status, "platforms": sorted({s.platform for s in sessions}),
                 "devices": sorted({s.device for s in sessions})}

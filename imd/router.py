@@ -58,6 +58,7 @@ class Router:
         self.wheel = Wheel("on_deadline")
         self.attach_reads = AttachReads(store)
         self.sessions_opened = 0
+        self._opened_labels: dict = {}   # (protocol, role, platform) → imd_sessions_opened_total labels
         self._ack_latency = self.metrics.histogram(
             "imd_ack_latency_seconds", "time from receiving a message to acking it (store commit)")
         self.delivery_latency = self.metrics.histogram(
@@ -82,7 +83,8 @@ class Router:
         """The session's transport is gone (called by Session.closed)."""
         self.node.remove_session(session)
         self.store.touch_user(session.user, None, session.platform, now_ms())
-        log.debug("session closed conn=%s user=%s reason=%s", session.id, session.user, reason)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session closed conn=%s user=%s reason=%s", session.id, session.user, reason)
 
     # -- dispatch -------------------------------------------------------------------
     def receive(self, s, env: dict) -> None:
@@ -164,13 +166,18 @@ class Router:
                       since: Optional[int]) -> None:
         """Give the session its identity and attach it (replay runs in a greenlet)."""
         s.user, s.role, s.platform, s.device = user, sys.intern(role), sys.intern(platform), device
-        log.debug("session opened conn=%s user=%s source=%s device=%s protocol=%s",
-                  s.id, user, s.source, device, s.protocol)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session opened conn=%s user=%s source=%s device=%s protocol=%s",
+                      s.id, user, s.source, device, s.protocol)
         s.state = AUTHING
         s.backlog = []
         s.held = []
         self.wheel.add(s, s.last_rx + self.limits.heartbeat)
-        self.metrics.inc("imd_sessions_opened_total", (("protocol", s.protocol), ("source", s.source)))
+        key = (s.protocol, s.role, s.platform)
+        labels = self._opened_labels.get(key)
+        if labels is None:            # a few kinds in all: made once each
+            labels = self._opened_labels[key] = (("protocol", s.protocol), ("source", s.source))
+        self.metrics.inc("imd_sessions_opened_total", labels)
         self.node.add_session(s)      # live entries from now on are held until the replay is done
         self.attach_reads.request(s.user, self.node.contacts.cached(s.user) is None,
                                   OFFLINE_MAX if since is None else 0,
