@@ -250,8 +250,8 @@ class Section:
         raise AttributeError("Config is read-only; load a new one")
 
     def live_values(self) -> dict:
-        """The section's values as the dict a reload updates in place: hot paths read it
-        (one dict lookup) instead of attributes (a ``__getattr__`` call each). Read only."""
+        """The section's values: the dict a reload updates in place (the same one its
+        attributes read), for code that looks settings up by key. Read only."""
         return self._values
 
     def __repr__(self) -> str:
