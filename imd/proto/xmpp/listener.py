@@ -60,7 +60,9 @@ class XmppProtocol:
             self.tls = TlsServer("xmpp")
             self.tls.load(*pair)
         self.tls_required = x.tls == "required"
-        self._bound: dict[str, dict[str, XmppSession]] = {}
+        # user → their one bound session here, or resource → session once they have several
+        # (most users have one resource: no inner dict per connection)
+        self._bound: dict = {}
         self.resumable: dict[str, XmppSession] = {}     # XEP-0198 stream id → session
         self.auth_guard = AuthGuard()
         # sessions with a live expat parser, checked once a second (XmppSession.on_parser_idle)
@@ -95,17 +97,36 @@ class XmppProtocol:
     # -- bound resources ----------------------------------------------------------
     def bound(self, user: str, resource: str, s: XmppSession) -> Optional[XmppSession]:
         """Record ``s`` as user/resource; return the session it replaces, if any."""
-        table = self._bound.setdefault(user, {})
-        old = table.get(resource)
-        table[resource] = s
+        entry = self._bound.get(user)
+        if entry is None:
+            self._bound[user] = s
+            return None
+        if isinstance(entry, dict):
+            old = entry.get(resource)
+            entry[resource] = s
+        elif entry.resource == resource:
+            old = entry
+            self._bound[user] = s
+        else:
+            old = None
+            self._bound[user] = {entry.resource: entry, resource: s}
         return old if old is not s else None
 
     def unbound(self, s: XmppSession) -> None:
-        table = self._bound.get(s.user)
-        if table is not None and table.get(s.resource) is s:
-            del table[s.resource]
-            if not table:
-                del self._bound[s.user]
+        entry = self._bound.get(s.user)
+        if entry is s:
+            del self._bound[s.user]
+        elif isinstance(entry, dict) and entry.get(s.resource) is s:
+            del entry[s.resource]
+            if len(entry) == 1:
+                self._bound[s.user] = next(iter(entry.values()))
+
+    def bound_here(self, user: str, resource: str) -> bool:
+        """Whether ``user``'s ``resource`` is bound on this node."""
+        entry = self._bound.get(user)
+        if entry is None:
+            return False
+        return resource in entry if isinstance(entry, dict) else entry.resource == resource
 
     @staticmethod
     def device_of(resource: str) -> str:
@@ -124,8 +145,7 @@ class XmppProtocol:
         """An IQ get/set to a full JID: routed if that resource is bound on any node,
         else answered ``service-unavailable`` (RFC 6121 §8.5.3.2.2). Another node's
         resources are looked up in the cluster's presence records, in a greenlet."""
-        table = self._bound.get(user)
-        if table and resource in table:
+        if self.bound_here(user, resource):
             self.route(user, resource, iq, sender)
         else:
             gevent.spawn(self._route_iq_elsewhere, user, resource, iq, sender)

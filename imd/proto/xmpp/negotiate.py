@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import sys
 import time
 
 import gevent
@@ -101,9 +102,9 @@ class Negotiation:
     # -- stream level -------------------------------------------------------------
     def on_stream_start(self, attrs: dict) -> None:
         proto = self.proto
-        self.lang = (attrs.get(XML_LANG) or "en")[:35]
+        lang = (attrs.get(XML_LANG) or "en")[:35]      # echoed once, not kept
         self.header_sent = True
-        self.conn.write(stream_header(proto.domain, secrets.token_hex(16), self.lang))
+        self.conn.write(stream_header(proto.domain, secrets.token_hex(16), lang))
         if (attrs.get("to") or "").lower() != proto.domain:
             raise StreamError("host-unknown", f"this server is {proto.domain}")
         version = attrs.get("version", "1.0")
@@ -292,7 +293,7 @@ class Negotiation:
         """(user, role, token platform) once SASL succeeded; blocks (a store read)."""
         tok = self.token_ident
         if tok is not None and tok.user == user:
-            return (user, tok.role, tok.platform)
+            return (tok.user, tok.role, tok.platform)     # the token's strings: no second copy kept
         try:
             role = self.router.role_of(user)
         except StoreError:
@@ -308,7 +309,8 @@ class Negotiation:
             return
         resource = requested or "imd-" + secrets.token_hex(6)
         user, role, token_platform = self.ident
-        self.token_ident = None                   # the decoded token is not needed any more
+        self.ident = self.token_ident = None      # login leaves nothing behind once bound
+        role = sys.intern(role)                   # "host"/"guest": one shared string, not one per token
         old = self.proto.bound(user, resource, self)
         if old is not None:
             old.stream_error("conflict", "replaced by a new connection")

@@ -61,7 +61,7 @@ _CLOSE_CONDITIONS = {408: "connection-timeout", 4001: "policy-violation", 1001: 
 
 
 class XmppSession(StreamManagement, Negotiation, Session):
-    __slots__ = ("proto", "conn", "parser", "lang", "header_sent", "secure", "ident", "token_ident",
+    __slots__ = ("proto", "conn", "parser", "header_sent", "secure", "ident", "token_ident",
                  "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
                  "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
                  "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent",
@@ -73,7 +73,6 @@ class XmppSession(StreamManagement, Negotiation, Session):
         super().__init__(proto.router, proto.node_id)
         self.proto = proto
         self.parser = StreamParser(self)
-        self.lang = "en"
         self.header_sent = False
         self.secure = isinstance(sock, TlsSocket)     # accepted on the direct-TLS port
         self.ident = self.token_ident = self.mech = None
