@@ -132,6 +132,13 @@ class _LoadThread(threading.Thread):
         self.stop = stop
         self.reconnects = 0
 
+    def _connect(self, role: str, device: str, since=None):
+        """A new logged-in connection, counted in ``reconnects``; None once ``stop`` is set."""
+        c = connect(self.addr, self.token_for, self.user, role, device, since, self.stop, proto=self.proto)
+        if c is not None:
+            self.reconnects += 1
+        return c
+
 
 class Sender(_LoadThread):
     def __init__(self, name: str, recipients: list, addr, token_for, checker: Checker,
@@ -161,11 +168,9 @@ class Sender(_LoadThread):
             if self.stop.is_set() and not self.pending:
                 break
             if c is None:
-                c = connect(self.addr, self.token_for, self.user, "host", "s", None, self.stop,
-                            proto=self.proto)
+                c = self._connect("host", "s")
                 if c is None:
                     break
-                self.reconnects += 1
                 try:
                     for env in self.pending.values():    # same ids: answered with the original ack
                         c.send(env)
@@ -211,11 +216,9 @@ class Sender(_LoadThread):
         c = None
         while not self.stop.is_set():
             if c is None:
-                c = connect(self.addr, self.token_for, self.user, "host", "s", None, self.stop,
-                            proto=self.proto)
+                c = self._connect("host", "s")
                 if c is None:
                     break
-                self.reconnects += 1
             try:
                 for _ in range(1 if self.interval else self.window):
                     c.send(self._new())
@@ -241,12 +244,10 @@ class Receiver(_LoadThread):
     def run(self) -> None:
         while not self.stop.is_set():
             since = self.chk.contiguous(self.user, self.device)
-            c = connect(self.addr, self.token_for, self.user, "guest", self.device, since, self.stop,
-                        proto=self.proto)
+            c = self._connect("guest", self.device, since)
             if c is None:
                 return
             self.chk.connected(self.user, self.device)
-            self.reconnects += 1
             until = time.monotonic() + self.churn if self.churn else None
             try:
                 self._follow(c, until)
