@@ -249,11 +249,6 @@ class Section:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Config is read-only; load a new one")
 
-    def live_values(self) -> dict:
-        """The section's values: the dict a reload updates in place (the same one its
-        attributes read), for code that looks settings up by key. Read only."""
-        return self._values
-
     def __repr__(self) -> str:
         return f"<Section {self._name} {self._values!r}>"
 

@@ -46,9 +46,8 @@ RATED = frozenset(("msg", "read", "sync"))   # envelope types under limits.msg_r
 class Router:
     def __init__(self, cfg, node, store, metrics: Optional[Metrics] = None) -> None:
         self.cfg = cfg
-        self.limits = cfg.limits
-        self.lim = cfg.limits.live_values()        # the same values, for the per-message paths
-        self._policy = cfg.policy.live_values()
+        self.limits = cfg.limits      # Sections: a reload updates them in place; plain attribute reads
+        self.policy = cfg.policy
         self.node = node
         self.store = store
         self.metrics = metrics or Metrics()
@@ -123,11 +122,11 @@ class Router:
 
     def _allow(self, s) -> bool:
         """The session's token bucket (limits.msg_rate per second, limits.msg_burst deep)."""
-        lim = self.lim
-        rate = lim["msg_rate"]
+        lim = self.limits
+        rate = lim.msg_rate
         if not rate:
             return True
-        burst = lim["msg_burst"]
+        burst = lim.msg_burst
         now = time.monotonic()
         b = s.bucket
         if b is None:
@@ -338,7 +337,7 @@ class Router:
         to, cid = env["to"], env["id"]
         if to == s.user:
             raise EnvelopeError(400, "msg: cannot send a message to yourself", cid, fatal=False)
-        if self._policy["contacts_only"]:
+        if self.policy.contacts_only:
             contacts = self.node.contacts.cached(s.user)
             if contacts is None or to not in contacts:
                 raise EnvelopeError(403, f"msg: {to} is not a contact", cid, fatal=False)

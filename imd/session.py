@@ -95,7 +95,7 @@ class Session:
         A malformed one is answered with ``error`` (and, when fatal, ends the
         session). Returns False once the session has ended."""
         try:
-            env = envelope.parse(data, self.router.lim["max_body"])
+            env = envelope.parse(data, self.router.limits.max_body)
         except envelope.EnvelopeError as e:
             self.send(e.envelope())
             if e.fatal:

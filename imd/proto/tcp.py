@@ -32,7 +32,7 @@ class TcpSession(Session):
     # Conn's handler protocol
     def on_data(self, data: bytes) -> None:
         self.touch()
-        decoder = self.decoder or FrameDecoder(self.router.lim["max_frame"])
+        decoder = self.decoder or FrameDecoder(self.router.limits.max_frame)
         try:
             frames = decoder.feed(data)
         except FrameError as e:
