@@ -186,8 +186,10 @@ def test_crashed_node_presence_expires_within_ttl(redis_factory):
     assert sorted(lost.data["users"]) == ["alice", "bob"]
 
 
-def kill_pubsub(engine):
-    """CLIENT KILL the engine's pub/sub connection only (other clients of this Redis live on)."""
+def kill_pubsub_and_resync(engine, recorder):
+    """CLIENT KILL the engine's pub/sub connection only (other clients of this Redis live on),
+    then wait until the engine has reconnected and resynced."""
+    resyncs = recorder.resyncs
     r = redis.Redis.from_url(REDIS_URL)
     try:
         name = f"imd:{engine.node_id}:pubsub"
@@ -197,19 +199,17 @@ def kill_pubsub(engine):
             r.client_kill_filter(_id=cid)
     finally:
         r.close()
+    assert recorder.wait(lambda got: recorder.resyncs > resyncs, timeout=10)
 
 
 def test_reconnect_resubscribes_and_resyncs(redis_factory):
     f = redis_factory
     e1, r1 = f.make("n1")
     e2, _ = f.make("n2")
-    channels = [f"u:user{i}" for i in range(2500)]     # several SUBSCRIBE batches
-    for ch in channels:
-        e1.subscribe(ch)
+    for i in range(2500):                               # several SUBSCRIBE batches
+        e1.subscribe(f"u:user{i}")
     assert f.ready(e1) and f.ready(e2)
-    resyncs = r1.resyncs
-    kill_pubsub(e1)
-    assert r1.wait(lambda got: r1.resyncs > resyncs, timeout=10)
+    kill_pubsub_and_resync(e1, r1)
     assert e1.state()["reconnects"] == 1 and e1.state()["subscribed"] == 2500
     e2.publish("u:user0", entry("user0", 1))
     e2.publish("u:user2499", entry("user2499", 1))
@@ -227,9 +227,7 @@ def test_user_subscriptions_keep_no_channel_strings_and_survive_a_reconnect(redi
     assert f.ready(e1) and f.ready(e2)
     assert e1._subs == set() and all(any(u is x for x in e1._users) for u in users[:3])
     assert r1.wait(lambda got: e1.state()["subscribed"] == 1500)
-    resyncs = r1.resyncs
-    kill_pubsub(e1)
-    assert r1.wait(lambda got: r1.resyncs > resyncs, timeout=10)
+    kill_pubsub_and_resync(e1, r1)
     assert e1.state()["subscribed"] == 1500
     for u in users[500:]:
         e1.unsubscribe_user(u)
