@@ -69,12 +69,13 @@ def main_thread_seconds(pids):
     return total / tick
 
 
-def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, workers=1, engine="memory"):
+def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, workers=1, engine="memory",
+            cprofile=None):
     """One imd from `repo`: connect the clients, then each rate `repeat` times; prints a line
     per step and returns the CPU-s per 1k of each step."""
     out = []
     peer = peers.Imd(os.path.abspath(repo), python=sys.executable, secret=parts.SECRET, workers=workers,
-                     engine=engine).start()
+                     engine=engine, profile=cprofile).start()
     try:
         spec = parts._spec_for("xmpp", peer, pairs=True, password="pw", domain="localhost", roster=True)
         with lg.Fleet(spec, processes=2, deadline=600) as fleet:
@@ -128,6 +129,8 @@ def main():
     ap.add_argument("--attach", help="instead of --spy: a shell command run during that step, with {pid} "
                     "and {seconds} filled in (e.g. 'timeout {seconds} strace -c -f -p {pid} -o OUT', "
                     "'perf record -g -p {pid} -o OUT -- sleep {seconds}')")
+    ap.add_argument("--cprofile", help="run the first tree's first round under cProfile into this file (its "
+                    "top functions go to FILE.txt when imd stops; the whole run, logins included)")
     ap.add_argument("--imd-repo", action="append", help="imd tree(s); several are measured in turn")
     a = ap.parse_args()
     repos = a.imd_repo or [ROOT]
@@ -137,7 +140,8 @@ def main():
         for repo in repos:
             costs[repo] += measure(repo, rates, a.seconds, a.repeat, a.clients,
                                    a.spy if n == 0 and repo == repos[0] else None,
-                                   a.attach if n == 0 and repo == repos[0] else None, a.workers, a.engine)
+                                   a.attach if n == 0 and repo == repos[0] else None, a.workers, a.engine,
+                                   a.cprofile if n == 0 and repo == repos[0] else None)
     for repo, c in costs.items():
         print(f"{repo}: imd CPU-s per 1k, median of {len(c)} steps: {sorted(c)[len(c) // 2]:.4f}")
     if a.spy and os.path.exists(a.spy):
