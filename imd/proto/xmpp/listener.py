@@ -83,8 +83,9 @@ class XmppProtocol:
         ACK_DELAY. Inbox entries written to a stream count as received
         (XEP-0160); telling the core once a second per resource instead of once
         per loop iteration saves a store cursor write (and at low rates a commit
-        of its own) per message. A session that ends sends its ack at once; a
-        crash in between makes those entries arrive again (at least once)."""
+        of its own) per message. A session whose connection closes (also one
+        kept for an XEP-0198 resume) or that ends sends its ack at once; a crash
+        in between makes those entries arrive again (at least once)."""
         self._acks.append(s)
         if self._ack_timer is None:
             self._ack_timer = gevent.get_hub().loop.timer(self.ack_delay)

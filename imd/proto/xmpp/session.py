@@ -107,6 +107,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.stream_error(e.condition, e.text)
 
     def on_close(self, reason: str) -> None:
+        if self.ack_scheduled:
+            self.send_ack()        # the client may log in again at once (on any node): no re-sends
         if self.resource is not None and self.sm_detach():
             return                                # XEP-0198: wait for a resume
         self.finish(reason)
