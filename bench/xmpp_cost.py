@@ -2,7 +2,7 @@
 
     python bench/xmpp_cost.py [--rate 4000] [--seconds 10] [--repeat 2] [--spy OUT.txt]
                               [--imd-repo TREE ...] [--rounds N] [--workers N --engine redis]
-                              [--attach CMD]
+                              [--attach CMD] [--cprofile OUT]
 
 Starts imd as the `xmpp` part does (SQLite store, synchronous = full), connects 2,000
 clients in pairs through bench.loadgen, offers each rate in `--rate` (comma separated) open

@@ -271,7 +271,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
     def note_written(self, seq: int) -> None:
         """An entry reached this device: acknowledge it to the core with the node's
         next gathered acks (``XmppProtocol.ack_later``: within ACK_DELAY), or when
-        the session ends, whichever is first."""
+        the stream ends (error, close, end of the session), whichever is first."""
         if seq > self.ack_to:
             self.ack_to = seq
             if not self.ack_scheduled:
