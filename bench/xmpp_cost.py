@@ -1,23 +1,27 @@
 """imd's CPU cost per XMPP chat message at fixed rates (the `xmpp` part's setup, no sweep).
 
     python bench/xmpp_cost.py [--rate 4000] [--seconds 10] [--repeat 2] [--spy OUT.txt]
-                              [--imd-repo TREE ...] [--rounds N]
+                              [--imd-repo TREE ...] [--rounds N] [--workers N --engine redis]
+                              [--attach CMD] [--cprofile OUT]
 
 Starts imd as the `xmpp` part does (SQLite store, synchronous = full), connects 2,000
 clients in pairs through bench.loadgen, offers each rate in `--rate` (comma separated) open
 loop for `--seconds`, `--repeat` times, and prints per step: delivered/sent, p50/p99
-delivery latency, imd CPU-seconds per 1,000 delivered messages, the busiest load-generator
+delivery latency, imd CPU-seconds per 1,000 delivered messages (and of its main thread alone: the
+gevent loop; the rest is the store's threads), the busiest load-generator
 process's CPU share, and the load average. Several `--imd-repo` trees are measured in turn,
 `--rounds` times (a before/after comparison under the same load). `--spy OUT` records the
 last step of the first rate of the first tree with py-spy (--nonblocking) into OUT (raw
 collapsed stacks) and prints the top own-time and inclusive functions;
-`python bench/xmpp_cost.py --top OUT` prints them again.
+`python bench/xmpp_cost.py --top OUT` prints them again. `--attach CMD` runs a profiler or
+tracer of your choice over that step instead (``{pid}``, ``{seconds}`` filled in).
 """
 
 import argparse
 import collections
-import re
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -47,18 +51,38 @@ def top(collapsed, n=30):
             print(f"{100 * k / total:5.1f}%  {fr}")
 
 
-def measure(repo, rates, seconds, repeat, clients, spy=None):
+def _py_spy():
+    """py-spy next to the interpreter (the venv's), else the one on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return here if os.path.exists(here) else (shutil.which("py-spy") or here)
+
+
+def main_thread_seconds(pids):
+    """CPU seconds of the main threads of `pids` (the gevent loop; the rest is the store's
+    and other threads')."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, workers=1, engine="memory",
+            cprofile=None):
     """One imd from `repo`: connect the clients, then each rate `repeat` times; prints a line
     per step and returns the CPU-s per 1k of each step."""
     out = []
-    peer = peers.Imd(os.path.abspath(repo), python=sys.executable, secret=parts.SECRET).start()
+    peer = peers.Imd(os.path.abspath(repo), python=sys.executable, secret=parts.SECRET, workers=workers,
+                     engine=engine, profile=cprofile).start()
     try:
         spec = parts._spec_for("xmpp", peer, pairs=True, password="pw", domain="localhost", roster=True)
-        pids = peer.pids()
         with lg.Fleet(spec, processes=2, deadline=600) as fleet:
             ok, failed, _ = fleet.connect(clients, timeout=180)
             if failed:
                 raise SystemExit(f"{failed} clients failed: {fleet.errors()[:1]}")
+            pids = peer.pids()                   # (the workers, when several)
             time.sleep(1)
             fleet.traffic(500, 0, 2)             # warm-up
             time.sleep(0.5)
@@ -67,19 +91,22 @@ def measure(repo, rates, seconds, repeat, clients, spy=None):
                     recorder = None
                     if spy and i == 0 and k == repeat - 1:
                         recorder = subprocess.Popen(
-                            [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
+                            [_py_spy(), "record",
                              "--pid", str(pids[0]), "--format", "raw", "--nonblocking", "--rate", "200",
                              "--duration", str(int(seconds)), "--output", spy],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    cpu0 = peers.cpu_seconds(pids)
+                    elif attach and i == 0 and k == repeat - 1:
+                        recorder = subprocess.Popen(attach.format(pid=pids[0], seconds=int(seconds)), shell=True)
+                    cpu0, main0 = peers.cpu_seconds(pids), main_thread_seconds(pids)
                     sent, got, wall, lat = fleet.traffic(rate, 0, seconds)
                     cpu = peers.cpu_seconds(pids) - cpu0
+                    main = main_thread_seconds(pids) - main0
                     lat = sorted(lat)
                     load = open("/proc/loadavg").read().split()[0]
                     out.append(1000 * cpu / max(got, 1))
                     print(f"{repo}: rate {rate:,}/s: {got:,}/{sent:,} delivered, p50 "
                           f"{lg.quantile(lat, .5) / 1000:.1f} ms p99 {lg.quantile(lat, .99) / 1000:.1f} ms, "
-                          f"imd CPU-s per 1k {out[-1]:.4f}, imd CPU {cpu / wall:.0%} of the sending time, "
+                          f"imd CPU-s per 1k {out[-1]:.4f} (main thread {1000 * main / max(got, 1):.4f}), imd CPU {cpu / wall:.0%} of the sending time, "
                           f"load generator {fleet.client_load:.0%}, load average {load}", flush=True)
                     if recorder is not None:
                         recorder.wait(60)
@@ -97,6 +124,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="alternate the trees this many times")
     ap.add_argument("--clients", type=int, default=2000)
     ap.add_argument("--spy", help="py-spy output of the first tree's first round")
+    ap.add_argument("--workers", type=int, default=1, help="node.workers (several need --engine redis)")
+    ap.add_argument("--engine", default="memory", help="engine.backend: memory or redis")
+    ap.add_argument("--attach", help="instead of --spy: a shell command run during that step, with {pid} "
+                    "and {seconds} filled in (e.g. 'timeout {seconds} strace -c -f -p {pid} -o OUT', "
+                    "'perf record -g -p {pid} -o OUT -- sleep {seconds}')")
+    ap.add_argument("--cprofile", help="run the first tree's first round under cProfile into this file (its "
+                    "top functions go to FILE.txt when imd stops; the whole run, logins included)")
     ap.add_argument("--imd-repo", action="append", help="imd tree(s); several are measured in turn")
     a = ap.parse_args()
     repos = a.imd_repo or [ROOT]
@@ -105,7 +139,9 @@ def main():
     for n in range(a.rounds):
         for repo in repos:
             costs[repo] += measure(repo, rates, a.seconds, a.repeat, a.clients,
-                                   a.spy if n == 0 and repo == repos[0] else None)
+                                   a.spy if n == 0 and repo == repos[0] else None,
+                                   a.attach if n == 0 and repo == repos[0] else None, a.workers, a.engine,
+                                   a.cprofile if n == 0 and repo == repos[0] else None)
     for repo, c in costs.items():
         print(f"{repo}: imd CPU-s per 1k, median of {len(c)} steps: {sorted(c)[len(c) // 2]:.4f}")
     if a.spy and os.path.exists(a.spy):

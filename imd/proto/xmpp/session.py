@@ -107,6 +107,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.stream_error(e.condition, e.text)
 
     def on_close(self, reason: str) -> None:
+        if self.ack_scheduled:
+            self.send_ack()        # the client may log in again at once (on any node): no re-sends
         if self.resource is not None and self.sm_detach():
             return                                # XEP-0198: wait for a resume
         self.finish(reason)
@@ -116,6 +118,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if self.sm_id is not None:
             self.proto.resumable.pop(self.sm_id, None)
             self.sm_id = None
+        if self.ack_scheduled:
+            self.send_ack()                       # what was written counts as received now
         if self.resource is not None:
             self.proto.unbound(self)
             if self.available:
@@ -265,14 +269,17 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.write_entry(out)
 
     def note_written(self, seq: int) -> None:
-        """An entry reached this device: acknowledge it once per loop iteration."""
+        """An entry reached this device: acknowledge it to the core with the node's
+        next gathered acks (``XmppProtocol.ack_later``: within ACK_DELAY), or when
+        the stream ends (error, close, end of the session), whichever is first."""
         if seq > self.ack_to:
             self.ack_to = seq
             if not self.ack_scheduled:
                 self.ack_scheduled = True
-                gevent.get_hub().loop.run_callback(self.send_ack)
+                self.proto.ack_later(self)
 
     def send_ack(self) -> None:
+        """Tell the core (the store's cursor) the newest entry written, if not told yet."""
         self.ack_scheduled = False
         seq = min(self.ack_to, self.last_seq)
         if seq > self.acked and self.state is not CLOSED:

@@ -117,3 +117,32 @@ def test_idle_streams_free_their_parser_and_wake_on_data(node):
         await logout(a)
         await logout(b)
     run(scenario())
+
+
+def test_entries_written_are_acked_with_the_gathered_acks_or_at_stream_end(node):
+    """Without XEP-0198 an inbox entry written to a stream counts as received: the
+    session tells the core with the node's gathered acks (XmppProtocol.send_acks,
+    ACK_DELAY after the first), or when the stream ends, whichever comes first."""
+    async def scenario():
+        a, b = client("u_acks_a"), client("u_acks_b", resource="phone")
+        await login(a, node)
+        await login(b, node)
+        proto = next(s for s in node.node.all_sessions() if s.protocol == "xmpp").proto
+        proto.ack_delay = 3600                      # only send_acks() or the stream's end ack now
+
+        async def chat(body):
+            a.send_message(mto="u_acks_b@localhost", mbody=body, mtype="chat")
+            m = await asyncio.wait_for(b.raw_messages.get(), 10)
+            while m["type"] != "chat":
+                m = await asyncio.wait_for(b.raw_messages.get(), 10)
+            assert m["body"] == body
+
+        await chat("one")
+        assert node.store.cursor("u_acks_b", "phone") == 0     # written, not yet told
+        proto.send_acks()
+        await eventually(lambda: node.store.cursor("u_acks_b", "phone") == 1)
+        await chat("two")
+        await logout(b)
+        await eventually(lambda: node.store.cursor("u_acks_b", "phone") == 2)
+        await logout(a)
+    run(scenario())
