@@ -10,7 +10,9 @@ presence listeners (``/psub``-style callbacks).
 Recomputations are queued and run in one worker greenlet, because reading the
 cluster view (``engine.presence_get``) may block; the worker takes up to
 ``BATCH`` queued users per cluster read, so a login storm costs one Redis
-round trip per batch, not per user. ``changed`` never blocks.
+round trip per batch, not per user; so do the contact lists of users announced
+before their login's own read cached them (one store read per batch).
+``changed`` never blocks.
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ class Presence:
         for user in users:
             engine.presence_set(user, self.local_state(user))
         states = engine.presence_states(users)
+        announce = []
         for user in users:
             state = states.get(user)
             if state is None:           # offline
@@ -157,7 +160,15 @@ class Presence:
                 t.stop()
             if self._announced.get(user) != state:
                 self._announced[user] = state
-                self._announce(user, state[0], list(state[1]), None)
+                announce.append((user, state))
+        if not announce:
+            return
+        try:        # first logins: their contacts in one store read, not one each in _announce
+            self.node.contacts.preload([user for user, _ in announce])
+        except Exception as e:
+            log.warning("presence: contacts not preloaded (%s); read one by one", e)
+        for user, state in announce:
+            self._announce(user, state[0], list(state[1]), None)
 
     def _offline_elsewhere(self, users: list) -> None:
         users = [u for u in users if u not in self.node.sessions]
