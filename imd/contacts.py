@@ -5,8 +5,8 @@ Contact lists are cached for users connected to this node; a miss loads from
 the store. Because a queued change may not be committed when a load happens,
 recent changes are remembered for a while and replayed over every load.
 
-``get`` may block (a store read): call it from a greenlet. ``cached``,
-``add`` and ``remove`` never block.
+``get`` and ``preload`` may block (a store read): call them from a greenlet.
+``cached``, ``add`` and ``remove`` never block.
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ class Contacts:
         if s is None:
             s = self.loaded(user, self.store.contacts(user))
         return s
+
+    def preload(self, users) -> None:
+        """Load the lists of those of ``users`` not cached with one store call (the
+        store's batched login read; blocks). Raises StoreError."""
+        missing = [u for u in dict.fromkeys(users) if u not in self._cache]
+        if missing:
+            for user, state in zip(missing, self.store.attach_states([(u, True, 0) for u in missing])):
+                self.loaded(user, state.contacts)
 
     def loaded(self, user: str, stored) -> set:
         """Cache ``stored`` (the user's contacts as just read from the store) with

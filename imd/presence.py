@@ -10,7 +10,9 @@ presence listeners (``/psub``-style callbacks).
 Recomputations are queued and run in one worker greenlet, because reading the
 cluster view (``engine.presence_get``) may block; the worker takes up to
 ``BATCH`` queued users per cluster read, so a login storm costs one Redis
-round trip per batch, not per user. ``changed`` never blocks.
+round trip per batch, not per user; so do the contact lists of users announced
+before their login's own read cached them (one store read per batch).
+``changed`` never blocks.
 """
 
 from __future__ import annotations
@@ -21,20 +23,11 @@ import time
 import gevent
 from gevent.event import Event as GEvent
 
-from .engine.base import Event, shared_state, user_channel
+from .engine.base import Event, aggregate, user_channel
 
 log = logging.getLogger("imd.presence")
 
 BATCH = 500         # users recomputed per cluster read
-
-
-def aggregate(records: list) -> tuple[str, list]:
-    """(status, platforms) from the per-node records of one user."""
-    if not records:
-        return "offline", []
-    platforms = sorted({p for r in records for p in r.get("platforms", ())})
-    status = "online" if any(r.get("status") == "online" for r in records) else "away"
-    return status, platforms
 
 
 class Presence:
@@ -152,10 +145,11 @@ class Presence:
         engine = self.node.engine
         for user in users:
             engine.presence_set(user, self.local_state(user))
-        records = engine.presence_get(users)
+        states = engine.presence_states(users)
+        announce = []
         for user in users:
-            status, platforms = aggregate(records.get(user, []))
-            if status == "offline":
+            state = states.get(user)
+            if state is None:           # offline
                 if user in self._announced and user not in self._offline_timers:
                     t = gevent.get_hub().loop.timer(self.grace)
                     self._offline_timers[user] = t
@@ -164,10 +158,17 @@ class Presence:
             t = self._offline_timers.pop(user, None)
             if t is not None:
                 t.stop()
-            state = shared_state(status, platforms)
             if self._announced.get(user) != state:
                 self._announced[user] = state
-                self._announce(user, status, platforms, None)
+                announce.append((user, state))
+        if not announce:
+            return
+        try:        # first logins: their contacts in one store read, not one each in _announce
+            self.node.contacts.preload([user for user, _ in announce])
+        except Exception as e:
+            log.warning("presence: contacts not preloaded (%s); read one by one", e)
+        for user, state in announce:
+            self._announce(user, state[0], list(state[1]), None)
 
     def _offline_elsewhere(self, users: list) -> None:
         users = [u for u in users if u not in self.node.sessions]

@@ -78,8 +78,13 @@ class Router:
         self.sessions_opened += 1
         self.auth_wheel.add(session, time.monotonic() + self.limits.auth_timeout)
 
+    def unopened(self, session) -> None:
+        """A session closed before authenticating (called by Session.closed)."""
+        self.auth_wheel.discard(session)
+
     def detach(self, session, reason: str) -> None:
         """The session's transport is gone (called by Session.closed)."""
+        self.wheel.discard(session)
         self.node.remove_session(session)
         self.store.touch_user(session.user, None, session.platform, now_ms())
         if log.isEnabledFor(logging.DEBUG):
@@ -171,6 +176,7 @@ class Router:
         s.state = AUTHING
         s.backlog = []
         s.held = []
+        self.auth_wheel.discard(s)    # its auth deadline is moot now
         self.wheel.add(s, s.last_rx + self.limits.heartbeat)
         key = (s.protocol, s.role, s.platform)
         labels = self._opened_labels.get(key)

@@ -131,6 +131,8 @@ class Session:
         self.held = None
         if was_open:
             self.router.detach(self, reason)
+        else:
+            self.router.unopened(self)
 
     # -- inbox ordering ------------------------------------------------------------
     def deliver(self, out: Out) -> int:

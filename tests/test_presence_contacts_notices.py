@@ -147,3 +147,25 @@ def test_transient_envelopes_filtered_by_device_and_protocol(node):
     records = node.node.engine.presence_get(["u_tr"])["u_tr"]
     assert records[0]["devices"] == ["phone", "tab"]
     assert not node.router.device_elsewhere("u_tr", "phone")        # this node's own record
+
+
+def test_first_logins_read_contacts_in_batches_not_one_by_one(node, monkeypatch):
+    """Users whose contact lists are not in memory yet: the presence worker loads
+    them with the batched login read (Contacts.preload), never one store read per
+    user, and their contacts still hear of them."""
+    guests = [f"fg{i}" for i in range(8)]
+    for g in guests:
+        node.router.add_contact("fh", g)
+    assert node.store.flush(5)
+    single = []
+    real = node.store.contacts
+    monkeypatch.setattr(node.store, "contacts", lambda user: single.append(user) or real(user))
+    host = login(node, "fh", "host")
+    clients = [login(node, g) for g in guests]
+    seen = set()
+    while seen != set(guests):
+        p = host.wait_for(lambda e: e["type"] == "presence" and e["status"] == "online")
+        seen.add(p["user"])
+    assert single == []
+    for c in clients:
+        c.close()

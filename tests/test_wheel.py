@@ -52,3 +52,34 @@ def test_a_failing_after_hook_does_not_stop_the_wheel():
 
 def test_memtrim_on_glibc():
     assert memtrim.trim() is True
+
+
+def test_discarded_objects_are_forgotten_in_bulk_and_never_called(monkeypatch):
+    """A discarded object's handler is not called when its bucket comes due; once the
+    discarded ones are half of what the wheel holds, the buckets drop them (a reconnect
+    storm does not keep closed sessions until their deadline); live ones stay filed."""
+    import imd.net.wheel as wheel_mod
+    monkeypatch.setattr(wheel_mod, "COMPACT_MIN", 4)
+    w = Wheel("on_check")
+    now = time.monotonic()
+    live = [Due(again=0) for _ in range(3)]
+    dead = [Due(again=0) for _ in range(3)]
+    for i, obj in enumerate(live + dead):
+        w.add(obj, now - 2 + i % 2)
+    for obj in dead:
+        w.discard(obj)                       # 3 < COMPACT_MIN: still filed, skipped when due
+    assert sum(map(len, w._buckets.values())) == 6
+    w._run()
+    assert [o.calls for o in live] == [1, 1, 1] and [o.calls for o in dead] == [0, 0, 0]
+    assert not w._buckets and not w._gone
+
+    later = [Due(again=0) for _ in range(8)]
+    for obj in later:
+        w.add(obj, now + 60)
+    for obj in later[:4]:
+        w.discard(obj)                       # 4 of 8: the buckets are filtered
+    assert [o for b in w._buckets.values() for o in b] == later[4:] and not w._gone
+    w.add(later[0], now - 5)
+    w.discard(later[0])
+    w._run()                                 # its bucket comes due: skipped, and forgotten
+    assert later[0].calls == 0 and later[0] not in w._gone

@@ -37,6 +37,16 @@ _STATES: dict = {}
 _STATES_MAX = 4096
 
 
+def aggregate(records: list) -> tuple[str, list]:
+    """(status, platforms) of one user from the records of every node: ``online``
+    if any session is, ``away`` if all are, ``offline`` without a record."""
+    if not records:
+        return "offline", []
+    platforms = sorted({p for r in records for p in r.get("platforms", ())})
+    status = "online" if any(r.get("status") == "online" for r in records) else "away"
+    return status, platforms
+
+
 def shared_state(status: str, platforms) -> tuple:
     """``(status, platforms as a tuple)``, one shared object per distinct value:
     presence is kept per user, and nearly every user is in one of a few states."""
@@ -139,6 +149,14 @@ class Engine:
     def presence_get(self, users: Iterable[str]) -> dict[str, list[dict]]:
         """For each user, the live presence records of every node (possibly empty)."""
         raise NotImplementedError
+
+    def presence_states(self, users: list) -> dict:
+        """For each user, the :func:`aggregate` of its records over every node as a
+        :func:`shared_state` ``(status, platforms tuple)``, or None when no node has
+        one (offline). Blocks like ``presence_get``; an engine that can answer
+        without building the records overrides it."""
+        return {u: shared_state(*aggregate(recs)) if recs else None
+                for u, recs in self.presence_get(users).items()}
 
     # -- cluster comet channel counts: one record per (channel, node) ----------
     def channel_count_set(self, cname: str, count: int) -> None:

@@ -104,6 +104,12 @@ class MemoryEngine(Engine):
             out[u] = [rec]
         return out
 
+    def presence_states(self, users: list) -> dict:
+        """The one node's records are kept as shared states already (the node
+        sets sorted platforms, as :func:`aggregate` gives them)."""
+        p = self._presence
+        return {u: p.get(u) for u in users}
+
     def channel_count_set(self, cname: str, count: int) -> None:
         if count > 0:
             self._counts[cname] = count

@@ -196,7 +196,8 @@ class Conn:
                  "_closing", "_drained", "_timer", "closed")
 
     def __init__(self, sock: socket.socket, handler, limit: int) -> None:
-        sock.setblocking(False)
+        if type(sock) not in _PLAIN or sock.gettimeout() != 0.0:    # the listener's are already
+            sock.setblocking(False)
         self.sock = sock
         self.handler = handler
         self.limit = limit

@@ -239,10 +239,34 @@ class SqliteStore(WriterStore, Store):
         return self._read(_last_seq, user)
 
     def attach_states(self, requests: list) -> list:
+        """One aggregate statement per CHUNK users for the tops and received seqs, one
+        for the contacts asked for, and the offline query only for the users whose
+        top is above what their devices received (most logins have nothing offline).
+        Each statement returns one JSON row: the pool thread retakes the GIL, which
+        the hub is busy with, once per statement instead of once per row."""
+        users = list(dict.fromkeys(user for user, _, _ in requests))
+        contact_users = list(dict.fromkeys(user for user, want, _ in requests if want))
+
         def q(con):
-            return [AttachState(_last_seq(con, user), _contacts(con, user) if want_contacts else None,
-                                _offline(con, user, limit) if limit else None)
-                    for user, want_contacts, limit in requests]
+            tops = {}                     # user → (top, received)
+            for chunk in _chunks(users):
+                tops.update((u, (top, rcv)) for u, top, rcv in _json_rows(
+                    con, "SELECT json_group_array(json_array(id, last_seq, (SELECT MAX(seq) FROM "
+                    "cursors WHERE cursors.user = users.id))) FROM users WHERE id IN (%s)", chunk))
+            contacts = {user: set() for user in contact_users}
+            for chunk in _chunks(contact_users):
+                for user, contact in _json_rows(
+                        con, "SELECT json_group_array(json_array(user, contact)) FROM contacts "
+                        "WHERE user IN (%s)", chunk):
+                    contacts[user].add(contact)
+            out = []
+            for user, want, limit in requests:
+                top, received = tops.get(user, (0, None))
+                offline = None
+                if limit:
+                    offline = _offline_after(con, user, received or 0, limit) if top > (received or 0) else []
+                out.append(AttachState(top, contacts[user] if want else None, offline))
+            return out
         return self._read(q)
 
     def last_seqs(self, users: list) -> dict:
@@ -347,22 +371,37 @@ def _contacts(con, user: str) -> set:
 
 
 def _offline(con, user: str, limit: int) -> list:
+    return _offline_after(con, user, _received(con, user), limit)
+
+
+def _offline_after(con, user: str, received: int, limit: int) -> list:
     rows = con.execute("SELECT %s FROM inbox i JOIN messages m ON m.mid = i.mid "
                        "WHERE i.user = ? AND i.seq > ? AND i.inbound = 1 "
                        "ORDER BY i.seq LIMIT ?" % ENTRY_COLUMNS,
-                       (user, _received(con, user), limit)).fetchall()
+                       (user, received, limit)).fetchall()
     return [entry_from_row(user, r) for r in rows]
+
+
+def _chunks(items: list):
+    """``items`` in pieces of at most CHUNK, each padded by :func:`_shaped`."""
+    for i in range(0, len(items), CHUNK):
+        yield _shaped(items[i:i + CHUNK])
+
+
+def _json_rows(con, sql: str, params: list) -> list:
+    """The rows of a ``SELECT json_group_array(…) … IN (%s)`` over ``params``: one step."""
+    text = con.execute(sql % ",".join("?" * len(params)), params).fetchone()[0]
+    return orjson.loads(text)
 
 
 def _apply_pending(con, p: Pending) -> None:
     """Write the coalesced fire-and-forget changes (inside the batch transaction)."""
-    if p.touches:
-        con.executemany(
-            "INSERT INTO users (id, role, platform, last_seen) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET role = COALESCE(excluded.role, role), "
-            "platform = COALESCE(excluded.platform, platform), "
-            "last_seen = MAX(COALESCE(last_seen, 0), excluded.last_seen)",
-            [(u, r, pl, ts) for u, (r, pl, ts) in p.touches.items()])
+    if p.touches:                 # a login storm touches thousands: multi-row statements
+        _values(con, "INSERT INTO users (id, role, platform, last_seen)", 4,
+                [(u, r, pl, ts) for u, (r, pl, ts) in p.touches.items()],
+                " ON CONFLICT (id) DO UPDATE SET role = COALESCE(excluded.role, role), "
+                "platform = COALESCE(excluded.platform, platform), "
+                "last_seen = MAX(COALESCE(last_seen, 0), excluded.last_seen)")
     if p.passwords:
         con.executemany("INSERT INTO users (id, credentials) VALUES (?, ?) "
                         "ON CONFLICT (id) DO UPDATE SET credentials = excluded.credentials",

@@ -12,6 +12,10 @@ the greenlet calls each op's ``callback(result, None)`` in submission order.
 Fire-and-forget writes (cursors, last-seen, contacts, passwords) are coalesced
 in a :class:`Pending` and ride along with the next batch of whichever lane gets
 there first; only one batch at a time carries them, so they commit in order.
+With no op waiting they commit on their own at most once per
+``PENDING_INTERVAL`` (a login storm touches every user twice: this way each
+user's touches coalesce instead of costing a transaction, with its fsync,
+every few milliseconds); ``flush`` does not wait for the interval.
 
 Failures: when ``apply_batch`` raises an error the backend calls transient
 (database gone, locked, disk full), nothing is acked and the same batch is
@@ -43,6 +47,7 @@ log = logging.getLogger("imd.store.writer")
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
+PENDING_INTERVAL = 0.05   # s between two commits of coalesced writes alone (no op waiting)
 
 
 class MessageOp:
@@ -144,6 +149,7 @@ class Writer:
         self._pending_gen = 0            # bumped by every coalesced write
         self._pending_done = 0           # generation of the last committed Pending
         self._pending_busy = False       # a batch carrying a Pending is in flight
+        self._pending_next = 0.0         # monotonic time before which a Pending alone waits
         self._progress = Event()         # set and replaced after every commit
         self._running = False
         self._closing = False
@@ -217,6 +223,9 @@ class Writer:
         Never call it from a store callback (it would wait for its own lane)."""
         targets = [(lane, lane.submitted) for lane in self._lanes]
         gen = self._pending_gen
+        if self._pending:
+            self._pending_next = 0.0     # no waiting for the interval
+            self._lanes[0].wake.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._pending_done >= gen and all(l.done >= n for l, n in targets):
@@ -238,6 +247,12 @@ class Writer:
     def _run(self, lane: _Lane) -> None:
         while True:
             lane.wake.clear()
+            if (not lane.ops and self._pending and not self._pending_busy and not self._closing
+                    and time.monotonic() < self._pending_next):
+                # coalesced writes alone commit at most once per PENDING_INTERVAL (a login
+                # storm's touches coalesce per user); an op arriving takes them along at once
+                lane.wake.wait(self._pending_next - time.monotonic())
+                continue
             ops = []
             while lane.ops and len(ops) < self.batch_max:
                 ops.append(lane.ops.popleft())
@@ -256,6 +271,7 @@ class Writer:
             if pending is not None:
                 self._pending_busy = False
                 self._pending_done = gen
+                self._pending_next = time.monotonic() + PENDING_INTERVAL
                 if self._pending:
                     self._lanes[0].wake.set()
             lane.done += len(ops)

@@ -5,7 +5,7 @@ reconnects), against the real Redis."""
 import gevent
 import redis
 
-from imd.engine.base import Event
+from imd.engine.base import Event, shared_state
 
 from .conftest import REDIS_URL
 
@@ -93,6 +93,16 @@ def test_presence_set_get_remove(factory):
     assert got["carol"] == []
     e.presence_set("alice", None)
     assert e.presence_get(["alice"]) == {"alice": []}
+
+
+def test_presence_states_aggregate_what_presence_get_returns(factory):
+    e, _ = factory.make("n1")
+    assert factory.ready(e)
+    e.presence_set("alice", {"status": "online", "platforms": ["ios", "web"], "devices": ["p", "c"]})
+    e.presence_set("bob", {"status": "away", "platforms": ["android"]})
+    states = e.presence_states(["alice", "bob", "carol"])
+    assert states == {"alice": ("online", ("ios", "web")), "bob": ("away", ("android",)), "carol": None}
+    assert states["alice"] is shared_state("online", ["ios", "web"])
 
 
 def test_presence_records_keep_devices(factory):
