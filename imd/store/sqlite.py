@@ -188,12 +188,12 @@ class SqliteStore(WriterStore, Store):
             self._checkpointed(self._tail_job.get())
             self._tail_job = None
         self._job = self._pool.spawn(_outcome, self._apply_sync, ops, pending)
-        results = _result(self._job.get())
+        plan, base = _result(self._job.get())
         self._wal_dirty.set()
         if self._tail_due:
             self._tail_due = False
             self._tail_job = self._pool.spawn(_outcome, _checkpoint, self._wcon)
-        return results
+        return plan.results(base)         # here: the pool thread holds the GIL as little as it can
 
     def _apply_sync(self, ops: list, pending: Optional[Pending]) -> list:
         con = self._wcon
@@ -209,7 +209,7 @@ class SqliteStore(WriterStore, Store):
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
-        return plan.results(base)
+        return plan, base
 
     def stats(self) -> dict:
         stats = self._writer.stats()

@@ -51,7 +51,7 @@ log = logging.getLogger("imd.store.writer")
 
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
-GATHER_TARGET = 64       # ops per batch past which a lane never waits for more
+GATHER_TARGET = 32       # ops per batch past which a lane never waits for more
 RATE_SPAN = 0.1          # seconds: a lane's arrival rate is a moving average over about this span
 
 
