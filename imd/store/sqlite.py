@@ -18,7 +18,8 @@ Checkpoints (copying the WAL back into the database file and syncing it) are
 kept off the commit path, in two steps. (1) ``CHECKPOINT_DELAY`` s after the
 first commit since the last checkpoint, a checkpointer greenlet runs a PASSIVE
 checkpoint on its own connection in the threadpool: it copies the bulk of the
-WAL while the writer keeps committing. (2) It cannot finish while commits keep
+WAL while the writer keeps committing (again, up to ``CHECKPOINT_ROUNDS`` times,
+while more than ``TAIL_FRAMES`` frames came meanwhile). (2) It cannot finish while commits keep
 appending, and SQLite restarts the WAL at its beginning only after a complete
 checkpoint, so right after the next commit (its acks already on their way) the
 writer connection checkpoints the tail written meanwhile, before it starts the
@@ -70,6 +71,8 @@ CHUNK = 400                      # rows per IN (...) / VALUES list (bound parame
 # (SQLite's wal_autocheckpoint, PASSIVE, on the commit path) only past WAL_CAP_PAGES (4 KiB each).
 # Durability is the WAL's (synchronous as configured): unchanged.
 CHECKPOINT_DELAY = 0.5
+CHECKPOINT_ROUNDS = 4            # step-1 checkpoints in a row at most, while more than
+TAIL_FRAMES = 1000               # this many frames were appended during the last one
 WAL_CAP_PAGES = 32768
 WAL_KEEP_BYTES = WAL_CAP_PAGES * 4096   # journal_size_limit: a larger WAL file is cut to this
 GIL_SWITCH_INTERVAL = 0.0005     # seconds (module docstring)
@@ -227,18 +230,23 @@ class SqliteStore(WriterStore, Store):
             self._wal_dirty.wait()
             gevent.sleep(CHECKPOINT_DELAY)
             self._wal_dirty.clear()
-            self._checkpoint_job = self._pool.spawn(_outcome, _checkpoint, self._ccon)
-            if self._checkpointed(self._checkpoint_job.get()):
+            for _ in range(CHECKPOINT_ROUNDS):      # until the tail left for step 2 is short
+                self._checkpoint_job = self._pool.spawn(_outcome, _checkpoint, self._ccon)
+                left = self._checkpointed(self._checkpoint_job.get())
+                if left is None or left <= TAIL_FRAMES:
+                    break
+            if left is not None:
                 self._tail_due = True
 
-    def _checkpointed(self, outcome) -> bool:
-        """Record a checkpoint's outcome (from _checkpoint via _outcome); False if it failed."""
+    def _checkpointed(self, outcome) -> Optional[int]:
+        """Record a checkpoint's outcome (from _checkpoint via _outcome): the WAL frames
+        it left uncopied, None if it failed."""
         if isinstance(outcome, _Failed):
             log.warning("sqlite: checkpoint failed (%r)", outcome.exc)
-            return False
+            return None
         self.checkpoints += 1
-        self.wal_frames = outcome
-        return True
+        self.wal_frames, copied = outcome
+        return self.wal_frames - copied
 
     # -- retention -------------------------------------------------------------
     def purge(self, older_than_ms: int) -> int:
@@ -392,9 +400,10 @@ def _result(value):
     return value
 
 
-def _checkpoint(con) -> int:
-    """In a pool thread: a PASSIVE checkpoint on ``con``; returns the WAL's frames then."""
-    return con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+def _checkpoint(con) -> tuple:
+    """In a pool thread: a PASSIVE checkpoint on ``con``; returns the WAL's frames and
+    how many of them are copied into the database now."""
+    return tuple(con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1:])
 
 
 def _shaped(chunk: list, most: int = CHUNK) -> list:
