@@ -13,8 +13,9 @@ Gathering (``batch_wait`` seconds, 0 = off): a commit has a fixed cost (a
 transaction, a sync, hand-offs between threads), so when writes keep arriving
 faster than one per ``batch_wait`` and fewer than ``GATHER_TARGET`` ops are
 waiting, the lane sleeps up to ``batch_wait`` (less when the arrival rate fills
-``GATHER_TARGET`` sooner) before taking its batch. The arrival rate is measured
-per lane between batches, so an op arriving after a quiet spell is never held.
+``GATHER_TARGET`` sooner) before taking its batch. The arrival rate is a lane's
+moving average over ~``RATE_SPAN`` s, so an op arriving after a quiet spell is
+never held.
 
 Fire-and-forget writes (cursors, last-seen, contacts, passwords) are coalesced
 in a :class:`Pending` and ride along with the next batch of whichever lane gets
