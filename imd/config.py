@@ -99,6 +99,8 @@ SETTINGS = [
       "PostgreSQL connection string, e.g. \"postgresql://postgres@127.0.0.1/imd\"; required for postgresql"),
     S("store", "queue_size", 100000, c.integer(1), "write operations queued before senders get error 503"),
     S("store", "batch_max", 1000, c.integer(1), "most write operations committed in one transaction"),
+    S("store", "batch_wait", 0.002, c.number(0),
+      "most seconds the sqlite writer holds a small batch open while writes keep arriving (fewer, larger commits; docs/store.md); 0: never"),
     S("store", "writers", 2, c.integer(1, 64), "writer connections (postgresql); more than 2 rarely helps (docs/store.md)"),
     S("store", "synchronous", "full", c.choice("full", "normal"),
       "SQLite PRAGMA synchronous: \"full\" survives power loss, \"normal\" only a crash"),

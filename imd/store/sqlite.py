@@ -14,6 +14,27 @@ locked) comes back as a value and is raised again in the calling greenlet
 (:func:`_outcome`), so the writer logs it as one line and retries, instead of
 gevent's hub printing a traceback per attempt.
 
+Checkpoints (copying the WAL back into the database file and syncing it) are
+kept off the commit path, in two steps. (1) ``CHECKPOINT_DELAY`` s after the
+first commit since the last checkpoint, a checkpointer greenlet runs a PASSIVE
+checkpoint on its own connection in the threadpool: it copies the bulk of the
+WAL while the writer keeps committing (again, up to ``CHECKPOINT_ROUNDS`` times,
+while more than ``TAIL_FRAMES`` frames came meanwhile). (2) It cannot finish while commits keep
+appending, and SQLite restarts the WAL at its beginning only after a complete
+checkpoint, so right after the next commit (its acks already on their way) the
+writer connection checkpoints the tail written meanwhile, before it starts the
+next transaction; then the WAL restarts. The WAL thus holds about
+``CHECKPOINT_DELAY`` s of writes. SQLite's own checkpoint on commit
+(``wal_autocheckpoint``) is only the cap, at ``WAL_CAP_PAGES``, and
+``journal_size_limit`` cuts a WAL file grown past it back when it restarts.
+
+The writer thread needs the GIL between SQLite calls (a dozen per batch) while
+the hub thread is busy with the network; CPython lets a waiting thread in only
+every ``sys.getswitchinterval()`` (5 ms by default), which made every batch's
+commit take tens of ms under load (commits grew, batches grew: a convoy).
+:meth:`SqliteStore.open` lowers the process's switch interval to
+``GIL_SWITCH_INTERVAL``.
+
 ``synchronous`` is ``"full"`` (durable against power loss) or ``"normal"``
 (in WAL mode durable against a process crash/``kill -9``, not power loss).
 """
@@ -23,12 +44,14 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import sys
 import time
 from itertools import chain
 from typing import Iterable, Optional
 
 import gevent
 import orjson
+from gevent.event import Event
 from gevent.monkey import get_original
 
 from .base import LAST_SEQS_MAX, AttachState, Store, StoreUnavailable, UserInfo
@@ -43,11 +66,16 @@ log = logging.getLogger("imd.store.sqlite")
 FILENAME = "imd.sqlite3"
 BUSY_TIMEOUT_MS = 2000
 CHUNK = 400                      # rows per IN (...) / VALUES list (bound parameters)
-# WAL pages after which a commit also checkpoints (SQLite's default: 1,000). A chat batch dirties
-# pages all over the inbox and index b-trees (several per message), so at 1,000 nearly every busy
-# commit also copied the WAL into the database and synced it; at 10,000 (≤ 40 MiB of WAL) a page
-# rewritten by many commits is copied once. Durability is the WAL's: unchanged.
-WAL_CHECKPOINT_PAGES = 10000
+# Checkpoints (module docstring). The checkpointer runs CHECKPOINT_DELAY s after the first commit
+# since its last run: a page rewritten by many commits meanwhile is copied once. The writer's own
+# (SQLite's wal_autocheckpoint, PASSIVE, on the commit path) only past WAL_CAP_PAGES (4 KiB each).
+# Durability is the WAL's (synchronous as configured): unchanged.
+CHECKPOINT_DELAY = 0.5
+CHECKPOINT_ROUNDS = 4            # step-1 checkpoints in a row at most, while more than
+TAIL_FRAMES = 1000               # this many frames were appended during the last one
+WAL_CAP_PAGES = 32768
+WAL_KEEP_BYTES = WAL_CAP_PAGES * 4096   # journal_size_limit: a larger WAL file is cut to this
+GIL_SWITCH_INTERVAL = 0.0005     # seconds (module docstring)
 VALUES_MAX = 256                 # rows per multi-row INSERT (a power of two; 12 columns: 3,072 parameters)
 # Primary SQLite result codes worth retrying: BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL,
 # CANTOPEN, PROTOCOL.
@@ -75,7 +103,7 @@ class SqliteStore(WriterStore, Store):
 
     def __init__(self, path: str, queue_size: int = 100000, batch_max: int = 1000,
                  synchronous: str = "full", retention_days: float = 0,
-                 purge_interval: float = 3600.0) -> None:
+                 purge_interval: float = 3600.0, batch_wait: float = 0.0) -> None:
         if synchronous not in ("full", "normal"):
             raise ValueError("synchronous must be 'full' or 'normal'")
         path = str(path)
@@ -85,8 +113,16 @@ class SqliteStore(WriterStore, Store):
             self.dir, self.file = path, os.path.join(path, FILENAME)
         self.synchronous = synchronous
         self._writer = Writer(self._apply_batch, is_transient, queue_size=queue_size,
-                              batch_max=batch_max, lanes=1, name="sqlite")
+                              batch_max=batch_max, lanes=1, name="sqlite", batch_wait=batch_wait)
         self._wcon: Optional[sqlite3.Connection] = None
+        self._ccon: Optional[sqlite3.Connection] = None   # the checkpointer's connection
+        self._checkpointer = None
+        self._wal_dirty = Event()                           # a commit since the last checkpoint
+        self._checkpoint_job = None
+        self._tail_due = False            # step 2 after the next commit
+        self._tail_job = None             # step 2 running (the next batch waits for it)
+        self.checkpoints = 0
+        self.wal_frames = 0               # WAL frames seen by the last checkpoint
         self._job = None                  # the write transaction running in the threadpool
         self._read_cons: list = []        # every open read connection
         self._idle_reads: list = []       # those not in use by a read now
@@ -100,11 +136,15 @@ class SqliteStore(WriterStore, Store):
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self._pool = gevent.get_hub().threadpool
         self._wcon = self._pool.apply(self._connect_writer)
+        self._ccon = self._pool.apply(self._connect)
         self._open = True
         self._writer.start()
         self._purger = gevent.spawn(purge_loop, self)
+        self._checkpointer = gevent.spawn(self._checkpoint_loop)
 
     def close(self, timeout: float = 10.0) -> None:
         if not self._open:
@@ -112,12 +152,15 @@ class SqliteStore(WriterStore, Store):
         if self._purger is not None:
             self._purger.kill()
         self._writer.stop(timeout)
+        self._checkpointer.kill()
         self._open = False
-        if self._job is not None:
-            self._job.wait()          # a transaction the writer gave up on ends before the close
-            self._job = None
+        for job in (self._job, self._checkpoint_job, self._tail_job):
+            if job is not None:
+                job.wait()            # a transaction or checkpoint in a pool thread ends first
+        self._job = self._checkpoint_job = self._tail_job = None
+        self._tail_due = False
         cons, self._read_cons, self._idle_reads = self._read_cons, [], []
-        for con in cons + [self._wcon]:
+        for con in cons + [self._ccon, self._wcon]:
             self._pool.apply(con.close)
 
     def _connect(self) -> sqlite3.Connection:
@@ -129,7 +172,8 @@ class SqliteStore(WriterStore, Store):
         con = self._connect()
         con.execute("PRAGMA journal_mode = WAL")
         con.execute("PRAGMA synchronous = %s" % self.synchronous.upper())
-        con.execute("PRAGMA wal_autocheckpoint = %d" % WAL_CHECKPOINT_PAGES)
+        con.execute("PRAGMA wal_autocheckpoint = %d" % WAL_CAP_PAGES)
+        con.execute("PRAGMA journal_size_limit = %d" % WAL_KEEP_BYTES)
         con.execute("CREATE TABLE IF NOT EXISTS schema_version "
                     "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
         done = {row[0] for row in con.execute("SELECT version FROM schema_version")}
@@ -143,8 +187,16 @@ class SqliteStore(WriterStore, Store):
 
     # -- writes (in a threadpool thread, one batch = one transaction) --------
     def _apply_batch(self, lane: int, ops: list, pending: Optional[Pending]) -> list:
+        if self._tail_job is not None:
+            self._checkpointed(self._tail_job.get())
+            self._tail_job = None
         self._job = self._pool.spawn(_outcome, self._apply_sync, ops, pending)
-        return _result(self._job.get())
+        plan, base = _result(self._job.get())
+        self._wal_dirty.set()
+        if self._tail_due:
+            self._tail_due = False
+            self._tail_job = self._pool.spawn(_outcome, _checkpoint, self._wcon)
+        return plan.results(base)         # here: the pool thread holds the GIL as little as it can
 
     def _apply_sync(self, ops: list, pending: Optional[Pending]) -> list:
         con = self._wcon
@@ -160,12 +212,41 @@ class SqliteStore(WriterStore, Store):
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
-        return plan.results(base)
+        return plan, base
 
     def stats(self) -> dict:
         stats = self._writer.stats()
         stats["purged"] = self.purged
+        stats["checkpoints"] = self.checkpoints
+        stats["wal_frames"] = self.wal_frames
         return stats
+
+    # -- checkpoints (module docstring) ----------------------------------------
+    def _checkpoint_loop(self) -> None:
+        """Greenlet: step 1 (module docstring) CHECKPOINT_DELAY s after the first
+        commit since the last one, then step 2 is due after the next commit. A
+        failure (disk full, I/O) is logged; the next commit starts another round."""
+        while True:
+            self._wal_dirty.wait()
+            gevent.sleep(CHECKPOINT_DELAY)
+            self._wal_dirty.clear()
+            for _ in range(CHECKPOINT_ROUNDS):      # until the tail left for step 2 is short
+                self._checkpoint_job = self._pool.spawn(_outcome, _checkpoint, self._ccon)
+                left = self._checkpointed(self._checkpoint_job.get())
+                if left is None or left <= TAIL_FRAMES:
+                    break
+            if left is not None:
+                self._tail_due = True
+
+    def _checkpointed(self, outcome) -> Optional[int]:
+        """Record a checkpoint's outcome (from _checkpoint via _outcome): the WAL frames
+        it left uncopied, None if it failed."""
+        if isinstance(outcome, _Failed):
+            log.warning("sqlite: checkpoint failed (%r)", outcome.exc)
+            return None
+        self.checkpoints += 1
+        self.wal_frames, copied = outcome
+        return self.wal_frames - copied
 
     # -- retention -------------------------------------------------------------
     def purge(self, older_than_ms: int) -> int:
@@ -341,6 +422,12 @@ def _result(value):
     if isinstance(value, _Failed):
         raise value.exc
     return value
+
+
+def _checkpoint(con) -> tuple:
+    """In a pool thread: a PASSIVE checkpoint on ``con``; returns the WAL's frames and
+    how many of them are copied into the database now."""
+    return tuple(con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1:])
 
 
 def _shaped(chunk: list, most: int = CHUNK) -> list:

@@ -9,6 +9,14 @@ it to the backend's ``apply_batch(lane, ops, pending)``, which must run the
 whole batch in ONE transaction and return one result per op. After the commit
 the greenlet calls each op's ``callback(result, None)`` in submission order.
 
+Gathering (``batch_wait`` seconds, 0 = off): a commit has a fixed cost (a
+transaction, a sync, hand-offs between threads), so when writes keep arriving
+faster than one per ``batch_wait`` and fewer than ``GATHER_TARGET`` ops are
+waiting, the lane sleeps up to ``batch_wait`` (less when the arrival rate fills
+``GATHER_TARGET`` sooner) before taking its batch. The arrival rate is a lane's
+moving average over ~``RATE_SPAN`` s, so an op arriving after a quiet spell is
+never held.
+
 Fire-and-forget writes (cursors, last-seen, contacts, passwords) are coalesced
 in a :class:`Pending` and ride along with the next batch of whichever lane gets
 there first; only one batch at a time carries them, so they commit in order.
@@ -33,6 +41,7 @@ greenlet and must not block.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from typing import Any, Callable, Optional
@@ -48,6 +57,8 @@ log = logging.getLogger("imd.store.writer")
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 2.0
 PENDING_INTERVAL = 0.05   # s between two commits of coalesced writes alone (no op waiting)
+GATHER_TARGET = 32        # ops per batch past which a lane never waits for more
+RATE_SPAN = 0.1           # seconds: a lane's arrival rate is a moving average over about this span
 
 
 class MessageOp:
@@ -112,10 +123,14 @@ class Pending:
 
 
 class _Lane:
-    __slots__ = ("index", "ops", "inflight", "wake", "submitted", "done", "greenlet")
+    __slots__ = ("index", "ops", "inflight", "wake", "submitted", "done", "greenlet",
+                 "rate", "mark_time", "mark_count")
 
     def __init__(self, index: int) -> None:
         self.index = index
+        self.rate = 0.0                  # ops/s submitted, moving average over ~RATE_SPAN
+        self.mark_time = time.monotonic()
+        self.mark_count = 0
         self.ops: deque = deque()
         self.inflight: list = []
         self.wake = Event()
@@ -132,16 +147,18 @@ class Writer:
 
     ``apply_batch(lane, ops, pending)`` blocks the lane greenlet (not the hub),
     runs one transaction and returns the list of results, one per op.
-    ``is_transient(exc)`` tells errors worth retrying from bugs.
+    ``is_transient(exc)`` tells errors worth retrying from bugs. ``batch_wait``:
+    see Gathering in the module docstring.
     """
 
     def __init__(self, apply_batch: ApplyBatch, is_transient: Callable[[BaseException], bool],
                  queue_size: int = 100000, batch_max: int = 1000, lanes: int = 1,
-                 name: str = "store") -> None:
+                 name: str = "store", batch_wait: float = 0.0) -> None:
         self._apply_batch = apply_batch
         self._is_transient = is_transient
         self.queue_size = queue_size
         self.batch_max = batch_max
+        self.batch_wait = batch_wait
         self.name = name
         self._lanes = [_Lane(i) for i in range(lanes)]
         self._queued = 0                 # submitted ops not yet acked or failed
@@ -160,6 +177,8 @@ class Writer:
         self.last_batch = 0
         self.commit_seconds = 0.0
         self.commit_count = 0
+        self.gathers = 0
+        self.gather_seconds = 0.0
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -241,6 +260,7 @@ class Writer:
         return {"queue": self._queued, "batches": self.batches, "committed": self.committed,
                 "retries": self.retries, "failed": self.failed, "last_batch": self.last_batch,
                 "commit_seconds_sum": self.commit_seconds, "commit_count": self.commit_count,
+                "gathers": self.gathers, "gather_seconds_sum": self.gather_seconds,
                 "writers": len(self._lanes)}
 
     # -- the lane greenlets --------------------------------------------------
@@ -253,6 +273,8 @@ class Writer:
                 # storm's touches coalesce per user); an op arriving takes them along at once
                 lane.wake.wait(self._pending_next - time.monotonic())
                 continue
+            if self.batch_wait and lane.ops:
+                self._gather(lane)
             ops = []
             while lane.ops and len(ops) < self.batch_max:
                 ops.append(lane.ops.popleft())
@@ -278,6 +300,20 @@ class Writer:
             self._queued -= len(ops)
             progress, self._progress = self._progress, Event()
             progress.set()
+
+    def _gather(self, lane: _Lane) -> None:
+        """Update the lane's arrival rate; sleep while a small batch is likely to grow."""
+        now = time.monotonic()
+        decay = math.exp((lane.mark_time - now) / RATE_SPAN)
+        lane.rate = lane.rate * decay + (lane.submitted - lane.mark_count) / RATE_SPAN
+        lane.mark_time, lane.mark_count = now, lane.submitted
+        missing = min(GATHER_TARGET, self.batch_max) - len(lane.ops)
+        if missing <= 0 or lane.rate * self.batch_wait < 1 or self._closing:
+            return
+        wait = min(self.batch_wait, missing / lane.rate)
+        self.gathers += 1
+        self.gather_seconds += wait
+        gevent.sleep(wait)
 
     def _write(self, lane: _Lane, ops: list, pending: Optional[Pending]) -> None:
         """Commit ``ops`` (+ ``pending``) and deliver the results; split on a hard error."""

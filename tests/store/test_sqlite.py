@@ -91,3 +91,70 @@ def test_batches_of_any_size_store_every_row_once(tmp_path, n):
             assert [e.seq for e in store.inbox(user, 0, 10000)] == list(range(1, first + len(got)))
     finally:
         store.close()
+
+
+def _wal_size(tmp_path):
+    wal = tmp_path / (FILENAME + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def test_checkpoints_keep_the_wal_bounded_and_lose_nothing(tmp_path, monkeypatch):
+    """The checkpointer copies the WAL back (step 1, its own connection), the writer checkpoints
+    the tail after the next commit (step 2), and the WAL restarts: five rounds of the same
+    writes reuse the WAL file (without checkpoints it would hold all five); the writer's own
+    checkpoint is only the cap; every message is there after a reopen."""
+    from imd.store import sqlite as sq
+
+    from .test_contract import wait_until
+
+    monkeypatch.setattr(sq, "CHECKPOINT_DELAY", 0.01)
+    store = SqliteStore(str(tmp_path))
+    store.open()
+    acks = Acks()
+    sizes = []
+    try:
+        assert store._wcon.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == sq.WAL_CAP_PAGES
+        for round_ in range(5):
+            for i in range(300):
+                send(store, acks, "s%d" % (i % 50), "r%d" % (i % 40), "c%d-%d" % (round_, i))
+            assert store.flush(30)
+            done = store.stats()["checkpoints"]
+            assert wait_until(lambda: store.stats()["checkpoints"] > done)   # step 1
+            for extra in ("a", "b"):             # step 2 after the first, the restart in the second
+                send(store, acks, "x", "y", "%s%d" % (extra, round_))
+                assert store.flush(30)
+            assert store.stats()["checkpoints"] >= done + 2                 # and step 2
+            sizes.append(_wal_size(tmp_path))
+        assert len(acks.results()) == 5 * 302
+    finally:
+        store.close()
+    assert sizes[-1] < 2 * sizes[0], sizes
+    store = SqliteStore(str(tmp_path))
+    store.open()
+    try:
+        assert sum(store.last_seq("s%d" % i) for i in range(50)) == 5 * 300
+        assert sum(store.last_seq("r%d" % i) for i in range(40)) == 5 * 300
+        assert len(store.inbox("y", 0, 100)) == 10
+    finally:
+        store.close()
+
+
+def test_close_waits_for_a_running_checkpoint(tmp_path, monkeypatch):
+    """close() right after commits, with the checkpointer due at once: no connection is
+    closed under a checkpoint in a pool thread, and the store opens again."""
+    from imd.store import sqlite as sq
+
+    import gevent
+
+    monkeypatch.setattr(sq, "CHECKPOINT_DELAY", 0)
+    for round_ in range(5):
+        store = SqliteStore(str(tmp_path))
+        store.open()
+        acks = Acks()
+        for i in range(100):
+            send(store, acks, "s", "r%d" % i, "c%d-%d" % (round_, i))
+        assert store.flush(30)
+        gevent.sleep(0)                  # the checkpointer starts its checkpoint
+        store.close()
+    con = sqlite3.connect(str(tmp_path / FILENAME))
+    assert con.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 500
