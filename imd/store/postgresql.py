@@ -158,7 +158,7 @@ class PostgresStore(WriterStore, Store):
             try:
                 con.execute("SET lock_timeout = '%s'" % LOCK_TIMEOUT)
                 # WRITE's generic plan (which the plan cache may pick after 5 runs) cost
-                # PostgreSQL 1.5-2x the CPU of a plan for the batch at hand (docs/store.md)
+                # PostgreSQL 1.7-2.2x the CPU of a plan for the batch at hand (docs/store.md)
                 con.execute("SET plan_cache_mode = force_custom_plan")
             except BaseException:
                 con.close()
