@@ -50,8 +50,7 @@ def make_store(args):
         with psycopg.connect(PG_SERVER + " dbname=test", autocommit=True) as con:
             con.execute("DROP DATABASE IF EXISTS imd_bench WITH (FORCE)")
     store = PostgresStore(PG_SERVER + " dbname=imd_bench", writers=args.writers,
-                          queue_size=args.queue, batch_max=args.batch,
-                          **({} if args.copy_min is None else {"copy_min": args.copy_min}))
+                          queue_size=args.queue, batch_max=args.batch)
     return store, drop
 
 
@@ -68,8 +67,6 @@ def main():
     ap.add_argument("--backend", default="postgresql", choices=["sqlite", "postgresql"])
     ap.add_argument("--writers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--copy-min", type=int, default=None,
-                    help="PostgreSQL: COPY batches of at least this many rows (default: the store's)")
     ap.add_argument("--synchronous", default="full", choices=["full", "normal"])
     ap.add_argument("--messages", type=int, default=50000)
     ap.add_argument("--senders", type=int, default=2000)
@@ -124,7 +121,7 @@ def main():
                      "wal_bytes_per_msg": round((wal1 - wal0) / args.messages)}
         print(orjson.dumps({
             "backend": args.backend, "writers": args.writers if args.backend == "postgresql" else 1,
-            "batch_max": args.batch, "copy_min": args.copy_min, "synchronous": args.synchronous,
+            "batch_max": args.batch, "synchronous": args.synchronous,
             "messages": args.messages, "rate": args.rate,
             "client_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 2), "seconds": round(elapsed, 3),
             "msgs_per_s": round(args.messages / elapsed), "batches": stats["batches"], "retries": stats["retries"],

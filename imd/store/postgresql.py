@@ -7,21 +7,22 @@ sender's messages commit in order. Each batch is one transaction:
 
 1. without any lock: give each new entry its seq *relative* to its user (the
    k-th seq the batch takes from that user, :class:`~imd.store.batch.BatchPlan`);
-   a batch of ``copy_min`` rows or more COPYs them into a per-connection
-   temporary staging table, a smaller one sends them as array parameters;
-2. BEGIN, cursors and contacts, one WRITE statement, passwords and COMMIT go in
-   one psycopg pipeline — one round trip. WRITE looks up the batch's
-   (sender, client_id) (dedupe; if any is stored it inserts nothing and the
-   batch is planned again knowing them), upserts the ``users`` rows in id order
-   — which creates missing users, locks the rows (so writers of this and of
-   other nodes sharing the database never deadlock on each other), applies
-   last-seen touches and reserves the seqs — then inserts the messages
-   rows with absolute seqs; users rows stay locked for one statement and the
-   commit. The Writer runs the callbacks afterwards.
+2. one WRITE statement — on the autocommit connection it is the transaction, so
+   one round trip and its result arrives after the COMMIT; when cursors, contacts
+   or passwords ride along, BEGIN, those, WRITE and COMMIT go in one psycopg
+   pipeline (one round trip too). The rows travel as one text parameter per
+   column (``_texts``). WRITE looks up the batch's (sender, client_id) (dedupe;
+   if any is stored it inserts nothing and the batch is planned again knowing
+   them), upserts the ``users`` rows in id order — which creates missing users,
+   locks the rows (so writers of this and of other nodes sharing the database
+   never deadlock on each other), applies last-seen touches and reserves the
+   seqs — then inserts the messages rows with absolute seqs; users rows stay
+   locked for one statement and the commit. The Writer runs the callbacks
+   afterwards.
 
-Measured (docs/store.md): COPY into staging beats array parameters from ~200 rows
-and executemany by 3× under gevent; more writers than 2 only add lock waits on
-this 2-core box, since concurrent batches nearly always share some user.
+Why (docs/store.md): each round trip is a wait on gevent's hub, which serves
+every client connection between two of them; more writers than 2 only add lock
+waits on this 2-core box, since concurrent batches nearly always share some user.
 
 A connection error, deadlock, lock timeout or shutdown is transient: the Writer
 retries the batch with backoff and this module reconnects the lane's
@@ -59,7 +60,6 @@ log = logging.getLogger("imd.store.postgresql")
 MIGRATION_LOCK = 0x696D64          # pg_advisory_xact_lock key ("imd")
 LOCK_TIMEOUT = "2s"                # a writer waiting longer on a row lock retries its batch
 PURGE_CHUNK = 5000
-COPY_MIN = 200                     # rows from which COPY beats array parameters (docs/store.md)
 
 # A user's inbox is the messages table (migration 0003): inbound entries are the rows with
 # (recipient, recipient_seq) = (user, seq), outbound ones (the sender's copy) those with
@@ -82,19 +82,14 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class PostgresStore(WriterStore, Store):
-    """The PostgreSQL store. See the module docstring and imd.store.base for the contract.
-
-    ``copy_min``: batches of that many rows or more are COPYed into a staging table,
-    smaller ones are sent as array parameters of the write statement (docs/store.md).
-    """
+    """The PostgreSQL store. See the module docstring and imd.store.base for the contract."""
 
     name = "postgresql"
 
     def __init__(self, dsn: str, writers: int = 2, readers: int = 4, queue_size: int = 100000,
                  batch_max: int = 1000, retention_days: float = 0, purge_interval: float = 3600.0,
-                 copy_min: int = COPY_MIN, connect_timeout: int = 5) -> None:
+                 connect_timeout: int = 5) -> None:
         self.dsn = dsn
-        self.copy_min = copy_min
         self.connect_timeout = connect_timeout
         self.retention_days = retention_days
         self.purge_interval = purge_interval
@@ -162,7 +157,9 @@ class PostgresStore(WriterStore, Store):
             con = self._connect(autocommit=True)
             try:
                 con.execute("SET lock_timeout = '%s'" % LOCK_TIMEOUT)
-                con.execute(STAGING)
+                # WRITE's generic plan (which the plan cache may pick after 5 runs) cost
+                # PostgreSQL 1.7-2.2x the CPU of a plan for the batch at hand (docs/store.md)
+                con.execute("SET plan_cache_mode = force_custom_plan")
             except BaseException:
                 con.close()
                 raise
@@ -171,7 +168,7 @@ class PostgresStore(WriterStore, Store):
             stored: dict = {}
             while True:
                 plan = BatchPlan(ops, stored, lambda role: _known_users(con, role))
-                base, found = _write(con, plan, pending, self.copy_min)
+                base, found = _write(con, plan, pending)
                 if not found:
                     return plan.results(base)
                 # some client ids were stored before (a retry, or a client resending):
@@ -341,38 +338,82 @@ class PostgresStore(WriterStore, Store):
                 return total
 
 
-# Staging table (per writer connection) for batches of COPY_MIN rows or more: the batch's
-# rows with seqs relative to each user's base (k-th seq the batch takes from that user).
-STAGING = ("CREATE TEMP TABLE IF NOT EXISTS imd_staging (mid text, kind text, sender text, "
-           "recipient text, body text, ctx text, ts bigint, client_id text, sender_k bigint, "
-           "recipient_k bigint, notice_kind text, flags integer) ON COMMIT DELETE ROWS")
+# The rows and the users rows of a batch travel as one text parameter per column: the
+# values joined by a separator that none of them holds, None as a null marker, split again
+# in the statement by string_to_array. Joining is one C call per column (psycopg's list
+# dumper ran Python code per value) and the batch needs no COPY round trip before its
+# statement. Control characters make the separators: orjson escapes all of them, so
+# bodies never hold one, and a batch whose ids or client ids hold every candidate goes
+# as psycopg arrays instead (``_texts`` returns None).
+_MARKERS = tuple((chr(c), chr(c - 1)) for c in range(0x1f, 0x01, -2))   # (separator, null)
+ROW_TYPES = ("text", "text", "text", "text", "text", "text", "bigint", "text", "bigint",
+             "bigint", "text", "integer")
+USER_COLUMNS = ("id", "need", "role", "platform", "last_seen")
+USER_TYPES = ("text", "bigint", "text", "text", "bigint")
 
-# Smaller batches send their rows as array parameters instead (one column per array).
-ROWS_FROM_ARRAYS = ("unnest(%(mid)s::text[], %(kind)s::text[], %(sender)s::text[], "
-                    "%(recipient)s::text[], %(body)s::text[], %(ctx)s::text[], %(ts)s::bigint[], "
-                    "%(client_id)s::text[], %(sender_k)s::bigint[], %(recipient_k)s::bigint[], "
-                    "%(notice_kind)s::text[], %(flags)s::integer[]) AS s(" + ", ".join(ROW_COLUMNS) + ")")
-ROWS_FROM_STAGING = "imd_staging"
 
-# The batch's one write statement. ``dup``: the batch's (sender, client_id) already stored
-# (the dedupe lookup: one probe of messages_client per key — a plain join let the planner
-# hash the whole messages table while its statistics were small); if there is any, the statement inserts nothing and reserves no seq
-# (the caller plans again knowing them). The users upsert creates missing users, locks
+def _unnest(columns: tuple, types: tuple, texts: bool) -> str:
+    if texts:
+        args = ("string_to_array(%%(%s)s, %%(sep)s, %%(null)s)%s" % (c, "" if t == "text" else "::%s[]" % t)
+                for c, t in zip(columns, types))
+    else:
+        args = ("%%(%s)s::%s[]" % (c, t) for c, t in zip(columns, types))
+    return "unnest(%s) AS x(%s)" % (", ".join(args), ", ".join(columns))
+
+
+def _joined(values, sep: str, null: str, text: bool) -> Optional[str]:
+    """``values`` joined by ``sep``, None as ``null``; None if a text value holds either
+    marker (string_to_array would not give the values back)."""
+    if not values:
+        return ""
+    nones = values.count(None)
+    if nones:
+        values = [null if v is None else v for v in values]
+    if not text:
+        return sep.join(map(str, values))
+    joined = sep.join(values)
+    if (joined.count(sep) != len(values) - 1 or joined.count(null) != nones
+            or not joined):          # one empty string: string_to_array('') is {}
+        return None
+    return joined
+
+
+def _texts(columns: dict, types: dict) -> Optional[dict]:
+    """The text parameters of ``columns`` (name → values), or None if no marker pair fits."""
+    for sep, null in _MARKERS:
+        params = {"sep": sep, "null": null}
+        for name, values in columns.items():
+            text = _joined(values, sep, null, types[name] == "text")
+            if text is None:
+                break
+            params[name] = text
+        else:
+            return params
+    return None
+
+
+# The batch's one write statement. ``r``: the batch's rows; ``dup``: those whose
+# (sender, client_id) is already stored (the dedupe lookup: one probe of messages_client
+# per key — a plain join let the planner hash the whole messages table while its
+# statistics were small); if there is any, the statement inserts nothing and reserves no
+# seq (the caller plans again knowing them). The users upsert creates missing users, locks
 # every row in id order (so writers of this and of other nodes sharing the database never
 # deadlock on each other), applies the touches and reserves the seqs (base, base + need];
-# messages rows (each one inbox entry for its recipient and one for its sender) are inserted
-# with absolute seqs. Returns (id, base, NULL × 5) per
-# user and (sender, NULL, client_id, mid, ts, sender_seq, recipient_seq) per stored duplicate.
+# messages rows (each one inbox entry for its recipient and one for its sender) are
+# inserted with absolute seqs. Returns (id, base, NULL × 5) per user and (sender, NULL,
+# client_id, mid, ts, sender_seq, recipient_seq) per stored duplicate.
 WRITE = """
-WITH dup AS (
-    SELECT m.* FROM unnest(%%(key_sender)s::text[], %%(key_client_id)s::text[]) AS k(sender, client_id)
+WITH r AS (
+    SELECT * FROM {rows}
+), dup AS (
+    SELECT m.* FROM r
     CROSS JOIN LATERAL (SELECT sender, client_id, mid, ts, sender_seq, recipient_seq FROM messages
-                        WHERE sender = k.sender AND client_id = k.client_id LIMIT 1) m
+                        WHERE sender = r.sender AND client_id = r.client_id LIMIT 1) m
+    WHERE r.client_id IS NOT NULL
 ), v AS (
     SELECT id, CASE WHEN EXISTS (SELECT FROM dup) THEN 0 ELSE need END AS need,
            role, platform, last_seen
-    FROM unnest(%%(id)s::text[], %%(need)s::bigint[], %%(role)s::text[], %%(platform)s::text[],
-                %%(last_seen)s::bigint[]) AS v(id, need, role, platform, last_seen)
+    FROM {users}
 ), up AS (
     INSERT INTO users AS u (id, last_seq, role, platform, last_seen)
     SELECT id, need, role, platform, last_seen FROM v ORDER BY id
@@ -382,75 +423,78 @@ WITH dup AS (
     RETURNING id, last_seq
 ), base AS (
     SELECT up.id, up.last_seq - v.need AS base FROM up JOIN v ON v.id = up.id
-), s AS (
-    SELECT * FROM %s WHERE NOT EXISTS (SELECT FROM dup)
 ), m AS (
     INSERT INTO messages (mid, kind, sender, recipient, body, ctx, ts, client_id, sender_seq,
                           recipient_seq, notice_kind, flags)
-    SELECT s.mid, s.kind, s.sender, s.recipient, s.body, s.ctx, s.ts, s.client_id,
-           sb.base + s.sender_k, rb.base + s.recipient_k, s.notice_kind, s.flags
-    FROM s JOIN base rb ON rb.id = s.recipient LEFT JOIN base sb ON sb.id = s.sender
+    SELECT r.mid, r.kind, r.sender, r.recipient, r.body, r.ctx, r.ts, r.client_id,
+           sb.base + r.sender_k, rb.base + r.recipient_k, r.notice_kind, r.flags
+    FROM r JOIN base rb ON rb.id = r.recipient LEFT JOIN base sb ON sb.id = r.sender
+    WHERE NOT EXISTS (SELECT FROM dup)
 )
 SELECT id, base, NULL, NULL, NULL::bigint, NULL::bigint, NULL::bigint FROM base
 UNION ALL
 SELECT sender, NULL, client_id, mid, ts, sender_seq, recipient_seq FROM dup
 """
-WRITE_FROM_ARRAYS = WRITE % ROWS_FROM_ARRAYS
-WRITE_FROM_STAGING = WRITE % ROWS_FROM_STAGING
+WRITE_FROM_TEXTS = WRITE.format(rows=_unnest(ROW_COLUMNS, ROW_TYPES, True),
+                                users=_unnest(USER_COLUMNS, USER_TYPES, True))
+WRITE_FROM_ARRAYS = WRITE.format(rows=_unnest(ROW_COLUMNS, ROW_TYPES, False),
+                                 users=_unnest(USER_COLUMNS, USER_TYPES, False))
+_TYPES = dict(zip(ROW_COLUMNS + USER_COLUMNS, ROW_TYPES + USER_TYPES))
 
 
-def _write(con, plan: BatchPlan, pending: Optional[Pending], copy_min: int):
+def _write_statement(rows: list, ids: list, taken: dict, touches: dict) -> tuple:
+    """(sql, params) of the WRITE statement for ``rows`` and the users ``ids``."""
+    columns = dict(zip(ROW_COLUMNS, zip(*rows))) if rows else dict.fromkeys(ROW_COLUMNS, ())
+    no = (None, None, None)
+    columns.update(id=ids, need=[taken.get(u, 0) for u in ids],
+                   role=[touches.get(u, no)[0] for u in ids],
+                   platform=[touches.get(u, no)[1] for u in ids],
+                   last_seen=[touches.get(u, no)[2] for u in ids])
+    params = _texts(columns, _TYPES)
+    if params is not None:
+        return WRITE_FROM_TEXTS, params
+    return WRITE_FROM_ARRAYS, {name: list(values) for name, values in columns.items()}
+
+
+def _write(con, plan: BatchPlan, pending: Optional[Pending]):
     """Run ``plan`` (+ ``pending``) as one transaction on the autocommit connection ``con``.
 
-    Round trips: batches of ``copy_min`` rows or more first COPY their rows into the
-    staging table (BEGIN + COPY); then BEGIN (if not begun), cursors, contacts, the
-    WRITE statement, passwords and COMMIT go in one pipeline, i.e. one round trip.
-    Returns (base, stored): user → last seq before the batch, and the duplicates
-    found by WRITE ((sender, client_id) → (mid, ts, sender_seq, recipient_seq)); when
-    ``stored`` is not empty nothing of the plan was inserted (but ``pending`` was
-    committed)."""
+    One round trip: without cursors, contacts or passwords to write the WRITE statement
+    is the transaction (autocommit: its result arrives after the COMMIT); with them,
+    BEGIN, cursors, contacts, the WRITE statement, passwords and COMMIT go in one
+    pipeline. Returns (base, stored): user → last seq before the batch, and the
+    duplicates found by WRITE ((sender, client_id) → (mid, ts, sender_seq,
+    recipient_seq)); when ``stored`` is not empty nothing of the plan was inserted (but
+    ``pending`` was committed)."""
     rows, taken = plan.rows, plan.taken
     touches = pending.touches if pending else {}
     passwords = pending.passwords if pending else {}
     ids = sorted(set(taken).union(touches, passwords))
-    copied = len(rows) >= copy_min
-    if copied:
-        con.execute("BEGIN")
-        with con.cursor() as cur:
-            with cur.copy("COPY imd_staging (%s) FROM STDIN" % ", ".join(ROW_COLUMNS)) as copy:
-                for row in rows:
-                    copy.write_row(row)
     write = con.cursor()
-    try:
-        with con.pipeline():
-            if not copied:
+    if ids:
+        sql, params = _write_statement(rows, ids, taken, touches)
+    if not (pending and (pending.cursors or pending.contacts or passwords)):
+        if ids:
+            write.execute(sql, params)
+    else:
+        try:
+            with con.pipeline():
                 con.execute("BEGIN")
-            if pending:
                 _apply_cursors_contacts(con, pending)
-            if ids:
-                no = (None, None, None)
-                params = {"id": ids, "need": [taken.get(u, 0) for u in ids],
-                          "role": [touches.get(u, no)[0] for u in ids],
-                          "platform": [touches.get(u, no)[1] for u in ids],
-                          "last_seen": [touches.get(u, no)[2] for u in ids],
-                          "key_sender": [r[2] for r in rows if r[7] is not None],
-                          "key_client_id": [r[7] for r in rows if r[7] is not None]}
-                if not copied:
-                    for n, column in enumerate(ROW_COLUMNS):
-                        params[column] = [r[n] for r in rows]
-                write.execute(WRITE_FROM_STAGING if copied else WRITE_FROM_ARRAYS, params)
-            if passwords:
-                pw = list(passwords)
-                con.execute("UPDATE users SET credentials = v.credentials "
-                            "FROM unnest(%s::text[], %s::text[]) AS v(id, credentials) "
-                            "WHERE users.id = v.id", (pw, [passwords[u] for u in pw]))
-            con.execute("COMMIT")
-    except Exception as exc:
-        # a kill (GreenletExit at close) while the pipeline syncs comes out of psycopg as
-        # "cannot exit pipeline mode while busy": let the kill itself through
-        if not isinstance(exc.__context__, Exception) and exc.__context__ is not None:
-            raise exc.__context__
-        raise
+                if ids:
+                    write.execute(sql, params)
+                if passwords:
+                    pw = list(passwords)
+                    con.execute("UPDATE users SET credentials = v.credentials "
+                                "FROM unnest(%s::text[], %s::text[]) AS v(id, credentials) "
+                                "WHERE users.id = v.id", (pw, [passwords[u] for u in pw]))
+                con.execute("COMMIT")
+        except Exception as exc:
+            # a kill (GreenletExit at close) while the pipeline syncs comes out of psycopg as
+            # "cannot exit pipeline mode while busy": let the kill itself through
+            if not isinstance(exc.__context__, Exception) and exc.__context__ is not None:
+                raise exc.__context__
+            raise
     base, stored = {}, {}
     if ids:
         for user, user_base, client_id, *dup in write.fetchall():

@@ -11,7 +11,7 @@ from imd.store.postgresql import PostgresStore
 
 from .backends import PostgresBackend
 from .tcp_proxy import TcpProxy
-from .test_contract import Acks, send, wait_until
+from .test_contract import Acks, mid_maker, send, wait_until
 
 
 @pytest.fixture
@@ -164,14 +164,20 @@ def test_close_during_outage_fails_the_queued_ops_without_hanging(pg):
         proxy.stop()
 
 
-@pytest.mark.parametrize("copy_min", [1, 1000])
-def test_flags_through_copy_and_array_parameters(pg, copy_min):
-    """messages.flags is written by both insert paths (COPY into staging, arrays)."""
-    store = pg.make(copy_min=copy_min)
+# Client ids that make the batch take each insert path: one text parameter per column,
+# or (every separator candidate in a client id) psycopg arrays.
+EVERY_MARKER = "".join(chr(c) for c in range(1, 0x20))
+PATHS = {"texts": "", "arrays": EVERY_MARKER}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_flags_through_both_insert_paths(pg, path):
+    """messages.flags is written by both insert paths (texts, arrays)."""
+    store = pg.make()
     store.open()
     try:
         acks = Acks()
-        store.send_message("a", "b", "c1", "asks", None, "M1", 1, acks.cb("c1"), flags=1)
+        store.send_message("a", "b", "c1" + PATHS[path], "asks", None, "M1", 1, acks.cb("c1"), flags=1)
         store.send_message("a", "b", "c2", "plain", None, "M2", 2, acks.cb("c2"))
         assert store.flush(10)
         assert [[e.flags for e in r.entries] for r in acks.results()] == [[1, 1], [0, 0]]
@@ -180,25 +186,54 @@ def test_flags_through_copy_and_array_parameters(pg, copy_min):
         store.close()
 
 
-@pytest.mark.parametrize("copy_min", [1, 1000])
-def test_stored_client_ids_in_a_batch_are_planned_again(pg, copy_min):
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_stored_client_ids_in_a_batch_are_planned_again(pg, path):
     """The write statement finds client ids stored by earlier batches (dedupe inside it):
     that transaction inserts nothing, the batch is planned again and the new messages
     keep dense seqs, on both insert paths."""
-    store = pg.make(copy_min=copy_min)
+    store = pg.make()
     store.open()
     try:
-        acks = Acks()
-        send(store, acks, "a", "b", "c1")
+        acks, x = Acks(), PATHS[path]
+        send(store, acks, "a", "b", "c1" + x, mid="m-a-c1")
         assert store.flush(10)
         for cid in ("c2", "c1", "c3"):
-            send(store, acks, "a", "b", cid, mid="again-%s" % cid)
+            send(store, acks, "a", "b", cid + x, mid="again-%s" % cid)
         assert store.flush(10)
         results = acks.results()
         assert [(r.mid, r.sender_seq, r.duplicate) for r in results] == [
             ("m-a-c1", 1, False), ("again-c2", 2, False), ("m-a-c1", 1, True), ("again-c3", 3, False)]
         assert [(e.seq, e.client_id) for e in store.inbox("b", 0, 10)] == [
-            (1, "c1"), (2, "c2"), (3, "c3")]
+            (1, "c1" + x), (2, "c2" + x), (3, "c3" + x)]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("batch", [
+    [("", "x", None)],                                 # one empty string: string_to_array('') is {}
+    [("\x1f", "\x1e", {"k": "\x1f\x1e\x01"}), ("c", "", None)],   # markers in ids and bodies
+    [(EVERY_MARKER, EVERY_MARKER, {"k": EVERY_MARKER}), ("d", "y", None)],  # no marker fits: arrays
+])
+def test_awkward_values_round_trip(pg, batch):
+    """Client ids, bodies, ctx and user ids holding the separator candidates, or one
+    empty string, are stored exactly (texts path, or arrays when no separator fits),
+    with a notice and a touch (NULLs in every nullable column) in the same batch."""
+    store = pg.make()
+    store.open()
+    try:
+        acks = Acks()
+        store.touch_user("u\x1f", "guest", None, 7)
+        for n, (cid, body, ctx) in enumerate(batch):
+            store.send_message("u\x1f", "v", cid, body, ctx, "M%d" % n, n, acks.cb(n))
+        store.add_notices(["v"], None, "k\x1e", "\x1f", mid_maker(), 9, acks.cb("n"))
+        assert store.flush(10)
+        results = {tag: r for tag, r, _ in acks.items if acks.results()}
+        assert [results[n].sender_seq for n in range(len(batch))] == list(range(1, len(batch) + 1))
+        stored = store.inbox("v", 0, 10)
+        assert [(e.client_id, e.body, e.ctx) for e in stored if e.kind == "msg"] == batch
+        assert [(e.body, e.notice_kind, e.sender) for e in stored if e.kind == "notice"] == [
+            ("\x1f", "k\x1e", None)]
+        assert store.users_info(["u\x1f"])["u\x1f"].role == "guest"
     finally:
         store.close()
 
