@@ -154,8 +154,12 @@ def _v_auth(env, lim):
 
 
 def _v_msg(env, lim):
-    cid = _str(env, "id", CLIENT_ID_RE, what="client id (1-64 characters of [A-Za-z0-9_.:-])")
-    _str(env, "to", USER_RE, what="user id")
+    cid, to = env.get("id"), env.get("to")
+    # the common case checked inline; _str makes the error of whatever fails
+    if type(cid) is not str or not CLIENT_ID_RE.fullmatch(cid):
+        cid = _str(env, "id", CLIENT_ID_RE, what="client id (1-64 characters of [A-Za-z0-9_.:-])")
+    if type(to) is not str or not USER_RE.fullmatch(to):
+        _str(env, "to", USER_RE, what="user id")
     body = env.get("body", _MISSING)
     if body is _MISSING:
         raise EnvelopeError(400, "msg: missing field 'body'", cid)
