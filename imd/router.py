@@ -359,15 +359,12 @@ class Router:
                     w.send(error(code, "message not stored, retry", cid))
                 return
             self._ack_latency.observe(time.monotonic() - t0)
-            # entries first: the bus's loop callback (the deliveries) is then queued before the
-            # flush the ack's write asks for, and a batch's deliveries and acks to one
-            # connection leave together, in one send()
-            origin = waiting[-1].id if waiting else ""
-            for e in result.entries:
-                self.node.publish_entry(e, origin if e.user == key[0] else "")
             ack = {"type": "ack", "id": cid, "mid": result.mid, "seq": result.sender_seq, "ts": result.ts}
             for w in waiting:
                 w.send(ack)
+            origin = waiting[-1].id if waiting else ""
+            for e in result.entries:
+                self.node.publish_entry(e, origin if e.user == key[0] else "")
 
         self._inflight[key] = [s]
         try:
