@@ -33,7 +33,7 @@ from collections import deque
 import gevent
 from gevent.event import Event
 
-from . import __version__, config as config_mod, log as log_mod, sdnotify
+from . import __version__, config as config_mod, gcpolicy, log as log_mod, sdnotify
 from .control import ControlServer
 from .engine.memory import MemoryEngine
 from .fastpath import IMPL
@@ -493,4 +493,5 @@ def serve(cfg, handler, overrides=None) -> int:
         log.error("cannot start: %s", e, exc_info=not isinstance(e, OSError))
         sdnotify.notify("STATUS=cannot start: %s" % e)
         return 1
+    gcpolicy.apply()              # the process's collector settings, once the node is up
     return d.run()

@@ -154,8 +154,12 @@ def _v_auth(env, lim):
 
 
 def _v_msg(env, lim):
-    cid = _str(env, "id", CLIENT_ID_RE, what="client id (1-64 characters of [A-Za-z0-9_.:-])")
-    _str(env, "to", USER_RE, what="user id")
+    cid, to = env.get("id"), env.get("to")
+    # the common case checked inline; _str makes the error of whatever fails
+    if type(cid) is not str or not CLIENT_ID_RE.fullmatch(cid):
+        cid = _str(env, "id", CLIENT_ID_RE, what="client id (1-64 characters of [A-Za-z0-9_.:-])")
+    if type(to) is not str or not USER_RE.fullmatch(to):
+        _str(env, "to", USER_RE, what="user id")
     body = env.get("body", _MISSING)
     if body is _MISSING:
         raise EnvelopeError(400, "msg: missing field 'body'", cid)
@@ -234,7 +238,9 @@ class Out:
     id of the session that caused it (its own copy is not echoed back to it) and
     ``flags`` an inbox entry's flags (RECEIPT_REQUESTED…), outside the envelope.
     ``frame(codec)`` caches ``codec(json_bytes)`` per codec, so a message
-    delivered to many sessions of one protocol is framed once.
+    delivered to many sessions of one protocol is framed once; a codec returns
+    new bytes (it copies the JSON), so the first one is fed orjson's output
+    as it is and only :meth:`json` (and a second codec) keeps a right-sized copy.
 
     ``Out(None, seq, origin, flags, make=f)`` defers the envelope: ``env`` is
     ``f()``, made on first use, so an inbox entry that only advances its
@@ -274,7 +280,8 @@ class Out:
     def frame(self, codec: Callable[[bytes], bytes]) -> bytes:
         frames = self._frames
         if frames is None:
-            f = codec(self.json())
+            j = self._json
+            f = codec(orjson.dumps(self.env) if j is None else j)
             self._frames = {codec: f}
             return f
         f = frames.get(codec)

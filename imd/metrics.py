@@ -60,11 +60,11 @@ class Metrics:
 
     # shorthands for the hot paths (one per delivery: no allocation once a type was seen)
     def msg_in(self, type_: str) -> None:
-        self._in[_type_label(type_)] += 1
+        self._in[_type_labels.get(type_) or _type_label(type_)] += 1
 
     def out(self, type_: str, n: int = 1) -> None:
         """``n`` envelopes of ``type_`` written (a fan-out counts once, with its total)."""
-        self._out[_type_label(type_)] += n
+        self._out[_type_labels.get(type_) or _type_label(type_)] += n
 
     def gauge(self, name: str, help: str, read: Callable[[], dict]) -> None:
         """``read()`` returns {labels tuple: value}."""

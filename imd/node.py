@@ -31,7 +31,7 @@ from .envelope import Out
 from .net.conn import bulk_writes
 from .presence import Presence
 from .session import LIVE
-from .store.base import LAST_SEQS_MAX, Entry, StoreError
+from .store.base import LAST_SEQS_MAX, Entry, StoreError, entry_envelope as envelope_of
 
 log = logging.getLogger("imd.node")
 
@@ -68,9 +68,8 @@ def entry_data(entry: Entry) -> dict:
 
 def entry_envelope(d: dict) -> dict:
     """The client envelope of an entry in its bus form (:func:`entry_data`)."""
-    return Entry(d["user"], d["seq"], d["mid"], d["kind"], d["body"], d["ts"], d.get("sender"),
-                 d.get("recipient"), d.get("ctx"), d.get("notice_kind"), d.get("client_id"),
-                 d.get("flags", 0)).envelope()
+    return envelope_of(d["kind"], d["mid"], d["seq"], d.get("sender"), d.get("recipient"), d["body"],
+                       d["ts"], d.get("ctx"), d.get("notice_kind"), d.get("client_id"))
 
 
 class Node:
@@ -85,6 +84,7 @@ class Node:
         self.delivery_latency = None      # a metrics Histogram, set by the router
         self._kicks: dict[str, _KickTally] = {}
         self._kick_n = 0
+        self._handlers: dict = {}         # event kind → bound on_<kind>, filled on first use
 
     def start(self) -> None:
         self.engine.start(self.id, self.on_event)
@@ -199,10 +199,13 @@ class Node:
 
     # -- the engine's handler -------------------------------------------------------
     def on_event(self, channel: str, event: Event) -> None:
-        handler = getattr(self, "on_" + event.kind, None)
+        handler = self._handlers.get(event.kind)
         if handler is None:
-            log.warning("unknown bus event kind=%s channel=%s", event.kind, channel)
-            return
+            handler = getattr(self, "on_" + event.kind, None)
+            if handler is None:
+                log.warning("unknown bus event kind=%s channel=%s", event.kind, channel)
+                return
+            self._handlers[event.kind] = handler
         try:
             handler(channel, event.data)
         except Exception:
@@ -213,7 +216,7 @@ class Node:
         if v is None:
             return
         # the envelope is made only if a session sends it (not for the sender's own copy)
-        out = Out(None, d["seq"], d.get("origin", ""), d.get("flags", 0), make=partial(entry_envelope, d))
+        out = Out(None, d["seq"], d.get("origin", ""), d.get("flags", 0), partial(entry_envelope, d))
         if type(v) is list:
             sessions = tuple(v)
             n = 0
@@ -225,9 +228,9 @@ class Node:
             n = v.deliver(out)
             s = v
         if n:
-            s.router.metrics.out(out.type, n)
-        if self.delivery_latency is not None:
-            self.delivery_latency.observe(max(0.0, time.time() - d["ts"] / 1000.0))
+            s.router.metrics.out(d["kind"], n)      # the envelope's type
+            if self.delivery_latency is not None:
+                self.delivery_latency.observe(max(0.0, time.time() - d["ts"] / 1000.0))
 
     def on_transient(self, channel: str, d: dict) -> None:
         sessions = self.sessions_of(d["user"])

@@ -77,6 +77,11 @@ class Session:
         """Write one envelope in the protocol's wire format (non-blocking)."""
         raise NotImplementedError
 
+    def write_env(self, env: dict) -> None:
+        """Write one envelope given as a dict, made for this session alone (an ack,
+        an answer): as an :class:`Out` unless the protocol encodes it more directly."""
+        self.write_out(Out(env))
+
     def end(self, reason: str) -> None:
         """Close the transport (after flushing what was written); the protocol
         then calls :meth:`closed`."""
@@ -110,10 +115,12 @@ class Session:
         """Send an envelope (dict or Out) now, outside the inbox ordering."""
         if self.state is CLOSED:
             return
-        if not isinstance(out, Out):
-            out = Out(out)
-        self.write_out(out)
-        self.router.metrics.out(out.env["type"])
+        if isinstance(out, Out):
+            self.write_out(out)
+            self.router.metrics.out(out.env["type"])
+            return
+        self.write_env(out)
+        self.router.metrics.out(out["type"])
 
     def close(self, code: int = 1000, reason: str = "bye", reconnect: bool = False) -> None:
         """Send ``close`` and end the connection; the router forgets the session."""

@@ -111,6 +111,27 @@ def test_out_encodes_once_and_frames_once_per_codec():
     assert len(calls) == 1
 
 
+def test_out_framed_first_keeps_only_the_frames():
+    """The first codec gets orjson's bytes as they are (a codec copies them): nothing of
+    that 4 KiB buffer stays on the Out; a second codec and json() get the same JSON."""
+    import tracemalloc
+    def angle(j):
+        return b"<" + j + b">"
+
+    outs = [Out({"type": "msg", "from": "a", "to": "b", "body": f"hello {i}"}) for i in range(2000)]
+    tracemalloc.start()
+    try:
+        frames = [o.frame(angle) for o in outs]
+        per_item = tracemalloc.get_traced_memory()[0] / len(outs)
+    finally:
+        tracemalloc.stop()
+    assert per_item < 1000, per_item
+    o = outs[7]
+    assert frames[7] == b"<" + orjson.dumps(o.env) + b">"
+    assert o.frame(lambda j: b"[" + j + b"]") == b"[" + orjson.dumps(o.env) + b"]"
+    assert o.json() == orjson.dumps(o.env) and o.frame(angle) is frames[7]
+
+
 def test_out_makes_a_deferred_envelope_once_and_only_when_used():
     made = []
 

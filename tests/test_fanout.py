@@ -10,6 +10,8 @@ import _socket
 import socket
 from types import SimpleNamespace
 
+import orjson
+
 from imd.engine.memory import MemoryEngine
 from imd.envelope import Out
 from imd.fastpath import encode_frame
@@ -100,3 +102,16 @@ def test_node_counts_each_written_envelope_once():
         s.conn.close(flush=False)
     for p in peers:
         p.close()
+
+
+def test_an_answer_to_one_session_is_framed_as_an_out_would_be():
+    """TcpSession.write_env (acks, answers) writes the bytes Session.write_env's Out would."""
+    router, peers = Router(), []
+    s = session(router, LIVE, 0, peers)
+    env = {"type": "ack", "id": "c1", "mid": "m1", "seq": 7, "ts": 1_700_000_000_000, "é": "✓"}
+    s.send(env)
+    s.write_out(Out(env))
+    direct, via_out = s.conn._out
+    assert direct == via_out == encode_frame(orjson.dumps(env))
+    assert router.metrics.counters["imd_messages_out_total"][(("type", "ack"),)] == 1
+    s.conn.close(flush=False)

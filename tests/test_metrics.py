@@ -35,5 +35,6 @@ def test_metrics_after_a_chat(node):
     assert value(text, 'imd_messages_in_total{type="msg"}') == 1
     assert value(text, 'imd_messages_out_total{type="ack"}') == 1
     assert value(text, "imd_ack_latency_seconds_count") == 1
-    assert value(text, "imd_delivery_latency_seconds_count") >= 1
+    # one delivery: the guest's copy (the host's own copy goes to no session of theirs)
+    assert value(text, "imd_delivery_latency_seconds_count") == 1
     assert value(text, "imd_store_queue") is not None

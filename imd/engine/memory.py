@@ -56,7 +56,9 @@ class MemoryEngine(Engine):
         self._subs.discard(user_channel(user))
 
     def subscribed(self, channel: str) -> bool:
-        return channel in self._subs or (channel.startswith("u:") and channel[2:] in self._users)
+        # users' channels first: most publications are entries (and "u:…" is made per publication,
+        # so a lookup in _subs would hash it first)
+        return (channel.startswith("u:") and channel[2:] in self._users) or channel in self._subs
 
     def publish(self, channel: str, event: Event, applied=None) -> None:
         self.published += 1

@@ -50,6 +50,9 @@ class TcpSession(Session):
     def write_out(self, out) -> None:
         self.conn.write(out.frame(encode_frame))
 
+    def write_env(self, env: dict) -> None:
+        self.conn.write(encode_frame(envelope.dumps(env)))
+
     @classmethod
     def fanout(cls, sessions, out) -> int:
         """The raw-TCP fan-out loop (see :meth:`Session.fanout`): ``out`` is framed

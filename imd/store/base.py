@@ -84,18 +84,24 @@ class Entry:
     flags: int = 0
 
     def envelope(self) -> dict:
-        """The server→client envelope of this entry (DESIGN.md §3); a message
-        carries the sender's client id as ``id`` when it had one."""
-        if self.kind == "msg":
-            env = {"type": "msg", "mid": self.mid, "seq": self.seq, "from": self.sender,
-                   "to": self.recipient, "body": self.body, "ts": self.ts}
-            if self.ctx is not None:
-                env["ctx"] = self.ctx
-            if self.client_id is not None:
-                env["id"] = self.client_id
-            return env
-        return {"type": "notice", "mid": self.mid, "seq": self.seq, "kind": self.notice_kind,
-                "body": self.body, "ts": self.ts}
+        """The server→client envelope of this entry (:func:`entry_envelope`)."""
+        return entry_envelope(self.kind, self.mid, self.seq, self.sender, self.recipient, self.body,
+                              self.ts, self.ctx, self.notice_kind, self.client_id)
+
+
+def entry_envelope(kind: str, mid: str, seq: int, sender: Optional[str], recipient: Optional[str],
+                   body: Any, ts: int, ctx: Optional[dict], notice_kind: Optional[str],
+                   client_id: Optional[str]) -> dict:
+    """The server→client envelope of an inbox entry with these fields (DESIGN.md §3);
+    a message carries the sender's client id as ``id`` when it had one."""
+    if kind == "msg":
+        env = {"type": "msg", "mid": mid, "seq": seq, "from": sender, "to": recipient, "body": body, "ts": ts}
+        if ctx is not None:
+            env["ctx"] = ctx
+        if client_id is not None:
+            env["id"] = client_id
+        return env
+    return {"type": "notice", "mid": mid, "seq": seq, "kind": notice_kind, "body": body, "ts": ts}
 
 
 @dataclass(slots=True)

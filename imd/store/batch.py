@@ -36,38 +36,37 @@ class BatchPlan:
         self.taken: dict = {}         #         | ("replay", row) | ("notice", [(user, k, mid)])
         self.rows: list = []
         first: dict = {}              # (sender, client_id) -> index of its first op in the batch
+        taken, rows, plans = self.taken, self.rows, self.plans      # (one pass per message: locals)
         for n, op in enumerate(ops):
             if isinstance(op, MessageOp):
-                key = (op.sender, op.client_id)
-                if op.client_id is not None:
+                sender, recipient, client_id = op.sender, op.recipient, op.client_id
+                if client_id is not None:
+                    key = (sender, client_id)
                     if key in first:
-                        self.plans.append(("again", first[key]))
+                        plans.append(("again", first[key]))
                         continue
                     first[key] = n
                     row = stored.get(key)
                     if row is not None:
                         # stored before; with this op's own mid it is this very op, committed
                         # before a connection dropped during COMMIT: ack it as the original
-                        self.plans.append(("replay" if row[0] == op.mid else "dup", row))
+                        plans.append(("replay" if row[0] == op.mid else "dup", row))
                         continue
-                sender_k, recipient_k = self._take(op.sender), self._take(op.recipient)
-                self.rows.append((op.mid, "msg", op.sender, op.recipient, op.body_json, op.ctx_json,
-                                  op.ts, op.client_id, sender_k, recipient_k, None, op.flags))
-                self.plans.append(("new", sender_k, recipient_k))
+                taken[sender] = sender_k = taken.get(sender, 0) + 1
+                taken[recipient] = recipient_k = taken.get(recipient, 0) + 1
+                rows.append((op.mid, "msg", sender, recipient, op.body_json, op.ctx_json,
+                             op.ts, client_id, sender_k, recipient_k, None, op.flags))
+                plans.append(("new", sender_k, recipient_k))
             else:
                 users = op.users if op.users is not None else known_users(op.role)
                 notices = []
                 for user in users:
-                    k, mid = self._take(user), op.mids()
-                    self.rows.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
-                                      None, k, op.kind, 0))
+                    taken[user] = k = taken.get(user, 0) + 1
+                    mid = op.mids()
+                    rows.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
+                                 None, k, op.kind, 0))
                     notices.append((user, k, mid))
-                self.plans.append(("notice", notices))
-
-    def _take(self, user: str) -> int:
-        k = self.taken.get(user, 0) + 1
-        self.taken[user] = k
-        return k
+                plans.append(("notice", notices))
 
     def results(self, base: dict) -> list:
         """One result per op, given ``base`` (user → last seq before this batch)."""

@@ -1,0 +1,28 @@
+"""imd.gcpolicy: the collector settings a node's process runs with (checked in a
+child process: they are process-wide)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PROBE = """
+import gc, json
+from imd import gcpolicy
+before = gc.get_threshold()
+gcpolicy.apply()
+print(json.dumps({"before": before, "after": gc.get_threshold(), "frozen": gc.get_freeze_count()}))
+"""
+
+
+def test_apply_freezes_boot_objects_and_raises_the_young_threshold():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env,
+                         check=True, timeout=60).stdout
+    r = json.loads(out)
+    from imd.gcpolicy import GEN0
+    assert r["after"] == [GEN0, r["before"][1], r["before"][2]]
+    assert r["frozen"] > 1000          # the modules imported so far, at least
+
