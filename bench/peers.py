@@ -487,12 +487,14 @@ def rss_bytes(pids):
     return total
 
 
-def cpu_seconds(pids):
-    """Sum of utime+stime over `pids`, in seconds (from /proc/<pid>/stat)."""
+def cpu_seconds(pids, main_thread=False):
+    """Sum of utime+stime over `pids`, in seconds (from /proc/<pid>/stat); with `main_thread`,
+    of their main threads only (/proc/<pid>/task/<pid>/stat: imd's gevent loop, without the
+    store's and other threads)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / tick

@@ -57,18 +57,6 @@ def _py_spy():
     return here if os.path.exists(here) else (shutil.which("py-spy") or here)
 
 
-def main_thread_seconds(pids):
-    """CPU seconds of the main threads of `pids` (the gevent loop; the rest is the store's
-    and other threads')."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/task/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
 def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, workers=1, engine="memory",
             cprofile=None):
     """One imd from `repo`: connect the clients, then each rate `repeat` times; prints a line
@@ -97,10 +85,10 @@ def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, worker
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     elif attach and i == 0 and k == repeat - 1:
                         recorder = subprocess.Popen(attach.format(pid=pids[0], seconds=int(seconds)), shell=True)
-                    cpu0, main0 = peers.cpu_seconds(pids), main_thread_seconds(pids)
+                    cpu0, main0 = peers.cpu_seconds(pids), peers.cpu_seconds(pids, main_thread=True)
                     sent, got, wall, lat = fleet.traffic(rate, 0, seconds)
                     cpu = peers.cpu_seconds(pids) - cpu0
-                    main = main_thread_seconds(pids) - main0
+                    main = peers.cpu_seconds(pids, main_thread=True) - main0
                     lat = sorted(lat)
                     load = open("/proc/loadavg").read().split()[0]
                     out.append(1000 * cpu / max(got, 1))
