@@ -83,3 +83,21 @@ def test_discarded_objects_are_forgotten_in_bulk_and_never_called(monkeypatch):
     w.discard(later[0])
     w._run()                                 # its bucket comes due: skipped, and forgotten
     assert later[0].calls == 0 and later[0] not in w._gone
+
+
+def test_an_object_that_closes_in_its_own_handler_is_not_kept():
+    """A session timed out by the wheel closes inside its handler, and closing discards it:
+    it is not filed any more, so it must not stay among the discarded ones (with a large
+    wheel the bulk filter would be far away and would keep every such session alive)."""
+    w = Wheel("on_check")
+
+    class ClosesItself:
+        def on_check(self, now):
+            w.discard(self)                  # Session.closed → Router.detach → discard
+            return None
+
+    objs = [ClosesItself() for _ in range(3)]
+    for obj in objs:
+        w.add(obj, time.monotonic() - 1)
+    w._run()
+    assert not w._gone and not w._buckets and w._size == 0

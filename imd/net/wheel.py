@@ -90,8 +90,10 @@ class Wheel:
                     nxt = getattr(obj, self.method)(now)
                 except Exception:
                     log.exception("deadline handler failed")
-                    continue
-                if nxt is not None:
+                    nxt = None
+                if gone and obj in gone:
+                    gone.discard(obj)      # discarded by its own handler (it closed): not filed
+                elif nxt is not None:
                     self.add(obj, nxt)
         if self.after is not None:
             try:
