@@ -57,7 +57,10 @@ class Wheel:
 
     def discard(self, obj) -> None:
         """Forget ``obj`` (at the latest when its bucket comes due): only for an
-        object whose handler would do nothing more (return None)."""
+        object whose handler would do nothing more (return None). An object that is
+        no longer filed (its handler already returned None, and it is discarded later
+        than from inside that handler) stays referenced until the next bulk filter:
+        at most as many as half of what the wheel holds."""
         gone = self._gone
         gone.add(obj)
         if len(gone) >= COMPACT_MIN and 2 * len(gone) >= self._size:
