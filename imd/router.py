@@ -115,7 +115,7 @@ class Router:
             self.metrics.inc("imd_rate_limited_total", (("type", t),))
             s.send(error(429, f"rate limit: at most {self.limits.msg_rate:g} per second", env.get("id")))
             return
-        handler = self._handlers.get(t) or getattr(self, "on_" + t)
+        handler = self._handlers[t]
         try:
             handler(s, env)
         except EnvelopeError as e:

@@ -98,8 +98,7 @@ class XmppProtocol:
             self._ack_timer = None
         sessions, self._acks = self._acks, []
         for s in sessions:
-            if s.ack_scheduled:
-                s.send_ack()
+            s.ack_now()
 
     def _after_parser_tick(self) -> None:
         """Once many idle parsers were freed, give their heap pages back to the OS."""

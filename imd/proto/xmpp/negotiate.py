@@ -327,8 +327,7 @@ class Negotiation:
     # -- errors --------------------------------------------------------------------------------
     def stream_error(self, condition: str, text: str = "") -> None:
         """Send a stream error (after our header, if none was sent yet) and close."""
-        if self.ack_scheduled:
-            self.send_ack()        # before a new session of this resource (a conflict) reads the inbox
+        self.ack_now()             # before a new session of this resource (a conflict) reads the inbox
         self.proto.resumable.pop(self.sm_id, None)
         self.sm_id = None                         # a stream ended by an error is not resumable
         if self.sm_timer is not None:             # detached: nothing to write to

@@ -107,8 +107,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.stream_error(e.condition, e.text)
 
     def on_close(self, reason: str) -> None:
-        if self.ack_scheduled:
-            self.send_ack()        # the client may log in again at once (on any node): no re-sends
+        self.ack_now()             # the client may log in again at once (on any node): no re-sends
         if self.resource is not None and self.sm_detach():
             return                                # XEP-0198: wait for a resume
         self.finish(reason)
@@ -118,8 +117,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if self.sm_id is not None:
             self.proto.resumable.pop(self.sm_id, None)
             self.sm_id = None
-        if self.ack_scheduled:
-            self.send_ack()                       # what was written counts as received now
+        self.ack_now()                            # what was written counts as received now
         if self.resource is not None:
             self.proto.unbound(self)
             if self.available:
@@ -277,6 +275,11 @@ class XmppSession(StreamManagement, Negotiation, Session):
             if not self.ack_scheduled:
                 self.ack_scheduled = True
                 self.proto.ack_later(self)
+
+    def ack_now(self) -> None:
+        """Send the gathered ack now, if one is waiting (the stream ends)."""
+        if self.ack_scheduled:
+            self.send_ack()
 
     def send_ack(self) -> None:
         """Tell the core (the store's cursor) the newest entry written, if not told yet."""
