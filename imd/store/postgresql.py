@@ -246,6 +246,7 @@ class PostgresStore(WriterStore, Store):
         return [entry_from_row(user, r) for r in rows]
 
     def offline(self, user: str, limit: int) -> list:
+        self.settle_cursors({user})
         rows = self._rows("SELECT %s FROM messages WHERE recipient = %%(u)s AND recipient_seq > "
                           "(SELECT COALESCE(MAX(seq), 0) FROM cursors WHERE user_id = %%(u)s) "
                           "ORDER BY recipient_seq LIMIT %%(n)s" % INBOUND_COLUMNS, {"u": user, "n": limit})
@@ -269,6 +270,7 @@ class PostgresStore(WriterStore, Store):
         users = list(dict.fromkeys(user for user, _, _ in requests))
         contact_users = list(dict.fromkeys(user for user, want, _ in requests if want))
         offline = [(k, user, limit) for k, (user, _, limit) in enumerate(requests) if limit]
+        self.settle_cursors(set(users))
 
         def q(con):
             tops = dict(con.execute("SELECT id, last_seq FROM users WHERE id = ANY(%s)", (users,)).fetchall())
@@ -294,10 +296,12 @@ class PostgresStore(WriterStore, Store):
         return self._query(q)
 
     def cursor(self, user: str, device: str) -> int:
+        self.settle_cursors({user})
         return self._scalar("SELECT seq FROM cursors WHERE user_id = %s AND device = %s",
                             (user, device))
 
     def received_seq(self, user: str) -> int:
+        self.settle_cursors({user})
         return self._scalar("SELECT MAX(seq) FROM cursors WHERE user_id = %s", (user,))
 
     def contacts(self, user: str) -> set:

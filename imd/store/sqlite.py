@@ -314,6 +314,7 @@ class SqliteStore(WriterStore, Store):
         return self._read(q)
 
     def offline(self, user: str, limit: int) -> list:
+        self.settle_cursors({user})
         return self._read(_offline, user, limit)
 
     def last_seq(self, user: str) -> int:
@@ -327,6 +328,7 @@ class SqliteStore(WriterStore, Store):
         the hub is busy with, once per statement instead of once per row."""
         users = list(dict.fromkeys(user for user, _, _ in requests))
         contact_users = list(dict.fromkeys(user for user, want, _ in requests if want))
+        self.settle_cursors(set(users))
 
         def q(con):
             tops = {}                     # user → (top, received)
@@ -364,10 +366,12 @@ class SqliteStore(WriterStore, Store):
         return self._read(q)
 
     def cursor(self, user: str, device: str) -> int:
+        self.settle_cursors({user})
         return self._read(lambda con: _scalar(
             con, "SELECT seq FROM cursors WHERE user = ? AND device = ?", user, device))
 
     def received_seq(self, user: str) -> int:
+        self.settle_cursors({user})
         return self._read(_received, user)
 
     def contacts(self, user: str) -> set:

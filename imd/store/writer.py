@@ -23,7 +23,12 @@ there first; only one batch at a time carries them, so they commit in order.
 With no op waiting they commit on their own at most once per
 ``PENDING_INTERVAL`` (a login storm touches every user twice: this way each
 user's touches coalesce instead of costing a transaction, with its fsync,
-every few milliseconds); ``flush`` does not wait for the interval.
+every few milliseconds); ``flush`` and ``flush_pending`` do not wait for the
+interval. Reads that depend on cursors (offline entries, received seqs) must
+see the cursor writes made before them: the backends call
+:meth:`WriterStore.settle_cursors` first, which commits the coalesced writes
+at once when one of the users read has a cursor write not committed yet
+(a device that logs out and in again must not get what it acknowledged).
 
 Failures: when ``apply_batch`` raises an error the backend calls transient
 (database gone, locked, disk full), nothing is acked and the same batch is
@@ -166,7 +171,9 @@ class Writer:
         self._pending_gen = 0            # bumped by every coalesced write
         self._pending_done = 0           # generation of the last committed Pending
         self._pending_busy = False       # a batch carrying a Pending is in flight
+        self._pending_inflight: Optional[Pending] = None   # that Pending
         self._pending_next = 0.0         # monotonic time before which a Pending alone waits
+        self._pending_asked = 0          # generation a waiter wants committed without the interval
         self._progress = Event()         # set and replaced after every commit
         self._running = False
         self._closing = False
@@ -212,6 +219,7 @@ class Writer:
                 self._deliver_error(op, gone)
         # coalesced writes not committed by now are dropped (they are fire-and-forget)
         self._pending, self._pending_busy, self._pending_done = Pending(), False, self._pending_gen
+        self._pending_inflight = None
         return flushed
 
     # -- submitting ----------------------------------------------------------
@@ -240,10 +248,28 @@ class Writer:
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Block until everything submitted before the call is committed (or failed).
         Never call it from a store callback (it would wait for its own lane)."""
-        targets = [(lane, lane.submitted) for lane in self._lanes]
+        return self._wait([(lane, lane.submitted) for lane in self._lanes], timeout)
+
+    def flush_pending(self, timeout: Optional[float] = None) -> bool:
+        """Block until the coalesced writes made before the call are committed (not
+        waiting for ``PENDING_INTERVAL``, nor for the ops). Same rules as :meth:`flush`."""
+        return self._wait([], timeout)
+
+    def cursors_waiting(self, users) -> bool:
+        """True if one of ``users`` (a set) has a coalesced cursor write not committed yet."""
+        for pending in (self._pending, self._pending_inflight):
+            if pending is not None and pending.cursors:
+                for user, _ in pending.cursors:
+                    if user in users:
+                        return True
+        return False
+
+    def _wait(self, targets: list, timeout: Optional[float]) -> bool:
+        """Block until the lanes in ``targets`` reached their counts and every coalesced
+        write made before the call committed."""
         gen = self._pending_gen
-        if self._pending:
-            self._pending_next = 0.0     # no waiting for the interval
+        if gen > self._pending_done:
+            self._pending_asked = max(self._pending_asked, gen)     # no waiting for the interval
             self._lanes[0].wake.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -268,6 +294,7 @@ class Writer:
         while True:
             lane.wake.clear()
             if (not lane.ops and self._pending and not self._pending_busy and not self._closing
+                    and self._pending_asked <= self._pending_done
                     and time.monotonic() < self._pending_next):
                 # coalesced writes alone commit at most once per PENDING_INTERVAL (a login
                 # storm's touches coalesce per user); an op arriving takes them along at once
@@ -282,6 +309,7 @@ class Writer:
             if self._pending and not self._pending_busy:
                 pending, gen = self._pending, self._pending_gen
                 self._pending, self._pending_busy = Pending(), True
+                self._pending_inflight = pending
             if not ops and pending is None:
                 if self._closing:
                     return
@@ -292,6 +320,7 @@ class Writer:
             lane.inflight = []
             if pending is not None:
                 self._pending_busy = False
+                self._pending_inflight = None
                 self._pending_done = gen
                 self._pending_next = time.monotonic() + PENDING_INTERVAL
                 if self._pending:
@@ -420,6 +449,14 @@ class WriterStore:
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         return self._writer.flush(timeout)
+
+    def settle_cursors(self, users) -> None:
+        """Read-your-writes before a read that depends on cursors (offline entries,
+        received seqs): when one of ``users`` has a cursor write still coalesced or
+        in flight, commit the coalesced writes now and wait for it. Blocks the calling
+        greenlet only then (a device that just acknowledged and logs in again)."""
+        if self._writer.cursors_waiting(users):
+            self._writer.flush_pending()
 
     def stats(self) -> dict:
         return self._writer.stats()

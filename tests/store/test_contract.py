@@ -431,6 +431,29 @@ def test_attach_states_read_what_a_login_needs_in_one_call(store):
     assert [st.contacts for st in twice] == [{"b"}, None, None] and [st.top for st in twice] == [2, 2, 2]
 
 
+def test_reads_see_the_cursor_writes_made_before_them(store):
+    """set_cursor is coalesced and fire-and-forget, yet a read that depends on cursors
+    (a device logging out and in again) sees it: what it acknowledged does not come back.
+    Each write follows a commit of coalesced writes, so it would wait its interval."""
+    acks = Acks()
+    for n in range(1, 5):
+        send_now(store, acks, "b", "a", "x%d" % n, mid="in%d" % n)      # a: seqs 1-4 inbound
+
+    def acknowledged(seq):
+        store.set_cursor("z", "d", seq)
+        assert store.flush(10)             # a commit of coalesced writes just happened
+        store.set_cursor("a", "phone", seq)
+
+    acknowledged(1)
+    assert [e.mid for e in store.attach_states([("a", False, 10)])[0].offline] == ["in2", "in3", "in4"]
+    acknowledged(2)
+    assert [e.mid for e in store.offline("a", 10)] == ["in3", "in4"]
+    acknowledged(3)
+    assert store.received_seq("a") == 3
+    acknowledged(4)
+    assert store.cursor("a", "phone") == 4
+
+
 def test_cursors_are_monotonic(store):
     store.set_cursor("u", "d1", 5)
     store.set_cursor("u", "d1", 3)
