@@ -24,7 +24,7 @@ WAL while the writer keeps committing, then syncs the database file itself
 closing that would drop every POSIX lock the process holds on the file,
 SQLite's included; without /proc there is no such sync): SQLite syncs
 the database only when a checkpoint reaches the WAL's end, so without it the
-sync of everything step 1 copied fell to step 2, on the commit path (16–40 ms
+sync of everything step 1 copied fell to step 2, on the commit path (16–48 ms
 at 2,000–13,000 msgs/s here). Again, up to ``CHECKPOINT_ROUNDS`` rounds in a
 row, while a round copied more than ``TAIL_FRAMES`` new frames (those written
 during the round before). (2) Step 1 cannot finish while commits keep
