@@ -158,3 +158,43 @@ def test_close_waits_for_a_running_checkpoint(tmp_path, monkeypatch):
         store.close()
     con = sqlite3.connect(str(tmp_path / FILENAME))
     assert con.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 500
+
+
+def test_step_one_syncs_the_database_file_through_the_writers_descriptor(tmp_path, monkeypatch):
+    """Step 1 syncs the database file itself (SQLite syncs it only at a checkpoint that
+    reaches the WAL's end: step 2, on the commit path), through the writer connection's own
+    descriptor of it — the store opens and closes none (closing one would drop SQLite's POSIX
+    locks) —, in rounds while a round copied more than TAIL_FRAMES new frames; step 2 and the
+    WAL's restart still follow."""
+    import os
+
+    from imd.store import sqlite as sq
+
+    from .test_contract import wait_until
+
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(sq.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    monkeypatch.setattr(sq, "CHECKPOINT_DELAY", 0.01)
+    monkeypatch.setattr(sq, "TAIL_FRAMES", 0)        # a round copying anything new is repeated
+    store = SqliteStore(str(tmp_path))
+    store.open()
+    acks = Acks()
+    try:
+        fd = store._dbfd
+        assert fd is not None
+        assert os.readlink("/proc/self/fd/%d" % fd) == os.path.realpath(str(tmp_path / FILENAME))
+        for i in range(300):
+            send(store, acks, "s%d" % (i % 50), "r%d" % (i % 40), "c%d" % i)
+        assert store.flush(30)
+        assert wait_until(lambda: store.stats()["checkpoints"] >= 2)     # round 1 copied: round 2
+        assert synced and set(synced) == {fd}
+        done = store.stats()["checkpoints"]
+        for extra in ("a", "b"):                  # step 2 after the first, the restart in the second
+            send(store, acks, "x", "y", extra)
+            assert store.flush(30)
+        assert store.stats()["checkpoints"] > done
+        assert len(acks.results()) == 302
+    finally:
+        store.close()
+    assert store._dbfd is None
