@@ -220,7 +220,7 @@ class Node:
             v.last_seq += 1     # the sender's own copy, next in order: Session.deliver's rule, no Out
             return
         # the envelope is made only if a session sends it (not for the sender's own copy)
-        out = Out(None, d["seq"], d.get("origin", ""), d.get("flags", 0), partial(entry_envelope, d))
+        out = Out(None, d["seq"], origin or "", d.get("flags", 0), partial(entry_envelope, d))
         if type(v) is list:
             sessions = tuple(v)
             n = 0
