@@ -215,8 +215,12 @@ class Node:
         v = self.sessions.get(d["user"])
         if v is None:
             return
+        origin = d.get("origin")
+        if origin and type(v) is not list and v.state is LIVE and d["seq"] == v.last_seq + 1 and origin == v.id:
+            v.last_seq += 1     # the sender's own copy, next in order: Session.deliver's rule, no Out
+            return
         # the envelope is made only if a session sends it (not for the sender's own copy)
-        out = Out(None, d["seq"], d.get("origin", ""), d.get("flags", 0), partial(entry_envelope, d))
+        out = Out(None, d["seq"], origin or "", d.get("flags", 0), partial(entry_envelope, d))
         if type(v) is list:
             sessions = tuple(v)
             n = 0

@@ -115,3 +115,31 @@ def test_an_answer_to_one_session_is_framed_as_an_out_would_be():
     assert direct == via_out == encode_frame(orjson.dumps(env))
     assert router.metrics.counters["imd_messages_out_total"][(("type", "ack"),)] == 1
     s.conn.close(flush=False)
+
+
+def test_one_session_gets_from_on_entry_what_deliver_gives():
+    """Node.on_entry's shortcut for a user's single session (its own message, next in
+    order: only last_seq moves) leaves it as Session.deliver would, in every case."""
+    def via(path, st, last, origin_of_own):
+        router, peers = Router(), []
+        s = session(router, st, last, peers)
+        origin = s.id if origin_of_own == "own" else origin_of_own
+        e = Entry("fan", 5, "m5", "msg", "hi", 1_700_000_000_000, "fan", "bob", None, None, "c5", 0)
+        d = entry_data(e)
+        if origin:
+            d["origin"] = origin
+        if path == "node":
+            node = Node("n1", MemoryEngine(), None, 1.0)
+            node.sessions["fan"] = s
+            node.on_entry("u:fan", d)
+        else:
+            s.deliver(Out(e.envelope(), 5, origin))
+        result = observed(s), len(router.gaps)
+        s.conn.close(flush=False)
+        for p in peers:
+            p.close()
+        return result
+
+    for st, last in CASES:
+        for origin in ("own", "", "n2.1"):
+            assert via("node", st, last, origin) == via("deliver", st, last, origin), (st, last, origin)
