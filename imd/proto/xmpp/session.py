@@ -43,7 +43,7 @@ from . import iq as iqmod
 from . import jid as jidmod
 from . import relay, render
 from .negotiate import Negotiation
-from .parser import StreamError, StreamParser
+from .parser import Dormant, StreamError, StreamParser
 from .sm import MOD, SM_NS, StreamManagement
 from .stanza import STREAM_CLOSE, Element, error_reply
 
@@ -52,7 +52,7 @@ log = logging.getLogger("imd.xmpp")
 _stanza_ids = itertools.count(1)
 MAX_HELD = 10000          # entries held before initial presence (the router sends at most this many offline)
 MAX_PENDING = 256         # messages awaiting the store's ack, for error replies
-PARSER_IDLE_SECONDS = 1.0  # a stream silent this long frees its expat parser (~13 KB)
+PARSER_IDLE_SECONDS = 1.0  # a stream silent this long frees its parser (~10 KB)
 MAX_RECENT = 8            # messages remembered for read markers (the newest ones get marked)
 MARKERS_NS = "urn:xmpp:chat-markers:0"
 
@@ -72,7 +72,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
     def __init__(self, proto, sock) -> None:
         super().__init__(proto.router, proto.node_id)
         self.proto = proto
-        self.parser = StreamParser(self)
+        self.parser = StreamParser(self)   # a Dormant while the stream sleeps (on_parser_idle)
         self.header_sent = False
         self.secure = isinstance(sock, TlsSocket)     # accepted on the direct-TLS port
         self.ident = self.token_ident = self.mech = None
@@ -99,7 +99,9 @@ class XmppSession(StreamManagement, Negotiation, Session):
     # -- Conn's handler protocol ------------------------------------------------------
     def on_data(self, data: bytes) -> None:
         self.touch()
-        if not self.parser_filed:
+        if not self.parser_filed:                 # the first read, or the parser sleeps
+            if self.parser.__class__ is Dormant:
+                self.parser = self.parser.wake(self)
             self.watch_parser()
         try:
             self.parser.feed(data)
@@ -219,15 +221,18 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def on_parser_idle(self, now: float):
         """``proto.parser_wheel``'s check: a bound stream silent for PARSER_IDLE_SECONDS
-        frees its expat parser until the next read (``StreamParser.hibernate``); the
-        next ``on_data`` files the session again. Returns the next check time or None."""
+        gives up its parser for a shared :class:`Dormant` until the next read
+        (``StreamParser.hibernate``); the next ``on_data`` wakes it and files the
+        session again. Returns the next check time or None."""
         if self.state is CLOSED:
             self.parser_filed = False
             return None
         due = self.last_rx + PARSER_IDLE_SECONDS
         if due > now:
             return due
-        if self.parser.asleep or self.parser.hibernate():
+        dormant = self.parser.hibernate()
+        if dormant is not None:
+            self.parser = dormant
             self.parser_filed = False
             self.proto.parser_freed += 1
             return None
