@@ -42,7 +42,7 @@ from ...session import CLOSED, Session
 from . import iq as iqmod
 from . import jid as jidmod
 from . import relay, render
-from .negotiate import Negotiation
+from .negotiate import Login, Negotiation
 from .parser import Dormant, StreamError, StreamParser
 from .sm import MOD, SM_NS, StreamManagement
 from .stanza import STREAM_CLOSE, Element, error_reply
@@ -61,10 +61,9 @@ _CLOSE_CONDITIONS = {408: "connection-timeout", 4001: "policy-violation", 1001: 
 
 
 class XmppSession(StreamManagement, Negotiation, Session):
-    __slots__ = ("proto", "conn", "parser", "header_sent", "secure", "ident", "token_ident",
-                 "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
+    __slots__ = ("proto", "conn", "parser", "login", "resource", "available", "priority", "interested",
                  "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
-                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent",
+                 "sm", "carbons", "recent",
                  "parser_filed")
 
     protocol = "xmpp"
@@ -73,11 +72,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
         super().__init__(proto.router, proto.node_id)
         self.proto = proto
         self.parser = StreamParser(self)   # a Dormant while the stream sleeps (on_parser_idle)
-        self.header_sent = False
-        self.secure = isinstance(sock, TlsSocket)     # accepted on the direct-TLS port
-        self.ident = self.token_ident = self.mech = None
-        self.failures = 0
-        self.resource = self.full_jid = None
+        self.login = Login(isinstance(sock, TlsSocket))   # until bound; secure on the direct-TLS port
+        self.resource = None          # once bound (the full JID is made from it on demand)
         self.available = False
         self.priority = 0
         self.interested = False
@@ -87,10 +83,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.acked = self.ack_to = 0
         self.ack_scheduled = False
         self.pending = None           # core client id → (stanza id, to) of messages not yet acked
-        self.sm_queue = None          # XEP-0198: unacked (bytes, seq), once enabled
-        self.sm_id = self.sm_timer = None
-        self.sm_in = self.sm_out = 0
-        self.sm_asking = False
+        self.sm = None                # XEP-0198 state (sm.SmState), once enabled
         self.carbons = False          # XEP-0280 enabled on this resource
         self.recent = None            # (sender, stanza id) → inbox seq of the last messages written (markers)
         self.parser_filed = False     # in proto.parser_wheel (its expat parser is live)
@@ -116,9 +109,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def finish(self, reason: str) -> None:
         """The session ends: leave the resource table, tell own resources, detach from the core."""
-        if self.sm_id is not None:
-            self.proto.resumable.pop(self.sm_id, None)
-            self.sm_id = None
+        self.sm_unresumable()
         self.ack_now()                            # what was written counts as received now
         if self.resource is not None:
             self.proto.unbound(self)
@@ -129,8 +120,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     # -- parser callbacks ------------------------------------------------------------------
     def on_stream_end(self) -> None:
-        self.proto.resumable.pop(self.sm_id, None)
-        self.sm_id = None                         # a clean close: no resumption
+        self.sm_unresumable()                     # a clean close: no resumption
         self.conn.write(STREAM_CLOSE)
         self.conn.close("stream closed by client")
 
@@ -144,8 +134,9 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if el.ns == SM_NS:
             self.sm_nonza(el)
             return
-        if self.sm_queue is not None and tag in ("message", "presence", "iq"):
-            self.sm_in = (self.sm_in + 1) % MOD
+        sm = self.sm
+        if sm is not None and tag in ("message", "presence", "iq"):
+            sm.h_in = (sm.h_in + 1) % MOD
         if tag == "message":
             self.on_message(el)
         elif tag == "presence":
@@ -159,6 +150,12 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def bare(self) -> str:
         return f"{self.user}@{self.proto.domain}"
+
+    @property
+    def full_jid(self):
+        """``user@domain/resource`` once bound, else None (made on demand: not kept per session)."""
+        resource = self.resource
+        return None if resource is None else f"{self.user}@{self.proto.domain}/{resource}"
 
     # -- Session's protocol part ----------------------------------------------------------------
     def write_out(self, out) -> None:
@@ -204,7 +201,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         # pong, sync, and any other envelope type: nothing to render
 
     def end(self, reason: str) -> None:
-        if self.sm_timer is not None:
+        if self.sm_detached():
             self.sm_finish(reason)
         elif not self.conn.closed:
             self.conn.write(STREAM_CLOSE)
