@@ -214,6 +214,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         """File this session in ``proto.parser_wheel`` (once) so that its parser sleeps when idle."""
         if not self.parser_filed:
             self.parser_filed = True
+            self.proto.parsers_live += 1
             self.proto.parser_wheel.add(self, self.last_rx + PARSER_IDLE_SECONDS)
 
     def on_parser_idle(self, now: float):
@@ -223,6 +224,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         session again. Returns the next check time or None."""
         if self.state is CLOSED:
             self.parser_filed = False
+            self.proto.parsers_live -= 1
             return None
         due = self.last_rx + PARSER_IDLE_SECONDS
         if due > now:
@@ -231,6 +233,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if dormant is not None:
             self.parser = dormant
             self.parser_filed = False
+            self.proto.parsers_live -= 1
             self.proto.parser_freed += 1
             return None
         return now + PARSER_IDLE_SECONDS          # negotiating, or partial input pending

@@ -209,3 +209,33 @@ def test_bad_input_to_a_sleeping_stream_gets_its_stream_error(node, monkeypatch,
     other.send(b"<iq type='get' id='p2'><ping xmlns='urn:xmpp:ping'/></iq>")
     assert b"<iq type='result' id='p2'" in other.read_until(b"id='p2'")
     other.close()
+
+
+@pytest.mark.parametrize("freed, live, trimmed", [
+    (1024, 5000, True),          # many freed, whatever is still live
+    (1023, 5000, False),
+    (40, 39, True),              # a burst is over: more freed than live
+    (40, 41, False),
+    (31, 0, False),              # too few to bother
+])
+def test_the_heap_is_trimmed_when_a_burst_of_parsers_was_freed(monkeypatch, freed, live, trimmed):
+    from types import SimpleNamespace
+
+    from imd.proto.xmpp import listener
+    calls = []
+    monkeypatch.setattr(listener.memtrim, "trim", lambda: calls.append(1))
+    proto = SimpleNamespace(parser_freed=freed, parsers_live=live)
+    XmppProtocol._after_parser_tick(proto)
+    assert bool(calls) == trimmed
+    assert proto.parser_freed == (0 if trimmed else freed)
+
+
+def test_live_parsers_are_counted(node, monkeypatch):
+    monkeypatch.setattr(session_mod, "PARSER_IDLE_SECONDS", 0.1)
+    r, s = sleeping_stream(node, "u_count")
+    wait_until(lambda: s.proto.parsers_live == 0)
+    r.send(b"<iq type='get' id='c1'><ping xmlns='urn:xmpp:ping'/></iq>")
+    r.read_until(b"id='c1'")
+    assert s.proto.parsers_live == 1
+    r.sock.close()
+    wait_until(lambda: s.proto.parsers_live == 0)    # a closed session's check drops it too
