@@ -27,10 +27,8 @@ from typing import Optional
 
 import gevent
 
-from ... import memtrim
 from ...envelope import DEVICE_RE
 from ...net.tls import TlsServer, cert_pair
-from ...net.wheel import Wheel
 from . import relay
 from .negotiate import AuthGuard
 from .session import XmppSession
@@ -38,8 +36,6 @@ from .stanza import STREAM_CLOSE, error_reply, stream_error, stream_header, tost
 
 log = logging.getLogger("imd.xmpp")
 
-TRIM_AFTER_FREED = 1024      # parsers freed (~6 KB of each malloc'd) before a heap trim, at the latest
-TRIM_MIN_FREED = 32          # parsers freed before a trim once they outnumber the live ones
 ACK_DELAY = 1.0              # seconds the acks of entries written to streams are gathered (see ack_later)
 
 
@@ -67,17 +63,11 @@ class XmppProtocol:
         self._bound: dict = {}
         self.resumable: dict[str, XmppSession] = {}     # XEP-0198 stream id → session
         self.auth_guard = AuthGuard()
-        # sessions with a live expat parser, checked once a second (XmppSession.on_parser_idle)
-        self.parser_wheel = Wheel("on_parser_idle", after=self._after_parser_tick)
-        self.parser_freed = 0         # parsers freed since the heap was last trimmed
-        self.parsers_live = 0         # sessions filed in parser_wheel (XmppSession.watch_parser)
-        self.parser_wheel.start()
         self.ack_delay = ACK_DELAY
         self._acks: list[XmppSession] = []     # sessions with an ack to send (XmppSession.note_written)
         self._ack_timer = None
 
     def stop(self) -> None:
-        self.parser_wheel.stop()
         self.send_acks()
 
     def ack_later(self, s: XmppSession) -> None:
@@ -101,16 +91,6 @@ class XmppProtocol:
         sessions, self._acks = self._acks, []
         for s in sessions:
             s.ack_now()
-
-    def _after_parser_tick(self) -> None:
-        """Give the heap pages of freed parsers back to the OS: after TRIM_AFTER_FREED
-        of them, or as soon as those freed since the last trim (at least
-        TRIM_MIN_FREED) outnumber the parsers still live, i.e. when a burst of
-        logins is over rather than at whatever point of it the count ran out."""
-        freed = self.parser_freed
-        if freed >= TRIM_AFTER_FREED or (freed >= TRIM_MIN_FREED and freed >= self.parsers_live):
-            self.parser_freed = 0
-            memtrim.trim()
 
     def handle(self, sock, addr) -> None:
         s = XmppSession(self, sock)

@@ -28,12 +28,17 @@ fresh expat parser (pipelined clients), or dropped with ``restart(drop=True)``
 read as if it came through TLS). Set ``negotiating = False`` after resource
 binding to parse whole reads at once.
 
-Idle streams (:meth:`StreamParser.hibernate`): between stanzas a bound
-stream's parser can be given up for a :class:`Dormant`, a small immutable
-object shared by every stream whose header was alike; ``Dormant.wake(handler)``
-makes the stream's next parser (the header replayed, ``on_stream_start`` not
-called again). Element and attribute names are interned in one table shared
-by all parsers (bounded), not in one per parser.
+Between stanzas (:meth:`StreamParser.hibernate`) a bound stream's parser
+can be given up for a :class:`Dormant`, shared by every stream whose header
+was alike; ``Dormant.wake(handler)`` gives the stream a parser again. A
+parser given up between stanzas is in the very state a parser of any stream
+with that header would be in (depth 1, nothing pending), so the Dormant keeps
+a few of them (``MAX_SPARES``) for the next wakes, of any of its streams;
+beyond those the expat parser is freed and a wake makes a new one, replaying
+the header (``on_stream_start`` is not called again). Expat's error texts
+carry no position (a position would count the bytes of earlier streams).
+Element and attribute names are interned in one table shared by all parsers
+(bounded), not in one per parser.
 
 Not thread-safe; a parser belongs to one connection and never blocks.
 """
@@ -55,6 +60,8 @@ _NAMES: dict[str, tuple[str, str]] = {}
 MAX_INTERNED = 8192       # names in expat's intern table (shared by all parsers; cleared when over)
 _INTERNED: dict[str, str] = {}
 MAX_DORMANT = 256         # distinct Dormant objects remembered for sharing (cleared when full)
+MAX_SPARES = 8            # parsers between stanzas a Dormant keeps for its streams' next wakes
+_GAVE_WAY = RuntimeError("this parser gave way to a Dormant: feed the one its wake() returns")
 _DORMANT: dict[tuple, "Dormant"] = {}
 
 
@@ -109,7 +116,7 @@ class StreamParser:
     __slots__ = ("handler", "max_stanza", "max_depth",
                  "negotiating", "_parser", "_stack", "_depth", "_fed", "_mark", "_restart",
                  "_ns_decls", "_closed", "_error", "_paused", "_backlog", "_feeding", "_chunks",
-                 "_text_el", "_text_tail", "_root", "_clean", "_ended", "_replaying")
+                 "_text_el", "_text_tail", "_root", "_clean", "_ended", "_replaying", "_dormant")
 
     def __init__(self, handler, max_stanza: int = MAX_STANZA_PREAUTH,
                  max_depth: int = MAX_DEPTH) -> None:
@@ -124,6 +131,7 @@ class StreamParser:
         self._text_el: Optional[Element] = None
         self._text_tail = False
         self._replaying = False
+        self._dormant: Optional[Dormant] = None     # the one it gives way to (cached)
         self._new_parser()
 
     # -- public ---------------------------------------------------------------
@@ -138,8 +146,6 @@ class StreamParser:
                 self._error = StreamError("policy-violation", "too much data while busy")
                 raise self._error
             return
-        if self._parser is None:
-            raise RuntimeError("hibernated: feed the parser its Dormant's wake() made")
         if len(_INTERNED) > MAX_INTERNED:
             _INTERNED.clear()                   # hostile names: the table is shared, keep it bounded
         self._feeding = True
@@ -211,25 +217,33 @@ class StreamParser:
             self.feed(data)
 
     def hibernate(self) -> Optional["Dormant"]:
-        """Free the expat parser of an idle stream (between stanzas, nothing
-        partial buffered) and return the :class:`Dormant` to keep instead of this
-        parser (about 13 KB less per idle connection, and this object's own 200
-        bytes); its ``wake(handler)`` makes the stream's next parser. This parser
-        must not be fed again. Returns None, and changes nothing, unless
-        everything fed after the last stanza's end tag is whitespace (nothing
-        that expat may still hold is lost), at depth 1, bound (not negotiating),
-        not paused and without an error."""
-        if (self._parser is None or self._depth != 1 or self.negotiating or self._paused
-                or not self._clean or self._root is None or self._error is not None):
+        """Give this parser up between stanzas: return the :class:`Dormant` to
+        keep instead (about 10 KB less per idle connection); its
+        ``wake(handler)`` gives the stream a parser again. This parser is kept
+        as one of the Dormant's spares, or its expat parser is freed; either
+        way the caller must not feed it again. Returns None, and changes nothing,
+        unless everything fed after the last stanza's end tag is whitespace
+        (nothing that expat may still hold is lost), at depth 1, bound (not
+        negotiating), not paused and without an error."""
+        if (self._depth != 1 or self.negotiating or self._paused or not self._clean
+                or self._root is None or self._error is not None):
             return None
-        decls = self._ns_decls
-        key = (self._root, tuple(decls.items()), self.max_stanza, self.max_depth)
-        dormant = _DORMANT.get(key)
+        dormant = self._dormant
         if dormant is None:
-            if len(_DORMANT) >= MAX_DORMANT:
-                _DORMANT.clear()                # the sessions keep theirs; only sharing is lost
-            dormant = _DORMANT[key] = Dormant(self._root, decls, self.max_stanza, self.max_depth)
-        self._parser = self._stack = self._chunks = None      # the expat parser's handlers referred to us
+            decls = self._ns_decls
+            key = (self._root, tuple(decls.items()), self.max_stanza, self.max_depth)
+            dormant = _DORMANT.get(key)
+            if dormant is None:
+                if len(_DORMANT) >= MAX_DORMANT:
+                    _DORMANT.clear()            # the sessions keep theirs; only sharing is lost
+                dormant = _DORMANT[key] = Dormant(self._root, decls, self.max_stanza, self.max_depth)
+            self._dormant = dormant
+        self.handler = None
+        self._error = _GAVE_WAY
+        if len(dormant.spares) < MAX_SPARES:
+            dormant.spares.append(self)
+        else:
+            self._parser = self._stack = self._chunks = None      # its handlers referred to us
         return dormant
 
     @property
@@ -272,7 +286,7 @@ class StreamParser:
             return StreamError("restricted-xml", "entity references not allowed")
         if e.code == expat.errors.codes[expat.errors.XML_ERROR_UNKNOWN_ENCODING]:
             return StreamError("unsupported-encoding", "only UTF-8 is supported")
-        return StreamError("not-well-formed", str(e))
+        return StreamError("not-well-formed", expat.ErrorString(e.code))
 
     def _xml_decl(self, version, encoding, standalone) -> None:
         if encoding is not None and encoding.upper() not in ("UTF-8", "UTF8"):
@@ -365,7 +379,7 @@ class Dormant:
     namespace declarations of its header, and its limits. Immutable, and shared
     by the streams whose headers were alike (the usual header: one object)."""
 
-    __slots__ = ("root", "header", "max_stanza", "max_depth")
+    __slots__ = ("root", "header", "max_stanza", "max_depth", "spares")
 
     def __init__(self, root: str, decls: dict, max_stanza: int, max_depth: int) -> None:
         self.root = root
@@ -374,11 +388,18 @@ class Dormant:
             for p, u in decls.items()) + ">").encode()
         self.max_stanza = max_stanza
         self.max_depth = max_depth
+        self.spares: list[StreamParser] = []     # given up between stanzas, ready for any of our streams
 
     def wake(self, handler) -> StreamParser:
-        """The stream's next parser (bound mode, at depth 1), for ``handler``: the
-        header replayed into a new expat parser, ``on_stream_start`` not called."""
+        """A parser (bound mode, at depth 1) for ``handler``'s stream: a spare, or
+        the header replayed into a new one (``on_stream_start`` not called)."""
+        if self.spares:
+            parser = self.spares.pop()
+            parser.handler = handler
+            parser._error = None
+            return parser
         parser = StreamParser(handler, self.max_stanza, self.max_depth)
+        parser._dormant = self
         parser.negotiating = False
         parser._root = self.root
         parser._replaying = True

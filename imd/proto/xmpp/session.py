@@ -52,7 +52,6 @@ log = logging.getLogger("imd.xmpp")
 _stanza_ids = itertools.count(1)
 MAX_HELD = 10000          # entries held before initial presence (the router sends at most this many offline)
 MAX_PENDING = 256         # messages awaiting the store's ack, for error replies
-PARSER_IDLE_SECONDS = 1.0  # a stream silent this long frees its parser (~10 KB)
 MAX_RECENT = 8            # messages remembered for read markers (the newest ones get marked)
 MARKERS_NS = "urn:xmpp:chat-markers:0"
 
@@ -63,15 +62,14 @@ _CLOSE_CONDITIONS = {408: "connection-timeout", 4001: "policy-violation", 1001: 
 class XmppSession(StreamManagement, Negotiation, Session):
     __slots__ = ("proto", "conn", "parser", "login", "resource", "available", "priority", "interested",
                  "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
-                 "sm", "carbons", "recent",
-                 "parser_filed")
+                 "sm", "carbons", "recent")
 
     protocol = "xmpp"
 
     def __init__(self, proto, sock) -> None:
         super().__init__(proto.router, proto.node_id)
         self.proto = proto
-        self.parser = StreamParser(self)   # a Dormant while the stream sleeps (on_parser_idle)
+        self.parser = StreamParser(self)   # between reads of a bound stream: a Dormant (on_data)
         self.login = Login(isinstance(sock, TlsSocket))   # until bound; secure on the direct-TLS port
         self.resource = None          # once bound (the full JID is made from it on demand)
         self.available = False
@@ -86,20 +84,26 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.sm = None                # XEP-0198 state (sm.SmState), once enabled
         self.carbons = False          # XEP-0280 enabled on this resource
         self.recent = None            # (sender, stanza id) → inbox seq of the last messages written (markers)
-        self.parser_filed = False     # in proto.parser_wheel (its expat parser is live)
         self.conn = Conn(sock, self, proto.router.limits.send_buffer)
 
     # -- Conn's handler protocol ------------------------------------------------------
     def on_data(self, data: bytes) -> None:
+        """Parse a read. A bound stream holds no parser between reads that end
+        between stanzas: it is given up for the shared Dormant (``hibernate``),
+        which gives one back for the next read (a spare: no new expat parser)."""
         self.touch()
-        if not self.parser_filed:                 # the first read, or the parser sleeps
-            if self.parser.__class__ is Dormant:
-                self.parser = self.parser.wake(self)
-            self.watch_parser()
+        parser = self.parser
+        if parser.__class__ is Dormant:
+            parser = self.parser = parser.wake(self)
         try:
-            self.parser.feed(data)
+            parser.feed(data)
         except StreamError as e:
             self.stream_error(e.condition, e.text)
+            return
+        if self.parser is parser and self.state is not CLOSED:   # (not moved to a resumed session)
+            dormant = parser.hibernate()
+            if dormant is not None:
+                self.parser = dormant
 
     def on_close(self, reason: str) -> None:
         self.ack_now()             # the client may log in again at once (on any node): no re-sends
@@ -209,34 +213,6 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def drain(self) -> None:
         self.conn.wait_drained(self.conn.limit // 2)
-
-    def watch_parser(self) -> None:
-        """File this session in ``proto.parser_wheel`` (once) so that its parser sleeps when idle."""
-        if not self.parser_filed:
-            self.parser_filed = True
-            self.proto.parsers_live += 1
-            self.proto.parser_wheel.add(self, self.last_rx + PARSER_IDLE_SECONDS)
-
-    def on_parser_idle(self, now: float):
-        """``proto.parser_wheel``'s check: a bound stream silent for PARSER_IDLE_SECONDS
-        gives up its parser for a shared :class:`Dormant` until the next read
-        (``StreamParser.hibernate``); the next ``on_data`` wakes it and files the
-        session again. Returns the next check time or None."""
-        if self.state is CLOSED:
-            self.parser_filed = False
-            self.proto.parsers_live -= 1
-            return None
-        due = self.last_rx + PARSER_IDLE_SECONDS
-        if due > now:
-            return due
-        dormant = self.parser.hibernate()
-        if dormant is not None:
-            self.parser = dormant
-            self.parser_filed = False
-            self.proto.parsers_live -= 1
-            self.proto.parser_freed += 1
-            return None
-        return now + PARSER_IDLE_SECONDS          # negotiating, or partial input pending
 
     # -- inbox entries ---------------------------------------------------------------------------
     def receiving(self) -> bool:

@@ -183,7 +183,6 @@ class StreamManagement:
         self.conn, self.parser = conn, parser
         new.discard()
         self.touch()
-        self.watch_parser()
         self.sm_acked(h)
         conn.write(f"<resumed xmlns='{SM_NS}' h='{sm.h_in}' previd='{sm.id}'/>".encode())
         for data, _ in sm.queue:

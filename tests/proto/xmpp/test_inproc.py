@@ -10,7 +10,6 @@ import gevent
 import pytest
 
 from imd import daemon as daemon_mod
-from imd.proto.xmpp import session as session_mod
 from imd.proto.xmpp.listener import XmppProtocol
 from imd.proto.xmpp.parser import Dormant, StreamParser
 from tests import inproc
@@ -103,9 +102,9 @@ def test_kick_ends_the_stream(node):
     run(scenario())
 
 
-def test_idle_streams_free_their_parser_and_wake_on_data(node):
-    """A bound stream silent for a second or two holds no expat parser; its next
-    stanza wakes one (the stream header replayed) and is routed as usual."""
+def test_streams_hold_no_parser_between_reads_and_wake_on_data(node):
+    """A bound stream holds no parser between reads (the shared Dormant instead);
+    its next stanza wakes one and is routed as usual."""
     async def scenario():
         a, b = client("u_sleepy_a"), client("u_sleepy_b")
         await login(a, node)
@@ -171,15 +170,19 @@ def sleeping_stream(node, user: str):
     return r, s
 
 
-def test_a_sleeping_stream_wakes_for_its_next_stanza_and_sleeps_again(node, monkeypatch):
-    monkeypatch.setattr(session_mod, "PARSER_IDLE_SECONDS", 0.1)
+def test_a_sleeping_stream_wakes_for_its_next_stanza_and_sleeps_again(node):
     r, s = sleeping_stream(node, "u_nap")
     r2, s2 = sleeping_stream(node, "u_nap2")
     assert s.parser is s2.parser                 # alike headers: one shared Dormant
     r.send(b"<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>")
     assert b"<iq type='result' id='p1'" in r.read_until(b"id='p1'")
-    assert isinstance(s.parser, StreamParser) and s.parser.handler is s
-    wait_until(lambda: isinstance(s.parser, Dormant))
+    assert isinstance(s.parser, Dormant)         # asleep again at once: the read ended between stanzas
+    r.send(b"<iq type='get' id='p2'><ping xmlns='urn:xmpp:ping'/>")
+    wait_until(lambda: isinstance(s.parser, StreamParser))     # a partial stanza keeps its parser
+    assert s.parser.handler is s
+    r.send(b"</iq>")
+    assert b"<iq type='result' id='p2'" in r.read_until(b"id='p2'")
+    assert isinstance(s.parser, Dormant)
     r.send(b"<message to='u_nap2@localhost' type='chat' id='m1'><body>awake?</body></message>")
     assert b"awake?" in r2.read_until(b"awake?")
     r.send(b"</stream:stream>")                   # the replayed header's end tag closes cleanly
@@ -194,9 +197,8 @@ def test_a_sleeping_stream_wakes_for_its_next_stanza_and_sleeps_again(node, monk
     (b"<message>" + b"<a>" * 100, b"policy-violation"),
     (b"hello", b"bad-format"),
 ])
-def test_bad_input_to_a_sleeping_stream_gets_its_stream_error(node, monkeypatch, data, condition):
+def test_bad_input_to_a_sleeping_stream_gets_its_stream_error(node, data, condition):
     """A woken parser keeps the stream's checks and limits; other streams are unaffected."""
-    monkeypatch.setattr(session_mod, "PARSER_IDLE_SECONDS", 0.1)
     other, _ = sleeping_stream(node, "u_calm")
     r, _ = sleeping_stream(node, "u_rude")
     try:
@@ -209,33 +211,3 @@ def test_bad_input_to_a_sleeping_stream_gets_its_stream_error(node, monkeypatch,
     other.send(b"<iq type='get' id='p2'><ping xmlns='urn:xmpp:ping'/></iq>")
     assert b"<iq type='result' id='p2'" in other.read_until(b"id='p2'")
     other.close()
-
-
-@pytest.mark.parametrize("freed, live, trimmed", [
-    (1024, 5000, True),          # many freed, whatever is still live
-    (1023, 5000, False),
-    (40, 39, True),              # a burst is over: more freed than live
-    (40, 41, False),
-    (31, 0, False),              # too few to bother
-])
-def test_the_heap_is_trimmed_when_a_burst_of_parsers_was_freed(monkeypatch, freed, live, trimmed):
-    from types import SimpleNamespace
-
-    from imd.proto.xmpp import listener
-    calls = []
-    monkeypatch.setattr(listener.memtrim, "trim", lambda: calls.append(1))
-    proto = SimpleNamespace(parser_freed=freed, parsers_live=live)
-    XmppProtocol._after_parser_tick(proto)
-    assert bool(calls) == trimmed
-    assert proto.parser_freed == (0 if trimmed else freed)
-
-
-def test_live_parsers_are_counted(node, monkeypatch):
-    monkeypatch.setattr(session_mod, "PARSER_IDLE_SECONDS", 0.1)
-    r, s = sleeping_stream(node, "u_count")
-    wait_until(lambda: s.proto.parsers_live == 0)
-    r.send(b"<iq type='get' id='c1'><ping xmlns='urn:xmpp:ping'/></iq>")
-    r.read_until(b"id='c1'")
-    assert s.proto.parsers_live == 1
-    r.sock.close()
-    wait_until(lambda: s.proto.parsers_live == 0)    # a closed session's check drops it too

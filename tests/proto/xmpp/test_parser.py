@@ -293,12 +293,14 @@ def test_data_while_paused_is_bounded():
     assert info.value.condition == "policy-violation"
 
 
+@pytest.mark.parametrize("spares", [0, 8])       # 0: every wake replays the header into a new parser
 @pytest.mark.parametrize("header, close", [
     (HEADER, b"</stream:stream>"),
     (b"<s:stream xmlns='jabber:client' xmlns:s='http://etherx.jabber.org/streams' xmlns:x='urn:x' to='l'>",
      b"</s:stream>"),
 ])
-def test_hibernate_and_wake_replays_the_header(header, close):
+def test_hibernate_and_wake_replays_the_header(monkeypatch, spares, header, close):
+    monkeypatch.setattr(parsermod, "MAX_SPARES", spares)
     rec = Recorder()
     rec.parser.negotiating = False
     rec.feed(header + b"<presence/>  ")
@@ -362,7 +364,9 @@ def test_hibernation_after_each_byte_of_a_complete_stanza(stanza):
     assert [tostring(s) for s in rec.stanzas()] == [tostring(rec.stanzas()[0])] * 2
 
 
-def test_hostile_input_after_wake_is_still_refused():
+@pytest.mark.parametrize("spares", [0, 8])
+def test_hostile_input_after_wake_is_still_refused(monkeypatch, spares):
+    monkeypatch.setattr(parsermod, "MAX_SPARES", spares)
     rec = Recorder()
     rec.parser.negotiating = False
     rec.feed(HEADER + b"<presence/>")
@@ -389,7 +393,9 @@ def test_a_parser_that_gave_way_to_a_dormant_is_not_fed_again():
         parser.feed(b"<presence/>")
 
 
-def test_a_dormant_serves_every_stream_with_that_header_and_keeps_the_limits():
+@pytest.mark.parametrize("spares", [0, 8])
+def test_a_dormant_serves_every_stream_with_that_header_and_keeps_the_limits(monkeypatch, spares):
+    monkeypatch.setattr(parsermod, "MAX_SPARES", spares)
     a, b = Recorder(max_stanza=2000), Recorder(max_stanza=2000)
     for rec in (a, b):
         rec.parser.negotiating = False
@@ -425,3 +431,26 @@ def test_the_shared_tables_stay_bounded(monkeypatch):
         dormants.append(r.parser)
         assert len(parsermod._DORMANT) <= 4
     assert len({id(d) for d in dormants}) == 10
+
+
+def test_spare_parsers_serve_any_stream_of_their_dormant_and_are_bounded(monkeypatch):
+    """A parser given up between stanzas is kept (up to MAX_SPARES) and woken for
+    whichever stream of that header reads next; stanzas reach that stream's handler."""
+    monkeypatch.setattr(parsermod, "MAX_SPARES", 1)
+    a, b = Recorder(), Recorder()
+    for rec in (a, b):
+        rec.parser.negotiating = False
+        rec.feed(HEADER + b"<presence/>\n")
+    pa, pb = a.parser, b.parser
+    assert a.hibernate() and b.hibernate()
+    dormant = a.parser
+    assert dormant.spares == [pa]                  # one spare: b's expat parser was freed
+    with pytest.raises(RuntimeError):
+        pb.feed(b"<presence/>")
+    b.feed(b"<message><body>for b</body></message>")
+    assert b.parser is pa and pa.handler is b and dormant.spares == []
+    a.feed(b"<message><body>for a</body></message>")
+    assert a.parser is not pa
+    assert [s.findtext("body") for s in a.stanzas()] == [None, "for a"]
+    assert [s.findtext("body") for s in b.stanzas()] == [None, "for b"]
+    assert b.hibernate() and a.hibernate() and dormant.spares == [pa]
