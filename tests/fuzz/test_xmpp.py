@@ -29,12 +29,15 @@ def run(pieces, negotiating: bool, max_stanza: int = MAX_STANZA, hibernate: bool
     """(serialized stanzas, stream started, stream ended, error condition or None);
     ``hibernate``: try to free the expat parser after every piece."""
     got, state = [], {"start": 0, "end": 0}
-    p = parser.StreamParser(SimpleNamespace(
+    handler = SimpleNamespace(
         on_stream_start=lambda attrs: state.__setitem__("start", state["start"] + 1),
         on_stanza=lambda el: got.append(stanza.tostring(el)),
-        on_stream_end=lambda: state.__setitem__("end", state["end"] + 1)), max_stanza=max_stanza)
+        on_stream_end=lambda: state.__setitem__("end", state["end"] + 1))
+    p = parser.StreamParser(handler, max_stanza=max_stanza)
     p.negotiating = negotiating
     for piece in pieces:
+        if isinstance(p, parser.Dormant):
+            p = p.wake(handler)
         try:
             p.feed(piece)
         except parser.StreamError as e:
@@ -44,7 +47,7 @@ def run(pieces, negotiating: bool, max_stanza: int = MAX_STANZA, hibernate: bool
             return got, state["start"], state["end"], e.condition
         assert p._fed - p._mark <= max_stanza
         if hibernate:
-            p.hibernate()
+            p = p.hibernate() or p         # as XmppSession keeps it: the Dormant, woken on the next piece
     return got, state["start"], state["end"], None
 
 

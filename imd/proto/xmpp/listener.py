@@ -27,10 +27,8 @@ from typing import Optional
 
 import gevent
 
-from ... import memtrim
 from ...envelope import DEVICE_RE
 from ...net.tls import TlsServer, cert_pair
-from ...net.wheel import Wheel
 from . import relay
 from .negotiate import AuthGuard
 from .session import XmppSession
@@ -38,7 +36,6 @@ from .stanza import STREAM_CLOSE, error_reply, stream_error, stream_header, tost
 
 log = logging.getLogger("imd.xmpp")
 
-TRIM_AFTER_FREED = 1024      # expat parsers (~13 KB each, malloc'd) freed before a heap trim
 ACK_DELAY = 1.0              # seconds the acks of entries written to streams are gathered (see ack_later)
 
 
@@ -66,16 +63,11 @@ class XmppProtocol:
         self._bound: dict = {}
         self.resumable: dict[str, XmppSession] = {}     # XEP-0198 stream id → session
         self.auth_guard = AuthGuard()
-        # sessions with a live expat parser, checked once a second (XmppSession.on_parser_idle)
-        self.parser_wheel = Wheel("on_parser_idle", after=self._after_parser_tick)
-        self.parser_freed = 0         # parsers freed since the heap was last trimmed
-        self.parser_wheel.start()
         self.ack_delay = ACK_DELAY
         self._acks: list[XmppSession] = []     # sessions with an ack to send (XmppSession.note_written)
         self._ack_timer = None
 
     def stop(self) -> None:
-        self.parser_wheel.stop()
         self.send_acks()
 
     def ack_later(self, s: XmppSession) -> None:
@@ -99,12 +91,6 @@ class XmppProtocol:
         sessions, self._acks = self._acks, []
         for s in sessions:
             s.ack_now()
-
-    def _after_parser_tick(self) -> None:
-        """Once many idle parsers were freed, give their heap pages back to the OS."""
-        if self.parser_freed >= TRIM_AFTER_FREED:
-            self.parser_freed = 0
-            memtrim.trim()
 
     def handle(self, sock, addr) -> None:
         s = XmppSession(self, sock)

@@ -1,7 +1,7 @@
 """Stream negotiation (RFC 6120 §4–§7): header, features, STARTTLS, SASL, bind.
 
-A mixin of :class:`imd.proto.xmpp.session.XmppSession` (which holds the
-state). Runs in the hub from the parser's callbacks; the steps that wait run
+A mixin of :class:`imd.proto.xmpp.session.XmppSession`; what only
+negotiation needs is kept in the session's :class:`Login` until bind. Runs in the hub from the parser's callbacks; the steps that wait run
 in greenlets with the parser paused (``parser.pause()``) and reading stopped,
 so stanzas are still handled in order:
 
@@ -96,6 +96,23 @@ class AuthGuard:
             self._fails[ip] = (rec[0], rec[1] + 1)
 
 
+class Login:
+    """What a stream needs until it is bound (the session drops it then): whether
+    our header was sent, whether the stream is encrypted, the SASL mechanism in
+    progress and the failures so far, the identity once authenticated (``ident``:
+    (user, role, token platform)) and the token that proved it."""
+
+    __slots__ = ("header_sent", "secure", "mech", "failures", "ident", "token_ident")
+
+    def __init__(self, secure: bool) -> None:
+        self.header_sent = False
+        self.secure = secure
+        self.mech = None
+        self.failures = 0
+        self.ident = None
+        self.token_ident = None
+
+
 class Negotiation:
     __slots__ = ()
 
@@ -103,7 +120,7 @@ class Negotiation:
     def on_stream_start(self, attrs: dict) -> None:
         proto = self.proto
         lang = (attrs.get(XML_LANG) or "en")[:35]      # echoed once, not kept
-        self.header_sent = True
+        self.login.header_sent = True
         self.conn.write(stream_header(proto.domain, secrets.token_hex(16), lang))
         if (attrs.get("to") or "").lower() != proto.domain:
             raise StreamError("host-unknown", f"this server is {proto.domain}")
@@ -115,8 +132,9 @@ class Negotiation:
     def features(self) -> Element:
         proto = self.proto
         feats = Element("features", STREAM_NS)
-        if self.ident is None:
-            if proto.tls is not None and not self.secure:
+        login = self.login
+        if login.ident is None:
+            if proto.tls is not None and not login.secure:
                 tls = feats.add("starttls", TLS_NS)
                 if proto.tls_required:
                     tls.add("required")
@@ -136,13 +154,13 @@ class Negotiation:
 
     def negotiate(self, el: Element) -> None:
         """A stanza before the session is bound."""
-        if self.ident is None:
+        if self.login.ident is None:
             if el.ns == TLS_NS and el.tag == "starttls":
                 self.starttls()
             elif el.ns == SASL_NS and el.tag in ("auth", "response"):
                 self.sasl_step(el)
             elif el.ns == SASL_NS and el.tag == "abort":
-                self.mech = None
+                self.login.mech = None
                 self.sasl_failure("aborted")
             else:
                 raise StreamError("not-authorized", "authenticate first")
@@ -160,7 +178,7 @@ class Negotiation:
     # -- STARTTLS --------------------------------------------------------------------
     def starttls(self) -> None:
         tls = self.proto.tls
-        if tls is None or self.secure:
+        if tls is None or self.login.secure:
             self.conn.write(b"<failure xmlns='" + TLS_NS.encode() + b"'/></stream:stream>")
             self.conn.close("starttls refused")
             return
@@ -176,69 +194,70 @@ class Negotiation:
             conn.close("starttls: proceed not sent", flush=False)
             return
         conn.sock = tls.wrap(conn.sock)
-        self.secure = True
+        self.login.secure = True
         self.parser.resume()
         conn.resume_reading()
 
     # -- SASL ----------------------------------------------------------------------------
     def sasl_step(self, el: Element) -> None:
-        proto = self.proto
-        if proto.tls_required and not self.secure:
+        proto, login = self.proto, self.login
+        if proto.tls_required and not login.secure:
             self.sasl_failure("encryption-required")
             return
         if el.tag == "auth":
             if not proto.auth_guard.allowed(self.peer_ip()):
                 self.sasl_failure("temporary-auth-failure", "too many failed logins, try again later")
                 return
-            self.mech = sasl.mechanism(el.get("mechanism", ""), self.check_plain, self.lookup_scram,
-                                       proto.domain)
-            if self.mech is None:
+            login.mech = sasl.mechanism(el.get("mechanism", ""), self.check_plain, self.lookup_scram,
+                                        proto.domain)
+            if login.mech is None:
                 self.sasl_failure("invalid-mechanism")
                 return
-        elif self.mech is None:
+        elif login.mech is None:
             self.sasl_failure("malformed-request", "no authentication in progress")
             return
         text = el.text.strip()
         try:
             data = b"" if text in ("", "=") else base64.b64decode(text, validate=True)
         except ValueError:
-            self.mech = None
+            login.mech = None
             self.sasl_failure("incorrect-encoding")
             return
         self.parser.pause()
         self.conn.pause_reading()
-        gevent.spawn(self._sasl_run, self.mech, data)
+        gevent.spawn(self._sasl_run, login.mech, data)
 
     def _sasl_run(self, mech, data: bytes) -> None:
+        login = self.login
         try:
             done, payload = mech.step(data)
         except sasl.SaslFailure as e:
-            self.mech = None
-            self.failures += 1
+            login.mech = None
+            login.failures += 1
             self.proto.auth_guard.failed(self.peer_ip())
-            gevent.sleep(FAILURE_DELAY * self.failures)      # slows guessing on this stream
+            gevent.sleep(FAILURE_DELAY * login.failures)     # slows guessing on this stream
             if self.conn.closed:
                 return
             self.sasl_failure(e.condition, e.text)
-            if self.failures >= MAX_SASL_FAILURES:
+            if login.failures >= MAX_SASL_FAILURES:
                 self.stream_error("policy-violation", "too many authentication failures")
                 return
         except StoreError as e:
             log.warning("sasl: store unavailable: %s", e)
-            self.mech = None
+            login.mech = None
             self.sasl_failure("temporary-auth-failure")
         except Exception:
             log.exception("sasl step failed")
-            self.mech = None
+            login.mech = None
             self.sasl_failure("temporary-auth-failure")
         else:
             b64 = base64.b64encode(payload).decode() if payload else ""
             if not done:
                 self.write(Element("challenge", SASL_NS, text=b64 or "="))
             else:
-                self.mech = None
-                self.ident = self.identity_of(mech.user)
-                if self.ident is None:
+                login.mech = None
+                login.ident = self.identity_of(mech.user)
+                if login.ident is None:
                     self.sasl_failure("temporary-auth-failure")
                 else:
                     self.write(Element("success", SASL_NS, text=b64))
@@ -282,7 +301,7 @@ class Negotiation:
         if ident is not None:
             if ident.user != user:
                 return False
-            self.token_ident = ident
+            self.login.token_ident = ident
             return True
         return self.router.check_password(user, password)
 
@@ -291,7 +310,7 @@ class Negotiation:
 
     def identity_of(self, user: str):
         """(user, role, token platform) once SASL succeeded; blocks (a store read)."""
-        tok = self.token_ident
+        tok = self.login.token_ident
         if tok is not None and tok.user == user:
             return (tok.user, tok.role, tok.platform)     # the token's strings: no second copy kept
         try:
@@ -308,17 +327,16 @@ class Negotiation:
             self.write(error_reply(iq, "bad-request", "invalid resource"))
             return
         resource = requested or "imd-" + secrets.token_hex(6)
-        user, role, token_platform = self.ident
-        self.ident = self.token_ident = None      # login leaves nothing behind once bound
+        user, role, token_platform = self.login.ident
+        self.login = None                         # login leaves nothing behind once bound
         role = sys.intern(role)                   # "host"/"guest": one shared string, not one per token
         old = self.proto.bound(user, resource, self)
         if old is not None:
             old.stream_error("conflict", "replaced by a new connection")
         self.resource = resource
-        self.full_jid = jidmod.make(user, self.proto.domain, resource)
         self.parser.negotiating = False
         result = Element("bind", BIND_NS)
-        result.add("jid", text=self.full_jid)
+        result.add("jid", text=jidmod.make(user, self.proto.domain, resource))    # self.user is set below
         self.write(iq_result(iq, result))
         self.router.start_session(self, user, role, platform_of(token_platform, resource),
                                   self.proto.device_of(resource), None)
@@ -328,16 +346,16 @@ class Negotiation:
     def stream_error(self, condition: str, text: str = "") -> None:
         """Send a stream error (after our header, if none was sent yet) and close."""
         self.ack_now()             # before a new session of this resource (a conflict) reads the inbox
-        self.proto.resumable.pop(self.sm_id, None)
-        self.sm_id = None                         # a stream ended by an error is not resumable
-        if self.sm_timer is not None:             # detached: nothing to write to
+        self.sm_unresumable()                     # a stream ended by an error is not resumable
+        if self.sm_detached():                    # nothing to write to
             self.sm_finish("stream error: " + condition)
             return
         conn = self.conn
         if conn.closed:
             return
-        if not self.header_sent:
-            self.header_sent = True
+        login = self.login
+        if login is not None and not login.header_sent:     # (a bound stream sent its header)
+            login.header_sent = True
             conn.write(stream_header(self.proto.domain, secrets.token_hex(16)))
         conn.write(tostring(stream_error_element(condition, text)).encode() + STREAM_CLOSE)
         log.debug("stream error %s (%s) peer=%s", condition, text, conn.peer)

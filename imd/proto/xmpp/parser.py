@@ -28,6 +28,18 @@ fresh expat parser (pipelined clients), or dropped with ``restart(drop=True)``
 read as if it came through TLS). Set ``negotiating = False`` after resource
 binding to parse whole reads at once.
 
+Between stanzas (:meth:`StreamParser.hibernate`) a bound stream's parser
+can be given up for a :class:`Dormant`, shared by every stream whose header
+was alike; ``Dormant.wake(handler)`` gives the stream a parser again. A
+parser given up between stanzas is in the very state a parser of any stream
+with that header would be in (depth 1, nothing pending), so the Dormant keeps
+a few of them (``MAX_SPARES``) for the next wakes, of any of its streams;
+beyond those the expat parser is freed and a wake makes a new one, replaying
+the header (``on_stream_start`` is not called again). Expat's error texts
+carry no position (a position would count the bytes of earlier streams).
+Element and attribute names are interned in one table shared by all parsers
+(bounded), not in one per parser.
+
 Not thread-safe; a parser belongs to one connection and never blocks.
 """
 
@@ -40,12 +52,17 @@ from xml.parsers import expat
 from .stanza import CLIENT_NS, STREAM_NS, XML_NS, Element, escape_attr
 
 SEP = "\x01"
-_USUAL_DECLS = {"": CLIENT_NS, "stream": STREAM_NS}     # what nearly every client's header declares
 MAX_STANZA = 262144
 MAX_STANZA_PREAUTH = 16384
 MAX_DEPTH = 32
 MAX_NAMES = 4096          # expat names remembered split (shared by all streams; cleared when full)
 _NAMES: dict[str, tuple[str, str]] = {}
+MAX_INTERNED = 8192       # names in expat's intern table (shared by all parsers; cleared when over)
+_INTERNED: dict[str, str] = {}
+MAX_DORMANT = 256         # distinct Dormant objects remembered for sharing (cleared when full)
+MAX_SPARES = 8            # parsers between stanzas a Dormant keeps for its streams' next wakes
+_GAVE_WAY = RuntimeError("this parser gave way to a Dormant: feed the one its wake() returns")
+_DORMANT: dict[tuple, "Dormant"] = {}
 
 
 class StreamError(Exception):
@@ -99,7 +116,7 @@ class StreamParser:
     __slots__ = ("handler", "max_stanza", "max_depth",
                  "negotiating", "_parser", "_stack", "_depth", "_fed", "_mark", "_restart",
                  "_ns_decls", "_closed", "_error", "_paused", "_backlog", "_feeding", "_chunks",
-                 "_text_el", "_text_tail", "_root", "_clean", "_ended", "_replaying")
+                 "_text_el", "_text_tail", "_root", "_clean", "_ended", "_replaying", "_dormant")
 
     def __init__(self, handler, max_stanza: int = MAX_STANZA_PREAUTH,
                  max_depth: int = MAX_DEPTH) -> None:
@@ -114,6 +131,7 @@ class StreamParser:
         self._text_el: Optional[Element] = None
         self._text_tail = False
         self._replaying = False
+        self._dormant: Optional[Dormant] = None     # the one it gives way to (cached)
         self._new_parser()
 
     # -- public ---------------------------------------------------------------
@@ -128,8 +146,8 @@ class StreamParser:
                 self._error = StreamError("policy-violation", "too much data while busy")
                 raise self._error
             return
-        if self._parser is None:
-            self._wake()
+        if len(_INTERNED) > MAX_INTERNED:
+            _INTERNED.clear()                   # hostile names: the table is shared, keep it bounded
         self._feeding = True
         try:
             while data:
@@ -198,39 +216,35 @@ class StreamParser:
         if data:
             self.feed(data)
 
-    def hibernate(self) -> bool:
-        """Free the expat parser of an idle stream (between stanzas, nothing
-        partial buffered); the next ``feed`` makes a new one and replays the
-        stream header into it, without calling ``on_stream_start`` again.
-        Saves about 13 KB per idle connection. Returns whether it hibernated:
-        only when everything fed after the last stanza's end tag is whitespace
-        (nothing that expat may still hold is lost), at depth 1, bound."""
-        if (self._parser is None or self._depth != 1 or self.negotiating or self._paused
-                or not self._clean or self._root is None or self._error is not None):
-            return False
-        self._parser = self._stack = self._chunks = None
-        if self._ns_decls == _USUAL_DECLS:
-            self._ns_decls = _USUAL_DECLS      # shared, read-only: _wake only reads it
-        return True
-
-    def _wake(self) -> None:
-        prefix, decls = self._root, self._ns_decls
-        header = "<" + (prefix + ":" if prefix else "") + "stream" + "".join(
-            f" xmlns:{p}='{escape_attr(u)}'" if p else f" xmlns='{escape_attr(u)}'" for p, u in decls.items()) + ">"
-        root = self._root
-        self._new_parser()
-        self._root = root
-        self._replaying = True
-        try:
-            self._parser.Parse(header.encode(), False)
-        finally:
-            self._replaying = False
-        self._fed = self._mark = len(header.encode())
-
-    @property
-    def asleep(self) -> bool:
-        """Whether the expat parser is freed (:meth:`hibernate`) until the next feed."""
-        return self._parser is None
+    def hibernate(self) -> Optional["Dormant"]:
+        """Give this parser up between stanzas: return the :class:`Dormant` to
+        keep instead (about 10 KB less per idle connection); its
+        ``wake(handler)`` gives the stream a parser again. This parser is kept
+        as one of the Dormant's spares, or its expat parser is freed; either
+        way the caller must not feed it again. Returns None, and changes nothing,
+        unless everything fed after the last stanza's end tag is whitespace
+        (nothing that expat may still hold is lost), at depth 1, bound (not
+        negotiating), not paused and without an error."""
+        if (self._depth != 1 or self.negotiating or self._paused or not self._clean
+                or self._root is None or self._error is not None):
+            return None
+        dormant = self._dormant
+        if dormant is None:
+            decls = self._ns_decls
+            key = (self._root, tuple(decls.items()), self.max_stanza, self.max_depth)
+            dormant = _DORMANT.get(key)
+            if dormant is None:
+                if len(_DORMANT) >= MAX_DORMANT:
+                    _DORMANT.clear()            # the sessions keep theirs; only sharing is lost
+                dormant = _DORMANT[key] = Dormant(self._root, decls, self.max_stanza, self.max_depth)
+            self._dormant = dormant
+        self.handler = None
+        self._error = _GAVE_WAY
+        if len(dormant.spares) < MAX_SPARES:
+            dormant.spares.append(self)
+        else:
+            self._parser = self._stack = self._chunks = None      # its handlers referred to us
+        return dormant
 
     @property
     def depth(self) -> int:
@@ -239,7 +253,7 @@ class StreamParser:
 
     # -- internals ------------------------------------------------------------
     def _new_parser(self) -> None:
-        p = expat.ParserCreate("UTF-8", SEP)
+        p = expat.ParserCreate("UTF-8", SEP, intern=_INTERNED)
         if hasattr(p, "SetReparseDeferralEnabled"):
             p.SetReparseDeferralEnabled(False)   # expat ≥ 2.6 would hold back split tokens
         p.namespace_prefixes = True          # names carry the prefix: the header can be replayed
@@ -272,7 +286,7 @@ class StreamParser:
             return StreamError("restricted-xml", "entity references not allowed")
         if e.code == expat.errors.codes[expat.errors.XML_ERROR_UNKNOWN_ENCODING]:
             return StreamError("unsupported-encoding", "only UTF-8 is supported")
-        return StreamError("not-well-formed", str(e))
+        return StreamError("not-well-formed", expat.ErrorString(e.code))
 
     def _xml_decl(self, version, encoding, standalone) -> None:
         if encoding is not None and encoding.upper() not in ("UTF-8", "UTF8"):
@@ -360,4 +374,41 @@ class StreamParser:
             el.text += text
 
 
-__all__ = ["StreamParser", "StreamError", "MAX_STANZA", "MAX_STANZA_PREAUTH", "MAX_DEPTH", "XML_NS"]
+class Dormant:
+    """A hibernated stream (:meth:`StreamParser.hibernate`): the prefix and
+    namespace declarations of its header, and its limits. Immutable, and shared
+    by the streams whose headers were alike (the usual header: one object)."""
+
+    __slots__ = ("root", "header", "max_stanza", "max_depth", "spares")
+
+    def __init__(self, root: str, decls: dict, max_stanza: int, max_depth: int) -> None:
+        self.root = root
+        self.header = ("<" + (root + ":" if root else "") + "stream" + "".join(
+            f" xmlns:{p}='{escape_attr(u)}'" if p else f" xmlns='{escape_attr(u)}'"
+            for p, u in decls.items()) + ">").encode()
+        self.max_stanza = max_stanza
+        self.max_depth = max_depth
+        self.spares: list[StreamParser] = []     # given up between stanzas, ready for any of our streams
+
+    def wake(self, handler) -> StreamParser:
+        """A parser (bound mode, at depth 1) for ``handler``'s stream: a spare, or
+        the header replayed into a new one (``on_stream_start`` not called)."""
+        if self.spares:
+            parser = self.spares.pop()
+            parser.handler = handler
+            parser._error = None
+            return parser
+        parser = StreamParser(handler, self.max_stanza, self.max_depth)
+        parser._dormant = self
+        parser.negotiating = False
+        parser._root = self.root
+        parser._replaying = True
+        try:
+            parser._parser.Parse(self.header, False)
+        finally:
+            parser._replaying = False
+        parser._fed = parser._mark = len(self.header)
+        return parser
+
+
+__all__ = ["StreamParser", "StreamError", "Dormant", "MAX_STANZA", "MAX_STANZA_PREAUTH", "MAX_DEPTH", "XML_NS"]

@@ -42,8 +42,8 @@ from ...session import CLOSED, Session
 from . import iq as iqmod
 from . import jid as jidmod
 from . import relay, render
-from .negotiate import Negotiation
-from .parser import StreamError, StreamParser
+from .negotiate import Login, Negotiation
+from .parser import Dormant, StreamError, StreamParser
 from .sm import MOD, SM_NS, StreamManagement
 from .stanza import STREAM_CLOSE, Element, error_reply
 
@@ -52,7 +52,6 @@ log = logging.getLogger("imd.xmpp")
 _stanza_ids = itertools.count(1)
 MAX_HELD = 10000          # entries held before initial presence (the router sends at most this many offline)
 MAX_PENDING = 256         # messages awaiting the store's ack, for error replies
-PARSER_IDLE_SECONDS = 1.0  # a stream silent this long frees its expat parser (~13 KB)
 MAX_RECENT = 8            # messages remembered for read markers (the newest ones get marked)
 MARKERS_NS = "urn:xmpp:chat-markers:0"
 
@@ -61,23 +60,18 @@ _CLOSE_CONDITIONS = {408: "connection-timeout", 4001: "policy-violation", 1001: 
 
 
 class XmppSession(StreamManagement, Negotiation, Session):
-    __slots__ = ("proto", "conn", "parser", "header_sent", "secure", "ident", "token_ident",
-                 "mech", "failures", "resource", "full_jid", "available", "priority", "interested",
+    __slots__ = ("proto", "conn", "parser", "login", "resource", "available", "priority", "interested",
                  "waiting", "presences", "attached_top", "acked", "ack_to", "ack_scheduled", "pending",
-                 "sm_queue", "sm_id", "sm_in", "sm_out", "sm_asking", "sm_timer", "carbons", "recent",
-                 "parser_filed")
+                 "sm", "carbons", "recent")
 
     protocol = "xmpp"
 
     def __init__(self, proto, sock) -> None:
         super().__init__(proto.router, proto.node_id)
         self.proto = proto
-        self.parser = StreamParser(self)
-        self.header_sent = False
-        self.secure = isinstance(sock, TlsSocket)     # accepted on the direct-TLS port
-        self.ident = self.token_ident = self.mech = None
-        self.failures = 0
-        self.resource = self.full_jid = None
+        self.parser = StreamParser(self)   # between reads of a bound stream: a Dormant (on_data)
+        self.login = Login(isinstance(sock, TlsSocket))   # until bound; secure on the direct-TLS port
+        self.resource = None          # once bound (the full JID is made from it on demand)
         self.available = False
         self.priority = 0
         self.interested = False
@@ -87,24 +81,29 @@ class XmppSession(StreamManagement, Negotiation, Session):
         self.acked = self.ack_to = 0
         self.ack_scheduled = False
         self.pending = None           # core client id → (stanza id, to) of messages not yet acked
-        self.sm_queue = None          # XEP-0198: unacked (bytes, seq), once enabled
-        self.sm_id = self.sm_timer = None
-        self.sm_in = self.sm_out = 0
-        self.sm_asking = False
+        self.sm = None                # XEP-0198 state (sm.SmState), once enabled
         self.carbons = False          # XEP-0280 enabled on this resource
         self.recent = None            # (sender, stanza id) → inbox seq of the last messages written (markers)
-        self.parser_filed = False     # in proto.parser_wheel (its expat parser is live)
         self.conn = Conn(sock, self, proto.router.limits.send_buffer)
 
     # -- Conn's handler protocol ------------------------------------------------------
     def on_data(self, data: bytes) -> None:
+        """Parse a read. A bound stream holds no parser between reads that end
+        between stanzas: it is given up for the shared Dormant (``hibernate``),
+        which gives one back for the next read (a spare: no new expat parser)."""
         self.touch()
-        if not self.parser_filed:
-            self.watch_parser()
+        parser = self.parser
+        if parser.__class__ is Dormant:
+            parser = self.parser = parser.wake(self)
         try:
-            self.parser.feed(data)
+            parser.feed(data)
         except StreamError as e:
             self.stream_error(e.condition, e.text)
+            return
+        if self.parser is parser and self.state is not CLOSED:   # (not moved to a resumed session)
+            dormant = parser.hibernate()
+            if dormant is not None:
+                self.parser = dormant
 
     def on_close(self, reason: str) -> None:
         self.ack_now()             # the client may log in again at once (on any node): no re-sends
@@ -114,9 +113,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def finish(self, reason: str) -> None:
         """The session ends: leave the resource table, tell own resources, detach from the core."""
-        if self.sm_id is not None:
-            self.proto.resumable.pop(self.sm_id, None)
-            self.sm_id = None
+        self.sm_unresumable()
         self.ack_now()                            # what was written counts as received now
         if self.resource is not None:
             self.proto.unbound(self)
@@ -127,8 +124,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     # -- parser callbacks ------------------------------------------------------------------
     def on_stream_end(self) -> None:
-        self.proto.resumable.pop(self.sm_id, None)
-        self.sm_id = None                         # a clean close: no resumption
+        self.sm_unresumable()                     # a clean close: no resumption
         self.conn.write(STREAM_CLOSE)
         self.conn.close("stream closed by client")
 
@@ -142,8 +138,9 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if el.ns == SM_NS:
             self.sm_nonza(el)
             return
-        if self.sm_queue is not None and tag in ("message", "presence", "iq"):
-            self.sm_in = (self.sm_in + 1) % MOD
+        sm = self.sm
+        if sm is not None and tag in ("message", "presence", "iq"):
+            sm.h_in = (sm.h_in + 1) % MOD
         if tag == "message":
             self.on_message(el)
         elif tag == "presence":
@@ -157,6 +154,12 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def bare(self) -> str:
         return f"{self.user}@{self.proto.domain}"
+
+    @property
+    def full_jid(self):
+        """``user@domain/resource`` once bound, else None (made on demand: not kept per session)."""
+        resource = self.resource
+        return None if resource is None else f"{self.user}@{self.proto.domain}/{resource}"
 
     # -- Session's protocol part ----------------------------------------------------------------
     def write_out(self, out) -> None:
@@ -202,7 +205,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         # pong, sync, and any other envelope type: nothing to render
 
     def end(self, reason: str) -> None:
-        if self.sm_timer is not None:
+        if self.sm_detached():
             self.sm_finish(reason)
         elif not self.conn.closed:
             self.conn.write(STREAM_CLOSE)
@@ -210,28 +213,6 @@ class XmppSession(StreamManagement, Negotiation, Session):
 
     def drain(self) -> None:
         self.conn.wait_drained(self.conn.limit // 2)
-
-    def watch_parser(self) -> None:
-        """File this session in ``proto.parser_wheel`` (once) so that its parser sleeps when idle."""
-        if not self.parser_filed:
-            self.parser_filed = True
-            self.proto.parser_wheel.add(self, self.last_rx + PARSER_IDLE_SECONDS)
-
-    def on_parser_idle(self, now: float):
-        """``proto.parser_wheel``'s check: a bound stream silent for PARSER_IDLE_SECONDS
-        frees its expat parser until the next read (``StreamParser.hibernate``); the
-        next ``on_data`` files the session again. Returns the next check time or None."""
-        if self.state is CLOSED:
-            self.parser_filed = False
-            return None
-        due = self.last_rx + PARSER_IDLE_SECONDS
-        if due > now:
-            return due
-        if self.parser.asleep or self.parser.hibernate():
-            self.parser_filed = False
-            self.proto.parser_freed += 1
-            return None
-        return now + PARSER_IDLE_SECONDS          # negotiating, or partial input pending
 
     # -- inbox entries ---------------------------------------------------------------------------
     def receiving(self) -> bool:

@@ -1,7 +1,7 @@
 """XEP-0198 stream management: acks and resumption (a mixin of XmppSession).
 
 * ``<enable/>`` after bind → ``<enabled id resume='true' max=RESUME_SECONDS/>``.
-  From then on every stanza received is counted (``sm_in``) and every stanza
+  From then on every stanza received is counted (``h_in``) and every stanza
   written is kept (bytes, and the inbox seq it carries, if any) until the client
   acknowledges it with ``<a h/>``; the server asks with ``<r/>`` once per loop
   iteration in which it wrote stanzas. Counters are mod 2**32.
@@ -14,6 +14,8 @@
   again. Otherwise the session ends when the time is up; what it never got
   acknowledged stays unreceived in the inbox (offline for the next login).
 * More than MAX_UNACKED unacknowledged stanzas end the stream (slow consumer).
+
+The session's ``sm`` is None until ``<enable/>``, then its :class:`SmState`.
 
 Runs in the hub; never blocks.
 """
@@ -31,6 +33,23 @@ SM_NS = "urn:xmpp:sm:3"
 RESUME_SECONDS = 120
 MAX_UNACKED = 1000
 MOD = 1 << 32
+
+
+class SmState:
+    """XEP-0198 state of a stream that enabled it: the stanzas written and not yet
+    acknowledged (``queue`` of (bytes, inbox seq or 0)), the counters of stanzas
+    received (``h_in``) and acknowledged by the client (``h_out``), the resumption
+    id (None once the stream may not be resumed), whether an ``<r/>`` is due this
+    iteration, and the timer of a detached session waiting for its resume."""
+
+    __slots__ = ("queue", "id", "h_in", "h_out", "asking", "timer")
+
+    def __init__(self, sm_id: str) -> None:
+        self.queue = deque()
+        self.id = sm_id
+        self.h_in = self.h_out = 0
+        self.asking = False
+        self.timer = None
 
 
 class _Gone:
@@ -55,45 +74,47 @@ class StreamManagement:
 
     def sm_nonza(self, el: Element) -> None:
         """``<enable/>``, ``<r/>``, ``<a/>`` after bind."""
-        tag = el.tag
+        tag, sm = el.tag, self.sm
         if tag == "r":
-            if self.sm_queue is not None:
-                self.conn.write(f"<a xmlns='{SM_NS}' h='{self.sm_in}'/>".encode())
+            if sm is not None:
+                self.conn.write(f"<a xmlns='{SM_NS}' h='{sm.h_in}'/>".encode())
         elif tag == "a":
-            if self.sm_queue is not None:
+            if sm is not None:
                 self.sm_acked(el.get("h", ""))
         elif tag == "enable":
-            if self.sm_queue is not None:
+            if sm is not None:
                 self.conn.write(sm_failed())
                 return
-            self.sm_queue = deque()
-            self.sm_id = secrets.token_urlsafe(18)
-            self.proto.resumable[self.sm_id] = self
-            self.conn.write(f"<enabled xmlns='{SM_NS}' id='{self.sm_id}' resume='true' "
+            sm = self.sm = SmState(secrets.token_urlsafe(18))
+            self.proto.resumable[sm.id] = self
+            self.conn.write(f"<enabled xmlns='{SM_NS}' id='{sm.id}' resume='true' "
                             f"max='{RESUME_SECONDS}'/>".encode())
 
     def sm_sent(self, data: bytes, seq: int) -> None:
         """A stanza was written: keep it until acked; ask for an ack this iteration."""
-        self.sm_queue.append((data, seq))
-        if len(self.sm_queue) > MAX_UNACKED:
+        sm = self.sm
+        sm.queue.append((data, seq))
+        if len(sm.queue) > MAX_UNACKED:
             self.stream_error("policy-violation", "too many unacknowledged stanzas")
             return
-        if not self.sm_asking:
-            self.sm_asking = True
+        if not sm.asking:
+            sm.asking = True
             gevent.get_hub().loop.run_callback(self.sm_request)
 
     def sm_request(self) -> None:
-        self.sm_asking = False
-        if self.sm_queue:
+        sm = self.sm
+        sm.asking = False
+        if sm.queue:
             self.conn.write(f"<r xmlns='{SM_NS}'/>".encode())
 
     def sm_acked(self, h: str) -> None:
         """The client holds every stanza up to ``h``: drop them, mark inbox entries received."""
+        sm = self.sm
         try:
-            n = (int(h) - self.sm_out) % MOD
+            n = (int(h) - sm.h_out) % MOD
         except ValueError:
             return
-        queue = self.sm_queue
+        queue = sm.queue
         if n > len(queue):
             return                                # stale or impossible count: nothing is dropped
         top = 0
@@ -101,44 +122,57 @@ class StreamManagement:
             _, seq = queue.popleft()
             if seq > top:
                 top = seq
-        self.sm_out = (self.sm_out + n) % MOD
+        sm.h_out = (sm.h_out + n) % MOD
         if top:
             self.note_written(top)
 
     # -- detaching and resuming ------------------------------------------------------------
     def sm_detach(self) -> bool:
         """The connection is gone: keep the session for a resume, if SM is on. True if kept."""
-        if self.sm_queue is None or self.sm_timer is not None or not self.sm_id:
+        sm = self.sm
+        if sm is None or sm.timer is not None or not sm.id:
             return False
-        self.sm_timer = gevent.get_hub().loop.timer(RESUME_SECONDS)
-        self.sm_timer.start(self.sm_expire)
+        sm.timer = gevent.get_hub().loop.timer(RESUME_SECONDS)
+        sm.timer.start(self.sm_expire)
         return True
+
+    def sm_detached(self) -> bool:
+        """Whether the connection is gone and the session waits for a resume."""
+        return self.sm is not None and self.sm.timer is not None
+
+    def sm_unresumable(self) -> None:
+        """The stream may not be resumed any more (it ended, cleanly or with an error)."""
+        sm = self.sm
+        if sm is not None and sm.id is not None:
+            self.proto.resumable.pop(sm.id, None)
+            sm.id = None
 
     def sm_expire(self) -> None:
         self.sm_finish("resume timeout")
 
     def sm_finish(self, reason: str) -> None:
         """End a detached session for good."""
-        if self.sm_timer is not None:
-            self.sm_timer.stop()
-            self.sm_timer = None
-        self.proto.resumable.pop(self.sm_id, None)
-        self.sm_id = None
+        sm = self.sm
+        if sm.timer is not None:
+            sm.timer.stop()
+            sm.timer = None
+        self.sm_unresumable()
         self.finish(reason)
 
     def sm_resume(self, el: Element) -> None:
         """``<resume previd h/>`` on a fresh, authenticated stream (``self``)."""
         old = self.proto.resumable.get(el.get("previd", ""))
-        if old is None or old.user != self.ident[0] or old.state_closed():
+        if old is None or old.user != self.login.ident[0] or old.state_closed():
             self.conn.write(sm_failed("item-not-found"))
             return
         old.take_over(self, el.get("h", "0"))
 
     def take_over(self, new, h: str) -> None:
         """Move to ``new``'s connection and parser; ``new`` is discarded."""
-        if self.sm_timer is not None:
-            self.sm_timer.stop()
-            self.sm_timer = None
+        sm = self.sm
+        if sm.timer is not None:
+            sm.timer.stop()
+            sm.timer = None
         if not self.conn.closed:                  # the old TCP connection is still open
             self.conn.handler = _Gone()
             self.conn.close("resumed elsewhere", flush=False)
@@ -146,15 +180,14 @@ class StreamManagement:
         conn.handler = self
         parser.handler = self
         parser.negotiating = False
-        self.conn, self.parser, self.secure = conn, parser, new.secure
+        self.conn, self.parser = conn, parser
         new.discard()
         self.touch()
-        self.watch_parser()
         self.sm_acked(h)
-        conn.write(f"<resumed xmlns='{SM_NS}' h='{self.sm_in}' previd='{self.sm_id}'/>".encode())
-        for data, _ in self.sm_queue:
+        conn.write(f"<resumed xmlns='{SM_NS}' h='{sm.h_in}' previd='{sm.id}'/>".encode())
+        for data, _ in sm.queue:
             conn.write(data)
-        if self.sm_queue:
+        if sm.queue:
             self.sm_request()
 
     def write(self, el: Element, seq: int = 0) -> None:
@@ -164,7 +197,7 @@ class StreamManagement:
     def write_bytes(self, data: bytes, seq: int = 0) -> None:
         """Write a serialized stanza (kept for XEP-0198 when enabled)."""
         self.conn.write(data)
-        if self.sm_queue is not None:
+        if self.sm is not None:
             self.sm_sent(data, seq)
         elif seq:
             self.note_written(seq)

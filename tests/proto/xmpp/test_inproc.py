@@ -4,14 +4,18 @@ ends the stream. (slixmpp's asyncio loop and the gevent hub share this thread:
 the process is gevent-patched, so asyncio's selector yields to the hub.)"""
 
 import asyncio
+import time
 
+import gevent
 import pytest
 
 from imd import daemon as daemon_mod
 from imd.proto.xmpp.listener import XmppProtocol
+from imd.proto.xmpp.parser import Dormant, StreamParser
 from tests import inproc
 
 from .harness import client, login, logout, run
+from .test_login import raw_login
 
 pytestmark = pytest.mark.imd_only("the web tier's Python API is imd's")
 
@@ -98,22 +102,22 @@ def test_kick_ends_the_stream(node):
     run(scenario())
 
 
-def test_idle_streams_free_their_parser_and_wake_on_data(node):
-    """A bound stream silent for a second or two holds no expat parser; its next
-    stanza wakes one (the stream header replayed) and is routed as usual."""
+def test_streams_hold_no_parser_between_reads_and_wake_on_data(node):
+    """A bound stream holds no parser between reads (the shared Dormant instead);
+    its next stanza wakes one and is routed as usual."""
     async def scenario():
         a, b = client("u_sleepy_a"), client("u_sleepy_b")
         await login(a, node)
         await login(b, node)
         sessions = [s for s in node.node.all_sessions() if s.protocol == "xmpp"]
         assert len(sessions) == 2
-        await eventually(lambda: all(s.parser.asleep for s in sessions))
+        await eventually(lambda: all(isinstance(s.parser, Dormant) for s in sessions))
         a.send_message(mto="u_sleepy_b@localhost", mbody="still there?", mtype="chat")
         m = await asyncio.wait_for(b.raw_messages.get(), 10)
         while m["type"] != "chat":
             m = await asyncio.wait_for(b.raw_messages.get(), 10)
         assert m["body"] == "still there?"
-        await eventually(lambda: all(s.parser.asleep for s in sessions))
+        await eventually(lambda: all(isinstance(s.parser, Dormant) for s in sessions))
         await logout(a)
         await logout(b)
     run(scenario())
@@ -146,3 +150,64 @@ def test_entries_written_are_acked_with_the_gathered_acks_or_at_stream_end(node)
         await eventually(lambda: node.store.cursor("u_acks_b", "phone") == 2)
         await logout(a)
     run(scenario())
+
+
+def wait_until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        gevent.sleep(0.05)
+
+
+def sleeping_stream(node, user: str):
+    """A raw stream of ``user``, bound and available, once its parser sleeps; and its session."""
+    r = raw_login(node, user)
+    r.send(b"<presence/>")
+    r.read_until(b"<presence")
+    s = next(s for s in node.node.all_sessions() if s.protocol == "xmpp" and s.user == user)
+    wait_until(lambda: isinstance(s.parser, Dormant))
+    r.buf = b""
+    return r, s
+
+
+def test_a_sleeping_stream_wakes_for_its_next_stanza_and_sleeps_again(node):
+    r, s = sleeping_stream(node, "u_nap")
+    r2, s2 = sleeping_stream(node, "u_nap2")
+    assert s.parser is s2.parser                 # alike headers: one shared Dormant
+    r.send(b"<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert b"<iq type='result' id='p1'" in r.read_until(b"id='p1'")
+    assert isinstance(s.parser, Dormant)         # asleep again at once: the read ended between stanzas
+    r.send(b"<iq type='get' id='p2'><ping xmlns='urn:xmpp:ping'/>")
+    wait_until(lambda: isinstance(s.parser, StreamParser))     # a partial stanza keeps its parser
+    assert s.parser.handler is s
+    r.send(b"</iq>")
+    assert b"<iq type='result' id='p2'" in r.read_until(b"id='p2'")
+    assert isinstance(s.parser, Dormant)
+    r.send(b"<message to='u_nap2@localhost' type='chat' id='m1'><body>awake?</body></message>")
+    assert b"awake?" in r2.read_until(b"awake?")
+    r.send(b"</stream:stream>")                   # the replayed header's end tag closes cleanly
+    assert r.read_to_close().endswith(b"</stream:stream>")
+    r2.close()
+
+
+@pytest.mark.parametrize("data, condition", [
+    (b"<message><body>caf\xe9</body></message>", b"not-well-formed"),
+    (b"<message><body>&xxe;</body></message>", b"restricted-xml"),
+    (b"<message><body>" + b"x" * (300 * 1024) + b"</body></message>", b"policy-violation"),
+    (b"<message>" + b"<a>" * 100, b"policy-violation"),
+    (b"hello", b"bad-format"),
+])
+def test_bad_input_to_a_sleeping_stream_gets_its_stream_error(node, data, condition):
+    """A woken parser keeps the stream's checks and limits; other streams are unaffected."""
+    other, _ = sleeping_stream(node, "u_calm")
+    r, _ = sleeping_stream(node, "u_rude")
+    try:
+        r.send(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    got = r.read_to_close()
+    assert b"<" + condition + b" xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got
+    assert got.endswith(b"</stream:stream>")
+    other.send(b"<iq type='get' id='p2'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert b"<iq type='result' id='p2'" in other.read_until(b"id='p2'")
+    other.close()

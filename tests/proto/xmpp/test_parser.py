@@ -2,7 +2,8 @@
 
 import pytest
 
-from imd.proto.xmpp.parser import MAX_STANZA, StreamError, StreamParser
+from imd.proto.xmpp import parser as parsermod
+from imd.proto.xmpp.parser import MAX_STANZA, Dormant, StreamError, StreamParser
 from imd.proto.xmpp.stanza import CLIENT_NS, XML_LANG, tostring
 
 HEADER = (b"<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xml:lang='en' "
@@ -28,6 +29,19 @@ class Recorder:
 
     def stanzas(self):
         return [e[1] for e in self.events if e[0] == "stanza"]
+
+    def hibernate(self) -> bool:
+        """What XmppSession does with an idle stream: keep the Dormant instead of the parser."""
+        dormant = self.parser.hibernate()
+        if dormant is not None:
+            self.parser = dormant
+        return dormant is not None
+
+    def feed(self, data):
+        """What XmppSession does with a read: wake a Dormant first."""
+        if isinstance(self.parser, Dormant):
+            self.parser = self.parser.wake(self)
+        self.parser.feed(data)
 
 
 def error_of(data, **kw):
@@ -279,20 +293,24 @@ def test_data_while_paused_is_bounded():
     assert info.value.condition == "policy-violation"
 
 
+@pytest.mark.parametrize("spares", [0, 8])       # 0: every wake replays the header into a new parser
 @pytest.mark.parametrize("header, close", [
     (HEADER, b"</stream:stream>"),
     (b"<s:stream xmlns='jabber:client' xmlns:s='http://etherx.jabber.org/streams' xmlns:x='urn:x' to='l'>",
      b"</s:stream>"),
 ])
-def test_hibernate_and_wake_replays_the_header(header, close):
+def test_hibernate_and_wake_replays_the_header(monkeypatch, spares, header, close):
+    monkeypatch.setattr(parsermod, "MAX_SPARES", spares)
     rec = Recorder()
     rec.parser.negotiating = False
-    rec.parser.feed(header + b"<presence/>  ")
-    assert rec.parser.hibernate()
-    assert not rec.parser.hibernate()                  # already asleep
-    rec.parser.feed(b"<message><x:y xmlns:x='urn:x'>a&amp;b</x:y></message>")
-    assert rec.parser.hibernate()
-    rec.parser.feed(b"<iq type='get' id='1'/>" + close)
+    rec.feed(header + b"<presence/>  ")
+    assert rec.hibernate()
+    dormant = rec.parser
+    assert isinstance(dormant, Dormant)
+    rec.feed(b"<message><x:y xmlns:x='urn:x'>a&amp;b</x:y></message>")
+    assert rec.hibernate()
+    assert rec.parser is dormant                       # the same header: the same shared Dormant
+    rec.feed(b"<iq type='get' id='1'/>" + close)
     kinds = [e[0] for e in rec.events]
     assert kinds == ["start", "stanza", "stanza", "stanza", "end"]      # no second stream start
     msg = rec.stanzas()[1]
@@ -301,15 +319,15 @@ def test_hibernate_and_wake_replays_the_header(header, close):
 
 def test_no_hibernation_mid_stanza_or_while_negotiating():
     rec = Recorder()
-    rec.parser.feed(HEADER)
-    assert not rec.parser.hibernate()                  # negotiating
+    rec.feed(HEADER)
+    assert not rec.hibernate()                  # negotiating
     rec.parser.negotiating = False
-    rec.parser.feed(b"<message><body>par")
-    assert not rec.parser.hibernate()
-    rec.parser.feed(b"tial</body></message><pres")
-    assert not rec.parser.hibernate()                  # a partial tag is buffered
-    rec.parser.feed(b"ence/>")
-    assert rec.parser.hibernate()
+    rec.feed(b"<message><body>par")
+    assert not rec.hibernate()
+    rec.feed(b"tial</body></message><pres")
+    assert not rec.hibernate()                  # a partial tag is buffered
+    rec.feed(b"ence/>")
+    assert rec.hibernate()
     assert [s.findtext("body") for s in rec.stanzas()] == ["partial", None]
 
 
@@ -322,9 +340,9 @@ def test_no_hibernation_mid_stanza_or_while_negotiating():
 def test_no_hibernation_with_a_partial_tag_after_a_stanza(pending):
     rec = Recorder()
     rec.parser.negotiating = False
-    rec.parser.feed(HEADER + b"<presence/>")
-    rec.parser.feed(b"<message><body>x</body></message> \n" + pending)
-    assert not rec.parser.hibernate()
+    rec.feed(HEADER + b"<presence/>")
+    rec.feed(b"<message><body>x</body></message> \n" + pending)
+    assert not rec.hibernate()
 
 
 @pytest.mark.parametrize("stanza", [
@@ -337,22 +355,24 @@ def test_hibernation_after_each_byte_of_a_complete_stanza(stanza):
     whitespace after it) is complete, and sleeping there loses nothing."""
     rec = Recorder()
     rec.parser.negotiating = False
-    rec.parser.feed(HEADER)
+    rec.feed(HEADER)
     data = stanza + b" " + stanza
     for i in range(len(data)):
-        rec.parser.feed(data[i:i + 1])
+        rec.feed(data[i:i + 1])
         complete = data[:i + 1].rstrip() in (stanza, stanza + b" " + stanza)
-        assert rec.parser.hibernate() == complete
+        assert rec.hibernate() == complete
     assert [tostring(s) for s in rec.stanzas()] == [tostring(rec.stanzas()[0])] * 2
 
 
-def test_hostile_input_after_wake_is_still_refused():
+@pytest.mark.parametrize("spares", [0, 8])
+def test_hostile_input_after_wake_is_still_refused(monkeypatch, spares):
+    monkeypatch.setattr(parsermod, "MAX_SPARES", spares)
     rec = Recorder()
     rec.parser.negotiating = False
-    rec.parser.feed(HEADER + b"<presence/>")
-    rec.parser.hibernate()
+    rec.feed(HEADER + b"<presence/>")
+    rec.hibernate()
     with pytest.raises(StreamError) as info:
-        rec.parser.feed(b"<message><body>&xxe;</body></message>")
+        rec.feed(b"<message><body>&xxe;</body></message>")
     assert info.value.condition == "restricted-xml"
 
 
@@ -361,3 +381,76 @@ def test_many_entities_in_one_text_node():
     rec.parser.negotiating = False
     rec.parser.feed(HEADER + b"<message><body>" + b"&amp;x" * 40000 + b"</body></message>")
     assert rec.stanzas()[0].findtext("body") == "&x" * 40000
+
+
+def test_a_parser_that_gave_way_to_a_dormant_is_not_fed_again():
+    rec = Recorder()
+    rec.parser.negotiating = False
+    parser = rec.parser
+    rec.feed(HEADER + b"<presence/>")
+    assert rec.hibernate()
+    with pytest.raises(RuntimeError):
+        parser.feed(b"<presence/>")
+
+
+@pytest.mark.parametrize("spares", [0, 8])
+def test_a_dormant_serves_every_stream_with_that_header_and_keeps_the_limits(monkeypatch, spares):
+    monkeypatch.setattr(parsermod, "MAX_SPARES", spares)
+    a, b = Recorder(max_stanza=2000), Recorder(max_stanza=2000)
+    for rec in (a, b):
+        rec.parser.negotiating = False
+        rec.feed(HEADER + b"<presence/>")
+        assert rec.hibernate()
+    assert a.parser is b.parser                     # no handler inside: shared
+    a.feed(b"<message><body>to a</body></message>")
+    assert [s.findtext("body") for s in a.stanzas()] == [None, "to a"] and len(b.stanzas()) == 1
+    with pytest.raises(StreamError) as info:
+        b.feed(b"<message><body>" + b"x" * 5000 + b"</body></message>")
+    assert info.value.condition == "policy-violation"
+    c = Recorder(max_stanza=2000)
+    c.parser.negotiating = False
+    c.feed(HEADER.replace(b"stream:stream", b"s:stream").replace(b"xmlns:stream", b"xmlns:s") + b"<presence/>")
+    assert c.hibernate() and c.parser is not a.parser          # another prefix: another Dormant
+
+
+def test_the_shared_tables_stay_bounded(monkeypatch):
+    monkeypatch.setattr(parsermod, "MAX_INTERNED", 50)
+    monkeypatch.setattr(parsermod, "MAX_DORMANT", 4)
+    rec = Recorder()
+    rec.parser.negotiating = False
+    rec.feed(HEADER)
+    for i in range(20):
+        rec.feed(b"".join(b"<x%d a%d='1'/>" % (i * 10 + k, k) for k in range(10)))
+        assert len(parsermod._INTERNED) <= 50 + 2 * 10 + 1
+    dormants = []
+    for i in range(10):
+        r = Recorder()
+        r.parser.negotiating = False
+        r.feed(HEADER[:-1] + b" xmlns:p%d='urn:p'><presence/>" % i)
+        assert r.hibernate()
+        dormants.append(r.parser)
+        assert len(parsermod._DORMANT) <= 4
+    assert len({id(d) for d in dormants}) == 10
+
+
+def test_spare_parsers_serve_any_stream_of_their_dormant_and_are_bounded(monkeypatch):
+    """A parser given up between stanzas is kept (up to MAX_SPARES) and woken for
+    whichever stream of that header reads next; stanzas reach that stream's handler."""
+    monkeypatch.setattr(parsermod, "MAX_SPARES", 1)
+    a, b = Recorder(), Recorder()
+    for rec in (a, b):
+        rec.parser.negotiating = False
+        rec.feed(HEADER + b"<presence/>\n")
+    pa, pb = a.parser, b.parser
+    assert a.hibernate() and b.hibernate()
+    dormant = a.parser
+    assert dormant.spares == [pa]                  # one spare: b's expat parser was freed
+    with pytest.raises(RuntimeError):
+        pb.feed(b"<presence/>")
+    b.feed(b"<message><body>for b</body></message>")
+    assert b.parser is pa and pa.handler is b and dormant.spares == []
+    a.feed(b"<message><body>for a</body></message>")
+    assert a.parser is not pa
+    assert [s.findtext("body") for s in a.stanzas()] == [None, "for a"]
+    assert [s.findtext("body") for s in b.stanzas()] == [None, "for b"]
+    assert b.hibernate() and a.hibernate() and dormant.spares == [pa]
