@@ -278,3 +278,44 @@ def test_migration_3_keeps_every_inbox_as_it_was(pg, monkeypatch):
         assert new.inbox("b", 0, 100)[-1].seq == 10 and new.inbox("a", 8, 100)[0].client_id == "later"
     finally:
         new.close()
+
+
+def test_migration_5_makes_ids_bytewise_and_keeps_the_data(pg, monkeypatch):
+    """A database at schema version 4 holding messages, a cursor and contacts is upgraded
+    at open: the id columns compare bytewise (COLLATE "C", what every index insert of a
+    message compares), the indexes still enforce what they did (a re-used client id is a
+    duplicate), and inboxes, offline lists and seqs carry on."""
+    import imd.store.postgresql as module
+    every = module.migrations
+    monkeypatch.setattr(module, "migrations", lambda name: every(name)[:4])
+    old = pg.make()
+    old.open()
+    acks = Acks()
+    for i in range(3):
+        send(old, acks, "a", "B", "c%d" % i)
+    old.set_cursor("B", "phone", 2)
+    old.add_contact("a", "B")
+    assert old.flush(10)
+    old.close()
+    monkeypatch.setattr(module, "migrations", every)
+    new = pg.make()
+    new.open()
+    try:
+        with psycopg.connect(pg.dsn) as con:
+            collations = dict(con.execute(
+                "SELECT table_name || '.' || column_name, collation_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND column_name IN "
+                "('mid', 'sender', 'recipient', 'client_id', 'id', 'user_id', 'contact')").fetchall())
+            assert con.execute("SELECT 'B' < 'a' COLLATE \"C\"").fetchone()[0]
+        assert collations == dict.fromkeys(
+            ["messages.mid", "messages.sender", "messages.recipient", "messages.client_id", "users.id",
+             "cursors.user_id", "contacts.user_id", "contacts.contact"], "C")
+        assert [e.client_id for e in new.offline("B", 10)] == ["c2"]
+        assert new.contacts("a") == {"B"}
+        send(new, acks, "a", "B", "c1", mid="again")
+        send(new, acks, "a", "B", "c3")
+        assert new.flush(10)
+        dup, fresh = acks.results()[-2:]
+        assert dup.duplicate and dup.sender_seq == 2 and (fresh.sender_seq, fresh.recipient_seq) == (4, 4)
+    finally:
+        new.close()
