@@ -28,10 +28,9 @@ COMPACT_MIN = 1024        # discarded objects before the buckets are ever filter
 
 
 class Wheel:
-    def __init__(self, method: str = "on_deadline", tick: float = 1.0, after=None) -> None:
+    def __init__(self, method: str = "on_deadline", tick: float = 1.0) -> None:
         self.method = method
         self.tick = tick
-        self.after = after            # called with no arguments after each tick's handlers
         self._buckets: dict[int, list] = {}
         self._size = 0                # objects filed in the buckets (discarded ones included)
         self._gone: set = set()       # discarded, possibly still filed
@@ -98,8 +97,3 @@ class Wheel:
                     gone.discard(obj)      # discarded by its own handler (it closed): not filed
                 elif nxt is not None:
                     self.add(obj, nxt)
-        if self.after is not None:
-            try:
-                self.after()
-            except Exception:
-                log.exception("after-tick hook failed")
