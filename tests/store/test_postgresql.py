@@ -238,16 +238,23 @@ def test_awkward_values_round_trip(pg, batch):
         store.close()
 
 
+def store_at_version(pg, monkeypatch, version):
+    """A store opened on ``pg``'s database with the migrations up to ``version`` only, and
+    ``upgrade()``, after which the stores made apply them all."""
+    import imd.store.postgresql as module
+    every = module.migrations
+    monkeypatch.setattr(module, "migrations", lambda name: every(name)[:version])
+    store = pg.make()
+    store.open()
+    return store, lambda: monkeypatch.setattr(module, "migrations", every)
+
+
 def test_migration_3_keeps_every_inbox_as_it_was(pg, monkeypatch):
     """A database at schema version 2 holding messages, a notice, a cursor and a purge,
     with its inbox table filled as the writer of version 2 filled it, is upgraded at open
     (the inbox table gives way to two indexes on messages): every user's inbox and offline
     list read back exactly the entries the table held, and new writes continue the seqs."""
-    import imd.store.postgresql as module
-    every = module.migrations
-    monkeypatch.setattr(module, "migrations", lambda name: every(name)[:2])
-    old = pg.make()
-    old.open()
+    old, upgrade = store_at_version(pg, monkeypatch, 2)
     acks = Acks()
     for i in range(4):
         send(old, acks, "a", "b", "c%d" % i, ts=1000 + i)
@@ -263,7 +270,7 @@ def test_migration_3_keeps_every_inbox_as_it_was(pg, monkeypatch):
         held = {u: [tuple(r) for r in con.execute(
             "SELECT seq, mid, inbound FROM inbox WHERE user_id = %s ORDER BY seq", (u,))] for u in "ab"}
     assert [len(held[u]) for u in "ab"] == [6, 7]
-    monkeypatch.setattr(module, "migrations", every)
+    upgrade()
     new = pg.make()
     new.open()
     try:
@@ -285,11 +292,7 @@ def test_migration_5_makes_ids_bytewise_and_keeps_the_data(pg, monkeypatch):
     at open: the id columns compare bytewise (COLLATE "C", what every index insert of a
     message compares), the indexes still enforce what they did (a re-used client id is a
     duplicate), and inboxes, offline lists and seqs carry on."""
-    import imd.store.postgresql as module
-    every = module.migrations
-    monkeypatch.setattr(module, "migrations", lambda name: every(name)[:4])
-    old = pg.make()
-    old.open()
+    old, upgrade = store_at_version(pg, monkeypatch, 4)
     acks = Acks()
     for i in range(3):
         send(old, acks, "a", "B", "c%d" % i)
@@ -297,7 +300,7 @@ def test_migration_5_makes_ids_bytewise_and_keeps_the_data(pg, monkeypatch):
     old.add_contact("a", "B")
     assert old.flush(10)
     old.close()
-    monkeypatch.setattr(module, "migrations", every)
+    upgrade()
     new = pg.make()
     new.open()
     try:
