@@ -64,6 +64,7 @@ BACKOFF_MAX = 2.0
 PENDING_INTERVAL = 0.05   # s between two commits of coalesced writes alone (no op waiting)
 GATHER_TARGET = 32        # ops per batch past which a lane never waits for more
 RATE_SPAN = 0.1           # seconds: a lane's arrival rate is a moving average over about this span
+SETTLE_TIMEOUT = 2.0      # s a cursor-dependent read waits for its user's coalesced cursor writes, at most
 
 
 class MessageOp:
@@ -453,10 +454,12 @@ class WriterStore:
     def settle_cursors(self, users) -> None:
         """Read-your-writes before a read that depends on cursors (offline entries,
         received seqs): when one of ``users`` has a cursor write still coalesced or
-        in flight, commit the coalesced writes now and wait for it. Blocks the calling
-        greenlet only then (a device that just acknowledged and logs in again)."""
+        in flight, commit the coalesced writes now and wait for it, at most
+        SETTLE_TIMEOUT (the database gone: the read goes on and fails or, back by
+        then, may repeat entries — at least once). Blocks the calling greenlet only
+        then (a device that just acknowledged and logs in again)."""
         if self._writer.cursors_waiting(users):
-            self._writer.flush_pending()
+            self._writer.flush_pending(SETTLE_TIMEOUT)
 
     def stats(self) -> dict:
         return self._writer.stats()

@@ -1,6 +1,7 @@
 """The backend-neutral Writer (imd/store/writer.py) on a fake backend: gathering small
 batches (``batch_wait``), and coalesced fire-and-forget writes that alone commit at most
-once per PENDING_INTERVAL (an op takes them along at once; flush() does not wait)."""
+once per PENDING_INTERVAL (an op takes them along at once; flush() does not wait), and reads
+that settle their users' cursor writes first."""
 
 import gevent
 
@@ -115,3 +116,46 @@ def test_flush_does_not_wait_for_the_interval(monkeypatch):
         assert commits == [(0, ["a"]), (0, ["b"])]
     finally:
         writer.stop(1)
+
+
+# -- read-your-writes for cursors --------------------------------------------------------
+class Store(writer_mod.WriterStore):
+    def __init__(self, writer):
+        self._writer = writer
+
+
+def test_settle_cursors_commits_a_waiting_cursor_write_and_gives_up_while_the_database_is_gone(monkeypatch):
+    """A read for a user with a coalesced cursor write commits it first (not after the
+    interval); a read for another user does not; with the database gone (every commit a
+    transient error) the read does not wait beyond SETTLE_TIMEOUT."""
+    monkeypatch.setattr(writer_mod, "PENDING_INTERVAL", 60.0)
+    monkeypatch.setattr(writer_mod, "SETTLE_TIMEOUT", 0.2)
+    monkeypatch.setattr(writer_mod, "BACKOFF_FIRST", 0.01)
+    gone, cursors = [False], []
+
+    def apply_batch(lane, ops, pending):
+        if gone[0]:
+            raise ConnectionError("database gone")
+        if pending:
+            cursors.extend(sorted(pending.cursors.items()))
+        return ["ok"] * len(ops)
+    writer = Writer(apply_batch, lambda exc: isinstance(exc, ConnectionError))
+    writer.start()
+    store = Store(writer)
+    try:
+        store.set_cursor("z", "d", 1)
+        assert writer.flush(10)                     # the interval (60 s) starts now
+        store.set_cursor("a", "phone", 3)
+        store.settle_cursors({"b"})
+        assert cursors == [(("z", "d"), 1)]         # b has nothing waiting: no commit
+        store.settle_cursors({"a"})
+        assert cursors == [(("z", "d"), 1), (("a", "phone"), 3)]
+        gone[0] = True
+        store.set_cursor("a", "phone", 4)
+        store.settle_cursors({"a"})                 # returns (after SETTLE_TIMEOUT)
+        assert writer.cursors_waiting({"a"})
+        gone[0] = False
+        assert writer.flush(10) and not writer.cursors_waiting({"a"})
+        assert cursors[-1] == (("a", "phone"), 4)
+    finally:
+        writer.stop()
