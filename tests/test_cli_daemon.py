@@ -1,17 +1,13 @@
 """``imd --daemon``: detaches, holds the pidfile, refuses a second start, releases it on SIGTERM.
 
-Runs the real daemon (imd/daemon.py) on loopback port-0 listeners; skipped until
-imd.daemon exists. The refusal on a held pidfile is tested without it.
+Runs the real daemon (imd/daemon.py) on loopback port-0 listeners.
 """
 
-import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import time
-
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +52,6 @@ def test_refuses_to_start_when_the_pidfile_is_held(tmp_path):
     assert pidfile.read_text() == f"{os.getpid()}\n"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("imd.daemon") is None, reason="imd/daemon.py not on this branch yet")
 def test_daemon_start_second_start_and_stop(tmp_path):
     pidfile = tmp_path / "imd.pid"
     pidfile.write_text("999999999\n")                # stale: no such process
