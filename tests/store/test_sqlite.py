@@ -198,3 +198,99 @@ def test_step_one_syncs_the_database_file_through_the_writers_descriptor(tmp_pat
     finally:
         store.close()
     assert store._dbfd is None
+
+
+def test_the_writer_connection_has_its_own_page_cache_and_memory_temp_store(tmp_path):
+    """The writer keeps WRITER_CACHE_KIB of pages (a batch of hundreds of messages touches
+    thousands of pages: with SQLite's default 2,000 KiB it spilled and re-read them) and its
+    statement journals in memory (temp_store 2: each multi-row INSERT's journal went to a
+    temp file, one pwrite per page it changed); read connections keep SQLite's defaults."""
+    from imd.store import sqlite as sq
+
+    store = SqliteStore(str(tmp_path))
+    store.open()
+    try:
+        assert store._wcon.execute("PRAGMA cache_size").fetchone()[0] == -sq.WRITER_CACHE_KIB
+        assert store._wcon.execute("PRAGMA temp_store").fetchone()[0] == 2
+        assert store._read(lambda con: con.execute("PRAGMA cache_size").fetchone()[0]) == -2000
+        assert store._read(lambda con: con.execute("PRAGMA temp_store").fetchone()[0]) == 0
+    finally:
+        store.close()
+
+
+def _record_ranges(monkeypatch, result=0):
+    from imd.store import sqlite as sq
+
+    calls = []
+    real = sq._SYNC_FILE_RANGE
+
+    def fake(fd, offset, nbytes, flags):
+        calls.append((fd, offset, nbytes, flags))
+        return real(fd, offset, nbytes, flags) if result == 0 and real is not None else result
+    monkeypatch.setattr(sq, "_SYNC_FILE_RANGE", fake)
+    return calls
+
+
+def test_write_back_goes_through_the_file_a_piece_at_a_time(tmp_path, monkeypatch):
+    """_write_back: one sync_file_range (wait before, write, wait after) per WRITEBACK_CHUNK
+    bytes of the file, in order; on a failure it stops (fdatasync does the rest); nothing
+    without sync_file_range, and an empty file needs no call."""
+    import os
+
+    from imd.store import sqlite as sq
+
+    monkeypatch.setattr(sq, "WRITEBACK_CHUNK", 4096)
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * (3 * 4096 + 1))
+    fd = os.open(str(path), os.O_RDWR)
+    try:
+        calls = _record_ranges(monkeypatch)
+        sq._write_back(fd)
+        assert calls == [(fd, off, 4096, sq.SYNC_RANGE_FLAGS) for off in (0, 4096, 8192, 12288)]
+        failing = _record_ranges(monkeypatch, result=-1)
+        sq._write_back(fd)
+        assert len(failing) == 1
+        monkeypatch.setattr(sq, "_SYNC_FILE_RANGE", None)
+        sq._write_back(fd)                        # no sync_file_range: nothing, no error
+    finally:
+        os.close(fd)
+    empty = os.open(str(tmp_path / "e"), os.O_RDWR | os.O_CREAT)
+    try:
+        calls = _record_ranges(monkeypatch)
+        sq._write_back(empty)
+        assert calls == []
+    finally:
+        os.close(empty)
+
+
+def test_step_one_writes_back_through_the_writers_descriptor_then_syncs(tmp_path, monkeypatch):
+    """Step 1 writes the database file back in pieces through the writer connection's own
+    descriptor, then fdatasyncs it; a failing sync_file_range leaves the work to fdatasync and
+    the checkpoints and messages go on as before."""
+    import os
+
+    from imd.store import sqlite as sq
+
+    from .test_contract import wait_until
+
+    monkeypatch.setattr(sq, "CHECKPOINT_DELAY", 0.01)
+    real, real_range = os.fdatasync, sq._SYNC_FILE_RANGE
+    for result in (0, -1):
+        monkeypatch.setattr(sq, "_SYNC_FILE_RANGE", real_range)
+        calls = _record_ranges(monkeypatch, result)
+        synced = []
+        monkeypatch.setattr(sq.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+        store = SqliteStore(str(tmp_path / str(result)))
+        store.open()
+        acks = Acks()
+        try:
+            fd = store._dbfd
+            for i in range(300):
+                send(store, acks, "s%d" % (i % 50), "r%d" % (i % 40), "c%d" % i)
+            assert store.flush(30)
+            assert wait_until(lambda: store.stats()["checkpoints"] >= 1)
+            assert calls and {c[0] for c in calls} == {fd} and calls[0][1] == 0
+            assert synced and set(synced) == {fd}
+            assert len(acks.results()) == 300
+        finally:
+            store.close()
