@@ -49,12 +49,12 @@ commit take tens of ms under load (commits grew, batches grew: a convoy).
 ``GIL_SWITCH_INTERVAL``.
 
 The writer connection keeps ``WRITER_CACHE_KIB`` of pages (a batch touches
-several pages per message; SQLite's default 2,000 KiB made big batches spill
-and re-read them) and its temp store in memory: a multi-row INSERT inside a
-transaction keeps a statement journal (the pages it changes, to undo the
-statement alone on a constraint error), and with temp files it spilled to a
-new file in /var/tmp per batch, one pwrite per changed page — as many as the
-WAL's own. Neither changes what a commit makes durable.
+several pages per message; with SQLite's default 2,000 KiB batches of 300–1,000
+messages cost 10–28 % more CPU) and its temp store in memory: a multi-row
+INSERT inside a transaction keeps a statement journal (the pages it changes,
+to undo the statement alone on a constraint error), and with file temp storage
+it spilled to a new file in /var/tmp per batch, one pwrite per changed page —
+about as many as the WAL's own. Neither changes what a commit makes durable.
 
 ``synchronous`` is ``"full"`` (durable against power loss) or ``"normal"``
 (in WAL mode durable against a process crash/``kill -9``, not power loss).
