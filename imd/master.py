@@ -46,11 +46,10 @@ from gevent.event import Event
 
 from . import config as config_mod, sdnotify
 from .config import Config
+from .signals import SIGNALS, release as release_signals
 
 log = logging.getLogger("imd.master")
 
-SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
-           signal.SIGHUP: "hup", signal.SIGUSR1: "usr1"}
 TCP_LISTENERS = ("xmpp", "xmpps", "comet", "tcp", "admin")
 REAP_INTERVAL = 0.5
 STOP_TIMEOUT = 45.0          # a draining worker gets this long before SIGKILL
@@ -145,6 +144,7 @@ class Master:
             log.info("listening name=%s addr=%s:%d", name, host, port)
         for signum in SIGNALS:
             self._watchers.append(gevent.signal_handler(signum, self._enqueue, signum))
+        release_signals()             # held by imd.cli since the start (imd.signals)
         self._open_notify_socket()
         for w in self.workers:
             self.spawn(w)
