@@ -46,7 +46,7 @@ from gevent.event import Event
 
 from . import config as config_mod, sdnotify
 from .config import Config
-from .signals import SIGNALS, release as release_signals
+from .signals import SIGNALS, hold as hold_signals, release as release_signals
 
 log = logging.getLogger("imd.master")
 
@@ -152,7 +152,12 @@ class Master:
     def spawn(self, w: Worker) -> None:
         overrides = worker_overrides(self.cfg, w.index, self.addrs)
         wcfg = apply_overrides(self.cfg, overrides)
-        pid = os.fork()
+        hold_signals()        # across the fork: the worker's wait for its own handlers (imd.signals)
+        try:
+            pid = os.fork()
+        except BaseException:
+            release_signals()
+            raise
         if pid == 0:                    # the worker
             code = 1
             try:
@@ -173,6 +178,7 @@ class Master:
             finally:
                 logging.shutdown()
                 os._exit(code)
+        release_signals()             # the master's own: held only across the fork
         w.pid = pid
         w.started = time.monotonic()
         self._ready.discard(w.index)

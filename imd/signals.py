@@ -2,8 +2,10 @@
 
 imd.cli calls :func:`hold` before it detaches (``--daemon``) and imports gevent and
 imd.daemon; imd.daemon (and imd.master, with ``node.workers`` > 1) call :func:`release`
-right after installing their handlers. A signal that arrives in between stays pending
-and is delivered to its handler then, so a TERM during boot drains right after the boot.
+right after installing their handlers; imd.master holds them again across each worker's
+fork (the worker releases them once its own handlers exist, the master right after the
+fork). A signal that arrives in between stays pending and is delivered to its handler
+then, so a TERM during boot drains right after the boot.
 Unheld, it would end the process in the middle of the boot without the cleanup that
 releases the ``--daemon`` pidfile: HUP, USR1 and QUIT take their default action (the
 process ends); TERM (python-daemon's handler) and INT are raised as an exception where the

@@ -153,3 +153,70 @@ def test_a_hup_during_boot_reloads_after_it(tmp_path):
             os.kill(pid, signal.SIGTERM)
     assert wait_for(lambda: not alive(pid))
     assert wait_for(lambda: not (tmp_path / "imd.pid").exists())
+
+
+# `imd` (foreground) with node.workers = 2, the first worker sending TERM to itself as its boot
+# begins (once the master's handlers are gone from it, before its own exist)
+WORKER_SIGNAL_AT_BOOT = textwrap.dedent("""
+    import importlib.util, os, signal, sys
+    flag = sys.argv[1]
+
+    def signalled(run_worker):
+        def run_worker_signalled(cfg, overrides):
+            try:
+                fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)    # the first worker only
+            except FileExistsError:
+                return run_worker(cfg, overrides)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return run_worker(cfg, overrides)
+        return run_worker_signalled
+
+    class WrapRunWorker:
+        def find_spec(self, name, path=None, target=None):
+            if name != "imd.daemon":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            exec_module = spec.loader.exec_module
+            def exec_and_wrap(module):
+                exec_module(module)
+                module.run_worker = signalled(module.run_worker)
+            spec.loader.exec_module = exec_and_wrap
+            return spec
+    sys.meta_path.insert(0, WrapRunWorker())
+    from imd.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_a_worker_handles_a_term_that_arrives_during_its_boot(tmp_path):
+    """node.workers > 1: a worker's TERM between the fork and its own handlers is held
+    (the master holds the signals across the fork): the worker drains and exits (code 0,
+    the master starts it again), instead of dying of the signal's default action."""
+    import uuid
+    cfg = tmp_path / "imd.toml"
+    cfg.write_text(f'[node]\nworkers = 2\ndata_dir = "{tmp_path}/var"\n'
+                   f'[engine]\nbackend = "redis"\nurl = "redis://127.0.0.1:6379/13"\n'
+                   f'prefix = "imdsig:{uuid.uuid4().hex[:8]}:"\n'
+                   f'[listen]\nxmpp = "127.0.0.1:0"\ncomet = "127.0.0.1:0"\ntcp = "127.0.0.1:0"\n'
+                   f'admin = "127.0.0.1:0"\ncontrol = "{tmp_path}/imd.sock"\n'
+                   f'[log]\nfile = "{tmp_path}/imd.log"\n')
+    flag = tmp_path / "signalled-worker"
+    master = subprocess.Popen([sys.executable, "-c", WORKER_SIGNAL_AT_BOOT, str(flag), "-c", str(cfg)],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(lambda: flag.exists() and flag.read_text(), 60), log_text(tmp_path)[-4000:]
+        ended = f"pid={flag.read_text()} "
+
+        def died():         # the master's line on the signalled worker's end
+            return next((line for line in log_text(tmp_path).splitlines()
+                         if "worker died" in line and ended in line), None)
+        assert wait_for(died, 60), log_text(tmp_path)[-4000:]
+        assert f"{ended}code 0" in died(), log_text(tmp_path)[-4000:]      # not "signal 15"
+        assert "imd.daemon signal TERM" in log_text(tmp_path)
+    finally:
+        master.terminate()
+        assert master.wait(60) == 0, master.stderr.read().decode()[-4000:]
