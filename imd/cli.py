@@ -7,7 +7,9 @@
 
 --version and --check-config stay light: they never import gevent. For a run,
 the process detaches first (when --daemon), then gevent monkey-patches (so the
-hub is created after the fork), and only then is imd.daemon imported.
+hub is created after the fork), and only then is imd.daemon imported. The signals
+imd handles are held from before the fork until imd.daemon has installed its
+handlers (imd.signals): one that arrives during boot is handled right after it.
 Exit codes: 0 clean stop, 1 could not start (pidfile held, ...), 2 bad config or usage.
 """
 
@@ -17,7 +19,7 @@ import argparse
 import os
 import sys
 
-from imd import __version__
+from imd import __version__, signals
 
 DEFAULT_CONFIG = "etc/imd.toml"
 
@@ -60,8 +62,8 @@ def _pidfile_holder(path: str) -> int | None:
 
 def _daemon_context(pidfile: str):
     """A DaemonContext holding ``pidfile`` (acquired without waiting) and keeping the
-    working directory (relative config paths stay valid). Its SIGTERM handler
-    (SystemExit, which releases the pidfile) stays until imd.daemon installs its own."""
+    working directory (relative config paths stay valid). Its SIGTERM handler is
+    never reached: TERM is held until imd.daemon has installed its own."""
     import daemon
     from daemon.pidfile import TimeoutPIDLockFile
     return daemon.DaemonContext(working_directory=os.getcwd(), umask=0o022,
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config OK: {args.config}")
         return 0
 
+    signals.hold()            # until imd.daemon's handlers exist (it releases them)
     context = None
     if args.daemon:
         pidfile = os.path.abspath(args.pidfile or os.path.join(cfg.node.data_dir, "imd.pid"))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections import deque
 
@@ -47,11 +46,10 @@ from .proto.comet.front import CometProtocol
 from .proto.tcp import TcpProtocol
 from .proto.xmpp.listener import XmppProtocol
 from .router import Router
+from .signals import SIGNALS, release as release_signals
 
 log = logging.getLogger("imd.daemon")
 
-SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
-           signal.SIGHUP: "hup", signal.SIGUSR1: "usr1"}
 DRAIN_TIMEOUT = 30.0           # keep below TimeoutStopSec in init/imd.service
 STOP_TIMEOUT = 5.0
 TLS_SWITCHES = ("tcp", "comet", "admin")     # listeners that speak TLS when tls.<name> = true
@@ -247,9 +245,11 @@ class Daemon:
     # -- signals -----------------------------------------------------------------
     def install_signals(self) -> None:
         """Route the signals to the main loop's queue (call before :meth:`start`:
-        a TERM during boot then waits in the queue and drains right after it)."""
+        a TERM during boot then waits in the queue and drains right after it), then
+        release those imd.cli held since the process started (imd.signals)."""
         for signum in SIGNALS:
             gevent.signal_handler(signum, self._enqueue, signum)
+        release_signals()
 
     def _enqueue(self, signum: int) -> None:
         name = SIGNALS[signum]

@@ -46,11 +46,10 @@ from gevent.event import Event
 
 from . import config as config_mod, sdnotify
 from .config import Config
+from .signals import SIGNALS, hold as hold_signals, release as release_signals
 
 log = logging.getLogger("imd.master")
 
-SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
-           signal.SIGHUP: "hup", signal.SIGUSR1: "usr1"}
 TCP_LISTENERS = ("xmpp", "xmpps", "comet", "tcp", "admin")
 REAP_INTERVAL = 0.5
 STOP_TIMEOUT = 45.0          # a draining worker gets this long before SIGKILL
@@ -145,6 +144,7 @@ class Master:
             log.info("listening name=%s addr=%s:%d", name, host, port)
         for signum in SIGNALS:
             self._watchers.append(gevent.signal_handler(signum, self._enqueue, signum))
+        release_signals()             # held by imd.cli since the start (imd.signals)
         self._open_notify_socket()
         for w in self.workers:
             self.spawn(w)
@@ -152,7 +152,12 @@ class Master:
     def spawn(self, w: Worker) -> None:
         overrides = worker_overrides(self.cfg, w.index, self.addrs)
         wcfg = apply_overrides(self.cfg, overrides)
-        pid = os.fork()
+        hold_signals()        # across the fork: the worker's wait for its own handlers (imd.signals)
+        try:
+            pid = os.fork()
+        except BaseException:
+            release_signals()
+            raise
         if pid == 0:                    # the worker
             code = 1
             try:
@@ -173,6 +178,7 @@ class Master:
             finally:
                 logging.shutdown()
                 os._exit(code)
+        release_signals()             # the master's own: held only across the fork
         w.pid = pid
         w.started = time.monotonic()
         self._ready.discard(w.index)
