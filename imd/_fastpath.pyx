@@ -1,6 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Cython hot paths of imd: frame decoding, WebSocket unmasking, the flush's send loop,
-the poller's receive loop.
+"""Cython hot paths of imd: frame decoding, WebSocket unmasking, the flush's send loop.
 
 The API and behaviour are exactly those of imd/_fastpath_py.py (its module
 docstring is the contract; tests/test_fastpath.py runs both). Imports nothing
@@ -12,19 +11,18 @@ from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAnd
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t send(int fd, const void *buf, size_t n, int flags)
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
 
 
 __all__ = ["FrameError", "FrameDecoder", "encode_frame", "WSError", "WSDecoder", "ws_encode",
-           "ws_close_payload", "ws_parse_close", "send_many", "recv_many"]
+           "ws_close_payload", "ws_parse_close", "send_many"]
 
 
 class FrameError(ValueError):
@@ -362,63 +360,3 @@ def send_many(items):
         free(bufs)
         free(lens)
         free(res)
-
-
-def recv_many(fds, Py_ssize_t size=65536):
-    """For each descriptor of ``fds``, one recv(2) of at most ``size`` bytes with
-    MSG_DONTWAIT, all with the GIL released; returns per descriptor the bytes
-    received (``b""``: end of stream) or ``-errno``."""
-    cdef Py_ssize_t count = len(fds), i, cap, off = 0
-    cdef int* fdv
-    cdef ssize_t* res
-    cdef char* arena
-    cdef char* grown
-    cdef ssize_t r
-    cdef bint short = False
-    if count == 0:
-        return []
-    if size <= 0:
-        raise ValueError("size must be positive")
-    cap = 2 * size
-    fdv = <int*>malloc(count * sizeof(int))
-    res = <ssize_t*>malloc(count * sizeof(ssize_t))
-    arena = <char*>malloc(cap)
-    try:
-        if not fdv or not res or not arena:
-            raise MemoryError()
-        for i in range(count):
-            fdv[i] = fds[i]
-        with nogil:
-            for i in range(count):
-                if cap - off < size:             # room for a whole read: grow the arena
-                    grown = <char*>realloc(arena, 2 * cap + size)
-                    if not grown:
-                        short = True
-                        break
-                    arena = grown
-                    cap = 2 * cap + size
-                while True:
-                    r = recv(fdv[i], arena + off, <size_t>size, MSG_DONTWAIT)
-                    if r >= 0 or errno != EINTR:
-                        break
-                if r >= 0:
-                    res[i] = r
-                    off += r
-                else:
-                    res[i] = -errno
-        if short:
-            raise MemoryError()
-        out = []
-        off = 0
-        for i in range(count):
-            r = res[i]
-            if r >= 0:
-                out.append(PyBytes_FromStringAndSize(arena + off, r))
-                off += r
-            else:
-                out.append(r)
-        return out
-    finally:
-        free(fdv)
-        free(res)
-        free(arena)

@@ -9,8 +9,7 @@ nothing of imd.
 * ``WSDecoder`` — server side of RFC 6455 framing: client frames, masked.
 * ``ws_encode`` / ``ws_close_payload`` — server frames (FIN set, unmasked);
   ``ws_parse_close`` — a received close payload.
-* ``send_many`` — one non-blocking send per (fd, data), for the per-iteration flush;
-  ``recv_many`` — one non-blocking receive per readable socket, for the poller.
+* ``send_many`` — one non-blocking send per (fd, data), for the per-iteration flush.
 
 Decoders are per-connection objects: they hold no buffer while nothing is
 pending. Once a decoder has raised, every later ``feed`` raises the same error
@@ -24,7 +23,7 @@ from __future__ import annotations
 import os
 
 __all__ = ["FrameError", "FrameDecoder", "encode_frame", "WSError", "WSDecoder", "ws_encode",
-           "ws_close_payload", "ws_parse_close", "send_many", "recv_many"]
+           "ws_close_payload", "ws_parse_close", "send_many"]
 
 
 class FrameError(ValueError):
@@ -306,26 +305,6 @@ def send_many(items) -> list:
     for fd, data in items:
         try:
             out.append(os.write(fd, data))
-        except OSError as e:
-            out.append(-e.errno)
-    return out
-
-
-def recv_many(fds, size: int = 65536) -> list:
-    """For each descriptor of ``fds``, read once without blocking, at most ``size``
-    bytes; return per descriptor the bytes received (``b""``: end of stream) or
-    ``-errno`` (-11 EAGAIN: nothing there after all; -104 ECONNRESET…).
-
-    This twin uses ``os.read`` (the fds must be non-blocking sockets); the Cython
-    version calls recv(2) with MSG_DONTWAIT for all of them with the GIL released
-    once, where a socket's ``recv`` releases and takes it again per call.
-    """
-    if size <= 0:
-        raise ValueError("size must be positive")
-    out = []
-    for fd in fds:
-        try:
-            out.append(os.read(fd, size))
         except OSError as e:
             out.append(-e.errno)
     return out

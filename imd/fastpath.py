@@ -28,7 +28,6 @@ ws_encode = _impl.ws_encode
 ws_close_payload = _impl.ws_close_payload
 ws_parse_close = _impl.ws_parse_close
 send_many = _impl.send_many
-recv_many = _impl.recv_many
 
 __all__ = ["IMPL", "FrameError", "FrameDecoder", "encode_frame", "WSError", "WSDecoder", "ws_encode",
-           "ws_close_payload", "ws_parse_close", "send_many", "recv_many"]
+           "ws_close_payload", "ws_parse_close", "send_many"]

@@ -374,33 +374,6 @@ def test_send_many_on_a_socketpair(fp):
             s.close()
 
 
-# --------------------------------------------------------------- recv_many
-
-def test_recv_many_on_socketpairs(fp):
-    pairs = [socket.socketpair() for _ in range(12)]
-    try:
-        for a, _ in pairs:
-            a.setblocking(False)
-        assert fp.recv_many([]) == []
-        with pytest.raises(ValueError):
-            fp.recv_many([pairs[0][0].fileno()], 0)
-        a0, a1, a2 = (p[0].fileno() for p in pairs[:3])
-        pairs[0][1].send(b"hello")
-        pairs[2][1].send(b"x" * 100)
-        pairs[1][1].close()                           # end of stream
-        assert fp.recv_many([a0, a1, a2], 64) == [b"hello", b"", b"x" * 64]
-        assert fp.recv_many([a2, a0]) == [b"x" * 36, -errno.EAGAIN]
-        assert fp.recv_many([10 ** 6]) == [-errno.EBADF]
-        # more sockets than the first buffer holds (two reads of `size`): all read, in order
-        for i, (_, b) in enumerate(pairs[3:]):
-            b.send(b"%d" % i * 7)
-        assert fp.recv_many([a.fileno() for a, _ in pairs[3:]], 5) == [(b"%d" % i * 7)[:5] for i in range(9)]
-    finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
-
-
 # --------------------------------------------------------------- random round trips
 
 try:

@@ -26,6 +26,7 @@ Handler protocol (the object given as ``handler``):
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import errno
 import logging
@@ -36,16 +37,18 @@ import time
 import gevent
 from gevent.event import Event
 
-from .poller import PLAIN as _PLAIN, RECV_SIZE, poller
+from .poller import poller
 from ..fastpath import send_many
 
 log = logging.getLogger("imd.net")
 
+RECV_SIZE = 65536
 CLOSE_LINGER = 5.0      # seconds a closing connection may take to drain its output
 BULK_DELAY_MAX = 0.05   # seconds bulk writes may wait for the next bulk flush, at most
 BULK_FANOUT = 16        # one event delivered to at least this many connections is a fan-out
 on_release = None          # set by imd.net.admission: called with the fd of every closed Conn
 _RETRY = (-errno.EAGAIN, -errno.EINTR)
+_PLAIN = (_socket.socket, socket.socket)   # sockets send_many may write to by descriptor
 
 # Conn._dirty: which flush the connection waits for
 CLEAN, NOW, BULK = 0, 1, 2
@@ -222,22 +225,12 @@ class Conn:
 
     # -- reading -------------------------------------------------------------
     def _on_readable(self) -> None:
-        """The socket is readable: read it (a socket-like layer: the poller reads
-        plain sockets itself and calls :meth:`_on_received`)."""
         try:
             data = self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             self._shutdown(f"recv error: {e.strerror or e}")
-            return
-        self._on_received(data)
-
-    def _on_received(self, data) -> None:
-        """What one read gave: bytes (``b""`` at end of stream) or ``-errno``."""
-        if type(data) is int:
-            if data not in _RETRY:
-                self._shutdown(f"recv error: {os.strerror(-data)}")
             return
         if not data:
             self._shutdown("eof")

@@ -7,9 +7,7 @@ every :class:`imd.net.conn.Conn` in one ``epoll`` set of its own, watched by a
 single libev io watcher on the epoll descriptor. When that descriptor is
 readable, ``_ready`` asks the set which sockets are readable (level-triggered,
 at most ``MAX_EVENTS`` per loop iteration; the rest are reported on the next
-one), reads the plain sockets among them in one ``recv_many`` and hands each
-conn its bytes (``conn._on_received(data)``; a TLS conn reads itself,
-``conn._on_readable()``). Per connection that leaves
+one) and calls each one's ``conn._on_readable()``. Per connection that leaves
 one slot (8 bytes) in a list indexed by descriptor. The kernel keeps one
 epoll entry per socket either way (libev's own epoll set held it before).
 
@@ -19,22 +17,16 @@ fork the child makes its own (the parent's epoll set is shared with it).
 
 from __future__ import annotations
 
-import _socket
 import os
 import select
-import socket
 
 import gevent
 from gevent.monkey import get_original
 
-from ..fastpath import recv_many
-
 _epoll = get_original("select", "epoll")     # monkey patching hides select.epoll
 
 MAX_EVENTS = 512      # readable sockets handled per loop iteration
-RECV_SIZE = 65536     # bytes read from a socket at most per readiness
 _GROW = 1024          # slots added at a time to the descriptor → conn list
-PLAIN = (_socket.socket, socket.socket)   # sockets read (and written) by descriptor in batches
 
 
 class Poller:
@@ -74,30 +66,15 @@ class Poller:
             self._conns[fd] = None
 
     def _ready(self) -> None:
-        """The readable sockets: plain ones are read all at once (``recv_many``: one
-        release of the GIL for all of them, not one per socket), then each one's
-        conn gets its bytes (``conn._on_received``), in the order epoll gave them;
-        a socket-like layer (TLS) reads itself (``conn._on_readable``). A conn
-        closed by an earlier one's handler meanwhile gets nothing."""
         try:
             events = self._ep.poll(0, MAX_EVENTS)
         except InterruptedError:
             return
         conns = self._conns
-        fds = []
         for fd, _ in events:
             conn = conns[fd]
             if conn is not None:
-                if type(conn.sock) in PLAIN:
-                    fds.append(fd)
-                else:
-                    conn._on_readable()
-        if not fds:
-            return
-        for fd, data in zip(fds, recv_many(fds, RECV_SIZE)):
-            conn = conns[fd]
-            if conn is not None:
-                conn._on_received(data)
+                conn._on_readable()
 
     def close(self) -> None:
         self._watcher.stop()
