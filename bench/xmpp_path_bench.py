@@ -61,7 +61,8 @@ p = StreamParser(h)
 p.feed(HDR)
 p.negotiating = False
 sess = types.SimpleNamespace(proto=types.SimpleNamespace(domain="localhost"), full_jid="u0@localhost/bench",
-                             user="u0", id="n1.1f", router=Router(), pending=None, recent=None,
+                             user="u0", id="n1.1f", node_id="n1", serial=0x1f, router=Router(), pending=None,
+                             recent=None,
                              write=lambda el: None)
 sess.target = types.MethodType(S.XmppSession.target, sess)
 sess.read_marker = types.MethodType(S.XmppSession.read_marker, sess)

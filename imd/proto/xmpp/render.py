@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import orjson
 
-from .stanza import Element, escape_attr, escape_text, tostring
+from .stanza import ATTR_SPECIAL, Element, escape_attr, escape_text, tostring
 
 PRESENCE_RESOURCE = "imd"
 CTX_NS = "urn:imd:ctx"
@@ -107,9 +107,11 @@ def message_bytes(env: dict, domain: str, to: str, delayed: bool, receipt: bool 
     if env["type"] != "msg" or delayed or env.get("ctx") or not isinstance(body, str):
         return tostring(message(env, domain, to, delayed, receipt)).encode()
     text = "<body>" + escape_text(body) + "</body>" if body else "<body/>"
-    return ("<message type='chat' from='" + escape_attr(f"{env['from']}@{domain}") + "' to='"
-            + escape_attr(to) + "' id='" + escape_attr(stanza_id(env)) + "'>" + text
-            + (_RECEIPT_REQUEST if receipt else "") + "</message>").encode()
+    frm, sid = env["from"], env.get("id") or env["mid"]
+    if ATTR_SPECIAL.search(frm) or ATTR_SPECIAL.search(sid) or ATTR_SPECIAL.search(to):
+        frm, to, sid = escape_attr(frm), escape_attr(to), escape_attr(sid)   # (the domain is plain)
+    return ("<message type='chat' from='" + frm + "@" + domain + "' to='" + to + "' id='" + sid + "'>"
+            + text + (_RECEIPT_REQUEST if receipt else "") + "</message>").encode()
 
 
 _RECEIPT_REQUEST = f"<request xmlns='{RECEIPTS_NS}'/>"

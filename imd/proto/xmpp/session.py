@@ -35,7 +35,7 @@ import logging
 
 import gevent
 
-from ...envelope import CLIENT_ID_RE, RECEIPT_REQUESTED, EnvelopeError, check_body, validate
+from ...envelope import CLIENT_ID_RE, RECEIPT_REQUESTED, EnvelopeError, Out, check_body, validate
 from ...net.conn import Conn
 from ...net.tls import TlsSocket
 from ...session import CLOSED, Session
@@ -162,6 +162,14 @@ class XmppSession(StreamManagement, Negotiation, Session):
         return None if resource is None else f"{self.user}@{self.proto.domain}/{resource}"
 
     # -- Session's protocol part ----------------------------------------------------------------
+    def write_env(self, env: dict) -> None:
+        """The store's ``ack`` of one of our messages (one per message sent) only
+        forgets its pending entry: no :class:`Out` is made for it."""
+        if env["type"] == "ack":
+            self.forget_pending(env["id"])
+        else:
+            self.write_out(Out(env))
+
     def write_out(self, out) -> None:
         env = out.env
         t = env["type"]
@@ -172,7 +180,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
                 elif len(self.waiting) < MAX_HELD:
                     self.waiting.append(out)
                 return
-            self.write_entry(out)
+            self.write_entry(out, env)
         elif t == "presence":
             if not self.available:
                 if self.presences is None:
@@ -219,26 +227,31 @@ class XmppSession(StreamManagement, Negotiation, Session):
         """Whether inbox entries go out now: available with priority ≥ 0 (RFC 6121 §8.5.2)."""
         return self.available and self.priority >= 0 and self.attached_top is not None
 
-    def write_entry(self, out) -> None:
-        env = out.env
-        if env["type"] == "msg" and env["from"] == self.user:    # sent from another device of this user
+    def write_entry(self, out, env=None) -> None:
+        """Write inbox entry ``out`` (its envelope ``env``, when the caller has it)."""
+        if env is None:
+            env = out.env
+        seq = out.seq
+        is_msg = env["type"] == "msg"
+        if is_msg and env["from"] == self.user:    # sent from another device of this user
             if self.carbons:
                 self.write(render.sent_carbon(env, self.proto.domain, self.full_jid,
-                                              out.flags & RECEIPT_REQUESTED), out.seq)
+                                              out.flags & RECEIPT_REQUESTED), seq)
             else:
-                self.note_written(out.seq)
+                self.note_written(seq)
             return
         top = self.attached_top
-        delayed = top is not None and 0 < out.seq <= top
-        self.write_bytes(render.message_bytes(env, self.proto.domain, self.bare(), delayed,
-                                              out.flags & RECEIPT_REQUESTED), out.seq)
-        if env["type"] == "msg":
+        delayed = top is not None and 0 < seq <= top
+        domain = self.proto.domain
+        self.write_bytes(render.message_bytes(env, domain, f"{self.user}@{domain}", delayed,
+                                              out.flags & RECEIPT_REQUESTED), seq)
+        if is_msg:
             recent = self.recent
             if recent is None:
                 recent = self.recent = {}
             elif len(recent) >= MAX_RECENT:
                 del recent[next(iter(recent))]
-            recent[(env["from"], render.stanza_id(env))] = out.seq
+            recent[(env["from"], env.get("id") or env["mid"])] = seq    # (render.stanza_id)
 
     def release_waiting(self) -> None:
         if not self.receiving() or self.state is CLOSED:
@@ -287,15 +300,18 @@ class XmppSession(StreamManagement, Negotiation, Session):
         if mtype == "groupchat":
             self.write(error_reply(msg, "service-unavailable", "no group chat here", by=self.proto.domain))
             return
-        attrs["from"] = self.full_jid
         body, ctx, receipt = render.message_parts(msg)
         if not body and self.read_marker(msg, user):
             return
         if not body or mtype == "headline" or user == self.user:
+            attrs["from"] = self.full_jid
             self.proto.route(user, to.resource, msg, self)
             return
+        # a stored message: its stanza is not passed on, so no full JID is stamped on it
+        # unless an error reply names it; the server-made id is ``x.<session id>.<n>``
         sid = attrs.get("id", "")
-        cid = sid if CLIENT_ID_RE.fullmatch(sid) else f"x.{self.id}.{next(_stanza_ids)}"
+        cid = (sid if CLIENT_ID_RE.fullmatch(sid)
+               else f"x.{self.node_id}.{self.serial:x}.{next(_stanza_ids)}")
         env = {"type": "msg", "id": cid, "to": user, "body": body}
         if ctx:
             env["ctx"] = ctx
@@ -309,6 +325,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
             else:
                 validate(env, max_body)
         except EnvelopeError as e:
+            attrs["from"] = self.full_jid
             self.write(error_reply(msg, "not-acceptable" if e.code == 413 else "bad-request", e.reason,
                                    by=self.proto.domain))
             return

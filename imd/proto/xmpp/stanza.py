@@ -29,7 +29,7 @@ XML_LANG = "{" + XML_NS + "}lang"
 _FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _ATTR_WHITESPACE = re.compile("[\t\n\r]")
 _TEXT_SPECIAL = re.compile("[&<>\r\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-_ATTR_SPECIAL = re.compile("[&<>'\"\t\n\r\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+ATTR_SPECIAL = re.compile("[&<>'\"\t\n\r\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 class Element:
@@ -108,7 +108,7 @@ def escape_text(s: str) -> str:
 def escape_attr(s: str) -> str:
     """An attribute value: as :func:`escape_text` plus both quotes, and TAB, LF, CR
     as character references (attribute-value normalization makes them spaces)."""
-    if _ATTR_SPECIAL.search(s) is None:
+    if ATTR_SPECIAL.search(s) is None:
         return s
     if _FORBIDDEN.search(s):
         s = _FORBIDDEN.sub("", s)

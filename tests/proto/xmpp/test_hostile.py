@@ -170,5 +170,30 @@ def test_message_body_size_is_counted_in_utf8_bytes(imd):
         got = r.read_until(b"id='p%d'" % n)
         refused = b"id='s%d'" % n in got and b"<not-acceptable" in got
         assert refused == (n in (1, 2)), got[-600:]
+        if refused:         # the error goes back to the sending resource, from the recipient
+            assert b"from='u_peer2@localhost' to='u_sized@localhost/" in got, got[-600:]
         r.buf = b""
     r.close()
+
+
+@pytest.mark.imd_only("imd's server-made message ids")
+def test_a_message_without_id_gets_a_server_made_one(imd):
+    """A chat message sent without ``id`` is stored under a server-made client id,
+    ``x.<sending session's id>.<n>``, which the recipient sees as the stanza id; two
+    such messages get two ids, and the sender's stanza is not echoed to it."""
+    import re
+    b = raw_login(imd, "u_noid_b")
+    b.send(b"<presence/><iq type='get' id='p0'><ping xmlns='urn:xmpp:ping'/></iq>")
+    b.read_until(b"id='p0'")
+    a = raw_login(imd, "u_noid_a")
+    a.buf = b.buf = b""
+    for n in (1, 2):
+        a.send(b"<message to='u_noid_b@localhost' type='chat'><body>m%d</body></message>" % n)
+        b.read_until(b"<body>m%d</body></message>" % n)
+    ids = re.findall(rb"<message type='chat' from='u_noid_a@localhost' to='u_noid_b@localhost' "
+                     rb"id='x\.([^']+)\.([0-9a-f]+)\.([0-9]+)'><body>m[12]</body>", b.buf)
+    assert len(ids) == 2 and ids[0][:2] == ids[1][:2] and ids[0][2] != ids[1][2], b.buf
+    a.send(b"<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert b"<message" not in a.read_until(b"id='p1'")
+    a.close()
+    b.close()

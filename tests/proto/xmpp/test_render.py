@@ -92,12 +92,16 @@ MESSAGE_ENVS = [
     {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": {"text": "json"}, "ts": 0},
     {"type": "msg", "mid": "m1", "from": "u1", "to": "u2", "body": "ctx", "ctx": {"listing": "L1"}, "ts": 0},
     {"type": "notice", "mid": "n1", "kind": "k", "body": "b", "ts": 0},
+    {"type": "msg", "mid": "m1", "from": "u&<'\"1", "to": "u2", "body": "from", "ts": 0},
+    {"type": "msg", "mid": "m1", "from": "u\t\x01\ud8001", "to": "u2", "body": "from", "ts": 0, "id": "c\r"},
 ]
 
 
 @pytest.mark.parametrize("env", MESSAGE_ENVS)
 @pytest.mark.parametrize("delayed, receipt", [(False, False), (False, True), (True, True)])
-def test_message_bytes_equals_the_serialized_element(env, delayed, receipt):
-    to = "u2@localhost/r'1"
+@pytest.mark.parametrize("to", ["u2@localhost", "u2@localhost/r'1", "u2@localhost/r\n\x02\"&"])
+def test_message_bytes_equals_the_serialized_element(env, delayed, receipt, to):
+    """The direct rendering escapes sender, recipient and id exactly as the element
+    serializer does, whichever of them needs it."""
     assert render.message_bytes(env, "localhost", to, delayed, receipt) == \
         tostring(render.message(env, "localhost", to, delayed, receipt)).encode()
