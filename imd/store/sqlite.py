@@ -63,11 +63,13 @@ about as many as the WAL's own. Neither changes what a commit makes durable.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import sqlite3
 import sys
 import time
+from contextlib import contextmanager
 from itertools import chain
 from typing import Iterable, Optional
 
@@ -197,25 +199,19 @@ class SqliteStore(WriterStore, Store):
 
     def _connect_writer(self) -> tuple:
         """The writer connection, and its descriptor of the database file (None if not
-        found: no /proc, or SQLite reused a descriptor it already had)."""
+        found: no /proc, or SQLite reused a descriptor it already had). The file is set
+        up (WAL mode, migrations) under :func:`_setup_lock`."""
         opened = _db_descriptors(self.file)
         con = self._connect()
         new = _db_descriptors(self.file) - opened
-        con.execute("PRAGMA journal_mode = WAL")
+        with _setup_lock(self.file):
+            con.execute("PRAGMA journal_mode = WAL")
+            _migrate(con)
         con.execute("PRAGMA synchronous = %s" % self.synchronous.upper())
         con.execute("PRAGMA wal_autocheckpoint = %d" % WAL_CAP_PAGES)
         con.execute("PRAGMA cache_size = -%d" % WRITER_CACHE_KIB)
         con.execute("PRAGMA temp_store = MEMORY")      # statement journals in memory: no temp file
         con.execute("PRAGMA journal_size_limit = %d" % WAL_KEEP_BYTES)
-        con.execute("CREATE TABLE IF NOT EXISTS schema_version "
-                    "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
-        done = {row[0] for row in con.execute("SELECT version FROM schema_version")}
-        for version, name, sql in migrations("sqlite"):
-            if version in done:
-                continue
-            log.info("sqlite: applying migration %s", name)
-            con.executescript("BEGIN IMMEDIATE;\n%s\nINSERT INTO schema_version VALUES "
-                              "(%d, '%s', %d);\nCOMMIT;" % (sql, version, name, int(time.time())))
         return con, (new.pop() if len(new) == 1 else None)
 
     # -- writes (in a threadpool thread, one batch = one transaction) --------
@@ -481,6 +477,35 @@ def _db_descriptors(path: str) -> set:
         except OSError:                  # closed meanwhile
             pass
     return found
+
+
+@contextmanager
+def _setup_lock(file: str):
+    """In a pool thread: hold an exclusive ``flock`` on ``<file>.lock`` (made if missing) for
+    the block, waiting for another process that holds it. Setting a new file's journal mode
+    needs SQLite's exclusive lock, which a second process opening the file at the same moment
+    (``node.workers`` over one file) got refused at once ("database is locked", no busy
+    wait), and both processes found a migration missing and ran it. A file of its own: a
+    descriptor of the database file, closed, would drop SQLite's POSIX locks on it."""
+    fd = os.open(file + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                  # releases the flock
+
+
+def _migrate(con) -> None:
+    """Apply the migrations the database lacks (each in its own transaction), and record them."""
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)")
+    done = {row[0] for row in con.execute("SELECT version FROM schema_version")}
+    for version, name, sql in migrations("sqlite"):
+        if version in done:
+            continue
+        log.info("sqlite: applying migration %s", name)
+        con.executescript("BEGIN IMMEDIATE;\n%s\nINSERT INTO schema_version VALUES "
+                          "(%d, '%s', %d);\nCOMMIT;" % (sql, version, name, int(time.time())))
 
 
 def _copy_and_sync(con, fd: Optional[int]) -> tuple:

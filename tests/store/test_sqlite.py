@@ -31,6 +31,42 @@ def test_wal_and_migrations_recorded_once(tmp_path):
     assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
 
 
+# a process opening the store at a given time (processes started together open it together)
+OPEN_AT = """
+import sys, time
+from imd.store.sqlite import SqliteStore
+path, at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, at - time.time()))
+store = SqliteStore(path)
+store.open()
+store.close()
+"""
+
+
+def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path):
+    """node.workers over one SQLite file: every worker opens the store at boot. Setting up
+    a new file (WAL mode, migrations) is done by one process at a time: none fails with
+    "database is locked", no migration runs twice."""
+    import os
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for attempt in range(3):
+        path = tmp_path / f"d{attempt}"
+        at = time.time() + 2.0                      # after every process's imports
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, str(path), repr(at)], cwd=root,
+                                  env={**os.environ, "PYTHONPATH": root}, stderr=subprocess.PIPE)
+                 for _ in range(4)]
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err.decode()[-2000:]
+        con = sqlite3.connect(str(path / FILENAME))
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+        con.close()
+
+
 def test_bad_synchronous_is_refused(tmp_path):
     with pytest.raises(ValueError):
         SqliteStore(str(tmp_path), synchronous="off")
