@@ -107,7 +107,7 @@ def message_bytes(env: dict, domain: str, to: str, delayed: bool, receipt: bool 
     if env["type"] != "msg" or delayed or env.get("ctx") or not isinstance(body, str):
         return tostring(message(env, domain, to, delayed, receipt)).encode()
     text = "<body>" + escape_text(body) + "</body>" if body else "<body/>"
-    frm, sid = env["from"], env.get("id") or env["mid"]
+    frm, sid = env["from"], stanza_id(env)
     if ATTR_SPECIAL.search(frm) or ATTR_SPECIAL.search(sid) or ATTR_SPECIAL.search(to):
         frm, to, sid = escape_attr(frm), escape_attr(to), escape_attr(sid)   # (the domain is plain)
     return ("<message type='chat' from='" + frm + "@" + domain + "' to='" + to + "' id='" + sid + "'>"

@@ -164,7 +164,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
     # -- Session's protocol part ----------------------------------------------------------------
     def write_env(self, env: dict) -> None:
         """The store's ``ack`` of one of our messages (one per message sent) only
-        forgets its pending entry: no :class:`Out` is made for it."""
+        forgets its pending entry: no :class:`Out` is made for it (acks come only as dicts)."""
         if env["type"] == "ack":
             self.forget_pending(env["id"])
         else:
@@ -180,7 +180,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
                 elif len(self.waiting) < MAX_HELD:
                     self.waiting.append(out)
                 return
-            self.write_entry(out, env)
+            self.write_entry(out)
         elif t == "presence":
             if not self.available:
                 if self.presences is None:
@@ -192,8 +192,6 @@ class XmppSession(StreamManagement, Negotiation, Session):
             self.attached_top = env["seq"]
             if self.receiving():
                 gevent.get_hub().loop.run_callback(self.release_waiting)
-        elif t == "ack":
-            self.forget_pending(env["id"])
         elif t == "error":
             self.on_core_error(env)
         elif t == "contacts":
@@ -227,11 +225,8 @@ class XmppSession(StreamManagement, Negotiation, Session):
         """Whether inbox entries go out now: available with priority ≥ 0 (RFC 6121 §8.5.2)."""
         return self.available and self.priority >= 0 and self.attached_top is not None
 
-    def write_entry(self, out, env=None) -> None:
-        """Write inbox entry ``out`` (its envelope ``env``, when the caller has it)."""
-        if env is None:
-            env = out.env
-        seq = out.seq
+    def write_entry(self, out) -> None:
+        env, seq = out.env, out.seq
         is_msg = env["type"] == "msg"
         if is_msg and env["from"] == self.user:    # sent from another device of this user
             if self.carbons:
@@ -251,7 +246,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
                 recent = self.recent = {}
             elif len(recent) >= MAX_RECENT:
                 del recent[next(iter(recent))]
-            recent[(env["from"], env.get("id") or env["mid"])] = seq    # (render.stanza_id)
+            recent[(env["from"], render.stanza_id(env))] = seq
 
     def release_waiting(self) -> None:
         if not self.receiving() or self.state is CLOSED:
