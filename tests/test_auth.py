@@ -81,6 +81,47 @@ def test_remembered_tokens_are_per_secret_and_bounded(monkeypatch):
     assert list(auth._verified) == [auth._digest(t.encode()) for t in (toks[4], toks[2], toks[0])]
 
 
+def test_a_flood_of_new_tokens_evicts_unused_ones_first(monkeypatch):
+    monkeypatch.setattr(auth, "VERIFIED_MAX", 4)
+    monkeypatch.setattr(auth, "_verified", {})
+    toks = [auth.issue(SECRET, f"u{i}", "guest", 60) for i in range(10)]
+    d = [auth._digest(t.encode()) for t in toks]
+    for t in toks[:4]:
+        auth.verify(t, SECRET)
+    auth.verify(toks[0], SECRET)
+    auth.verify(toks[2], SECRET)                 # 0 and 2 in use, 1 and 3 idle
+    auth.verify(toks[4], SECRET)                 # 0 gets its second chance, 1 goes
+    assert list(auth._verified) == [d[2], d[3], d[0], d[4]]
+    auth.verify(toks[5], SECRET)                 # 2 gets its second chance, 3 goes
+    assert list(auth._verified) == [d[0], d[4], d[2], d[5]]
+    auth.verify(toks[6], SECRET)                 # 0 was not used again since: it goes
+    assert list(auth._verified) == [d[4], d[2], d[5], d[6]]
+    for t in (toks[4], toks[2], toks[5], toks[6]):
+        auth.verify(t, SECRET)                   # all in use: the oldest goes after one pass
+    auth.verify(toks[7], SECRET)
+    assert list(auth._verified) == [d[2], d[5], d[6], d[7]]
+    assert not any(auth._verified.values())      # the pass unmarked them
+    calls = []
+    monkeypatch.setattr(auth, "_check", lambda *a: calls.append(a))
+    for t in (toks[2], toks[5], toks[6], toks[7]):
+        auth.verify(t, SECRET)                   # still hits: no PyJWT run
+    assert calls == []
+
+
+def test_a_hit_does_not_grow_the_cache_table(monkeypatch):
+    import sys
+    monkeypatch.setattr(auth, "_verified", {})
+    toks = [auth.issue(SECRET, f"u{i}", "guest", 60) for i in range(600)]
+    for t in toks:
+        auth.verify(t, SECRET)
+    size = sys.getsizeof(auth._verified)
+    for _ in range(3):
+        for t in toks:                           # an SSE login verifies twice, a reconnect again
+            auth.verify(t, SECRET)
+    assert sys.getsizeof(auth._verified) == size
+    assert list(auth._verified) == [auth._digest(t.encode()) for t in toks]
+
+
 def test_a_token_that_failed_is_not_remembered():
     bad = jwt.encode({"sub": "u", "role": "guest", "exp": 9999999999}, "another-secret-of-thirty-two-bytes!",
                      algorithm="HS256")
