@@ -298,3 +298,40 @@ def test_connections_holding_the_same_chunks_share_one_join_and_each_gets_its_ow
     assert [read_all(peer) for _, peer, _ in conns] == sent
     assert len(joined) < len(conns)              # shared buffers: fewer joins than connections
     close_all(*(c for c, _, _ in conns))
+
+
+def test_a_closing_connection_drains_its_output_then_closes(impl):
+    c, b, h = pair()
+    c.write(b"x" * (4 << 20))           # more than the socket buffers take at once
+    c.close("bye")
+    assert not c.closed and h.closed is None
+    assert c.write(b"more") is False     # nothing is accepted while closing
+    got = b""
+    for _ in range(2000):
+        got += read_all(b)
+        if c.closed:
+            break
+        settle(0.001)
+    got += read_all(b)
+    assert got == b"x" * (4 << 20) and h.closed == "bye"
+    b.close()
+
+
+def test_a_peer_that_does_not_read_is_cut_off_after_the_linger(impl, monkeypatch):
+    monkeypatch.setattr(conn_mod, "CLOSE_LINGER", 0.05)
+    c, b, h = pair()
+    c.write(b"x" * (4 << 20))
+    c.close("bye")
+    settle(0.01)
+    assert not c.closed
+    settle(0.2)
+    assert c.closed and h.closed == "bye" and c.pending == 0
+    b.close()
+
+
+def test_a_conn_is_112_bytes():
+    import sys
+    c, b, h = pair()
+    assert sys.getsizeof(c) <= 112        # 10 slots (with the GC header): pymalloc's 112-byte class
+    close_all(c)
+    b.close()

@@ -193,7 +193,7 @@ class Conn:
     open_count = 0            # Conns of this process not yet shut down
 
     __slots__ = ("sock", "handler", "limit", "_ww", "_out", "_outlen", "_dirty",
-                 "_closing", "_drained", "_timer", "closed")
+                 "_closing", "_drained", "closed")
 
     def __init__(self, sock: socket.socket, handler, limit: int) -> None:
         if type(sock) not in _PLAIN or sock.gettimeout() != 0.0:    # the listener's are already
@@ -204,9 +204,8 @@ class Conn:
         self._out = None          # list of pending chunks; None while nothing is pending
         self._outlen = 0
         self._dirty = CLEAN
-        self._closing = False
+        self._closing = False     # while closing: (reason, linger timer); one slot less per Conn
         self._drained = None
-        self._timer = None
         self._ww = None
         self.closed = False
         Conn.open_count += 1
@@ -320,7 +319,7 @@ class Conn:
                 if self._drained is not None:
                     self._drained.set()
                 if self._closing:
-                    self._shutdown(self._closing)
+                    self._shutdown(self._closing[0])
                 return
             del out[:chunks]           # written meanwhile: the connection is marked again
             return
@@ -359,10 +358,10 @@ class Conn:
         if self.closed:
             return
         if flush and self._out:
-            self._closing = reason
+            timer = gevent.get_hub().loop.timer(CLOSE_LINGER)
+            self._closing = (reason, timer)
             poller().pause(self.sock.fileno())
-            self._timer = gevent.get_hub().loop.timer(CLOSE_LINGER)
-            self._timer.start(self._shutdown, reason)
+            timer.start(self._shutdown, reason)
             if self._dirty != NOW and self._ww is None:
                 self._dirty = NOW
                 flusher().mark(self)
@@ -382,9 +381,10 @@ class Conn:
             self._ww.stop()
             self._ww.close()
             self._ww = None
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer = None
+        closing = self._closing
+        if closing:
+            closing[1].stop()
+            self._closing = (closing[0], None)
         self._out = None
         self._outlen = 0
         try:
