@@ -72,7 +72,7 @@ clients = []
 for i in range(2 * PAIRS):
     a, b = _socket.socketpair()   # the C-level sockets the listener gives imd
     a.setblocking(False)
-    s = TcpSession(router, b, None, node.id)
+    s = TcpSession(router, b, None)
     s.user, s.role, s.platform, s.device = f"u{i}", "host", "ios", "d"
     s.state = LIVE
     node.sessions[s.user] = s

@@ -36,13 +36,12 @@ AUTH, AUTHING, SYNC, LIVE, CLOSED = "auth", "authing", "sync", "live", "closed"
 
 
 class Session:
-    __slots__ = ("node_id", "serial", "user", "role", "platform", "device", "status", "state", "last_seq",
+    __slots__ = ("serial", "user", "role", "platform", "device", "status", "state", "last_seq",
                  "held", "backlog", "router", "opened", "last_rx", "pinged", "bucket")
 
     protocol = "base"
 
-    def __init__(self, router, node_id: str = "") -> None:
-        self.node_id = node_id        # the node's own string: shared, not a copy
+    def __init__(self, router) -> None:
         self.serial = next(_ids)      # unique in this process; ``id`` is made from it on demand
         self.router = router
         self.user = self.role = self.platform = self.device = None
@@ -58,9 +57,14 @@ class Session:
 
     # -- identity --------------------------------------------------------------
     @property
+    def node_id(self) -> str:
+        """The id of the node the session is on (its router's: not kept per session)."""
+        return self.router.node.id
+
+    @property
     def id(self) -> str:
         """``<node id>.<serial in hex>``: unique in the cluster (not stored: made on demand)."""
-        return f"{self.node_id}.{self.serial:x}"
+        return f"{self.router.node.id}.{self.serial:x}"
 
     @property
     def source(self) -> str:

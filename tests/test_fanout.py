@@ -25,6 +25,7 @@ from imd.store.base import Entry
 class Router(SimpleNamespace):
     def __init__(self):
         super().__init__(metrics=Metrics(), limits=SimpleNamespace(send_buffer=1 << 20, max_frame=65536),
+                         node=SimpleNamespace(id="n1"),
                          gaps=[])
 
     def fill_gap(self, s):
@@ -34,7 +35,7 @@ class Router(SimpleNamespace):
 def session(router, state, last_seq, peers):
     a, b = socket.socketpair()
     peers.append(b)
-    s = TcpSession(router, _socket.socket(a.family, a.type, 0, fileno=a.detach()), None, "n1")
+    s = TcpSession(router, _socket.socket(a.family, a.type, 0, fileno=a.detach()), None)
     s.user, s.device, s.state, s.last_seq = "fan", f"d{s.serial}", state, last_seq
     if state is not LIVE:
         s.held = []

@@ -18,32 +18,37 @@ from ..session import CLOSED, LIVE, Session
 
 log = logging.getLogger("imd.tcp")
 
+# session → its FrameDecoder, only while a partial frame is pending (rare for an idle
+# connection: kept here rather than in a slot that every session would pay for)
+_partial: dict = {}
+
 
 class TcpSession(Session):
-    __slots__ = ("conn", "decoder")
+    __slots__ = ("conn",)
 
     protocol = "tcp"
 
-    def __init__(self, router, sock, peer, node_id: str) -> None:
-        super().__init__(router, node_id)
-        self.decoder = None           # only while a partial frame is pending
+    def __init__(self, router, sock, peer) -> None:
+        super().__init__(router)
         self.conn = Conn(sock, self, router.limits.send_buffer)
 
     # Conn's handler protocol
     def on_data(self, data: bytes) -> None:
         self.touch()
-        decoder = self.decoder or FrameDecoder(self.router.limits.max_frame)
+        decoder = _partial.pop(self, None) or FrameDecoder(self.router.limits.max_frame)
         try:
             frames = decoder.feed(data)
         except FrameError as e:
             self.router.refuse(self, e.code, e.reason)
             return
-        self.decoder = decoder if decoder.pending else None
+        if decoder.pending:
+            _partial[self] = decoder
         for frame in frames:
             if self.state is CLOSED or not self.receive_json(frame):
                 return
 
     def on_close(self, reason: str) -> None:
+        _partial.pop(self, None)
         self.closed(reason)
 
     # Session's protocol part
@@ -92,7 +97,7 @@ class TcpProtocol:
         self.node_id = node_id
 
     def handle(self, sock, addr) -> None:
-        s = TcpSession(self.router, sock, addr, self.node_id)
+        s = TcpSession(self.router, sock, addr)
         self.router.opened(s)
 
     @staticmethod

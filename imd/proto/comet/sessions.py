@@ -23,6 +23,10 @@ from imd.session import CLOSED, Session
 
 log = logging.getLogger("imd.comet")
 
+# WebSocket session → its WSDecoder, only while a frame or message is incomplete (rare
+# for an idle connection: kept here rather than in a slot that every session would pay for)
+_partial: dict = {}
+
 JSON = "application/json; charset=utf-8"
 JS = "text/javascript; charset=utf-8"
 
@@ -38,23 +42,23 @@ def sse_data(data: bytes) -> bytes:
 class WsSession(Session):
     """A user session over a WebSocket (the Conn's handler after the upgrade)."""
 
-    __slots__ = ("conn", "decoder")
+    __slots__ = ("conn",)
     protocol = "ws"
 
-    def __init__(self, router, conn, node_id: str) -> None:
-        super().__init__(router, node_id)
+    def __init__(self, router, conn) -> None:
+        super().__init__(router)
         self.conn = conn
-        self.decoder = None           # only while a frame or message is incomplete
 
     def on_data(self, data: bytes) -> None:
         self.touch()
-        decoder = self.decoder or WSDecoder(self.router.limits.max_frame)
+        decoder = _partial.pop(self, None) or WSDecoder(self.router.limits.max_frame)
         try:
             frames = decoder.feed(data)
         except WSError as e:
             self._close_frame(e.code, e.reason)
             return
-        self.decoder = None if decoder.idle else decoder
+        if not decoder.idle:
+            _partial[self] = decoder
         for op, payload in frames:
             if self.state is CLOSED or self.conn.closed:
                 return
@@ -72,6 +76,7 @@ class WsSession(Session):
                 return
 
     def on_close(self, reason: str) -> None:
+        _partial.pop(self, None)
         self.closed(reason)
 
     def write_out(self, out) -> None:
@@ -91,15 +96,19 @@ class WsSession(Session):
 class SseSession(Session):
     """A user session over one SSE response (``/im/events``). Once the response
     head is out the session is the Conn's handler (no HTTP state is kept) and the
-    connection ends with the stream; input from the client is ignored."""
+    connection ends with the stream; input from the client is ignored.
 
-    __slots__ = ("conn", "chunked")
+    The body is chunked (HTTP/1.1); a session whose response is not (HTTP/1.0,
+    see ``HttpConn.hand_over_stream``) becomes a :class:`RawSseSession` (the
+    same slots: a class attribute says it, not a slot every session pays for)."""
+
+    __slots__ = ("conn",)
     protocol = "sse"
+    chunked = True
 
-    def __init__(self, router, conn, node_id: str) -> None:
-        super().__init__(router, node_id)
+    def __init__(self, router, conn) -> None:
+        super().__init__(router)
         self.conn = conn
-        self.chunked = True           # HTTP/1.1: pieces are chunks (see HttpConn.hand_over_stream)
 
     def write(self, data: bytes) -> None:
         """One piece of the event stream."""
@@ -137,14 +146,22 @@ class SseSession(Session):
         return now + self.router.limits.heartbeat
 
 
+class RawSseSession(SseSession):
+    """An SSE session whose response body is not chunked (an HTTP/1.0 request):
+    it ends when the connection does."""
+
+    __slots__ = ()
+    chunked = False
+
+
 class PollSession(Session):
     """A user session spread over long-poll requests (``/im/poll``)."""
 
     __slots__ = ("users", "queue", "queued", "waiter", "cb", "since_poll", "_scheduled")
     protocol = "poll"
 
-    def __init__(self, router, users, node_id: str) -> None:
-        super().__init__(router, node_id)
+    def __init__(self, router, users) -> None:
+        super().__init__(router)
         self.users = users
         self.queue: list = []
         self.queued = 0

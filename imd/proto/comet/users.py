@@ -35,7 +35,7 @@ from imd.envelope import EnvelopeError
 from imd.proto.comet import formats as fmt
 from imd.proto.comet import ws
 from imd.proto.comet.http import HTTPError, Request
-from imd.proto.comet.sessions import PollSession, SseSession, WsSession
+from imd.proto.comet.sessions import PollSession, RawSseSession, SseSession, WsSession
 from imd.session import CLOSED
 
 log = logging.getLogger("imd.comet")
@@ -131,7 +131,7 @@ class Users:
                 env = self.auth_env(req, p, _since(p.get("since")))
             except EnvelopeError as e:
                 raise HTTPError(400, e.reason) from None
-        s = WsSession(self.router, http.conn, self.node_id)
+        s = WsSession(self.router, http.conn)
         rest = http.take_over(s)
         http.conn.write(answer)
         self.router.opened(s)
@@ -154,9 +154,10 @@ class Users:
         except (EnvelopeError, auth.AuthError) as e:
             self.error(http, 401 if isinstance(e, auth.AuthError) else 400, e.reason, headers)
             return
-        s = SseSession(self.router, http.conn, self.node_id)
-        s.chunked = http.hand_over_stream(req, s, "text/event-stream; charset=utf-8",
-                                          self.no_cache + headers + (("X-Accel-Buffering", "no"),))
+        s = SseSession(self.router, http.conn)
+        if not http.hand_over_stream(req, s, "text/event-stream; charset=utf-8",
+                                     self.no_cache + headers + (("X-Accel-Buffering", "no"),)):
+            s.__class__ = RawSseSession    # HTTP/1.0: the body is not chunked
         s.write(b"retry: 3000\n\n")
         self.router.opened(s)
         self.router.receive(s, env)
@@ -189,7 +190,7 @@ class Users:
         except EnvelopeError as e:
             self.error(http, 400, e.reason, headers)
             return
-        s = PollSession(self.router, self, self.node_id)
+        s = PollSession(self.router, self)
         self.router.opened(s)
         s.attach(http, cb)
         self.router.receive(s, env)

@@ -67,7 +67,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
     protocol = "xmpp"
 
     def __init__(self, proto, sock) -> None:
-        super().__init__(proto.router, proto.node_id)
+        super().__init__(proto.router)
         self.proto = proto
         self.parser = StreamParser(self)   # between reads of a bound stream: a Dormant (on_data)
         self.login = Login(isinstance(sock, TlsSocket))   # until bound; secure on the direct-TLS port

@@ -9,7 +9,7 @@ import pytest
 import websocket
 
 from imd.fastpath import ws_close_payload
-from tests.proto.comet.live import Imd, Raw, Stream, request, token
+from tests.proto.comet.live import Imd, Raw, Stream, _head, request, token
 
 
 @pytest.fixture(scope="module", params=["default", "pure-python"])
@@ -158,6 +158,44 @@ def test_ws_close_handshake_and_ping(imd):
     r.send(frame(9, b"hb"))
     r.send(frame(8, ws_close_payload(1000, "bye")))
     assert close_code(r) == 1000
+
+
+def test_ws_frames_split_across_reads_and_fragmented_messages(imd):
+    r = raw_ws(imd)
+    while b'"type":"auth"' not in r.buf:
+        r.buf += r.sock.recv(65536)
+    whole = frame(1, b'{"type":"ping"}')
+    for i in range(len(whole)):                       # one byte per read: the decoder waits between
+        r.send(whole[i:i + 1])
+        time.sleep(0.002)
+    r.send(frame(1, b'{"type":', fin=False))         # a message in two frames, apart in time
+    time.sleep(0.05)
+    r.send(frame(0, b'"ping"}'))
+    got = 0
+    while got < 2:
+        r.read_until(b'{"type":"pong"}')
+        got += 1
+    r.send(frame(1, b'{"type":', fin=False))         # closed with a message still incomplete
+    time.sleep(0.05)
+    r.close()
+
+
+def test_sse_over_http_1_0_is_not_chunked(imd):
+    r = Raw(imd.addr["comet"])
+    r.send(f"GET /im/events?token={token('olga')}&device=o1 HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    status, headers = _head(
+        r.read_until(b"\r\n\r\n").decode("latin-1"))
+    assert status == 200 and "transfer-encoding" not in headers
+    assert r.read_until(b"\n\n") == b"retry: 3000\n\n"
+    hello = orjson.loads(r.read_until(b"\n\n")[len(b"data: "):])
+    assert hello["type"] == "auth" and hello["user"] == "olga"
+    sender = ws_login(imd, "pete", "host")
+    sender.send(orjson.dumps({"type": "msg", "id": "p1", "to": "olga", "body": "raw"}))
+    ack = recv_type(sender, "ack")
+    event = r.read_until(b"\n\n")
+    assert event.startswith(b"id: %d\ndata: {" % ack["seq"]) and b'"body":"raw"' in event
+    sender.close()
+    r.close()
 
 
 def sse_events(stream):
