@@ -23,7 +23,9 @@ class MemoryEngine(Engine):
     def __init__(self) -> None:
         self._handler = None
         self._subs: set[str] = set()
-        self._users: set[str] = set()     # users subscribed with subscribe_user (u:<user>)
+        # users subscribed with subscribe_user (u:<user>) → None: a dict, not a set (28 bytes a
+        # user at 15,000 instead of 35, and no 4x jump to 2 MB past 19,660 users)
+        self._users: dict[str, None] = {}
         self._queue: deque = deque()
         self._scheduled = False
         self._presence: dict[str, tuple] = {}   # user → shared (status, platforms)
@@ -46,13 +48,13 @@ class MemoryEngine(Engine):
     def unsubscribe(self, channel: str) -> None:
         self._subs.discard(channel)
         if channel.startswith("u:"):
-            self._users.discard(channel[2:])
+            self._users.pop(channel[2:], None)
 
     def subscribe_user(self, user: str) -> None:
-        self._users.add(user)
+        self._users[user] = None
 
     def unsubscribe_user(self, user: str) -> None:
-        self._users.discard(user)
+        self._users.pop(user, None)
         self._subs.discard(user_channel(user))
 
     def subscribed(self, channel: str) -> bool:
