@@ -75,51 +75,101 @@ def test_remembered_tokens_are_per_secret_and_bounded(monkeypatch):
     toks = [auth.issue(SECRET, f"u{i}", "guest", 60) for i in range(5)]
     for t in toks:
         auth.verify(t, SECRET)
-    assert list(auth._verified) == [auth._digest(t.encode()) for t in toks[2:]]
-    auth.verify(toks[2], SECRET)                                  # a hit makes it the youngest
-    auth.verify(toks[0], SECRET)
-    assert list(auth._verified) == [auth._digest(t.encode()) for t in (toks[4], toks[2], toks[0])]
+        assert auth._digest(t.encode()) in auth._verified
+    assert len(auth._verified) == 3 == len(auth._verified.digests())
+    assert auth._digest(tok.encode()) not in auth._verified
 
 
-def test_a_flood_of_new_tokens_evicts_unused_ones_first(monkeypatch):
-    monkeypatch.setattr(auth, "VERIFIED_MAX", 4)
-    monkeypatch.setattr(auth, "_verified", {})
-    toks = [auth.issue(SECRET, f"u{i}", "guest", 60) for i in range(10)]
-    d = [auth._digest(t.encode()) for t in toks]
-    for t in toks[:4]:
-        auth.verify(t, SECRET)
-    auth.verify(toks[0], SECRET)
-    auth.verify(toks[2], SECRET)                 # 0 and 2 in use, 1 and 3 idle
-    auth.verify(toks[4], SECRET)                 # 0 gets its second chance, 1 goes
-    assert list(auth._verified) == [d[2], d[3], d[0], d[4]]
-    auth.verify(toks[5], SECRET)                 # 2 gets its second chance, 3 goes
-    assert list(auth._verified) == [d[0], d[4], d[2], d[5]]
-    auth.verify(toks[6], SECRET)                 # 0 was not used again since: it goes
-    assert list(auth._verified) == [d[4], d[2], d[5], d[6]]
-    for t in (toks[4], toks[2], toks[5], toks[6]):
-        auth.verify(t, SECRET)                   # all in use: the oldest goes after one pass
-    auth.verify(toks[7], SECRET)
-    assert list(auth._verified) == [d[2], d[5], d[6], d[7]]
-    assert not any(auth._verified.values())      # the pass unmarked them
+def test_a_hit_keeps_a_token_that_a_flood_of_new_ones_would_evict(monkeypatch):
+    monkeypatch.setattr(auth, "VERIFIED_MAX", 100)
+    monkeypatch.setattr(auth, "_verified", auth.DigestCache(ways=32, sets=8))
+    monkeypatch.setattr(auth, "_verified_secret", SECRET)
+    kept = auth.issue(SECRET, "kept", "guest", 60)
+    auth.verify(kept, SECRET)
+    for i in range(400):                          # four times the cache, the kept token in use
+        auth.verify(auth.issue(SECRET, f"f{i}", "guest", 60), SECRET)
+        auth.verify(kept, SECRET)
+    assert auth._digest(kept.encode()) in auth._verified and len(auth._verified) == 100
     calls = []
     monkeypatch.setattr(auth, "_check", lambda *a: calls.append(a))
-    for t in (toks[2], toks[5], toks[6], toks[7]):
-        auth.verify(t, SECRET)                   # still hits: no PyJWT run
+    auth.verify(kept, SECRET)
     assert calls == []
 
 
-def test_a_hit_does_not_grow_the_cache_table(monkeypatch):
-    import sys
-    monkeypatch.setattr(auth, "_verified", {})
+def same_set(i, first=b"\x00" * 8):
+    """A 16-byte digest in set 0 whatever the table's size (its first 8 bytes are zero)."""
+    return first + i.to_bytes(8, "little")
+
+
+def test_each_set_of_the_digest_cache_is_least_recently_used_first():
+    c = auth.DigestCache(ways=4, sets=8)
+    d = [same_set(i) for i in range(6)]
+    for x in d[:4]:
+        c.add(x, 1000)
+    assert c.digests() == [d[3], d[2], d[1], d[0]]
+    assert c.hit(d[0]) and not c.hit(d[5])
+    assert c.digests() == [d[0], d[3], d[2], d[1]]
+    c.add(d[4], 1000)                            # the set is full: its least recently used goes
+    assert c.digests() == [d[4], d[0], d[3], d[2]] and len(c) == 4
+    c.discard(d[3])
+    c.discard(d[5])                              # not held: nothing happens
+    assert c.digests() == [d[4], d[0], d[2]] and len(c) == 3
+    c.add(d[5], 3)                               # at the limit: the set's least recently used goes
+    assert c.digests() == [d[5], d[4], d[0]] and len(c) == 3
+
+
+def test_at_the_limit_a_digest_of_an_empty_set_evicts_from_the_next_set_that_holds_any():
+    c = auth.DigestCache(ways=4, sets=8)
+    a, b = same_set(1), same_set(2)
+    c.add(a, 2)
+    c.add(b, 2)
+    other = b"\x05" + bytes(15)                  # set 5 of 8
+    c.add(other, 2)
+    assert c.digests() == [b, other] and len(c) == 2
+
+
+def test_a_digest_is_only_found_at_a_slot_not_across_two():
+    c = auth.DigestCache(ways=4, sets=8)
+    first, second = b"X" * 8 + b"P" * 8, b"P" * 8 + b"Q" * 8     # both in set 0 of 8 ("X", "P": 0 mod 8)
+    c.add(second, 10)
+    c.add(first, 10)                             # held as XXXXXXXXPPPPPPPP PPPPPPPPQQQQQQQQ
+    straddling = b"P" * 16
+    assert straddling not in c and not c.hit(straddling)
+    c.discard(straddling)
+    assert c.digests() == [first, second]
+
+
+def test_the_digest_cache_grows_at_half_full_and_keeps_every_digest_in_order():
+    import random
+    rnd = random.Random(9)                       # keyed MACs look like random bytes
+    c = auth.DigestCache(ways=32, sets=8)
+    ds = [rnd.randbytes(16) for _ in range(15200)]
+    for i, x in enumerate(ds):
+        c.add(x, 20000)
+        if i == 99:
+            assert c.hit(ds[0])                  # now the most recent of its set
+    assert len(c) == 15200 and all(x in c for x in ds)
+    assert len(c.fill) == 1024 and len(c.keys) == 1024 * 32 * 16   # half full at most
+    assert len(c.keys) + len(c.fill) <= 36 * 15200                  # ~35 B a token
+    for x in ds[:100]:
+        c.hit(x)
+    for _ in range(3800):                        # a flood of new ones, at the limit
+        c.add(rnd.randbytes(16), 15200)
+    assert len(c) == 15200 and all(x in c for x in ds[:100])        # those in use stay
+    assert sum(x in c for x in ds[100:]) < 15100 - 3000             # idle ones went
+
+
+def test_a_hit_does_not_grow_the_cache(monkeypatch):
+    monkeypatch.setattr(auth, "_verified", auth.DigestCache())
+    monkeypatch.setattr(auth, "_verified_secret", SECRET)
     toks = [auth.issue(SECRET, f"u{i}", "guest", 60) for i in range(600)]
     for t in toks:
         auth.verify(t, SECRET)
-    size = sys.getsizeof(auth._verified)
+    size = len(auth._verified.keys)
     for _ in range(3):
         for t in toks:                           # an SSE login verifies twice, a reconnect again
             auth.verify(t, SECRET)
-    assert sys.getsizeof(auth._verified) == size
-    assert list(auth._verified) == [auth._digest(t.encode()) for t in toks]
+    assert len(auth._verified.keys) == size and len(auth._verified) == 600
 
 
 def test_a_token_that_failed_is_not_remembered():
@@ -135,7 +185,7 @@ def test_the_cache_keeps_digests_not_tokens():
     tok = auth.issue(SECRET, "host_4", "guest", 60, platform="web")
     ident = auth.verify(tok, SECRET)
     assert tok not in auth._verified and auth._digest(tok.encode()) in auth._verified
-    assert auth._digest(tok.encode()) < 2 ** 128 and auth._digest(tok.encode()) != auth._digest(tok.encode() + b"x")
+    assert len(auth._digest(tok.encode())) == 16 and auth._digest(tok.encode()) != auth._digest(tok.encode() + b"x")
     assert auth.verify(tok, SECRET) == ident == auth.Identity("host_4", "guest", "web", ident.exp)
 
 
