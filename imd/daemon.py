@@ -156,7 +156,7 @@ class Daemon:
         optionally, ``refuse(sock, code, reason)`` and ``stop()``)."""
         node_id = self.cfg.node.id
         front = CometProtocol(self.router, node_id)
-        return {"tcp": TcpProtocol(self.router, node_id), "comet": front,
+        return {"tcp": TcpProtocol(self.router), "comet": front,
                 "admin": AdminProtocol(self.router, self.node, front),
                 "xmpp": XmppProtocol(self.router, self.cfg)}
 

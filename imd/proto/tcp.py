@@ -92,9 +92,8 @@ class TcpProtocol:
     # What a plaintext client of the port gets when tls.tcp is on (imd.net.tls), before it is closed.
     plaintext_refusal = encode_frame(envelope.dumps(envelope.error(400, "this port speaks TLS only")))
 
-    def __init__(self, router, node_id: str) -> None:
+    def __init__(self, router) -> None:
         self.router = router
-        self.node_id = node_id
 
     def handle(self, sock, addr) -> None:
         s = TcpSession(self.router, sock, addr)

@@ -44,7 +44,6 @@ class XmppProtocol:
 
     def __init__(self, router, cfg) -> None:
         self.router = router
-        self.node_id = cfg.node.id
         x = cfg.xmpp
         self.domain = x.domain.lower()
         # what a plaintext client of the direct-TLS port (XEP-0368) gets before it is closed
