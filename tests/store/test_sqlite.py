@@ -28,7 +28,7 @@ def test_wal_and_migrations_recorded_once(tmp_path):
         store.close()
     con = sqlite3.connect(str(tmp_path / FILENAME))
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
 
 
 # a process opening the store at a given time (processes started together open it together)
@@ -63,7 +63,7 @@ def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path):
             assert p.returncode == 0, err.decode()[-2000:]
         con = sqlite3.connect(str(path / FILENAME))
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+        assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
         con.close()
 
 
@@ -330,3 +330,58 @@ def test_step_one_writes_back_through_the_writers_descriptor_then_syncs(tmp_path
             assert len(acks.results()) == 300
         finally:
             store.close()
+
+
+def test_migration_3_drops_messages_pair_and_receipts_still_find_the_sender(tmp_path, monkeypatch):
+    """A database at schema version 2 has the messages_pair index; opening it drops the
+    index, and last_sent_to finds what it found before, from the recipient's inbox."""
+    from imd.store import sqlite as module
+    every = module.migrations
+    monkeypatch.setattr(module, "migrations", lambda name: every(name)[:2])
+    old = SqliteStore(str(tmp_path))
+    old.open()
+    acks = Acks()
+    send(old, acks, "a", "b", "1")
+    send(old, acks, "b", "a", "2")
+    assert old.flush(10)
+    old.close()
+    con = sqlite3.connect(str(tmp_path / FILENAME))
+    assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'messages_pair'").fetchone()[0] == 1
+    con.close()
+    monkeypatch.setattr(module, "migrations", every)
+    new = SqliteStore(str(tmp_path))
+    new.open()
+    try:
+        assert new.last_sent_to("a", "b", 1) == (1, "m-a-1", "1")
+        assert new.last_sent_to("b", "a", 2) == (2, "m-b-2", "2")
+    finally:
+        new.close()
+    con = sqlite3.connect(str(tmp_path / FILENAME))
+    assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'messages_pair'").fetchone()[0] == 0
+    assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
+
+
+def test_last_sent_to_scans_at_most_read_scan_max_entries(tmp_path, monkeypatch):
+    """A receipt looks back READ_SCAN_MAX entries of the reader's inbox (both directions
+    count) from its seq: a sender's message further back is not found (None: the receipt
+    goes without peer_seq/mid/id), one inside the window is."""
+    from imd.store import sqlite as module
+    monkeypatch.setattr(module, "READ_SCAN_MAX", 4)
+    store = SqliteStore(str(tmp_path))
+    store.open()
+    try:
+        acks = Acks()
+        send(store, acks, "a", "b", "1")            # b:1
+        send(store, acks, "c", "b", "2")            # b:2
+        send(store, acks, "b", "c", "3")            # b:3 (sent by b: counts too)
+        send(store, acks, "c", "b", "4")            # b:4
+        assert store.flush(10)
+        assert store.last_sent_to("a", "b", 4)[0] == 1                 # b:1..4: inside
+        send(store, acks, "d", "b", "5")            # b:5
+        assert store.flush(10)
+        assert store.last_sent_to("a", "b", 5) is None                 # b:2..5: not inside
+        assert store.last_sent_to("a", "b", 4)[0] == 1                 # the window ends at the seq
+        assert store.last_sent_to("c", "b", 5) == (3, "m-c-4", "4")   # c:1, c:2 (from b), c:3
+        assert store.last_sent_to("a", "b", 0) is None
+    finally:
+        store.close()
