@@ -40,6 +40,9 @@ USER_ID_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 Callback = Callable[[Any, Optional[BaseException]], None]
 
 LAST_SEQS_MAX = 1000         # users per Store.last_seqs call (one query)
+# last_sent_to (read receipts) looks at most this many of the recipient's inbox entries back
+# from the receipt's seq (both directions count): no receipt scans an inbox of unbounded length
+READ_SCAN_MAX = 1000
 
 
 class StoreError(Exception):
@@ -141,6 +144,7 @@ class Store:
     """Interface; see the module docstring for the concurrency contract."""
 
     name = "base"
+    read_scan_max = READ_SCAN_MAX     # last_sent_to's window (tests make it small)
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> None:
@@ -240,8 +244,11 @@ class Store:
     def last_sent_to(self, sender: str, recipient: str,
                      upto_recipient_seq: int) -> Optional[tuple[int, str, Optional[str]]]:
         """For read receipts: of the messages ``sender`` sent to ``recipient`` whose
-        seq in the recipient's inbox is <= ``upto_recipient_seq``, the newest one's
-        (seq in the sender's inbox, mid, client id or None); None if there is none."""
+        seq in the recipient's inbox is <= ``upto_recipient_seq`` and within
+        ``read_scan_max`` of it (> ``upto_recipient_seq - read_scan_max``), the newest
+        one's (seq in the sender's inbox, mid, client id or None); None if there is
+        none. The window bounds the read: a receipt normally covers a message from
+        the very peer it goes to, the first entry looked at."""
         raise NotImplementedError
 
     # -- observability -----------------------------------------------------

@@ -320,9 +320,14 @@ class PostgresStore(WriterStore, Store):
         return load_json(rows[0][0]) if rows else None
 
     def last_sent_to(self, sender: str, recipient: str, upto_recipient_seq: int):
-        rows = self._rows("SELECT sender_seq, mid, client_id FROM messages WHERE sender = %s "
-                          "AND recipient = %s AND recipient_seq <= %s ORDER BY recipient_seq DESC LIMIT 1",
-                          (sender, recipient, upto_recipient_seq))
+        # the recipient's inbound entries in the window (messages_inbound, newest first), the
+        # first from the sender (the index messages_pair served it before migration 0006). OFFSET 0
+        # keeps the window a subquery of its own: flattened, the planner may take messages_outbound
+        # for the sender and read every message the sender ever sent.
+        rows = self._rows("SELECT sender_seq, mid, client_id FROM (SELECT sender, sender_seq, mid, client_id "
+                          "FROM messages WHERE recipient = %s AND recipient_seq <= %s AND recipient_seq > %s "
+                          "ORDER BY recipient_seq DESC OFFSET 0) AS w WHERE sender = %s LIMIT 1",
+                          (recipient, upto_recipient_seq, upto_recipient_seq - self.read_scan_max, sender))
         return tuple(rows[0]) if rows else None
 
     # -- retention ---------------------------------------------------------------

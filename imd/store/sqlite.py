@@ -103,11 +103,9 @@ GIL_SWITCH_INTERVAL = 0.0005     # seconds (module docstring)
 WRITER_CACHE_KIB = 16384         # the writer connection's page cache (SQLite's default: 2,000 KiB)
 WRITEBACK_CHUNK = 4 << 20        # bytes of the database file written back at a time in step 1
 SYNC_RANGE_FLAGS = 1 | 2 | 4     # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
-# last_sent_to (read receipts) scans at most this many of the recipient's newest inbox entries
-# at or below the receipt's seq: the newest message from the sender further back is not found,
-# and the receipt then carries no peer_seq/mid/id (docs/protocol.md). A receipt normally covers
-# a message from the very peer it is sent to, the first entry scanned.
-READ_SCAN_MAX = 1000
+# last_sent_to: the recipient's inbox entries in the window, newest first, joined to their
+# messages by mid; it stops at the first from the sender (the index messages_pair served it before
+# migration 0003)
 _LAST_SENT_TO = ("SELECT m.sender_seq, m.mid, m.client_id FROM inbox AS i "
                  "JOIN messages AS m ON m.mid = i.mid WHERE i.user = ? AND i.seq <= ? AND i.seq > ? "
                  "AND i.inbound = 1 AND m.sender = ? ORDER BY i.seq DESC LIMIT 1")
@@ -440,12 +438,10 @@ class SqliteStore(WriterStore, Store):
         return self._read(q)
 
     def last_sent_to(self, sender: str, recipient: str, upto_recipient_seq: int):
-        """From the recipient's inbox: the newest message from ``sender`` among the
-        ``READ_SCAN_MAX`` entries at or below ``upto_recipient_seq`` (base.Store); None
-        also when the sender's newest is further back (module constant's comment)."""
+        """From the recipient's inbox (base.Store; :data:`_LAST_SENT_TO`)."""
         def q(con):
             row = con.execute(_LAST_SENT_TO, (recipient, upto_recipient_seq,
-                                              upto_recipient_seq - READ_SCAN_MAX, sender)).fetchone()
+                                              upto_recipient_seq - self.read_scan_max, sender)).fetchone()
             return None if row is None else tuple(row)
         return self._read(q)
 

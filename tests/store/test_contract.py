@@ -532,6 +532,25 @@ def test_last_sent_to(store):
     assert store.last_sent_to("c", "a", 10) is None
 
 
+
+def test_last_sent_to_looks_read_scan_max_entries_back(store):
+    """A receipt looks back ``read_scan_max`` entries of the reader's inbox (both
+    directions count) from its seq: a sender's message further back is not found (the
+    receipt goes without peer_seq/mid/id), one inside the window is."""
+    store.read_scan_max = 4
+    acks = Acks()
+    send_now(store, acks, "a", "b", "1", mid="A1")     # b:1
+    send_now(store, acks, "c", "b", "2", mid="C1")     # b:2 c:1
+    send_now(store, acks, "b", "c", "3", mid="B1")     # b:3 (sent by b: counts too) c:2
+    send_now(store, acks, "c", "b", "4", mid="C2")     # b:4 c:3
+    assert store.last_sent_to("a", "b", 4) == (1, "A1", "1")       # b:1..4: inside
+    send_now(store, acks, "d", "b", "5", mid="D1")     # b:5
+    assert store.last_sent_to("a", "b", 5) is None                 # b:2..5: not inside
+    assert store.last_sent_to("a", "b", 4) == (1, "A1", "1")       # the window ends at the seq
+    assert store.last_sent_to("c", "b", 5) == (3, "C2", "4")
+    assert store.last_sent_to("c", "b", 3) == (1, "C1", "2")
+    assert store.last_sent_to("a", "b", 0) is None
+
 def test_flush_waits_for_everything_before_it(store):
     acks = Acks()
     for i in range(50):

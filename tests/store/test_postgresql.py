@@ -322,3 +322,27 @@ def test_migration_5_makes_ids_bytewise_and_keeps_the_data(pg, monkeypatch):
         assert dup.duplicate and dup.sender_seq == 2 and (fresh.sender_seq, fresh.recipient_seq) == (4, 4)
     finally:
         new.close()
+
+
+def test_migration_6_drops_messages_pair_and_receipts_still_find_the_sender(pg, monkeypatch):
+    """A database at schema version 5 has the index messages_pair; opening it drops the
+    index, and last_sent_to finds what it found before, from messages_inbound."""
+    old, upgrade = store_at_version(pg, monkeypatch, 5)
+    acks = Acks()
+    send(old, acks, "a", "b", "1", mid="A1")
+    send(old, acks, "b", "a", "2", mid="B1")
+    assert old.flush(10)
+    old.close()
+    index = "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND indexname = 'messages_pair'"
+    with psycopg.connect(pg.dsn) as con:
+        assert con.execute(index).fetchone()[0] == 1
+    upgrade()
+    new = pg.make()
+    new.open()
+    try:
+        assert new.last_sent_to("a", "b", 1) == (1, "A1", "1")
+        assert new.last_sent_to("b", "a", 2) == (2, "B1", "2")
+        with psycopg.connect(pg.dsn) as con:
+            assert con.execute(index).fetchone()[0] == 0
+    finally:
+        new.close()

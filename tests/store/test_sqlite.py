@@ -360,28 +360,3 @@ def test_migration_3_drops_messages_pair_and_receipts_still_find_the_sender(tmp_
     assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'messages_pair'").fetchone()[0] == 0
     assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
 
-
-def test_last_sent_to_scans_at_most_read_scan_max_entries(tmp_path, monkeypatch):
-    """A receipt looks back READ_SCAN_MAX entries of the reader's inbox (both directions
-    count) from its seq: a sender's message further back is not found (None: the receipt
-    goes without peer_seq/mid/id), one inside the window is."""
-    from imd.store import sqlite as module
-    monkeypatch.setattr(module, "READ_SCAN_MAX", 4)
-    store = SqliteStore(str(tmp_path))
-    store.open()
-    try:
-        acks = Acks()
-        send(store, acks, "a", "b", "1")            # b:1
-        send(store, acks, "c", "b", "2")            # b:2
-        send(store, acks, "b", "c", "3")            # b:3 (sent by b: counts too)
-        send(store, acks, "c", "b", "4")            # b:4
-        assert store.flush(10)
-        assert store.last_sent_to("a", "b", 4)[0] == 1                 # b:1..4: inside
-        send(store, acks, "d", "b", "5")            # b:5
-        assert store.flush(10)
-        assert store.last_sent_to("a", "b", 5) is None                 # b:2..5: not inside
-        assert store.last_sent_to("a", "b", 4)[0] == 1                 # the window ends at the seq
-        assert store.last_sent_to("c", "b", 5) == (3, "m-c-4", "4")   # c:1, c:2 (from b), c:3
-        assert store.last_sent_to("a", "b", 0) is None
-    finally:
-        store.close()
