@@ -105,10 +105,11 @@ WRITEBACK_CHUNK = 4 << 20        # bytes of the database file written back at a 
 SYNC_RANGE_FLAGS = 1 | 2 | 4     # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
 # last_sent_to: the recipient's inbox entries in the window, newest first, joined to their
 # messages by mid; it stops at the first from the sender (the index messages_pair served it before
-# migration 0003)
+# migration 0003). CROSS JOIN keeps the inbox the outer loop and +m.sender keeps the sender's
+# index (sender, client_id) out: either would read every message the sender ever sent.
 _LAST_SENT_TO = ("SELECT m.sender_seq, m.mid, m.client_id FROM inbox AS i "
-                 "JOIN messages AS m ON m.mid = i.mid WHERE i.user = ? AND i.seq <= ? AND i.seq > ? "
-                 "AND i.inbound = 1 AND m.sender = ? ORDER BY i.seq DESC LIMIT 1")
+                 "CROSS JOIN messages AS m ON m.mid = i.mid WHERE i.user = ? AND i.seq <= ? AND i.seq > ? "
+                 "AND i.inbound = 1 AND +m.sender = ? ORDER BY i.seq DESC LIMIT 1")
 VALUES_MAX = 256                 # rows per multi-row INSERT (a power of two; 12 columns: 3,072 parameters)
 # Primary SQLite result codes worth retrying: BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL,
 # CANTOPEN, PROTOCOL.

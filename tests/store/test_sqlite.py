@@ -360,3 +360,26 @@ def test_migration_3_drops_messages_pair_and_receipts_still_find_the_sender(tmp_
     assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'messages_pair'").fetchone()[0] == 0
     assert [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
 
+
+
+def test_last_sent_to_reads_the_inbox_window_whatever_the_statistics(tmp_path):
+    """The receipt's read walks the recipient's inbox range and looks messages up by mid,
+    also after ANALYZE (statistics could otherwise favour the sender's index and read
+    every message the sender ever sent)."""
+    from imd.store.sqlite import _LAST_SENT_TO
+    store = SqliteStore(str(tmp_path))
+    store.open()
+    acks = Acks()
+    for i in range(300):
+        send(store, acks, "a", "b" if i % 3 else "c", "c%d" % i)
+    assert store.flush(10)
+    store.close()
+    con = sqlite3.connect(str(tmp_path / FILENAME))
+    for analyzed in (False, True):
+        if analyzed:
+            con.execute("ANALYZE")
+        plan = [r[3] for r in con.execute("EXPLAIN QUERY PLAN " + _LAST_SENT_TO, ("b", 100, 0, "a"))]
+        assert plan[0].startswith("SEARCH i USING PRIMARY KEY (user=? AND seq>? AND seq<?)"), plan
+        assert plan[1].startswith("SEARCH m USING INDEX sqlite_autoindex_messages_1 (mid=?)"), plan
+        assert len(plan) == 2, plan
+    con.close()
