@@ -162,6 +162,7 @@ class SqliteStore(WriterStore, Store):
         self._read_cons: list = []        # every open read connection
         self._idle_reads: list = []       # those not in use by a read now
         self._read_lock = _os_lock()      # guards both lists; taken in pool threads only
+        self._reads_closed = False        # set by close(): no read may start, open or keep a connection
         self._open = False
         self.retention_days = retention_days
         self.purge_interval = purge_interval
@@ -176,6 +177,7 @@ class SqliteStore(WriterStore, Store):
         self._pool = gevent.get_hub().threadpool
         self._wcon, self._dbfd = self._pool.apply(self._connect_writer)
         self._ccon = self._pool.apply(self._connect)
+        self._reads_closed = False
         self._open = True
         self._writer.start()
         self._purger = gevent.spawn(purge_loop, self)
@@ -194,10 +196,20 @@ class SqliteStore(WriterStore, Store):
                 job.wait()            # a transaction or checkpoint in a pool thread ends first
         self._job = self._checkpoint_job = self._tail_job = None
         self._tail_due = False
-        cons, self._read_cons, self._idle_reads = self._read_cons, [], []
-        for con in cons + [self._ccon, self._wcon]:
+        self._pool.apply(self._close_reads)
+        for con in (self._ccon, self._wcon):
             self._pool.apply(con.close)
         self._dbfd = None
+
+    def _close_reads(self) -> None:
+        """In a pool thread: close the idle read connections; one in use by a read is
+        closed by that read when it ends (closing it under a running statement, from
+        another thread, crashed the process: a segfault in SQLite)."""
+        with self._read_lock:
+            self._reads_closed = True
+            idle, self._idle_reads, self._read_cons = self._idle_reads, [], []
+        for con in idle:
+            con.close()
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.file, isolation_level=None, check_same_thread=False)
@@ -333,18 +345,28 @@ class SqliteStore(WriterStore, Store):
         new one if none is idle) and give it back afterwards. The checkout is in
         the thread, so a caller killed while waiting cannot lose or share it."""
         with self._read_lock:
+            if self._reads_closed:
+                raise StoreUnavailable("store is closed")
             con = self._idle_reads.pop() if self._idle_reads else None
         if con is None:
             con = self._connect()
             con.execute("PRAGMA query_only = ON")
             with self._read_lock:
-                self._read_cons.append(con)
+                closed = self._reads_closed
+                if not closed:
+                    self._read_cons.append(con)
+            if closed:                              # the store closed while it opened
+                con.close()
+                raise StoreUnavailable("store is closed")
         try:
             return fn(con, *args)
         finally:
             with self._read_lock:
-                if con in self._read_cons:          # not closed meanwhile
+                keep = con in self._read_cons       # not closed meanwhile
+                if keep:
                     self._idle_reads.append(con)
+            if not keep:
+                con.close()                         # the store closed during this read
 
     def inbox(self, user: str, since: int, limit: int) -> list:
         def q(con):

@@ -383,3 +383,49 @@ def test_last_sent_to_reads_the_inbox_window_whatever_the_statistics(tmp_path):
         assert plan[1].startswith("SEARCH m USING INDEX sqlite_autoindex_messages_1 (mid=?)"), plan
         assert len(plan) == 2, plan
     con.close()
+
+
+# reads still running (a slow statement each) when the store is closed
+CLOSE_DURING_READS = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent
+from imd.store.sqlite import SqliteStore
+store = SqliteStore(sys.argv[1])
+store.open()
+SLOW = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) "
+        "SELECT count(*) FROM c")
+reads = [gevent.spawn(store._read, lambda con: con.execute(SLOW).fetchone()[0]) for _ in range(3)]
+gevent.sleep(0.1)
+store.close()
+gevent.joinall(reads)
+print([r.value for r in reads], len(store._read_cons), len(store._idle_reads))
+"""
+
+
+def test_close_during_reads_lets_them_end_and_closes_their_connections_after(tmp_path):
+    """close() used to close every read connection, also one a pool thread was running a
+    statement on: the process died of a segfault in SQLite (seen in CI, a node stopping
+    during a login's reads). Now a busy connection is closed by its read when it ends;
+    in a subprocess, since the old failure kills the interpreter."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for attempt in range(3):
+        p = subprocess.run([sys.executable, "-c", CLOSE_DURING_READS, str(tmp_path / f"d{attempt}")],
+                           cwd=root, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
+                           timeout=120)
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        assert p.stdout.decode().split("\n")[0] == "[2000000, 2000000, 2000000] 0 0"
+
+
+def test_no_read_starts_after_close(tmp_path):
+    from imd.store.base import StoreUnavailable
+    store = SqliteStore(str(tmp_path))
+    store.open()
+    assert store.last_seq("a") == 0
+    store.close()
+    with pytest.raises(StoreUnavailable):
+        store.last_seq("a")
+    with pytest.raises(StoreUnavailable):        # a read already on its way to a pool thread
+        store._pool.apply(store._read_sync, (lambda con: 1, ()))
