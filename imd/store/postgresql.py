@@ -227,7 +227,10 @@ class PostgresStore(WriterStore, Store):
                 except BaseException:
                     con.close()
                     raise
-                self._idle.append(con)
+                if self._open:
+                    self._idle.append(con)
+                else:                           # the store closed during this read
+                    con.close()
                 return result
 
     def _rows(self, sql: str, args: tuple) -> list:

@@ -346,3 +346,21 @@ def test_migration_6_drops_messages_pair_and_receipts_still_find_the_sender(pg, 
             assert con.execute(index).fetchone()[0] == 0
     finally:
         new.close()
+
+
+def test_a_read_running_at_close_closes_its_connection_when_it_ends(pg):
+    """close() closes the idle read connections; one in use is closed by its read when
+    it ends, not put back in the pool of a closed store."""
+    import gevent
+    store = pg.make()
+    store.open()
+    used = []
+
+    def slow(con):
+        used.append(con)
+        return con.execute("SELECT pg_sleep(0.3), 1").fetchone()[1]
+    read = gevent.spawn(store._query, slow)
+    gevent.sleep(0.1)
+    store.close()
+    assert read.get(timeout=10) == 1
+    assert used[0].closed and not store._idle
