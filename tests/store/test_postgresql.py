@@ -329,8 +329,9 @@ def test_migration_6_drops_messages_pair_and_receipts_still_find_the_sender(pg, 
     index, and last_sent_to finds what it found before, from messages_inbound."""
     old, upgrade = store_at_version(pg, monkeypatch, 5)
     acks = Acks()
-    send(old, acks, "a", "b", "1", mid="A1")
-    send(old, acks, "b", "a", "2", mid="B1")
+    send(old, acks, "a", "b", "1", mid="A1")          # a:1 b:1
+    assert old.flush(10)                               # (the writers' lanes: one after the other)
+    send(old, acks, "b", "a", "2", mid="B1")          # b:2 a:2
     assert old.flush(10)
     old.close()
     index = "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND indexname = 'messages_pair'"
