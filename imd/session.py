@@ -64,7 +64,7 @@ class Session:
     @property
     def id(self) -> str:
         """``<node id>.<serial in hex>``: unique in the cluster (not stored: made on demand)."""
-        return f"{self.router.node.id}.{self.serial:x}"
+        return f"{self.node_id}.{self.serial:x}"
 
     @property
     def source(self) -> str:

@@ -32,6 +32,15 @@ def plain_pair():
     return _socket.socket(a.family, a.type, 0, fileno=a.detach()), b
 
 
+def comet_session(cls):
+    """(router, a ``cls`` session handling a Conn over a socket pair, the Conn, the peer socket)."""
+    r = router()
+    sock, peer = plain_pair()
+    conn = Conn(sock, None, 1 << 20)
+    s = conn.handler = cls(r, conn)
+    return r, s, conn, peer
+
+
 def test_idle_sessions_are_160_bytes():
     r = router()
     sock, peer = plain_pair()
@@ -63,11 +72,7 @@ def test_a_tcp_partial_frame_waits_outside_the_session_and_is_dropped_with_it():
 
 
 def test_a_ws_partial_message_waits_outside_the_session_and_is_dropped_with_it():
-    r = router()
-    sock, peer = plain_pair()
-    conn = Conn(sock, None, 1 << 20)
-    s = WsSession(r, conn)
-    conn.handler = s
+    r, s, conn, peer = comet_session(WsSession)
     key = b"\x01\x02\x03\x04"
 
     def frame(op, payload, fin=True):
@@ -85,10 +90,7 @@ def test_a_ws_partial_message_waits_outside_the_session_and_is_dropped_with_it()
 
 
 def test_an_sse_session_over_http_1_0_writes_unchunked():
-    r = router()
-    sock, peer = plain_pair()
-    conn = Conn(sock, None, 1 << 20)
-    s = SseSession(r, conn)
+    r, s, conn, peer = comet_session(SseSession)
     s.write(b"data: x\n\n")
     s.__class__ = RawSseSession
     s.write(b"data: y\n\n")

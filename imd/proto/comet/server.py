@@ -210,12 +210,17 @@ class HttpConn:
         stream that lasts as long as the connection, and the connection ends with
         it (requests pipelined behind it are not answered). Returns whether the
         body is chunked (HTTP/1.1: each piece then goes through :func:`chunk` and
-        :data:`LAST_CHUNK` ends it)."""
-        chunked = req.version == "1.1"
+        :data:`LAST_CHUNK` ends it; :meth:`stream_chunked`)."""
+        chunked = self.stream_chunked(req)
         self.keep = False
         self.conn.write(stream_head(content_type, (SERVER, *headers, ("Connection", "close")), chunked))
         self.take_over(handler)
         return chunked
+
+    @staticmethod
+    def stream_chunked(req: Request) -> bool:
+        """Whether a stream answering ``req`` (:meth:`hand_over_stream`) has a chunked body."""
+        return req.version == "1.1"
 
     def take_over(self, handler) -> Optional[bytes]:
         """Hand the socket to another protocol (WebSocket): returns the bytes

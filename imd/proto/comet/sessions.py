@@ -99,7 +99,7 @@ class SseSession(Session):
     connection ends with the stream; input from the client is ignored.
 
     The body is chunked (HTTP/1.1); a session whose response is not (HTTP/1.0,
-    see ``HttpConn.hand_over_stream``) becomes a :class:`RawSseSession` (the
+    see ``HttpConn.stream_chunked``) is a :class:`RawSseSession` (the
     same slots: a class attribute says it, not a slot every session pays for)."""
 
     __slots__ = ("conn",)

@@ -154,10 +154,10 @@ class Users:
         except (EnvelopeError, auth.AuthError) as e:
             self.error(http, 401 if isinstance(e, auth.AuthError) else 400, e.reason, headers)
             return
-        s = SseSession(self.router, http.conn)
-        if not http.hand_over_stream(req, s, "text/event-stream; charset=utf-8",
-                                     self.no_cache + headers + (("X-Accel-Buffering", "no"),)):
-            s.__class__ = RawSseSession    # HTTP/1.0: the body is not chunked
+        session = SseSession if http.stream_chunked(req) else RawSseSession    # HTTP/1.0: not chunked
+        s = session(self.router, http.conn)
+        http.hand_over_stream(req, s, "text/event-stream; charset=utf-8",
+                              self.no_cache + headers + (("X-Accel-Buffering", "no"),))
         s.write(b"retry: 3000\n\n")
         self.router.opened(s)
         self.router.receive(s, env)

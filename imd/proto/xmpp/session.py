@@ -305,8 +305,7 @@ class XmppSession(StreamManagement, Negotiation, Session):
         # a stored message: its stanza is not passed on, so no full JID is stamped on it
         # unless an error reply names it; the server-made id is ``x.<session id>.<n>``
         sid = attrs.get("id", "")
-        cid = (sid if CLIENT_ID_RE.fullmatch(sid)
-               else f"x.{self.node_id}.{self.serial:x}.{next(_stanza_ids)}")
+        cid = sid if CLIENT_ID_RE.fullmatch(sid) else f"x.{self.id}.{next(_stanza_ids)}"
         env = {"type": "msg", "id": cid, "to": user, "body": body}
         if ctx:
             env["ctx"] = ctx
