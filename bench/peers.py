@@ -230,20 +230,61 @@ class Mosquitto(Peer):
         return ["mosquitto", "-c", self.conf]
 
 
+PROSODY_PACKAGE_CONFIG = "/etc/prosody/prosody.cfg.lua"
+PROSODY_MINIMAL_MODULES = ("roster", "saslauth", "disco", "presence", "message", "offline", "ping", "posix")
+
+
+def prosody_package_settings(path=PROSODY_PACKAGE_CONFIG):
+    """The modules and the c2s rate limit that the prosody package's own config file enables:
+    (modules, c2s_rate or None). Raises PeerError when the file is missing or has no module list."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise PeerError(f"prosody's package config is not readable: {e}") from None
+    text = re.sub(r"--[^\n]*", "", text)
+    block = re.search(r"^modules_enabled\s*=\s*\{(.*?)\}", text, re.S | re.M)
+    if block is None:
+        raise PeerError(f"no modules_enabled in {path}")
+    rate = re.search(r"\bc2s\s*=\s*\{\s*rate\s*=\s*\"([^\"]+)\"", text)
+    return tuple(re.findall(r'"([^"]+)"', block.group(1))), rate.group(1) if rate else None
+
+
 class Prosody(Peer):
     """prosody serving one virtual host, c2s on a chosen port: no TLS, SASL PLAIN, internal_plain
     accounts. `accounts` maps user -> password; `rosters` maps user -> list of contacts (mutual
     subscriptions are written for both sides). Both are written as Prosody data files before start.
+
+    `modules="minimal"` loads only what the bench's traffic uses (the strongest Prosody for it);
+    `modules="package"` loads the modules, and the c2s rate limit, of the prosody package's own
+    /etc/prosody/prosody.cfg.lua (carbons, smacks, blocklist, limits, csi_simple, pep, ...), as a
+    server installed from Debian runs them; s2s stays off and accounts stay internal_plain in both.
     """
 
     name = "prosody"
     domain = "localhost"
 
-    def __init__(self, accounts=(), rosters=None, generational_gc=False):
+    def __init__(self, accounts=(), rosters=None, generational_gc=False, modules="minimal"):
         super().__init__()
+        if modules not in ("minimal", "package"):
+            raise ValueError(f"modules must be 'minimal' or 'package', not {modules!r}")
         self.accounts = dict(accounts)
         self.rosters = rosters or {}
         self.generational_gc = generational_gc
+        self.modules = modules
+
+    def _module_config(self):
+        """The config lines that choose the modules (and limits) of this Prosody."""
+        if self.modules == "minimal":
+            enabled, disabled, rate = PROSODY_MINIMAL_MODULES, ("s2s", "tls", "limits"), None
+        else:
+            enabled, rate = prosody_package_settings(PROSODY_PACKAGE_CONFIG)
+            disabled = ("s2s", "dialback")
+        lua_list = lambda names: "{ " + ", ".join(_lua_string(n) for n in names) + " }"  # noqa: E731
+        lines = [f"modules_enabled = {lua_list(enabled)}", f"modules_disabled = {lua_list(disabled)}"]
+        if rate:
+            lines.append(f"limits = {{ c2s = {{ rate = {_lua_string(rate)} }} }}")
+        return "\n".join(lines) + "\n"
 
     def _prepare(self):
         self.ports = {"c2s": free_port()}
@@ -258,9 +299,7 @@ run_as_root = true
 daemonize = false
 {gc}log = {{ {{ levels = {{ min = "error" }}, to = "file", filename = "{t}/prosody.log" }} }}
 network_backend = "epoll"
-modules_enabled = {{ "roster", "saslauth", "disco", "presence", "message", "offline", "ping", "posix" }}
-modules_disabled = {{ "s2s", "tls", "limits" }}
-authentication = "internal_plain"
+{self._module_config()}authentication = "internal_plain"
 storage = "internal"
 certificates = "{t}/certs"
 c2s_require_encryption = false
