@@ -510,21 +510,22 @@ XMPP_RATES = [250, 500, 750, 1000, 1250, 1500, 1750, 2000, 2500, 3000, 3500, 400
               8000, 9000, 10000, 11000, 12000, 14000, 16000, 20000, 24000, 28000, 32000, 40000, 48000]
 
 
-def sweep(label, fleet, pids, rates, step_seconds, limit_ms):
+def sweep(label, fleet, pids, rates, step_seconds, limit_ms, db_pids=()):
     """Offer each rate in turn (open loop) and find two rates:
     - held: the highest rate up to which every step had p99 within limit_ms (latency target);
     - saturation: the highest rate at which everything was answered with p50 within limit_ms
       (the server keeps up, whatever its tail).
     A step that misses is tried once more (one stall of a shared machine is not saturation); the
-    sweep ends at the first rate that saturates twice.
+    sweep ends at the first rate that saturates twice. Server CPU is that of `pids` plus the
+    database backends `db_pids` (those still alive).
     Returns (held, held_note, saturation, [(rate, p99 ms)])."""
     held, held_note, saturation, series = None, "", None, []
     p99_streak = True
     for rate in rates:
         for attempt in (1, 2):
-            cpu0 = peers.cpu_seconds(pids)
+            cpu0 = peers.cpu_seconds(pids) + _db_cpu(db_pids)
             sent, got, wall, lat = fleet.traffic(rate, 0, step_seconds)
-            cpu = peers.cpu_seconds(pids) - cpu0
+            cpu = peers.cpu_seconds(pids) + _db_cpu(db_pids) - cpu0
             lat = sorted(lat)
             p50, p99 = lg.quantile(lat, .5) / 1000, lg.quantile(lat, .99) / 1000
             keeps_up = got >= sent and sent >= 0.9 * rate * step_seconds and p50 <= limit_ms
@@ -560,26 +561,38 @@ def part_chat(ctx, pairs=None, seconds=None, window=8):
 
 PG_SERVER = "host=127.0.0.1 port=5432 user=postgres"
 PG_DATABASE = "imd_bench_chat"
+PG_XMPP_DATABASE = "imd_bench_xmpp"
+
+
+def pg_store(database, writers=2):
+    """A fresh, empty `database` on PG_SERVER and imd's [store] settings for it, or raises (no
+    psycopg, no server); pg_drop(database) removes it."""
+    import psycopg
+    with psycopg.connect(PG_SERVER + " dbname=postgres", autocommit=True, connect_timeout=5) as con:
+        con.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        con.execute(f"CREATE DATABASE {database}")
+    return {"backend": "postgresql", "dsn": f"{PG_SERVER} dbname={database}", "writers": writers}
+
+
+def pg_drop(database):
+    import psycopg
+    with psycopg.connect(PG_SERVER + " dbname=postgres", autocommit=True) as con:
+        con.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
 def part_chat_pg(ctx, pairs=None, seconds=None, window=8, writers=2):
     """The chat part with store = PostgreSQL (127.0.0.1:5432, a fresh database imd_bench_chat,
     dropped after), `writers` writer connections; issue 5's latency limit is 50 ms."""
     try:
-        import psycopg
-        with psycopg.connect(PG_SERVER + " dbname=postgres", autocommit=True, connect_timeout=5) as con:
-            con.execute(f"DROP DATABASE IF EXISTS {PG_DATABASE} WITH (FORCE)")
-            con.execute(f"CREATE DATABASE {PG_DATABASE}")
+        store = pg_store(PG_DATABASE, writers)
     except Exception as e:          # no psycopg, no server: the part is n/a
         return [Result("chat-pg", "acked messages per second", ctx.name("imd tcp postgresql"), None,
                        "/s", "higher", note=f"postgresql unavailable: {str(e).splitlines()[0][:60]}")]
-    store = {"backend": "postgresql", "dsn": f"{PG_SERVER} dbname={PG_DATABASE}", "writers": writers}
     try:
         return chat_one(ctx, ctx.name("imd tcp postgresql"), store, pairs, seconds, window,
                         part="chat-pg", limit_ms=50, pg_database=PG_DATABASE)
     finally:
-        with psycopg.connect(PG_SERVER + " dbname=postgres", autocommit=True) as con:
-            con.execute(f"DROP DATABASE IF EXISTS {PG_DATABASE} WITH (FORCE)")
+        pg_drop(PG_DATABASE)
 
 
 def pg_backend_pids(database):
@@ -671,8 +684,9 @@ def chat_one(ctx, subject, store, pairs=None, seconds=None, window=8, part="chat
         peer.stop()
 
 
-def xmpp_one(subject, start_peer, clients, step_seconds):
-    """Returns (held, note, saturation, series) of the sweep, or Nones and the reason."""
+def xmpp_one(subject, start_peer, clients, step_seconds, pg_database=None):
+    """Returns (held, note, saturation, series) of the sweep, or Nones and the reason. With
+    `pg_database`, server CPU includes the PostgreSQL backends serving it."""
     say(f"xmpp: {subject}: {clients} clients")
     try:
         peer = start_peer()
@@ -685,7 +699,11 @@ def xmpp_one(subject, start_peer, clients, step_seconds):
             if failed:
                 return None, f"{failed} clients failed: {fleet.errors()[:1]}", None, []
             time.sleep(1)
-            return sweep(f"xmpp: {subject}", fleet, peer.pids(), XMPP_RATES, step_seconds, 100)
+            db_pids = ()
+            if pg_database:     # a little traffic first, so that the store's connections exist
+                fleet.traffic(250, 0, 1)
+                db_pids = pg_backend_pids(pg_database)
+            return sweep(f"xmpp: {subject}", fleet, peer.pids(), XMPP_RATES, step_seconds, 100, db_pids)
     except peers.PeerError as e:
         return None, str(e)[:80], None, []
     finally:
@@ -695,25 +713,38 @@ def xmpp_one(subject, start_peer, clients, step_seconds):
 def part_xmpp(ctx, clients=None, step_seconds=None):
     """XMPP 1:1 chat in pairs (roster = the partner), open loop at rising rates: the highest rate
     whose delivery p99 stays within 100 ms, and the rate at which the server stops keeping up.
-    Prosody runs with the modules this traffic uses, then also with Lua's generational GC, and
-    with the modules of the prosody package's own config (peers.Prosody's `modules`)."""
+    imd runs with its default store (SQLite) and with PostgreSQL (a fresh database
+    imd_bench_xmpp, dropped after; skipped when there is no server). Prosody runs with the modules
+    this traffic uses, then also with Lua's generational GC, and with the modules of the prosody
+    package's own config (peers.Prosody's `modules`)."""
     clients = clients or (200 if ctx.quick else 2000)
     step_seconds = step_seconds or (2 if ctx.quick else 5)
     users = range(clients + lg.MAX_PER_PROCESS)   # the second worker starts at MAX_PER_PROCESS
     accounts = {f"u{i}": "pw" for i in users}
     rosters = {f"u{i}": [f"u{i ^ 1}"] for i in users}
     subjects = [(ctx.name("imd xmpp"), ctx.imd)]
+    try:
+        store = pg_store(PG_XMPP_DATABASE)
+        subjects.append((ctx.name("imd xmpp postgresql"), lambda: ctx.imd(store=store)))
+    except Exception as e:          # no psycopg, no server: that subject is n/a
+        say(f"xmpp: no PostgreSQL subject: {str(e).splitlines()[0][:60]}")
+        store = None
     if not ctx.imd_only:
         subjects += [("prosody xmpp", peers.Prosody(accounts, rosters).start),
                      ("prosody-gengc xmpp", peers.Prosody(accounts, rosters, generational_gc=True).start),
                      ("prosody-debian xmpp", peers.Prosody(accounts, rosters, modules="package").start)]
     out = []
-    for subject, start in subjects:
-        held, note, saturation, series = xmpp_one(subject, start, clients, step_seconds)
-        out.append(Result("xmpp", f"sustained 1:1 msgs/s with p99 <= 100 ms ({clients:,} clients)",
-                          subject, held, "/s", "higher", note=note, series=series))
-        out.append(Result("xmpp", f"saturation: highest rate fully delivered with p50 <= 100 ms "
-                          f"({clients:,} clients)", subject, saturation, "/s", "higher"))
+    try:
+        for subject, start in subjects:
+            database = PG_XMPP_DATABASE if subject.endswith(" postgresql") else None
+            held, note, saturation, series = xmpp_one(subject, start, clients, step_seconds, database)
+            out.append(Result("xmpp", f"sustained 1:1 msgs/s with p99 <= 100 ms ({clients:,} clients)",
+                              subject, held, "/s", "higher", note=note, series=series))
+            out.append(Result("xmpp", f"saturation: highest rate fully delivered with p50 <= 100 ms "
+                              f"({clients:,} clients)", subject, saturation, "/s", "higher"))
+    finally:
+        if store is not None:
+            pg_drop(PG_XMPP_DATABASE)
     return out
 
 

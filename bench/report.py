@@ -162,8 +162,9 @@ TARGETS = [
     ("chat", "sustained acked msgs/s", ("imd tcp",), "min", 10000),
     ("chat-pg", "acked messages per second", ("imd tcp postgresql",), "min", 30000),
     ("chat-pg", "ack latency p99", ("imd tcp postgresql",), "max", 50),
-    ("xmpp", "sustained 1:1 msgs/s", ("imd xmpp",), "xprosody xmpp|saturation", 5.0),
-    ("xmpp", "sustained 1:1 msgs/s", ("imd xmpp",), "xprosody-debian xmpp|saturation", 5.0),
+    ("xmpp", "sustained 1:1 msgs/s", ("imd xmpp", "imd xmpp postgresql"), "xprosody xmpp|saturation", 5.0),
+    ("xmpp", "sustained 1:1 msgs/s", ("imd xmpp", "imd xmpp postgresql"), "xprosody-debian xmpp|saturation",
+     5.0),
     ("logins", "logins per second (wall)", ("imd tcp",), "min", 10000),
 ]
 
