@@ -667,7 +667,7 @@ def chat_one(ctx, subject, store, pairs=None, seconds=None, window=8, part="chat
                 f"{fleet.client_load:.0%}, its schedule slip up to {1000 * slip:.0f} ms")
             time.sleep(1)
             best, note, _, series = sweep(f"{part}: {subject}", fleet, pids, RATES,
-                                          3 if ctx.quick else 5, limit_ms)
+                                          3 if ctx.quick else 5, limit_ms, db_pids)
         return [Result(part, "acked messages per second (closed loop)", subject, rate, "/s",
                        "higher", note=f"{pairs} pairs, window {window}; server CPU-s per 1k acked: "
                        f"{cost}; load avg {load}"),
