@@ -722,21 +722,20 @@ def part_xmpp(ctx, clients=None, step_seconds=None):
     users = range(clients + lg.MAX_PER_PROCESS)   # the second worker starts at MAX_PER_PROCESS
     accounts = {f"u{i}": "pw" for i in users}
     rosters = {f"u{i}": [f"u{i ^ 1}"] for i in users}
-    subjects = [(ctx.name("imd xmpp"), ctx.imd)]
+    subjects = [(ctx.name("imd xmpp"), ctx.imd, None)]     # (subject, start, its database)
     try:
         store = pg_store(PG_XMPP_DATABASE)
-        subjects.append((ctx.name("imd xmpp postgresql"), lambda: ctx.imd(store=store)))
+        subjects.append((ctx.name("imd xmpp postgresql"), lambda: ctx.imd(store=store), PG_XMPP_DATABASE))
     except Exception as e:          # no psycopg, no server: that subject is n/a
         say(f"xmpp: no PostgreSQL subject: {str(e).splitlines()[0][:60]}")
         store = None
     if not ctx.imd_only:
-        subjects += [("prosody xmpp", peers.Prosody(accounts, rosters).start),
-                     ("prosody-gengc xmpp", peers.Prosody(accounts, rosters, generational_gc=True).start),
-                     ("prosody-debian xmpp", peers.Prosody(accounts, rosters, modules="package").start)]
+        subjects += [("prosody xmpp", peers.Prosody(accounts, rosters).start, None),
+                     ("prosody-gengc xmpp", peers.Prosody(accounts, rosters, generational_gc=True).start, None),
+                     ("prosody-debian xmpp", peers.Prosody(accounts, rosters, modules="package").start, None)]
     out = []
     try:
-        for subject, start in subjects:
-            database = PG_XMPP_DATABASE if subject.endswith(" postgresql") else None
+        for subject, start, database in subjects:
             held, note, saturation, series = xmpp_one(subject, start, clients, step_seconds, database)
             out.append(Result("xmpp", f"sustained 1:1 msgs/s with p99 <= 100 ms ({clients:,} clients)",
                               subject, held, "/s", "higher", note=note, series=series))

@@ -234,9 +234,10 @@ PROSODY_PACKAGE_CONFIG = "/etc/prosody/prosody.cfg.lua"
 PROSODY_MINIMAL_MODULES = ("roster", "saslauth", "disco", "presence", "message", "offline", "ping", "posix")
 
 
-def prosody_package_settings(path=PROSODY_PACKAGE_CONFIG):
-    """The modules and the c2s rate limit that the prosody package's own config file enables:
-    (modules, c2s_rate or None). Raises PeerError when the file is missing or has no module list."""
+def prosody_package_settings(path):
+    """The modules and the c2s rate limit that the prosody package's config file at `path`
+    (PROSODY_PACKAGE_CONFIG) enables: (modules, c2s_rate or None). Raises PeerError when the file
+    is missing or has no module list."""
     try:
         with open(path) as f:
             text = f.read()
@@ -280,8 +281,7 @@ class Prosody(Peer):
         else:
             enabled, rate = prosody_package_settings(PROSODY_PACKAGE_CONFIG)
             disabled = ("s2s", "dialback")
-        lua_list = lambda names: "{ " + ", ".join(_lua_string(n) for n in names) + " }"  # noqa: E731
-        lines = [f"modules_enabled = {lua_list(enabled)}", f"modules_disabled = {lua_list(disabled)}"]
+        lines = [f"modules_enabled = {_lua_list(enabled)}", f"modules_disabled = {_lua_list(disabled)}"]
         if rate:
             lines.append(f"limits = {{ c2s = {{ rate = {_lua_string(rate)} }} }}")
         return "\n".join(lines) + "\n"
@@ -323,6 +323,10 @@ VirtualHost "{self.domain}"
 
 def _lua_string(s):
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _lua_list(names):
+    return "{ " + ", ".join(_lua_string(n) for n in names) + " }"
 
 
 def _prosody_encode(node):

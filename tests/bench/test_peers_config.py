@@ -1,4 +1,4 @@
-"""The [store] section the bench writes into imd's generated config."""
+"""The configs the bench writes: imd's [store] section, Prosody's module lists."""
 import tomllib
 
 import pytest
