@@ -154,8 +154,7 @@ class Daemon:
     def protocols(self) -> dict:
         """Listener name → protocol object with a ``handle(sock, addr)`` hook (and,
         optionally, ``refuse(sock, code, reason)`` and ``stop()``)."""
-        node_id = self.cfg.node.id
-        front = CometProtocol(self.router, node_id)
+        front = CometProtocol(self.router)
         return {"tcp": TcpProtocol(self.router), "comet": front,
                 "admin": AdminProtocol(self.router, self.node, front),
                 "xmpp": XmppProtocol(self.router, self.cfg)}

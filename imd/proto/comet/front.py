@@ -131,7 +131,7 @@ class CometProtocol:
     name = "comet"
     plaintext_refusal = PLAINTEXT_REFUSAL    # on an HTTPS port (tls.comet)
 
-    def __init__(self, router, node_id: str, registry: Registry = None) -> None:
+    def __init__(self, router, registry: Registry = None) -> None:
         cfg = router.cfg
         self.router = router
         self.cfg = cfg
@@ -140,7 +140,7 @@ class CometProtocol:
         self._options = registry_options(cfg)
         self.registry = registry or Registry(**self._options)
         self.bus = CometBus(router.node, self.registry, cfg.engine.backend != "memory")
-        self.users = Users(self, router, node_id)
+        self.users = Users(self, router)
         self.static = load_static()
         self.connections = 0
         self._timer = gevent.get_hub().loop.timer(1.0, 1.0)

@@ -48,10 +48,9 @@ OK = b'{"ok":true}'
 class Users:
     """The users' endpoints of the comet port."""
 
-    def __init__(self, front, router, node_id: str) -> None:
+    def __init__(self, front, router) -> None:
         self.front = front
         self.router = router
-        self.node_id = node_id
         self.no_cache = (("Cache-Control", "no-cache"),)
 
     def dispatch(self, http, req: Request) -> None:
@@ -106,7 +105,7 @@ class Users:
         that user (no table of comet sessions is kept): a session is there from
         before its ``auth`` answer, which is where its client learns the id."""
         node, _, serial = sid.rpartition(".")
-        if node != self.node_id or not 0 < len(serial) <= 16:
+        if node != self.router.node.id or not 0 < len(serial) <= 16:
             return None
         try:
             serial = int(serial, 16)
