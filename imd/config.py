@@ -102,6 +102,9 @@ SETTINGS = [
     S("store", "batch_wait", 0.002, c.number(0),
       "most seconds the sqlite writer holds a small batch open while writes keep arriving (fewer, larger commits; docs/store.md); 0: never"),
     S("store", "writers", 2, c.integer(1, 64), "writer connections (postgresql); more than 2 rarely helps (docs/store.md)"),
+    S("store", "sqlite_writer", "process", c.choice("process", "thread"),
+      '"process": the sqlite writer connection in a process of its own, beside imd\'s (another core, '
+      'another GIL; docs/store.md); "thread": in a thread of imd\'s process (one core, or no process may be started)'),
     S("store", "synchronous", "full", c.choice("full", "normal"),
       "SQLite PRAGMA synchronous: \"full\" survives power loss, \"normal\" only a crash"),
     S("store", "retention_days", 0, c.integer(0),

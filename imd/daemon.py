@@ -63,7 +63,7 @@ def make_store(cfg):
         from .store.sqlite import SqliteStore
         return SqliteStore(cfg.path(cfg.node.data_dir), queue_size=cfg.store.queue_size, batch_max=cfg.store.batch_max,
                            synchronous=cfg.store.synchronous, retention_days=cfg.store.retention_days,
-                           batch_wait=cfg.store.batch_wait)
+                           batch_wait=cfg.store.batch_wait, writer=cfg.store.sqlite_writer)
     if backend == "postgresql":
         from .store.postgresql import PostgresStore
         return PostgresStore(cfg.store.dsn, queue_size=cfg.store.queue_size, batch_max=cfg.store.batch_max,

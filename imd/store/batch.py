@@ -7,7 +7,7 @@ within the batch, and which seqs each new entry takes, *relative* to its user
 ``taken[user]`` seqs per user in its transaction (learning each user's
 ``base``, the last seq before the batch), inserts ``rows`` with absolute seq
 ``base + k``, commits, and builds the callbacks' results with
-:meth:`BatchPlan.results`.
+:meth:`BatchPlan.results` (or :func:`batch_results`, where the plan was made in another process).
 """
 
 from __future__ import annotations
@@ -60,9 +60,8 @@ class BatchPlan:
             else:
                 users = op.users if op.users is not None else known_users(op.role)
                 notices = []
-                for user in users:
+                for user, mid in zip(users, op.take_mids(len(users))):
                     taken[user] = k = taken.get(user, 0) + 1
-                    mid = op.mids()
                     rows.append((mid, "notice", None, user, op.body_json, None, op.ts, None,
                                  None, k, op.kind, 0))
                     notices.append((user, k, mid))
@@ -70,25 +69,32 @@ class BatchPlan:
 
     def results(self, base: dict) -> list:
         """One result per op, given ``base`` (user → last seq before this batch)."""
-        out = []
-        for op, plan in zip(self.ops, self.plans):
-            kind = plan[0]
-            if kind == "new":
-                sender_seq, recipient_seq = base[op.sender] + plan[1], base[op.recipient] + plan[2]
-                out.append(MessageResult(op.mid, op.ts, sender_seq, recipient_seq, False,
-                                         message_entries(op, sender_seq, recipient_seq)))
-            elif kind == "notice":
-                out.append([notice_entry(op, user, base[user] + k, mid) for user, k, mid in plan[1]])
-            elif kind == "again":
-                r = out[plan[1]]
-                out.append(MessageResult(r.mid, r.ts, r.sender_seq, r.recipient_seq, duplicate=True))
-            elif kind == "dup":
-                out.append(MessageResult(*plan[1], duplicate=True))
-            else:
-                mid, ts, sender_seq, recipient_seq = plan[1]
-                out.append(MessageResult(mid, ts, sender_seq, recipient_seq,
-                                         entries=message_entries(op, sender_seq, recipient_seq)))
-        return out
+        return batch_results(self.ops, self.plans, base)
+
+
+def batch_results(ops: list, plans: list, base: dict) -> list:
+    """One result per op of a batch, from its plan's ``plans`` and ``base`` (user → last
+    seq before the batch): what :meth:`BatchPlan.results` gives, where only the plans
+    and the bases crossed from the process that committed the batch."""
+    out = []
+    for op, plan in zip(ops, plans):
+        kind = plan[0]
+        if kind == "new":
+            sender_seq, recipient_seq = base[op.sender] + plan[1], base[op.recipient] + plan[2]
+            out.append(MessageResult(op.mid, op.ts, sender_seq, recipient_seq, False,
+                                     message_entries(op, sender_seq, recipient_seq)))
+        elif kind == "notice":
+            out.append([notice_entry(op, user, base[user] + k, mid) for user, k, mid in plan[1]])
+        elif kind == "again":
+            r = out[plan[1]]
+            out.append(MessageResult(r.mid, r.ts, r.sender_seq, r.recipient_seq, duplicate=True))
+        elif kind == "dup":
+            out.append(MessageResult(*plan[1], duplicate=True))
+        else:
+            mid, ts, sender_seq, recipient_seq = plan[1]
+            out.append(MessageResult(mid, ts, sender_seq, recipient_seq,
+                                     entries=message_entries(op, sender_seq, recipient_seq)))
+    return out
 
 
 def client_keys(ops: list) -> list:

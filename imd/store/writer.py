@@ -106,6 +106,11 @@ class NoticeOp:
         self.ts = ts
         self.callback = callback
 
+    def take_mids(self, n: int) -> list:
+        """``n`` new mids, one per recipient, in order."""
+        mids = self.mids
+        return [mids() for _ in range(n)]
+
 
 class Pending:
     """Coalesced fire-and-forget writes, applied before the ops of a batch.

@@ -23,13 +23,22 @@ PG_ADMIN_DB = "test"
 
 
 class SqliteBackend:
+    """The embedded store, its writer connection in the writer process (the default)."""
+
     name = "sqlite"
+    writer = "process"
+    schema_names = "sqlite"             # the dialect of the migrations (column ``user``)
+    migrations_module = "imd.store.sqlite_writer"
 
     def __init__(self, tmp_path) -> None:
         self.dir = str(tmp_path / "data")
 
     def make(self, **kw) -> SqliteStore:
-        return SqliteStore(self.dir, **kw)
+        return SqliteStore(self.dir, writer=self.writer, **kw)
+
+    def make_here(self, **kw) -> SqliteStore:
+        """A store whose schema work runs in this process (a monkeypatch reaches it)."""
+        return SqliteStore(self.dir, writer="thread", **kw)
 
     @contextmanager
     def writes_blocked(self):
@@ -51,16 +60,25 @@ class SqliteBackend:
         con.close()
 
     def spec(self) -> str:
-        return "sqlite:" + self.dir
+        return "%s:%s" % (self.name, self.dir)
 
     def cleanup(self) -> None:
         pass
+
+
+class SqliteThreadBackend(SqliteBackend):
+    """The embedded store, its writer connection in a thread of this process."""
+
+    name = "sqlite-thread"
+    writer = "thread"
 
 
 class PostgresBackend:
     """A fresh schema per test in one database per test session (``imd_test_<pid>``)."""
 
     name = "postgresql"
+    schema_names = "postgresql"
+    migrations_module = "imd.store.postgresql"
     database = None
     schemas = itertools.count(1)
 
@@ -84,6 +102,8 @@ class PostgresBackend:
 
     def make(self, **kw) -> PostgresStore:
         return PostgresStore(self.dsn, **kw)
+
+    make_here = make
 
     @contextmanager
     def writes_blocked(self):
@@ -117,6 +137,7 @@ class PostgresBackend:
 
 BACKENDS = {
     "sqlite": SqliteBackend,
+    "sqlite-thread": SqliteThreadBackend,
     "postgresql": PostgresBackend,
 }
 
@@ -124,8 +145,8 @@ BACKENDS = {
 def store_from_spec(spec: str, **kw):
     """A fresh store on the data named by ``spec`` (``backend:argument``)."""
     kind, _, arg = spec.partition(":")
-    if kind == "sqlite":
-        return SqliteStore(arg, **kw)
+    if kind in ("sqlite", "sqlite-thread"):
+        return SqliteStore(arg, writer=BACKENDS[kind].writer, **kw)
     if kind == "postgresql":
         return PostgresStore(arg, **kw)
     raise ValueError("unknown store spec %r" % spec)

@@ -1,11 +1,12 @@
 """The store contract (imd/store/base.py, DESIGN.md §3 and §6), run against every backend."""
 
+import importlib
 import itertools
 import os
-import time
 import signal
 import subprocess
 import sys
+import time
 
 import gevent
 import pytest
@@ -299,13 +300,13 @@ def test_flags_round_trip(store):
 def test_migration_2_gives_existing_messages_flags_0(backend, monkeypatch):
     """A database at schema version 1 with a message in it is upgraded at open: the
     old row reads back with flags 0, new ones keep theirs."""
-    module = sys.modules[type(backend.make()).__module__]
+    module = importlib.import_module(backend.migrations_module)
     every = module.migrations
     monkeypatch.setattr(module, "migrations", lambda name: every(name)[:1])
-    old = backend.make()
+    old = backend.make_here()
     old.open()
     old.close()
-    user_column = "user" if backend.name == "sqlite" else "user_id"
+    user_column = "user" if backend.schema_names == "sqlite" else "user_id"
     backend.execute("INSERT INTO messages (mid, kind, sender, recipient, body, ts, sender_seq, "
                     "recipient_seq) VALUES ('M1', 'msg', 'a', 'b', '\"old\"', 1, 1, 1)")
     for user, inbound in (("a", "false"), ("b", "true")):     # as the writer stores a message

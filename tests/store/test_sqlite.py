@@ -139,17 +139,17 @@ def test_checkpoints_keep_the_wal_bounded_and_lose_nothing(tmp_path, monkeypatch
     the tail after the next commit (step 2), and the WAL restarts: five rounds of the same
     writes reuse the WAL file (without checkpoints it would hold all five); the writer's own
     checkpoint is only the cap; every message is there after a reopen."""
-    from imd.store import sqlite as sq
+    from imd.store import sqlite_writer as sq
 
     from .test_contract import wait_until
 
     monkeypatch.setattr(sq, "CHECKPOINT_DELAY", 0.01)
-    store = SqliteStore(str(tmp_path))
+    store = SqliteStore(str(tmp_path), writer="thread")
     store.open()
     acks = Acks()
     sizes = []
     try:
-        assert store._wcon.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == sq.WAL_CAP_PAGES
+        assert store._core._wcon.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == sq.WAL_CAP_PAGES
         for round_ in range(5):
             for i in range(300):
                 send(store, acks, "s%d" % (i % 50), "r%d" % (i % 40), "c%d-%d" % (round_, i))
@@ -165,7 +165,7 @@ def test_checkpoints_keep_the_wal_bounded_and_lose_nothing(tmp_path, monkeypatch
     finally:
         store.close()
     assert sizes[-1] < 2 * sizes[0], sizes
-    store = SqliteStore(str(tmp_path))
+    store = SqliteStore(str(tmp_path), writer="thread")
     store.open()
     try:
         assert sum(store.last_seq("s%d" % i) for i in range(50)) == 5 * 300
@@ -178,13 +178,13 @@ def test_checkpoints_keep_the_wal_bounded_and_lose_nothing(tmp_path, monkeypatch
 def test_close_waits_for_a_running_checkpoint(tmp_path, monkeypatch):
     """close() right after commits, with the checkpointer due at once: no connection is
     closed under a checkpoint in a pool thread, and the store opens again."""
-    from imd.store import sqlite as sq
+    from imd.store import sqlite_writer as sq
 
     import gevent
 
     monkeypatch.setattr(sq, "CHECKPOINT_DELAY", 0)
     for round_ in range(5):
-        store = SqliteStore(str(tmp_path))
+        store = SqliteStore(str(tmp_path), writer="thread")
         store.open()
         acks = Acks()
         for i in range(100):
@@ -204,7 +204,7 @@ def test_step_one_syncs_the_database_file_through_the_writers_descriptor(tmp_pat
     WAL's restart still follow."""
     import os
 
-    from imd.store import sqlite as sq
+    from imd.store import sqlite_writer as sq
 
     from .test_contract import wait_until
 
@@ -213,11 +213,11 @@ def test_step_one_syncs_the_database_file_through_the_writers_descriptor(tmp_pat
     monkeypatch.setattr(sq.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
     monkeypatch.setattr(sq, "CHECKPOINT_DELAY", 0.01)
     monkeypatch.setattr(sq, "TAIL_FRAMES", 0)        # a round copying anything new is repeated
-    store = SqliteStore(str(tmp_path))
+    store = SqliteStore(str(tmp_path), writer="thread")
     store.open()
     acks = Acks()
     try:
-        fd = store._dbfd
+        fd = store._core._dbfd
         assert fd is not None
         assert os.readlink("/proc/self/fd/%d" % fd) == os.path.realpath(str(tmp_path / FILENAME))
         for i in range(300):
@@ -233,7 +233,7 @@ def test_step_one_syncs_the_database_file_through_the_writers_descriptor(tmp_pat
         assert len(acks.results()) == 302
     finally:
         store.close()
-    assert store._dbfd is None
+    assert store._core._dbfd is None
 
 
 def test_the_writer_connection_has_its_own_page_cache_and_memory_temp_store(tmp_path):
@@ -241,13 +241,13 @@ def test_the_writer_connection_has_its_own_page_cache_and_memory_temp_store(tmp_
     thousands of pages: SQLite's default 2,000 KiB cost 10-28 % more CPU there) and its
     statement journals in memory (temp_store 2: each multi-row INSERT's journal went to a
     temp file, one pwrite per page it changed); read connections keep SQLite's defaults."""
-    from imd.store import sqlite as sq
+    from imd.store import sqlite_writer as sq
 
-    store = SqliteStore(str(tmp_path))
+    store = SqliteStore(str(tmp_path), writer="thread")
     store.open()
     try:
-        assert store._wcon.execute("PRAGMA cache_size").fetchone()[0] == -sq.WRITER_CACHE_KIB
-        assert store._wcon.execute("PRAGMA temp_store").fetchone()[0] == 2
+        assert store._core._wcon.execute("PRAGMA cache_size").fetchone()[0] == -sq.WRITER_CACHE_KIB
+        assert store._core._wcon.execute("PRAGMA temp_store").fetchone()[0] == 2
         assert store._read(lambda con: con.execute("PRAGMA cache_size").fetchone()[0]) == -2000
         assert store._read(lambda con: con.execute("PRAGMA temp_store").fetchone()[0]) == 0
     finally:
@@ -255,7 +255,7 @@ def test_the_writer_connection_has_its_own_page_cache_and_memory_temp_store(tmp_
 
 
 def _record_ranges(monkeypatch, result=0):
-    from imd.store import sqlite as sq
+    from imd.store import sqlite_writer as sq
 
     calls = []
     real = sq._SYNC_FILE_RANGE
@@ -273,7 +273,7 @@ def test_write_back_goes_through_the_file_a_piece_at_a_time(tmp_path, monkeypatc
     without sync_file_range, and an empty file needs no call."""
     import os
 
-    from imd.store import sqlite as sq
+    from imd.store import sqlite_writer as sq
 
     monkeypatch.setattr(sq, "WRITEBACK_CHUNK", 4096)
     path = tmp_path / "f"
@@ -305,7 +305,7 @@ def test_step_one_writes_back_through_the_writers_descriptor_then_syncs(tmp_path
     the checkpoints and messages go on as before."""
     import os
 
-    from imd.store import sqlite as sq
+    from imd.store import sqlite_writer as sq
 
     from .test_contract import wait_until
 
@@ -316,11 +316,11 @@ def test_step_one_writes_back_through_the_writers_descriptor_then_syncs(tmp_path
         calls = _record_ranges(monkeypatch, result)
         synced = []
         monkeypatch.setattr(sq.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
-        store = SqliteStore(str(tmp_path / str(result)))
+        store = SqliteStore(str(tmp_path / str(result)), writer="thread")
         store.open()
         acks = Acks()
         try:
-            fd = store._dbfd
+            fd = store._core._dbfd
             for i in range(300):
                 send(store, acks, "s%d" % (i % 50), "r%d" % (i % 40), "c%d" % i)
             assert store.flush(30)
@@ -335,10 +335,10 @@ def test_step_one_writes_back_through_the_writers_descriptor_then_syncs(tmp_path
 def test_migration_3_drops_messages_pair_and_receipts_still_find_the_sender(tmp_path, monkeypatch):
     """A database at schema version 2 has the messages_pair index; opening it drops the
     index, and last_sent_to finds what it found before, from the recipient's inbox."""
-    from imd.store import sqlite as module
+    from imd.store import sqlite_writer as module
     every = module.migrations
     monkeypatch.setattr(module, "migrations", lambda name: every(name)[:2])
-    old = SqliteStore(str(tmp_path))
+    old = SqliteStore(str(tmp_path), writer="thread")
     old.open()
     acks = Acks()
     send(old, acks, "a", "b", "1")
@@ -349,7 +349,7 @@ def test_migration_3_drops_messages_pair_and_receipts_still_find_the_sender(tmp_
     assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'messages_pair'").fetchone()[0] == 1
     con.close()
     monkeypatch.setattr(module, "migrations", every)
-    new = SqliteStore(str(tmp_path))
+    new = SqliteStore(str(tmp_path), writer="thread")
     new.open()
     try:
         assert new.last_sent_to("a", "b", 1) == (1, "m-a-1", "1")
