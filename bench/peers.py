@@ -488,9 +488,12 @@ dev_tokens = true
         finally:
             os.environ["PYTHONPATH"] = old
 
-    def pids(self):
-        """The process itself, or its workers when it runs several."""
-        return (child_pids(self.proc.pid) or [self.proc.pid]) if self.workers > 1 else [self.proc.pid]
+    def pids(self, writers=True):
+        """The process itself, or its workers when it runs several, and (``writers``) the
+        SQLite writer process each of them runs (store.sqlite_writer = "process"): imd's
+        CPU and memory are theirs together."""
+        tops = (child_pids(self.proc.pid) or [self.proc.pid]) if self.workers > 1 else [self.proc.pid]
+        return tops + [kid for pid in tops for kid in child_pids(pid)] if writers else tops
 
     def _wait_ready(self):
         deadline = time.monotonic() + 20

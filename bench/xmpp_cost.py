@@ -8,7 +8,7 @@ Starts imd as the `xmpp` part does (SQLite store, synchronous = full), connects 
 clients in pairs through bench.loadgen, offers each rate in `--rate` (comma separated) open
 loop for `--seconds`, `--repeat` times, and prints per step: delivered/sent, p50/p99
 delivery latency, imd CPU-seconds per 1,000 delivered messages (and of its main thread alone: the
-gevent loop; the rest is the store's threads), the busiest load-generator
+gevent loop; the rest is the store's threads and its SQLite writer process), the busiest load-generator
 process's CPU share, and the load average. Several `--imd-repo` trees are measured in turn,
 `--rounds` times (a before/after comparison under the same load). `--spy OUT` records the
 last step of the first rate of the first tree with py-spy (--nonblocking) into OUT (raw
@@ -70,7 +70,8 @@ def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, worker
             ok, failed, _ = fleet.connect(clients, timeout=180)
             if failed:
                 raise SystemExit(f"{failed} clients failed: {fleet.errors()[:1]}")
-            pids = peer.pids()                   # (the workers, when several)
+            pids = peer.pids()                   # (the workers, when several, and writer processes)
+            loops = peer.pids(writers=False)     # the processes whose main thread is a gevent loop
             time.sleep(1)
             fleet.traffic(500, 0, 2)             # warm-up
             time.sleep(0.5)
@@ -80,15 +81,15 @@ def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, worker
                     if spy and i == 0 and k == repeat - 1:
                         recorder = subprocess.Popen(
                             [_py_spy(), "record",
-                             "--pid", str(pids[0]), "--format", "raw", "--nonblocking", "--rate", "200",
+                             "--pid", str(loops[0]), "--format", "raw", "--nonblocking", "--rate", "200",
                              "--duration", str(int(seconds)), "--output", spy],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     elif attach and i == 0 and k == repeat - 1:
-                        recorder = subprocess.Popen(attach.format(pid=pids[0], seconds=int(seconds)), shell=True)
-                    cpu0, main0 = peers.cpu_seconds(pids), peers.cpu_seconds(pids, main_thread=True)
+                        recorder = subprocess.Popen(attach.format(pid=loops[0], seconds=int(seconds)), shell=True)
+                    cpu0, main0 = peers.cpu_seconds(pids), peers.cpu_seconds(loops, main_thread=True)
                     sent, got, wall, lat = fleet.traffic(rate, 0, seconds)
                     cpu = peers.cpu_seconds(pids) - cpu0
-                    main = peers.cpu_seconds(pids, main_thread=True) - main0
+                    main = peers.cpu_seconds(loops, main_thread=True) - main0
                     lat = sorted(lat)
                     load = open("/proc/loadavg").read().split()[0]
                     out.append(1000 * cpu / max(got, 1))
