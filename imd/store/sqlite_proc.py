@@ -183,7 +183,7 @@ class WriterProcess:
     def apply(self, ops: list, pending: Optional[Pending]) -> tuple:
         """One batch in the writer process; a role notice short of mids (MidsShort) is sent
         again with as many as its users, counted in the transaction that was rolled back
-        (the mids made for the first try are never used: a mid is only unique)."""
+        (mids made for a try that was rolled back are dropped: a mid only has to be unique)."""
         role_mids: dict = {}
         packed_pending = pack_pending(pending)
         while True:
@@ -195,28 +195,33 @@ class WriterProcess:
                 role_mids[short.index] = short.needed
 
     def close(self) -> None:
+        """Ask the child to close its connections and exit; wait up to CLOSE_TIMEOUT for
+        it, then kill it. Blocks the calling greenlet."""
         if self._sock is None:
             return
+        proc = self._proc
         try:
             self._call(("close",))
         except WriterGone:
             pass
-        proc = self._proc
-        self._drop()
-        try:
-            proc.wait(CLOSE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.warning("sqlite: writer process did not exit pid=%s; killing it", proc.pid)
-            proc.kill()
-            proc.wait()
+        finally:
+            self._drop()
+            try:
+                proc.wait(CLOSE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("sqlite: writer process did not exit pid=%s; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
 
     def _start(self) -> None:
         """Start the child and wait for its first answer: raises its error (the file could
         not be set up), or WriterGone if it exited first."""
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
+        env = None
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+        if root not in {os.path.abspath(p or ".") for p in sys.path}:   # a source tree: this one
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "imd.store.sqlite_proc", str(theirs.fileno()), self.file,
