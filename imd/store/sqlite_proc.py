@@ -340,8 +340,8 @@ def main(argv: list) -> int:
     except Exception as exc:  # noqa: BLE001  (imd raises it from open())
         answer("err", _answerable(exc))
         return 1
-    answer("ok", None)
     try:
+        answer("ok", None)
         while True:
             request = recv_frame(sock)
             if request is None:                      # imd is gone
