@@ -43,6 +43,15 @@ def spawn(args, **kw) -> subprocess.Popen:
     return proc
 
 
+def alive(pid) -> bool:
+    """Running (a zombie left for a non-reaping pid 1 counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def kill_leftovers() -> None:
     for proc in list(RUNNING):
         if proc.poll() is None:

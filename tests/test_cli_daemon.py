@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from tests.daemon import alive
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,15 +71,6 @@ def wait_for(predicate, seconds=20.0):
             return True
         time.sleep(0.05)
     return False
-
-
-def alive(pid):
-    """Running (a zombie left for a non-reaping pid 1 counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_refuses_to_start_when_the_pidfile_is_held(tmp_path):

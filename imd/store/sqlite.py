@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Iterable, Optional
 
 import gevent
@@ -33,7 +32,7 @@ from .batch import batch_results
 from .retention import purge_loop
 from .rows import ENTRY_COLUMNS, entry_from_row, load_json
 from .sqlite_proc import WriterProcess
-from .sqlite_writer import (CHUNK, GIL_SWITCH_INTERVAL, SqliteWriter, connect, is_transient, outcome,
+from .sqlite_writer import (CHUNK, SqliteWriter, connect, is_transient, lower_switch_interval, outcome,
                             reraise, shaped)
 from .writer import Writer, WriterStore
 
@@ -93,8 +92,7 @@ class SqliteStore(WriterStore, Store):
         """Blocks the calling greenlet until the file is set up (WAL mode, migrations)
         by the writer; raises what failed there."""
         os.makedirs(self.dir, exist_ok=True)
-        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:   # reads in pool threads need the GIL
-            sys.setswitchinterval(GIL_SWITCH_INTERVAL)      # too (imd.store.sqlite_writer)
+        lower_switch_interval()            # reads run in pool threads too
         self._pool = gevent.get_hub().threadpool
         self._core.open()
         self._reads_closed = False

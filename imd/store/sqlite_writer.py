@@ -118,6 +118,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, WriterGone)
 
 
+def lower_switch_interval() -> None:
+    """Lower this process's GIL switch interval to GIL_SWITCH_INTERVAL (module docstring):
+    a pool thread running SQLite for the hub gets the GIL back within it."""
+    if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+
+
 def connect(file: str) -> sqlite3.Connection:
     """A connection to ``file`` usable from any thread, in autocommit mode (transactions
     are explicit), waiting up to BUSY_TIMEOUT_MS for another connection's lock."""
@@ -152,8 +159,7 @@ class SqliteWriter:
         self.wal_frames = 0               # WAL frames seen by the last checkpoint
 
     def open(self) -> None:
-        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
-            sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        lower_switch_interval()
         self._pool = gevent.get_hub().threadpool
         self._wcon, self._dbfd = reraise(self._pool.apply(outcome, (self._connect_writer,)))
         self._ccon = self._pool.apply(connect, (self.file,))

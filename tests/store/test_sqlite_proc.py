@@ -19,17 +19,9 @@ from imd.store.sqlite import FILENAME, SqliteStore
 from imd.store.sqlite_writer import WriterGone, is_transient
 from imd.store.writer import MessageOp, NoticeOp, Pending
 
-from .test_contract import Acks, send, wait_until
+from tests.daemon import alive
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().split(") ")[1][0] != "Z"      # a zombie is dead
-    except FileNotFoundError:
-        return False
+from .test_contract import ROOT, Acks, send, wait_until
 
 
 @pytest.fixture
