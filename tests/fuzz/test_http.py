@@ -71,8 +71,8 @@ def request(draw):
     method = draw(st.sampled_from(("GET", "POST", "PUT", "DELETE")))
     q = draw(query)
     target = draw(path) + ("?" + q if q else "")
-    headers = draw(st.dictionaries(token.filter(lambda t: t not in ("content-length", "transfer-encoding",
-                                                                    "connection", "upgrade", "expect")),
+    reserved = ("host", "content-length", "transfer-encoding", "connection", "upgrade", "expect")
+    headers = draw(st.dictionaries(token.filter(lambda t: t not in reserved),
                                    value, max_size=6))
     body = draw(st.binary(max_size=BODY)) if method in ("POST", "PUT") else b""
     lines = [f"{method} {target} HTTP/1.1", "host: x"] + [f"{k}: {v}" for k, v in headers.items()]

@@ -48,7 +48,7 @@ class HTTPError(Exception):
 
 class Request:
     """One parsed request. ``headers`` maps lower-case names to values (repeated
-    headers joined with ``", "``)."""
+    headers joined with ``", "``; a repeated Host is refused with 400)."""
 
     __slots__ = ("method", "target", "path", "query", "headers", "body", "version",
                  "keep_alive", "upgrade")
@@ -193,7 +193,11 @@ class RequestParser:
         key = name.decode("latin-1").lower()
         val = value.decode("latin-1")
         headers = self._req.headers
-        headers[key] = headers[key] + ", " + val if key in headers else val
+        if key in headers:
+            if key == "host":                 # RFC 9112 §3.2: more than one Host is a 400
+                raise HTTPError(400, "duplicate host header")
+            val = headers[key] + ", " + val
+        headers[key] = val
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -71,6 +71,8 @@ def test_upgrade_keeps_the_rest():
     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\nb\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: \r\n\r\n",
 ])
 def test_malformed_is_400(data):
     assert status_of(data) == 400
