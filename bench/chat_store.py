@@ -1,6 +1,7 @@
 """Chat through raw TCP with the store's own view: acked msgs/s, ack p50/p99, server CPU-seconds per
-1,000 acked (imd, and the PostgreSQL backends serving it), and from imd's /metrics the batches,
-mean batch size, mean commit time and how busy the writers were (commit seconds per second).
+1,000 acked (imd — its SQLite writer process included, and that process's share alone — and the
+PostgreSQL backends serving it), and from imd's /metrics the batches, mean batch size, mean commit
+time and how busy the writers were (commit seconds per second).
 
     PYTHONPATH=. python bench/chat_store.py --rates 0,8000 --seconds 5
     PYTHONPATH=. python bench/chat_store.py --store '{"backend": "postgresql", "writers": 4,
@@ -73,6 +74,7 @@ def main():
     try:
         spec = parts._spec_for("tcp", imd, pairs=True)
         pids = imd.pids()
+        writer_pids = [p for p in pids if p not in imd.pids(writers=False)]   # SQLite writer processes
         with lg.Fleet(spec, processes=a.procs, deadline=900) as fleet:
             ok, failed, _ = fleet.connect(2 * a.pairs, timeout=120)
             if failed:
@@ -84,6 +86,7 @@ def main():
                                                            text=True).stdout.split()]
             for rate in [float(x) for x in a.rates.split(",")]:
                 m0, c0, d0 = scrape(imd.ports["admin"]), peers.cpu_seconds(pids), parts._db_cpu(db_pids)
+                w0 = peers.cpu_seconds(writer_pids)
                 load = open("/proc/loadavg").read().split()[0]
                 spy = None
                 if a.pyspy:
@@ -96,6 +99,7 @@ def main():
                 if spy:
                     spy.wait()
                 m1, c1, d1 = scrape(imd.ports["admin"]), peers.cpu_seconds(pids), parts._db_cpu(db_pids)
+                w1 = peers.cpu_seconds(writer_pids)
                 d = {k: v - m0.get(k, 0) for k, v in m1.items()}
                 batches = d.get("imd_store_batches_total", 0)
                 commit_s = d.get("imd_store_commit_seconds_total", 0)
@@ -108,6 +112,8 @@ def main():
                     "ack_p50_ms": round(lg.quantile(lat, .5) / 1000, 1),
                     "ack_p99_ms": round(lg.quantile(lat, .99) / 1000, 1),
                     "imd_cpu_s_per_1k": round(1000 * (c1 - c0) / max(acked, 1), 3),
+                    "writer_process_cpu_s_per_1k": round(1000 * (w1 - w0) / max(acked, 1), 3)
+                    if writer_pids else None,
                     "pg_cpu_s_per_1k": round(1000 * (d1 - d0) / max(acked, 1), 3) if pg else None,
                     "batches": int(batches),
                     "mean_batch": round(d.get("imd_store_committed_total", 0) / max(batches, 1), 1),
