@@ -9,7 +9,8 @@ clients in pairs through bench.loadgen, offers each rate in `--rate` (comma sepa
 loop for `--seconds`, `--repeat` times, and prints per step: delivered/sent, p50/p99
 delivery latency, imd CPU-seconds per 1,000 delivered messages (and of its main thread alone: the
 gevent loop; the rest is the store's threads and its SQLite writer process), the busiest load-generator
-process's CPU share, and the load average. Several `--imd-repo` trees are measured in turn,
+process's CPU share, the load average, and imd's full garbage collections and collector pauses over
+50 ms (from /metrics, when the tree has them). Several `--imd-repo` trees are measured in turn,
 `--rounds` times (a before/after comparison under the same load). `--spy OUT` records the
 last step of the first rate of the first tree with py-spy (--nonblocking) into OUT (raw
 collapsed stacks) and prints the top own-time and inclusive functions;
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,6 +59,27 @@ def _py_spy():
     return here if os.path.exists(here) else (shutil.which("py-spy") or here)
 
 
+def gc_figures(peer):
+    """imd's collections by generation and its collector pauses by histogram bound, from /metrics
+    ({} when the tree has no such metrics, or imd runs several workers)."""
+    if peer.workers > 1 or "admin" not in peer.ports:
+        return {}
+    text = urllib.request.urlopen(f"http://127.0.0.1:{peer.ports['admin']}/metrics", timeout=10).read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^(python_gc_collections_total\{generation="\d"\}|imd_gc_pause_seconds_bucket\{le="[^"]+"\}'
+        r'|imd_gc_pause_seconds_count) (\S+)$', text, re.M)}
+
+
+def gc_note(before, after):
+    """', collector: N full collections, M pauses over 50 ms' for one step ('' without figures)."""
+    if not after:
+        return ""
+    d = {k: v - before.get(k, 0) for k, v in after.items()}
+    slow = d.get("imd_gc_pause_seconds_count", 0) - d.get('imd_gc_pause_seconds_bucket{le="0.05"}', 0)
+    full = d.get('python_gc_collections_total{generation="2"}', 0)
+    return f", collector: {full:.0f} full collections, {slow:.0f} pauses over 50 ms"
+
+
 def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, workers=1, engine="memory",
             cprofile=None):
     """One imd from `repo`: connect the clients, then each rate `repeat` times; prints a line
@@ -86,6 +109,7 @@ def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, worker
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     elif attach and i == 0 and k == repeat - 1:
                         recorder = subprocess.Popen(attach.format(pid=loops[0], seconds=int(seconds)), shell=True)
+                    gc0 = gc_figures(peer)              # (scraped outside the CPU measured)
                     cpu0, main0 = peers.cpu_seconds(pids), peers.cpu_seconds(loops, main_thread=True)
                     sent, got, wall, lat = fleet.traffic(rate, 0, seconds)
                     cpu = peers.cpu_seconds(pids) - cpu0
@@ -96,7 +120,8 @@ def measure(repo, rates, seconds, repeat, clients, spy=None, attach=None, worker
                     print(f"{repo}: rate {rate:,}/s: {got:,}/{sent:,} delivered, p50 "
                           f"{lg.quantile(lat, .5) / 1000:.1f} ms p99 {lg.quantile(lat, .99) / 1000:.1f} ms, "
                           f"imd CPU-s per 1k {out[-1]:.4f} (main thread {1000 * main / max(got, 1):.4f}), imd CPU {cpu / wall:.0%} of the sending time, "
-                          f"load generator {fleet.client_load:.0%}, load average {load}", flush=True)
+                          f"load generator {fleet.client_load:.0%}, load average {load}"
+                          f"{gc_note(gc0, gc_figures(peer))}", flush=True)
                     if recorder is not None:
                         recorder.wait(60)
                     time.sleep(0.5)

@@ -219,6 +219,10 @@ class Daemon:
                               for n, t in self.tls.items() for r, c in t.failures.items()})
         m.counter_fn("imd_tls_reload_failures_total", "certificate reloads refused (the old one stays)",
                      lambda: {(): self.tls_reload_failures})
+        m.counter_fn("python_gc_collections_total", "collections of the cyclic garbage collector by generation",
+                     lambda: {(("generation", str(g)),): n for g, n in enumerate(gcpolicy.PAUSES.collections)})
+        m.histogram("imd_gc_pause_seconds", "how long each collection held the process (seconds)",
+                    gcpolicy.PAUSES.histogram)
         m.gauge("process_open_fds", "open file descriptors", lambda: {(): open_fds()})
         m.gauge("process_max_fds", "file descriptor limit (RLIMIT_NOFILE)", lambda: {(): max_fds()})
         m.gauge("process_resident_memory_bytes", "resident memory", lambda: {(): rss_bytes()})

@@ -23,18 +23,57 @@ messages from 0.042 to 0.034 s (SQLite closed loop, 500 pairs, window 8).
 
 Reference counting frees everything else at once, as before. Runs in the hub
 at boot; never blocks.
+
+:data:`PAUSES` times every collection of the process (``gc.callbacks``; installed
+by :func:`apply`): the collections per generation and a histogram of how long
+each one held the process, which /metrics shows (docs/operations.md). A full
+collection walks every tracked object that is not frozen, so its pause grows with
+the sessions a node holds.
 """
 
 from __future__ import annotations
 
 import gc
+import time
+
+from .metrics import Histogram
 
 GEN0 = 50_000
 
 
+class Pauses:
+    """A ``gc.callbacks`` entry: ``collections[generation]`` and ``histogram`` (seconds
+    per collection). The callback runs in whichever thread collects, holding the GIL;
+    CPython never runs two collections at once, so no lock is needed."""
+
+    __slots__ = ("collections", "histogram", "_started")
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.histogram = Histogram()
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.histogram.observe(time.perf_counter() - self._started)
+        self.collections[info["generation"]] += 1
+
+    def install(self) -> None:
+        """Add to gc.callbacks (once)."""
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+
+PAUSES = Pauses()
+
+
 def apply() -> None:
-    """Freeze the boot-time objects and raise the young threshold (once per process)."""
+    """Freeze the boot-time objects, raise the young threshold and time the collections
+    (once per process)."""
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GEN0, gen1, gen2)
+    PAUSES.install()

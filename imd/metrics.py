@@ -74,10 +74,11 @@ class Metrics:
         """A counter whose value lives elsewhere; ``read()`` returns {labels tuple: value}."""
         self.counter_fns[name] = (help, read)
 
-    def histogram(self, name: str, help: str) -> Histogram:
+    def histogram(self, name: str, help: str, kept: Histogram | None = None) -> Histogram:
+        """The histogram ``name``, made on first use, or ``kept`` (one updated elsewhere)."""
         h = self.histograms.get(name)
         if h is None:
-            h = self.histograms[name] = Histogram()
+            h = self.histograms[name] = kept if kept is not None else Histogram()
             self.help[name] = help
         return h
 

@@ -282,6 +282,7 @@ def test_metrics(daemon, two_clients):
     assert 'imd_accepted_total{listener="tcp"}' in text
     assert 'imd_info{version="' in text and 'fastpath="' in text
     assert "process_open_fds " in text and "process_resident_memory_bytes " in text
+    assert 'python_gc_collections_total{generation="2"} ' in text and "imd_gc_pause_seconds_count " in text
     assert admin_json(daemon, "metrics")["text"].startswith("# HELP")
 
 
