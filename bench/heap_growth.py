@@ -12,10 +12,11 @@ traceback. Memory that RSS shows growing in bench/soak.py but that does not
 appear here was allocated outside Python's allocator: SQLite's page caches,
 libpq, the C allocator's fragmentation. It also prints SQLite's own heap (in this
 process: the read connections'; the writer connection's is in the SQLite writer
-process, unless ``store.sqlite_writer = "thread"``), the store's open read connections and the process's file descriptors at both
-snapshots: a count that grows with time (not with load) is a leak of
-connections, as the SQLite store had one per gevent pool thread until
-2026-12-05 (gevent retires idle pool threads after 5 s and starts new ones).
+process, unless ``store.sqlite_writer = "thread"``), the store's open read
+connections and the process's file descriptors at both snapshots: a count that
+grows with time (not with load) is a leak of connections, as the SQLite store had
+one per gevent pool thread until 2026-12-05 (gevent retires idle pool threads
+after 5 s and starts new ones).
 """
 
 from gevent import monkey

@@ -17,15 +17,19 @@ print(json.dumps({"before": before, "after": gc.get_threshold(), "frozen": gc.ge
 """
 
 
-def test_apply_freezes_boot_objects_and_raises_the_young_threshold():
+def probe(code: str) -> dict:
+    """What ``code``, run in a child process with this tree on its path, prints as JSON."""
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True, timeout=60).stdout
-    r = json.loads(out)
+    return json.loads(out)
+
+
+def test_apply_freezes_boot_objects_and_raises_the_young_threshold():
+    r = probe(PROBE)
     from imd.gcpolicy import GEN0
     assert r["after"] == [GEN0, r["before"][1], r["before"][2]]
     assert r["frozen"] > 1000          # the modules imported so far, at least
-
 
 
 PAUSES_PROBE = """
@@ -43,10 +47,7 @@ print(json.dumps({"before": before, "after": gcpolicy.PAUSES.collections, "obser
 
 
 def test_collections_are_counted_and_timed_once_applied():
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", PAUSES_PROBE], capture_output=True, text=True, env=env,
-                         check=True, timeout=60).stdout
-    r = json.loads(out)
+    r = probe(PAUSES_PROBE)
     assert r["callbacks"] == 1
     assert r["after"][0] == r["before"][0] + 1 and r["after"][2] == r["before"][2] + 1
     assert r["observed"] == sum(r["after"]) and r["sum"] > 0
