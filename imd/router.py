@@ -41,6 +41,12 @@ OFFLINE_MAX = 10000
 PUBLISH_SLICE = 1000      # entries published between yields by a bulk operation
 MAX_BACKLOG = 64          # envelopes a client may pipeline behind its auth
 RATED = frozenset(("msg", "read", "sync"))   # envelope types under limits.msg_rate
+LOOKUPS_MAX = 64          # store reads in flight asking whether a message refused by a full queue is stored
+
+
+def _ack(cid: str, mid: str, seq: int, ts: int) -> dict:
+    """The ack of a stored message (DESIGN.md §3)."""
+    return {"type": "ack", "id": cid, "mid": mid, "seq": seq, "ts": ts}
 
 
 class Router:
@@ -53,6 +59,7 @@ class Router:
         self.metrics = metrics or Metrics()
         self.mids = MidGen()
         self._inflight: dict = {}   # (sender, client id) of a message being stored → sessions awaiting its answer
+        self._lookups = 0           # _stored_or_refused greenlets running
         self._handlers = {t: getattr(self, "on_" + t) for t in VALIDATORS}   # envelope type → on_<type>
         self.auth_wheel = Wheel("on_auth_deadline")
         self.wheel = Wheel("on_deadline")
@@ -358,16 +365,12 @@ class Router:
         t0 = time.monotonic()
 
         def stored(result, err, cid=cid, key=key):
-            waiting = self._inflight.pop(key, ())
             if err is not None:
                 code = 503 if isinstance(err, (StoreError,)) else 500
-                for w in waiting:
-                    w.send(error(code, "message not stored, retry", cid))
+                self._answer(key, error(code, "message not stored, retry", cid))
                 return
             self._ack_latency.observe(time.monotonic() - t0)
-            ack = {"type": "ack", "id": cid, "mid": result.mid, "seq": result.sender_seq, "ts": result.ts}
-            for w in waiting:
-                w.send(ack)
+            waiting = self._answer(key, _ack(cid, result.mid, result.sender_seq, result.ts))
             origin = waiting[-1].id if waiting else ""
             for e in result.entries:
                 self.node.publish_entry(e, origin if e.user == key[0] else "")
@@ -377,12 +380,47 @@ class Router:
             self.store.send_message(s.user, to, cid, env["body"], env.get("ctx"), self.mids.at(ts), ts, stored,
                                     s.message_flags(env))
         except StoreFull:
-            self._inflight.pop(key, None)
-            self.metrics.inc("imd_store_refused_total")
-            s.send(error(503, "server busy, retry later", cid))
+            # not queued; but a re-send of a message stored before (its ack lost with a
+            # connection) must get that ack, not a 503 that says it is not stored
+            if self._lookups < LOOKUPS_MAX:
+                self._lookups += 1
+                gevent.spawn(self._stored_or_refused, key)
+            else:
+                self._refuse(key)
         except BaseException:
             self._inflight.pop(key, None)
             raise
+
+    def _stored_or_refused(self, key: tuple) -> None:
+        """Greenlet: answer the sessions waiting on ``key`` (a message the full write queue
+        refused; re-sends meanwhile join it) with the ack of the message stored under that
+        client id before, if the store has one, else with a 503."""
+        try:
+            found = self.store.stored_ack(*key)
+        except Exception as e:  # noqa: BLE001  (the store cannot answer: the message is not queued either)
+            log.debug("stored-ack lookup failed user=%s error=%s", key[0], e)
+            found = None
+        except BaseException:
+            self._inflight.pop(key, None)     # killed (shutdown): no answer will come
+            raise
+        finally:
+            self._lookups -= 1
+        if found is None:
+            self._refuse(key)
+        else:
+            self._answer(key, _ack(key[1], *found))
+
+    def _refuse(self, key: tuple) -> None:
+        """503 to the sessions waiting on ``key``: the store cannot take the message now."""
+        self.metrics.inc("imd_store_refused_total")
+        self._answer(key, error(503, "server busy, retry later", key[1]))
+
+    def _answer(self, key: tuple, env: dict) -> list:
+        """Send ``env`` to every session waiting on message ``key``; returns them."""
+        waiting = self._inflight.pop(key, ())
+        for w in waiting:
+            w.send(env)
+        return waiting
 
     def on_read(self, s, env: dict) -> None:
         gevent.spawn(self._read, s, env["peer"], env["seq"])

@@ -241,6 +241,12 @@ class Store:
     def password(self, user: str) -> Optional[dict]:
         raise NotImplementedError
 
+    def stored_ack(self, sender: str, client_id: str) -> Optional[tuple[str, int, int]]:
+        """``(mid, sender_seq, ts)`` of the message ``sender`` stored with ``client_id``, or
+        None if none is stored: what the ack of a re-send of it carries. A read: it never
+        waits behind queued writes (the router asks when the write queue is full)."""
+        raise NotImplementedError
+
     def last_sent_to(self, sender: str, recipient: str,
                      upto_recipient_seq: int) -> Optional[tuple[int, str, Optional[str]]]:
         """For read receipts: of the messages ``sender`` sent to ``recipient`` whose

@@ -322,6 +322,12 @@ class PostgresStore(WriterStore, Store):
         rows = self._rows("SELECT credentials FROM users WHERE id = %s", (user,))
         return load_json(rows[0][0]) if rows else None
 
+    def stored_ack(self, sender: str, client_id: str):
+        """base.Store; the index messages_client answers it."""
+        rows = self._rows("SELECT mid, sender_seq, ts FROM messages WHERE sender = %s AND client_id = %s",
+                          (sender, client_id))
+        return tuple(rows[0]) if rows else None
+
     def last_sent_to(self, sender: str, recipient: str, upto_recipient_seq: int):
         # the recipient's inbound entries in the window (messages_inbound, newest first), the
         # first from the sender (the index messages_pair served it before migration 0006). OFFSET 0

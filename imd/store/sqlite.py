@@ -291,6 +291,14 @@ class SqliteStore(WriterStore, Store):
             return None if row is None else load_json(row[0])
         return self._read(q)
 
+    def stored_ack(self, sender: str, client_id: str):
+        """base.Store; the (sender, client_id) index answers it."""
+        def q(con):
+            row = con.execute("SELECT mid, sender_seq, ts FROM messages WHERE sender = ? AND client_id = ?",
+                              (sender, client_id)).fetchone()
+            return None if row is None else tuple(row)
+        return self._read(q)
+
     def last_sent_to(self, sender: str, recipient: str, upto_recipient_seq: int):
         """From the recipient's inbox (base.Store; :data:`_LAST_SENT_TO`)."""
         def q(con):

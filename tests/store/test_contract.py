@@ -253,6 +253,34 @@ def test_dedupe_in_later_batches_and_per_sender(store):
     assert [e.mid for e in store.inbox("b", 0, 10)] == ["M1", "M3"]
 
 
+def test_stored_ack_names_the_stored_message_of_a_client_id(store):
+    acks = Acks()
+    send(store, acks, "a", "b", "id1", mid="M1", ts=10)
+    send(store, acks, "a", "b", "id2", mid="M2", ts=20)
+    send(store, acks, "a", "b", None, mid="M3", ts=30)
+    assert store.flush(10)
+    assert store.stored_ack("a", "id2") == ("M2", 2, 20)
+    assert store.stored_ack("a", "id1") == ("M1", 1, 10)
+    assert store.stored_ack("b", "id1") is None           # per sender
+    assert store.stored_ack("a", "id3") is None
+
+
+def test_stored_ack_is_answered_while_writes_wait(backend):
+    store = backend.make(queue_size=5)
+    store.open()
+    try:
+        acks = Acks()
+        send_now(store, acks, "a", "b", "id1", mid="M1", ts=10)
+        with backend.writes_blocked():
+            send(store, acks, "a", "b", "id2", mid="M2", ts=20)
+            assert store.stored_ack("a", "id1") == ("M1", 1, 10)
+            assert store.stored_ack("a", "id2") is None     # queued, not stored
+        assert store.flush(60)
+        assert store.stored_ack("a", "id2") == ("M2", 2, 20)
+    finally:
+        store.close()
+
+
 def test_entries_carry_the_senders_client_id(store):
     """Inbox, offline and commit-callback entries all carry messages.client_id (XMPP
     stanza ids and receipts rely on it); notices and id-less messages have None."""
