@@ -459,8 +459,15 @@ class Router:
             raise EnvelopeError(400, "cannot send a message to oneself", fatal=False)
         mid = self.mids()
         res = AsyncResult()
-        self.store.send_message(sender, to, client_id, body, ctx, mid, now_ms(),
-                                lambda r, e: res.set_exception(e) if e else res.set(r))
+        try:
+            self.store.send_message(sender, to, client_id, body, ctx, mid, now_ms(),
+                                    lambda r, e: res.set_exception(e) if e else res.set(r))
+        except StoreFull:
+            # as on_msg: a re-send of an id stored before gets that message's ack
+            found = None if client_id is None else self.store.stored_ack(sender, client_id)
+            if found is None:
+                raise
+            return dict(zip(("mid", "seq", "ts"), found))
         r = res.get(timeout=timeout)
         for e in r.entries:
             self.node.publish_entry(e)

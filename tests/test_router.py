@@ -1,6 +1,7 @@
 """The router's answers to a message when the store's write queue is full
-(docs/protocol.md, error 503): a new message is refused and not stored; a re-send
-of a message stored before gets that message's ack."""
+(docs/protocol.md, error 503; docs/comet.md, POST /api/v1/messages): a new message
+is refused and not stored; a re-send of a message stored before gets that message's
+ack, from a client connection and from the web tier alike."""
 
 import contextlib
 import sqlite3
@@ -9,6 +10,7 @@ import pytest
 
 from imd import router
 from imd.client import Client
+from imd.store.base import StoreFull
 from imd.store.sqlite import FILENAME
 from tests import inproc
 from tests.daemon import token
@@ -75,3 +77,15 @@ def test_past_the_lookup_bound_a_resend_is_refused_at_once(node, tmp_path, monke
         again = a.wait_for(lambda e: e.get("id") == "c-1", timeout=10)
         assert (again["type"], again["code"]) == ("error", 503)
         assert refused_total(node) == 2
+
+
+def test_the_web_tiers_resend_of_a_stored_message_gets_its_ack_while_the_queue_is_full(node, tmp_path):
+    first = node.router.post_message("ra", "rb", "first", None, client_id="w-1")
+    a = Client(*inproc.addr(node))
+    a.auth(token("ra", "host"), "ios", "d1")
+    with full_queue(a, tmp_path):
+        assert node.router.post_message("ra", "rb", "first", None, client_id="w-1") == first
+        with pytest.raises(StoreFull):
+            node.router.post_message("ra", "rb", "new", None, client_id="w-2")
+        with pytest.raises(StoreFull):
+            node.router.post_message("ra", "rb", "no id", None)
