@@ -467,7 +467,8 @@ class Router:
             found = None if client_id is None else self.store.stored_ack(sender, client_id)
             if found is None:
                 raise
-            return dict(zip(("mid", "seq", "ts"), found))
+            mid, seq, ts = found
+            return {"mid": mid, "seq": seq, "ts": ts}
         r = res.get(timeout=timeout)
         for e in r.entries:
             self.node.publish_entry(e)
