@@ -65,6 +65,10 @@ class Listener:
         return self.sock.getsockname()[:2]
 
     def start(self) -> None:
+        if self.sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Linux copies a listening socket's TCP options into each connection it
+            # accepts: set once here, it saves a system call per connection
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = gevent.get_hub().loop
         self._watcher = loop.io(self.sock.fileno(), 1)
         self._watcher.start(self._on_accept)
@@ -108,8 +112,6 @@ class Listener:
                     continue
             try:
                 sock.setblocking(False)
-                if sock.family != socket.AF_UNIX:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.handle(sock, addr)
             except Exception:
                 log.exception("connection setup failed listener=%s peer=%s", self.name, addr)
