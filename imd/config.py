@@ -100,7 +100,7 @@ SETTINGS = [
     S("store", "queue_size", 100000, c.integer(1), "write operations queued before senders get error 503"),
     S("store", "batch_max", 1000, c.integer(1), "most write operations committed in one transaction"),
     S("store", "batch_wait", 0.002, c.number(0),
-      "most seconds a store writer (sqlite's, or each postgresql writer connection) holds a small batch open while writes keep arriving (fewer, larger commits; docs/store.md); 0: never"),
+      "most seconds the sqlite writer holds a small batch open while writes keep arriving (fewer, larger commits; docs/store.md); 0: never"),
     S("store", "writers", 2, c.integer(1, 64), "writer connections (postgresql); more than 2 rarely helps (docs/store.md)"),
     S("store", "sqlite_writer", "process", c.choice("process", "thread"),
       '"process": the sqlite writer connection in a process of its own, beside imd\'s (another core, '

@@ -67,8 +67,7 @@ def make_store(cfg):
     if backend == "postgresql":
         from .store.postgresql import PostgresStore
         return PostgresStore(cfg.store.dsn, queue_size=cfg.store.queue_size, batch_max=cfg.store.batch_max,
-                             writers=cfg.store.writers, retention_days=cfg.store.retention_days,
-                             batch_wait=cfg.store.batch_wait)
+                             writers=cfg.store.writers, retention_days=cfg.store.retention_days)
     raise ValueError(f"unknown store backend {backend}")
 
 

@@ -88,14 +88,13 @@ class PostgresStore(WriterStore, Store):
 
     def __init__(self, dsn: str, writers: int = 2, readers: int = 4, queue_size: int = 100000,
                  batch_max: int = 1000, retention_days: float = 0, purge_interval: float = 3600.0,
-                 connect_timeout: int = 5, batch_wait: float = 0.0) -> None:
+                 connect_timeout: int = 5) -> None:
         self.dsn = dsn
         self.connect_timeout = connect_timeout
         self.retention_days = retention_days
         self.purge_interval = purge_interval
         self._writer = Writer(self._apply_batch, is_transient, queue_size=queue_size,
-                              batch_max=batch_max, lanes=writers, name="postgresql",
-                              batch_wait=batch_wait)
+                              batch_max=batch_max, lanes=writers, name="postgresql")
         self._wcons: list = [None] * writers
         self._idle: deque = deque()               # idle read connections
         self._readers = BoundedSemaphore(readers)

@@ -224,26 +224,6 @@ def test_callbacks_run_in_submission_order_across_batches(backend):
         store.close()
 
 
-def test_writes_that_keep_arriving_are_gathered(backend):
-    """``batch_wait`` works on every backend: ops arriving while a lane waits join its batch."""
-    store = backend.make(batch_wait=0.05)
-    store.open()
-    try:
-        acks = Acks()
-        for i in range(20):
-            send(store, acks, "s%d" % (i % 4), "r", "c%d" % i)
-        more = gevent.spawn(lambda: [send(store, acks, "s%d" % (i % 4), "r", "c%d" % i)
-                                     for i in range(20, 30)])
-        assert store.flush(30)
-        more.join()
-        assert store.flush(30)
-        stats = store.stats()
-        assert len(acks.items) == 30 and all(err is None for _, _, err in acks.items)
-        assert stats["gathers"] >= 1 and stats["batches"] < 30
-    finally:
-        store.close()
-
-
 # -- dedupe -------------------------------------------------------------------
 
 def test_dedupe_in_the_same_batch(store):
