@@ -3,27 +3,21 @@ it, and a hook that fails costs only its own connection. In-process, over loopba
 
 import socket
 
-import gevent
 import pytest
 
 from imd.net.listener import Listener, bind_socket
+from tests.test_poller import wait
 
 
 def _loopback(family):
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
     if family == socket.AF_INET6:
         try:
-            socket.socket(socket.AF_INET6).bind(("::1", 0))
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
         except OSError:
             pytest.skip("no IPv6 loopback here")
     return host
-
-
-def wait(pred, timeout=5.0):
-    with gevent.Timeout(timeout, False):
-        while not pred():
-            gevent.sleep(0.01)
-    return pred()
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
