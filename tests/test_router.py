@@ -14,6 +14,7 @@ from imd.store.base import StoreFull
 from imd.store.sqlite import FILENAME
 from tests import inproc
 from tests.daemon import token
+from tests.test_metrics import value
 
 
 @pytest.fixture
@@ -25,10 +26,7 @@ def node(tmp_path):
 
 
 def refused_total(node) -> float:
-    for line in node.metrics.render().splitlines():
-        if line.startswith("imd_store_refused_total "):
-            return float(line.split()[1])
-    return 0.0
+    return value(node.metrics.render(), "imd_store_refused_total") or 0.0
 
 
 @contextlib.contextmanager
